@@ -304,6 +304,11 @@ impl<S: LogStorage> RaftLog<S> {
         term: Term,
     ) -> Result<EntryId, StorageError> {
         let mut index = index.min(self.last.index);
+        if index < self.compacted.index {
+            // The terms there are gone; the caller probes from the index itself, which leads to
+            // a snapshot if it is compacted.
+            return Ok(EntryId::new(0, index));
+        }
         loop {
             let entry_term = self.term(index)?;
             if entry_term <= term || index == self.compacted.index {

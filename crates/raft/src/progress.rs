@@ -127,11 +127,9 @@ impl Progress {
         }
     }
 
+    /// Probes from just after the match. The match itself only ever rises on an
+    /// acknowledgement: a snapshot transfer abandoned midway proves nothing.
     pub fn become_probe(&mut self) {
-        // After a snapshot the follower holds at least the snapshot; probe from there.
-        if let ProgressState::Snapshot(transfer) = &self.state {
-            self.match_index = self.match_index.max(transfer.snapshot.index);
-        }
         self.next_index = self.match_index + 1;
         self.state = ProgressState::Probe;
         self.probe_sent = false;

@@ -172,18 +172,33 @@ impl<S: LogStorage> RaftNode<S> {
         match response.status {
             SnapshotStatus::Received => {
                 transfer.acked_offset = transfer.acked_offset.max(response.next_offset);
+                // A late acknowledgement from before a rewind may prove the follower holds more
+                // than we are resending: skip ahead.
+                if transfer.acked_offset > transfer.sent_offset {
+                    transfer.sent_offset = transfer.acked_offset;
+                    transfer.sent_last = transfer.sent_offset == transfer.data_bytes;
+                }
                 self.send_snapshot_chunks(from)
             }
             SnapshotStatus::Resend => {
-                transfer.acked_offset = response.next_offset.min(transfer.data_bytes);
-                transfer.sent_offset = transfer.acked_offset;
+                let next_offset = response.next_offset.min(transfer.data_bytes);
+                // Every stale chunk in flight draws a Resend for the same offset. Having rewound
+                // there once (and resent since), answering each again would multiply the
+                // traffic; a resend that is lost too is retried by the idle check.
+                let already_resending =
+                    next_offset == transfer.acked_offset && transfer.sent_offset > next_offset;
+                if already_resending {
+                    return Ok(());
+                }
+                transfer.acked_offset = next_offset;
+                transfer.sent_offset = next_offset;
                 transfer.sent_last = false;
                 self.send_snapshot_chunks(from)
             }
             SnapshotStatus::Installed => {
                 let index = transfer.snapshot.index;
-                pr.become_probe();
                 pr.maybe_update(index);
+                pr.become_probe();
                 self.leader_state_mut().send_pending.insert(from);
                 self.maybe_commit()
             }

@@ -1,0 +1,1287 @@
+//! One simulated run: nodes of the real core on a simulated network and disk, a client
+//! workload, a nemesis injecting faults, and the checker after every step.
+//!
+//! Time is discrete and single-threaded. Every random choice comes from one PRNG seeded by
+//! the run's seed, and every collection that is iterated is ordered, so a seed replays bit for
+//! bit. A run has two phases: faults (crashes, partitions, loss, duplication, reordering,
+//! leadership transfers and, optionally, membership churn) and then liveness (everything
+//! healed; the cluster must converge and resolve every pending proposal within a bound).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use bytes::Bytes;
+use flotilla_raft::{
+    Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, MemStorage, Membership,
+    Message, NodeId, Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
+};
+
+use crate::checker::{Checker, NodeView, Violation, storage_holds};
+use crate::machine::{AppliedRecord, StateMachine, payload_digest};
+use crate::options::{SimOptions, TICK_TIME};
+use crate::trace::TraceDigest;
+
+/// How a run ended.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub seed: u64,
+    pub nodes: usize,
+    pub digest: u64,
+    pub events: u64,
+    pub writes_ok: u64,
+    pub writes_failed: u64,
+    pub writes_unknown: u64,
+    pub reads_ok: u64,
+    pub elections: u64,
+    pub snapshots_installed: u64,
+    pub membership_changes: u64,
+    pub end_time: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Tick {
+        node: NodeId,
+        incarnation: u64,
+    },
+    Deliver(Box<MessageKey>),
+    FsyncDone {
+        node: NodeId,
+        incarnation: u64,
+        batch: PersistId,
+    },
+    ClientWake {
+        client: usize,
+    },
+    ClientTimeout {
+        client: usize,
+        op: u64,
+    },
+    Nemesis,
+    Restart {
+        node: NodeId,
+    },
+    HealPartition {
+        generation: u64,
+    },
+    StopRemoved {
+        node: NodeId,
+    },
+}
+
+/// A message in flight, ordered for the event queue by a sequence number only.
+#[derive(Clone, Debug)]
+struct MessageKey {
+    seq: u64,
+    msg: Message,
+}
+
+impl PartialEq for MessageKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq
+    }
+}
+impl Eq for MessageKey {}
+impl PartialOrd for MessageKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for MessageKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.seq.cmp(&other.seq)
+    }
+}
+
+enum NodeState {
+    Running(Box<RaftNode<MemStorage>>),
+    /// Crashed: only stable storage survives.
+    Crashed(MemStorage),
+    /// Removed from the cluster and stopped for good.
+    Stopped,
+}
+
+struct SimNode {
+    id: NodeId,
+    incarnation: u64,
+    state: NodeState,
+    /// Batches written but not yet fsynced; lost at a crash.
+    unsynced: VecDeque<PersistBatch>,
+    /// Fsyncs complete in order: none before this time.
+    fsync_done_time: u64,
+    machine: StateMachine,
+    /// The node learned it was removed.
+    removed: bool,
+}
+
+impl SimNode {
+    fn running(&self) -> Option<&RaftNode<MemStorage>> {
+        match &self.state {
+            NodeState::Running(node) => Some(node),
+            _ => None,
+        }
+    }
+
+    fn running_mut(&mut self) -> Option<&mut RaftNode<MemStorage>> {
+        match &mut self.state {
+            NodeState::Running(node) => Some(node),
+            _ => None,
+        }
+    }
+
+    fn stable_storage(&self) -> Option<&MemStorage> {
+        match &self.state {
+            NodeState::Running(node) => Some(node.storage()),
+            NodeState::Crashed(storage) => Some(storage),
+            NodeState::Stopped => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Faults,
+    Liveness,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Write { entry: EntryId },
+    Read { context: u64, floor_index: Index },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PendingOp {
+    id: u64,
+    node: NodeId,
+    kind: OpKind,
+    invoked_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct Client {
+    next_op: u64,
+    leader_hint: Option<NodeId>,
+    pending: Option<PendingOp>,
+    /// In the liveness phase each client must complete one write.
+    final_write_ok: bool,
+}
+
+#[allow(missing_debug_implementations)]
+pub struct Simulation {
+    options: SimOptions,
+    prng: Prng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    next_node_id: NodeId,
+    /// Directed links that drop messages.
+    cut: BTreeSet<(NodeId, NodeId)>,
+    partition_generation: u64,
+    loss_per_mille: u64,
+    duplicate_per_mille: u64,
+    clients: Vec<Client>,
+    /// The highest index of a write acknowledged so far: a read invoked later must see it.
+    acked_write_index_max: Index,
+    checker: Checker,
+    /// Nodes that were ever in a configuration some leader committed or proposed.
+    ever_members: BTreeSet<NodeId>,
+    /// The index of the newest configuration entry known to be committed.
+    newest_committed_membership: Index,
+    trace: TraceDigest,
+    phase: Phase,
+    report: RunReport,
+}
+
+impl Simulation {
+    pub fn new(options: SimOptions) -> Self {
+        let prng = Prng::new(options.seed);
+        let report = RunReport {
+            seed: options.seed,
+            nodes: options.nodes,
+            digest: 0,
+            events: 0,
+            writes_ok: 0,
+            writes_failed: 0,
+            writes_unknown: 0,
+            reads_ok: 0,
+            elections: 0,
+            snapshots_installed: 0,
+            membership_changes: 0,
+            end_time: 0,
+        };
+        let mut sim = Self {
+            prng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: BTreeMap::new(),
+            next_node_id: 1,
+            cut: BTreeSet::new(),
+            partition_generation: 0,
+            loss_per_mille: options.loss_per_mille,
+            duplicate_per_mille: options.duplicate_per_mille,
+            clients: (0..options.clients).map(|_| Client::default()).collect(),
+            acked_write_index_max: 0,
+            checker: Checker::default(),
+            ever_members: BTreeSet::new(),
+            newest_committed_membership: 0,
+            trace: TraceDigest::default(),
+            phase: Phase::Faults,
+            report,
+            options,
+        };
+        let ids: Vec<NodeId> = (1..=sim.options.nodes as NodeId).collect();
+        sim.next_node_id = ids.len() as NodeId + 1;
+        sim.ever_members.extend(ids.iter().copied());
+        let membership = Membership::with_voters(ids.iter().copied());
+        for &id in &ids {
+            sim.start_node(id, MemStorage::new_with_membership(membership.clone()));
+        }
+        for client in 0..sim.clients.len() {
+            let delay = sim.prng.range(1, 50);
+            sim.schedule(delay, Event::ClientWake { client });
+        }
+        let delay = sim.nemesis_delay();
+        sim.schedule(delay, Event::Nemesis);
+        sim
+    }
+
+    /// Runs to the end. Returns the report, or the first violated property.
+    pub fn run(mut self) -> Result<RunReport, (Violation, RunReport)> {
+        let fault_end = self.options.fault_phase_time;
+        let deadline = fault_end + self.options.liveness_time_max;
+        loop {
+            let Some(Reverse((time, _, event))) = self.queue.pop() else {
+                return Err(("the event queue ran dry".into(), self.finish()));
+            };
+            if self.phase == Phase::Faults && time >= fault_end {
+                self.now = fault_end;
+                self.begin_liveness();
+            }
+            if time > deadline {
+                let detail = self.liveness_detail();
+                return Err((
+                    format!("liveness: not converged by time {deadline}: {detail}"),
+                    self.finish(),
+                ));
+            }
+            self.now = time;
+            if self.options.verbose {
+                self.log_event(&event);
+            }
+            if let Err(violation) = self.handle(event).and_then(|()| self.check()) {
+                return Err((violation, self.finish()));
+            }
+            if self.phase == Phase::Liveness && self.converged() {
+                return Ok(self.finish());
+            }
+        }
+    }
+
+    fn log_event(&self, event: &Event) {
+        match event {
+            Event::Deliver(key) => {
+                let msg = &key.msg;
+                let cut = if self.cut.contains(&(msg.from, msg.to)) {
+                    " (cut)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:>6} deliver {}->{} t{} {:?}{cut}",
+                    self.now, msg.from, msg.to, msg.term, msg.body
+                );
+            }
+            Event::Tick { .. } => {}
+            other => println!("{:>6} {other:?}", self.now),
+        }
+    }
+
+    fn finish(mut self) -> RunReport {
+        self.report.digest = self.trace.value();
+        self.report.events = self.trace.events();
+        self.report.end_time = self.now;
+        self.report
+    }
+
+    fn schedule(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        self.queue
+            .push(Reverse((self.now + delay, self.seq, event)));
+    }
+
+    fn nemesis_delay(&mut self) -> u64 {
+        let mean = self.options.nemesis_interval_time;
+        self.prng.range(mean / 2, mean * 3 / 2 + 1)
+    }
+
+    // ----- Nodes -----------------------------------------------------------------------------
+
+    fn node_config(&self, id: NodeId) -> Config {
+        let o = &self.options;
+        let mut config = Config::new(id);
+        config.seed = o.seed.wrapping_mul(1_000_003).wrapping_add(id);
+        config.election_timeout_ticks = 10;
+        config.heartbeat_interval_ticks = 1;
+        config.pre_vote = o.pre_vote;
+        config.check_quorum = o.check_quorum;
+        config.append_bytes_max = o.append_bytes_max;
+        config.inflight_messages_max = o.inflight_messages_max;
+        config.inflight_bytes_max = o.append_bytes_max.max(1) * o.inflight_messages_max as u64;
+        config.uncommitted_bytes_max = 64 << 10;
+        config.snapshot_chunk_bytes = o.snapshot_chunk_bytes;
+        config.snapshot_chunks_inflight_max = 2;
+        config.snapshot_policy = SnapshotPolicy {
+            entries_max: o.snapshot_entries_max,
+            bytes_max: 1 << 30,
+        };
+        config.snapshot_trailing_entries = o.snapshot_trailing_entries;
+        config.promotion_lag_entries_max = 20;
+        config.read_queue_max = 64;
+        config
+    }
+
+    fn start_node(&mut self, id: NodeId, storage: MemStorage) {
+        let config = self.node_config(id);
+        let node = RaftNode::new(config, storage, 0).expect("node starts from valid storage");
+        let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
+        self.nodes.insert(
+            id,
+            SimNode {
+                id,
+                incarnation,
+                state: NodeState::Running(Box::new(node)),
+                unsynced: VecDeque::new(),
+                fsync_done_time: self.now,
+                machine: StateMachine::default(),
+                removed: false,
+            },
+        );
+        let phase = self.prng.range(1, TICK_TIME + 1);
+        self.schedule(
+            phase,
+            Event::Tick {
+                node: id,
+                incarnation,
+            },
+        );
+        self.trace.record(&[1, id, incarnation, self.now]);
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        let Some(sim_node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let NodeState::Running(node) = &sim_node.state else {
+            return;
+        };
+        // Power loss: only what was fsynced survives.
+        sim_node.state = NodeState::Crashed(node.storage().clone());
+        sim_node.unsynced.clear();
+        sim_node.machine = StateMachine::default();
+        self.trace.record(&[2, id, self.now]);
+        for client in 0..self.clients.len() {
+            if self.clients[client].pending.is_some_and(|op| op.node == id) {
+                self.resolve_unknown(client);
+            }
+        }
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let Some(sim_node) = self.nodes.get(&id) else {
+            return;
+        };
+        let NodeState::Crashed(storage) = &sim_node.state else {
+            return;
+        };
+        let storage = storage.clone();
+        self.start_node(id, storage);
+        self.process(id);
+    }
+
+    /// Carries out a node's output, repeatedly, until it has nothing more to say.
+    fn process(&mut self, id: NodeId) {
+        for _ in 0..64 {
+            let Some(node) = self.nodes.get_mut(&id).and_then(SimNode::running_mut) else {
+                return;
+            };
+            let output = node
+                .take_output()
+                .expect("the simulated storage never fails");
+            if output.is_empty() {
+                return;
+            }
+            self.carry_out(id, output);
+        }
+        panic!("node {id} kept producing output");
+    }
+
+    fn carry_out(&mut self, id: NodeId, output: Output) {
+        if self.options.verbose {
+            if let Some(state) = output.role_state {
+                println!("{:>6}   n{id} {:?}", self.now, state);
+            }
+            if let Some(batch) = &output.persist {
+                let entries: Vec<String> =
+                    batch.entries.iter().map(|e| e.id().to_string()).collect();
+                println!(
+                    "{:>6}   n{id} persist #{} hs={:?} entries=[{}] chunks={} install={:?} compact={:?}",
+                    self.now,
+                    batch.id,
+                    batch.hard_state,
+                    entries.join(" "),
+                    batch.snapshot_chunks.len(),
+                    batch
+                        .snapshot_install
+                        .as_ref()
+                        .map(|i| (i.meta.last, i.keep_through)),
+                    batch.compact_to
+                );
+            }
+        }
+        if let Some(state) = output.role_state {
+            self.trace
+                .record(&[3, id, state.role as u64, state.term, state.leader]);
+            if state.role == Role::Leader {
+                self.report.elections += 1;
+            }
+        }
+        if let Some(batch) = output.persist {
+            self.write_batch(id, batch);
+        }
+        for msg in output.messages {
+            self.send(msg);
+        }
+        if !output.apply.is_empty() {
+            self.apply(id, output.apply);
+        }
+        for read in output.reads {
+            self.resolve_read(id, read.context, Some(read.index));
+        }
+        for (context, _) in output.reads_failed {
+            self.resolve_read(id, context, None);
+        }
+        if output.snapshot_due.is_some() {
+            self.take_snapshot(id);
+        }
+        if output.removed {
+            self.trace.record(&[4, id]);
+            self.mark_removed(id);
+        }
+    }
+
+    /// The node is out of the cluster. It keeps running for a while, to show it cannot disrupt
+    /// the cluster, then stops.
+    fn mark_removed(&mut self, id: NodeId) {
+        let Some(sim_node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if sim_node.removed {
+            return;
+        }
+        sim_node.removed = true;
+        let delay = self.prng.range(100, 1_000);
+        self.schedule(delay, Event::StopRemoved { node: id });
+    }
+
+    /// A configuration entry was applied, so it is committed. If it is the newest one and
+    /// simple, the nodes it leaves out are told they were removed (in the server, the transport
+    /// refuses a removed member and says why): a node removed while cut off would otherwise
+    /// never learn it.
+    fn configuration_committed(&mut self, index: Index, membership: &Membership) {
+        if index <= self.newest_committed_membership || membership.is_joint() {
+            return;
+        }
+        self.newest_committed_membership = index;
+        let outsiders: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| !n.removed && !membership.contains(n.id) && self.was_member(n.id))
+            .map(|n| n.id)
+            .collect();
+        for outsider in outsiders {
+            self.trace.record(&[21, outsider]);
+            self.mark_removed(outsider);
+        }
+    }
+
+    /// True if the node was ever part of a configuration (a node just added and not yet
+    /// caught up is not "removed").
+    fn was_member(&self, id: NodeId) -> bool {
+        self.ever_members.contains(&id)
+    }
+
+    fn write_batch(&mut self, id: NodeId, batch: PersistBatch) {
+        let delay = self.prng.range(
+            self.options.fsync_delay_min,
+            self.options.fsync_delay_max + 1,
+        );
+        let sim_node = self.nodes.get_mut(&id).expect("exists");
+        let done = (self.now + delay).max(sim_node.fsync_done_time);
+        sim_node.fsync_done_time = done;
+        let event = Event::FsyncDone {
+            node: id,
+            incarnation: sim_node.incarnation,
+            batch: batch.id,
+        };
+        sim_node.unsynced.push_back(batch);
+        self.schedule(done - self.now, event);
+    }
+
+    fn fsync_done(&mut self, id: NodeId, batch_id: PersistId) {
+        let sim_node = self.nodes.get_mut(&id).expect("exists");
+        let NodeState::Running(node) = &mut sim_node.state else {
+            return;
+        };
+        let mut last = None;
+        while sim_node
+            .unsynced
+            .front()
+            .is_some_and(|batch| batch.id <= batch_id)
+        {
+            let batch = sim_node.unsynced.pop_front().expect("checked");
+            node.storage_mut()
+                .persist(&batch)
+                .expect("batches follow the storage contract");
+            last = Some(batch.id);
+        }
+        if let Some(last) = last {
+            node.on_persisted(last).expect("acknowledged in order");
+            self.trace.record(&[5, id, last]);
+            self.process(id);
+        }
+    }
+
+    fn apply(&mut self, id: NodeId, items: Vec<Apply>) {
+        let last_index = items.last().map(Apply::index).expect("non-empty");
+        for item in items {
+            self.apply_one(id, item);
+        }
+        let sim_node = self.nodes.get_mut(&id).expect("exists");
+        let node = sim_node.running_mut().expect("running");
+        node.on_applied(last_index).expect("applied in order");
+        self.resolve_writes(id);
+    }
+
+    fn apply_one(&mut self, id: NodeId, item: Apply) {
+        let sim_node = self.nodes.get_mut(&id).expect("exists");
+        match item {
+            Apply::Entry(entry) => {
+                sim_node.machine.apply(&entry);
+                let record = AppliedRecord {
+                    term: entry.term,
+                    payload_digest: payload_digest(&entry),
+                    state_hash: sim_node.machine.state_hash,
+                };
+                let known = *self.checker.applied.entry(entry.index).or_insert(record);
+                assert_eq!(
+                    known, record,
+                    "state machine safety: node {id} applied {} differently from another node",
+                    entry.index
+                );
+                if let flotilla_raft::EntryPayload::Membership(change) = &entry.payload {
+                    self.trace
+                        .record_str(&format!("applied membership {}", change.membership));
+                    self.configuration_committed(entry.index, &change.membership);
+                }
+            }
+            Apply::Snapshot(meta) => {
+                let node = sim_node.running().expect("running");
+                let (stored, data) = node.storage().snapshot_data().expect("snapshot in storage");
+                assert_eq!(
+                    stored, meta,
+                    "node {id}: the snapshot to load is not the stored one"
+                );
+                let machine = StateMachine::restore(&meta, &data)
+                    .unwrap_or_else(|err| panic!("node {id}: bad snapshot: {err}"));
+                if let Some(record) = self.checker.applied.get(&meta.last.index) {
+                    assert_eq!(
+                        record.state_hash, machine.state_hash,
+                        "state machine safety: node {id} loaded snapshot {} with another state",
+                        meta.last
+                    );
+                }
+                sim_node.machine = machine;
+                self.report.snapshots_installed += 1;
+                self.trace.record(&[6, id, meta.last.index, meta.last.term]);
+            }
+        }
+    }
+
+    fn take_snapshot(&mut self, id: NodeId) {
+        let padding = self
+            .prng
+            .range(0, self.options.snapshot_padding_bytes_max + 1);
+        let sim_node = self.nodes.get_mut(&id).expect("exists");
+        let index = sim_node.machine.applied_index;
+        let data = sim_node.machine.encode(padding);
+        let NodeState::Running(node) = &mut sim_node.state else {
+            return;
+        };
+        if index <= node.snapshot_id().index {
+            return;
+        }
+        let meta = node
+            .snapshot_meta(index)
+            .expect("applied index can be snapshotted");
+        node.storage_mut()
+            .save_snapshot(meta.clone(), data)
+            .expect("newer snapshot");
+        node.on_snapshot_saved(&meta)
+            .expect("snapshot matches the log");
+        self.trace.record(&[7, id, index]);
+    }
+
+    // ----- Network ---------------------------------------------------------------------------
+
+    fn send(&mut self, msg: Message) {
+        self.trace
+            .record(&[8, msg.from, msg.to, msg.term, msg.body.payload_bytes()]);
+        self.trace.record_str(msg.body.kind());
+        if self.prng.chance(self.loss_per_mille, 1000) {
+            return;
+        }
+        let copies = if self.prng.chance(self.duplicate_per_mille, 1000) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.prng.range(
+                self.options.message_delay_min,
+                self.options.message_delay_max + 1,
+            );
+            self.seq += 1;
+            let key = MessageKey {
+                seq: self.seq,
+                msg: msg.clone(),
+            };
+            self.schedule(delay, Event::Deliver(Box::new(key)));
+        }
+    }
+
+    fn deliver(&mut self, msg: Message) {
+        if self.cut.contains(&(msg.from, msg.to)) {
+            return;
+        }
+        let to = msg.to;
+        let Some(node) = self.nodes.get_mut(&to).and_then(SimNode::running_mut) else {
+            return;
+        };
+        self.trace.record(&[9, msg.from, to, msg.term]);
+        node.step(msg)
+            .expect("stepping a message never fails with simulated storage");
+        self.process(to);
+    }
+
+    // ----- Event handling --------------------------------------------------------------------
+
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        match event {
+            Event::Tick { node, incarnation } => {
+                let Some(sim_node) = self.nodes.get_mut(&node) else {
+                    return Ok(());
+                };
+                if sim_node.incarnation != incarnation {
+                    return Ok(());
+                }
+                let Some(raft) = sim_node.running_mut() else {
+                    return Ok(());
+                };
+                raft.tick()
+                    .expect("tick never fails with simulated storage");
+                self.schedule(TICK_TIME, Event::Tick { node, incarnation });
+                self.process(node);
+            }
+            Event::Deliver(key) => self.deliver(key.msg),
+            Event::FsyncDone {
+                node,
+                incarnation,
+                batch,
+            } => {
+                if self
+                    .nodes
+                    .get(&node)
+                    .is_some_and(|n| n.incarnation == incarnation)
+                {
+                    self.fsync_done(node, batch);
+                }
+            }
+            Event::ClientWake { client } => self.client_wake(client),
+            Event::ClientTimeout { client, op } => {
+                let pending = self.clients[client].pending;
+                let waiting_write = matches!(
+                    pending,
+                    Some(PendingOp {
+                        kind: OpKind::Write { .. },
+                        ..
+                    })
+                );
+                // In the liveness phase an accepted write must resolve; it may not time out.
+                let may_time_out = !(self.phase == Phase::Liveness && waiting_write);
+                if pending.is_some_and(|p| p.id == op) && may_time_out {
+                    self.resolve_unknown(client);
+                }
+            }
+            Event::Nemesis => {
+                if self.phase == Phase::Faults {
+                    self.nemesis();
+                    let delay = self.nemesis_delay();
+                    self.schedule(delay, Event::Nemesis);
+                } else {
+                    self.fill_log();
+                    self.schedule(TICK_TIME * 5, Event::Nemesis);
+                }
+            }
+            Event::Restart { node } => self.restart(node),
+            Event::HealPartition { generation } => {
+                if generation == self.partition_generation {
+                    self.cut.clear();
+                    self.trace.record(&[10, self.now]);
+                }
+            }
+            Event::StopRemoved { node } => self.stop_removed(node),
+        }
+        Ok(())
+    }
+
+    fn stop_removed(&mut self, id: NodeId) {
+        let Some(sim_node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if !sim_node.removed {
+            return;
+        }
+        sim_node.state = NodeState::Stopped;
+        sim_node.unsynced.clear();
+        self.trace.record(&[11, id]);
+        for client in 0..self.clients.len() {
+            if self.clients[client].pending.is_some_and(|op| op.node == id) {
+                self.resolve_unknown(client);
+            }
+        }
+    }
+
+    fn begin_liveness(&mut self) {
+        self.phase = Phase::Liveness;
+        self.cut.clear();
+        self.loss_per_mille = 0;
+        self.duplicate_per_mille = 0;
+        let crashed: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| matches!(n.state, NodeState::Crashed(_)))
+            .map(|n| n.id)
+            .collect();
+        for id in crashed {
+            self.restart(id);
+        }
+        self.trace.record(&[12, self.now]);
+    }
+
+    fn check(&mut self) -> Result<(), Violation> {
+        let views: Vec<NodeView<'_>> = self
+            .nodes
+            .values()
+            .filter_map(|n| {
+                n.running().map(|node| NodeView {
+                    id: n.id,
+                    incarnation: n.incarnation,
+                    node,
+                })
+            })
+            .collect();
+        let nodes = &self.nodes;
+        let durable = |id: NodeId, entry: EntryId| {
+            nodes
+                .get(&id)
+                .and_then(SimNode::stable_storage)
+                .is_some_and(|storage| storage_holds(storage, entry))
+        };
+        self.checker.check(&views, &durable)
+    }
+
+    // ----- Liveness --------------------------------------------------------------------------
+
+    fn members_running(&self) -> Vec<&RaftNode<MemStorage>> {
+        self.nodes
+            .values()
+            .filter(|n| !n.removed)
+            .filter_map(SimNode::running)
+            .collect()
+    }
+
+    fn converged(&self) -> bool {
+        if self
+            .clients
+            .iter()
+            .any(|c| c.pending.is_some() || !c.final_write_ok)
+        {
+            return false;
+        }
+        let nodes = self.members_running();
+        let Some(leader) = nodes.iter().find(|n| n.is_leader()) else {
+            return false;
+        };
+        if leader.membership().is_joint() || leader.committed() < leader.last_id().index {
+            return false;
+        }
+        let members = leader.membership().members();
+        let target = leader.committed();
+        members.iter().all(|id| {
+            self.nodes
+                .get(id)
+                .and_then(SimNode::running)
+                .is_some_and(|n| n.applied() == target && n.leader() == Some(leader.id()))
+        })
+    }
+
+    fn liveness_detail(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .values()
+            .map(|n| match n.running() {
+                Some(node) => format!(
+                    "n{}:{}@{} commit={} applied={} last={} members={}",
+                    n.id,
+                    node.role(),
+                    node.term(),
+                    node.committed(),
+                    node.applied(),
+                    node.last_id(),
+                    node.membership()
+                ),
+                None => format!("n{}:down", n.id),
+            })
+            .collect();
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| format!("{:?}/{}", c.pending.map(|p| p.kind), c.final_write_ok))
+            .collect();
+        format!(
+            "nodes [{}] clients [{}]",
+            nodes.join("; "),
+            clients.join("; ")
+        )
+    }
+
+    // ----- Clients ---------------------------------------------------------------------------
+
+    fn pick_node(&mut self, hint: Option<NodeId>) -> Option<NodeId> {
+        if let Some(id) = hint
+            && self.nodes.get(&id).is_some_and(|n| n.running().is_some())
+        {
+            return Some(id);
+        }
+        let running: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.running().is_some() && !n.removed)
+            .map(|n| n.id)
+            .collect();
+        if running.is_empty() {
+            return None;
+        }
+        Some(running[self.prng.range(0, running.len() as u64) as usize])
+    }
+
+    fn client_wake(&mut self, client: usize) {
+        if self.clients[client].pending.is_some() {
+            return;
+        }
+        if self.phase == Phase::Liveness && self.clients[client].final_write_ok {
+            return;
+        }
+        let hint = self.clients[client].leader_hint;
+        let Some(node) = self.pick_node(hint) else {
+            self.schedule(TICK_TIME * 5, Event::ClientWake { client });
+            return;
+        };
+        let read = self.phase == Phase::Faults && self.prng.chance(1, 4);
+        let op = self.clients[client].next_op;
+        self.clients[client].next_op += 1;
+        let raft = self
+            .nodes
+            .get_mut(&node)
+            .and_then(SimNode::running_mut)
+            .expect("picked running");
+        let result = if read {
+            let context = (client as u64) << 40 | op;
+            raft.read_index(context).map(|()| OpKind::Read {
+                context,
+                floor_index: self.acked_write_index_max,
+            })
+        } else {
+            let data = Bytes::from(format!("c{client}-{op}"));
+            raft.propose(data).map(|entry| OpKind::Write { entry })
+        };
+        match result {
+            Ok(kind) => {
+                let pending = PendingOp {
+                    id: op,
+                    node,
+                    kind,
+                    invoked_at: self.now,
+                };
+                self.clients[client].pending = Some(pending);
+                self.trace.record(&[13, client as u64, op, node]);
+                let timeout = self.options.client_timeout_time;
+                self.schedule(timeout, Event::ClientTimeout { client, op });
+                self.process(node);
+            }
+            Err(Error::NotLeader { leader_hint }) => {
+                self.clients[client].leader_hint = leader_hint;
+                self.schedule(TICK_TIME, Event::ClientWake { client });
+            }
+            Err(_) => {
+                self.clients[client].leader_hint = None;
+                self.schedule(TICK_TIME * 3, Event::ClientWake { client });
+            }
+        }
+    }
+
+    fn finish_op(&mut self, client: usize) {
+        self.clients[client].pending = None;
+        let delay = self.prng.range(1, 30);
+        self.schedule(delay, Event::ClientWake { client });
+    }
+
+    fn resolve_unknown(&mut self, client: usize) {
+        let Some(op) = self.clients[client].pending else {
+            return;
+        };
+        if let OpKind::Write { .. } = op.kind {
+            self.report.writes_unknown += 1;
+        }
+        self.clients[client].leader_hint = None;
+        self.trace.record(&[14, client as u64, op.id]);
+        self.finish_op(client);
+    }
+
+    /// Resolves writes waiting on `id` that its state machine has now passed.
+    fn resolve_writes(&mut self, id: NodeId) {
+        let applied = self.nodes[&id].machine.applied_index;
+        for client in 0..self.clients.len() {
+            let Some(op) = self.clients[client].pending else {
+                continue;
+            };
+            let OpKind::Write { entry } = op.kind else {
+                continue;
+            };
+            if op.node != id || applied < entry.index {
+                continue;
+            }
+            let record = self.checker.applied.get(&entry.index).copied();
+            let committed_term = record
+                .map(|r| r.term)
+                .or(self.checker.committed_term(entry.index));
+            let committed_term = committed_term.expect("an applied index is known to the checker");
+            if committed_term == entry.term {
+                self.report.writes_ok += 1;
+                self.acked_write_index_max = self.acked_write_index_max.max(entry.index);
+                if self.phase == Phase::Liveness {
+                    self.clients[client].final_write_ok = true;
+                }
+                self.trace.record(&[15, client as u64, op.id, entry.index]);
+            } else {
+                self.report.writes_failed += 1;
+                self.trace.record(&[16, client as u64, op.id, entry.index]);
+            }
+            self.clients[client].leader_hint = Some(id);
+            self.finish_op(client);
+        }
+    }
+
+    fn resolve_read(&mut self, id: NodeId, context: u64, index: Option<Index>) {
+        let client = (context >> 40) as usize;
+        let Some(op) = self.clients.get(client).and_then(|c| c.pending) else {
+            return;
+        };
+        let OpKind::Read {
+            context: expected,
+            floor_index,
+        } = op.kind
+        else {
+            return;
+        };
+        if expected != context || op.node != id {
+            return;
+        }
+        if let Some(index) = index {
+            // Linearizability of reads: a read sees every write acknowledged before it began.
+            assert!(
+                index >= floor_index,
+                "stale read on node {id}: read index {index} but write {floor_index} was \
+                 acknowledged before the read began"
+            );
+            let applied = self.nodes[&id].machine.applied_index;
+            assert!(
+                applied >= index,
+                "read released at {index} before apply reached it ({applied})"
+            );
+            self.report.reads_ok += 1;
+            self.trace.record(&[17, client as u64, index]);
+        }
+        self.finish_op(client);
+    }
+
+    // ----- Nemesis ---------------------------------------------------------------------------
+
+    fn nemesis(&mut self) {
+        let choice = self.prng.range(0, 10);
+        match choice {
+            0..=2 if self.options.crashes => self.nemesis_crash(),
+            3..=5 if self.options.partitions => self.nemesis_partition(),
+            6 if self.options.transfers => self.nemesis_transfer(),
+            7..=8 if self.options.membership_churn => self.nemesis_membership(),
+            9 => self.nemesis_snapshot(),
+            _ => {}
+        }
+    }
+
+    fn running_ids(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| n.running().is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    fn leader_id(&self) -> Option<NodeId> {
+        self.nodes
+            .values()
+            .filter_map(|n| {
+                n.running()
+                    .filter(|r| r.is_leader())
+                    .map(|r| (r.term(), n.id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn nemesis_crash(&mut self) {
+        let target = if self.prng.chance(1, 2) {
+            self.leader_id()
+        } else {
+            None
+        };
+        let running = self.running_ids();
+        let Some(id) = target.or_else(|| {
+            (!running.is_empty())
+                .then(|| running[self.prng.range(0, running.len() as u64) as usize])
+        }) else {
+            return;
+        };
+        self.crash(id);
+        let downtime = self.prng.range(50, 1_500);
+        self.schedule(downtime, Event::Restart { node: id });
+    }
+
+    fn nemesis_partition(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        self.cut.clear();
+        let shape = self.prng.range(0, 4);
+        match shape {
+            // Isolate the leader (or a random node).
+            0 => {
+                let victim = self
+                    .leader_id()
+                    .unwrap_or(ids[self.prng.range(0, ids.len() as u64) as usize]);
+                for &other in &ids {
+                    if other != victim {
+                        self.cut.insert((victim, other));
+                        self.cut.insert((other, victim));
+                    }
+                }
+            }
+            // Split into a majority and a minority (or two random halves).
+            1 => {
+                let side: BTreeMap<NodeId, bool> =
+                    ids.iter().map(|&id| (id, self.prng.chance(1, 2))).collect();
+                for &a in &ids {
+                    for &b in &ids {
+                        if side[&a] != side[&b] {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+            }
+            // A bridge: two sides that cannot talk, and one node that talks to both.
+            2 => {
+                let bridge = ids[self.prng.range(0, ids.len() as u64) as usize];
+                let side: BTreeMap<NodeId, bool> =
+                    ids.iter().map(|&id| (id, self.prng.chance(1, 2))).collect();
+                for &a in &ids {
+                    for &b in &ids {
+                        if a != bridge && b != bridge && side[&a] != side[&b] {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+            }
+            // One-way links: some directions drop, the reverse works.
+            _ => {
+                for &a in &ids {
+                    for &b in &ids {
+                        if a != b && self.prng.chance(1, 4) {
+                            self.cut.insert((a, b));
+                        }
+                    }
+                }
+            }
+        }
+        self.partition_generation += 1;
+        self.trace.record(&[18, shape, self.cut.len() as u64]);
+        let duration = self.prng.range(100, 2_000);
+        self.schedule(
+            duration,
+            Event::HealPartition {
+                generation: self.partition_generation,
+            },
+        );
+    }
+
+    fn nemesis_transfer(&mut self) {
+        let Some(leader) = self.leader_id() else {
+            return;
+        };
+        let voters: Vec<NodeId> = {
+            let node = self.nodes[&leader].running().expect("running");
+            node.membership().voters.iter().copied().collect()
+        };
+        let target = voters[self.prng.range(0, voters.len() as u64) as usize];
+        let node = self
+            .nodes
+            .get_mut(&leader)
+            .and_then(SimNode::running_mut)
+            .expect("running");
+        let _ = node.transfer_leader(target);
+        self.trace.record(&[19, leader, target]);
+        self.process(leader);
+    }
+
+    fn nemesis_snapshot(&mut self) {
+        let running = self.running_ids();
+        if running.is_empty() {
+            return;
+        }
+        let id = running[self.prng.range(0, running.len() as u64) as usize];
+        self.take_snapshot(id);
+        self.process(id);
+    }
+
+    fn nemesis_membership(&mut self) {
+        let Some(leader) = self.leader_id() else {
+            return;
+        };
+        let membership = self.nodes[&leader]
+            .running()
+            .expect("running")
+            .membership()
+            .clone();
+        let voters: Vec<NodeId> = membership.voters.iter().copied().collect();
+        let learners: Vec<NodeId> = membership.learners.iter().copied().collect();
+        let max_voters = self.options.nodes as u64 + 2;
+        let step = match self.prng.range(0, 6) {
+            0 | 1 if (voters.len() as u64) < max_voters => {
+                let id = self.allocate_node();
+                if self.prng.chance(1, 2) {
+                    vec![ConfChangeStep::AddLearner(id)]
+                } else {
+                    vec![ConfChangeStep::AddVoter(id)]
+                }
+            }
+            2 if !learners.is_empty() => {
+                vec![ConfChangeStep::Promote(
+                    learners[self.prng.range(0, learners.len() as u64) as usize],
+                )]
+            }
+            3 if voters.len() > 2 => {
+                vec![ConfChangeStep::Remove(
+                    voters[self.prng.range(0, voters.len() as u64) as usize],
+                )]
+            }
+            4 if voters.len() > 2 => {
+                // Replace one voter by a new one in a single joint change.
+                let old = voters[self.prng.range(0, voters.len() as u64) as usize];
+                let new = self.allocate_node();
+                vec![ConfChangeStep::Remove(old), ConfChangeStep::AddVoter(new)]
+            }
+            5 if voters.len() > 2 && voters.contains(&leader) => {
+                vec![ConfChangeStep::Remove(leader)]
+            }
+            _ => return,
+        };
+        let change = ConfChange {
+            steps: step.clone(),
+            context: Bytes::new(),
+        };
+        let node = self
+            .nodes
+            .get_mut(&leader)
+            .and_then(SimNode::running_mut)
+            .expect("running");
+        let result = node.propose_membership(change);
+        self.trace.record_str(&format!(
+            "membership {step:?} {:?}",
+            result.as_ref().map(|_| ())
+        ));
+        if result.is_ok() {
+            self.report.membership_changes += 1;
+            for step in step {
+                if let ConfChangeStep::AddLearner(id) | ConfChangeStep::AddVoter(id) = step
+                    && !self.nodes.contains_key(&id)
+                {
+                    // A new member starts empty and learns everything from the leader.
+                    self.ever_members.insert(id);
+                    self.start_node(id, MemStorage::new_empty());
+                }
+            }
+        }
+        self.process(leader);
+    }
+
+    /// In the liveness phase: a write accepted at an index the log no longer reaches (its
+    /// entry was overwritten by a shorter log) resolves only once something else commits at
+    /// that index. The filler proposes blank commands on the leader until the commit index
+    /// passes every pending write, so each one becomes definitively committed or failed.
+    fn fill_log(&mut self) {
+        let pending_max = self
+            .clients
+            .iter()
+            .filter_map(|c| match c.pending {
+                Some(PendingOp {
+                    kind: OpKind::Write { entry },
+                    ..
+                }) => Some(entry.index),
+                _ => None,
+            })
+            .max();
+        let Some(pending_max) = pending_max else {
+            return;
+        };
+        let Some(leader) = self.leader_id() else {
+            return;
+        };
+        let node = self
+            .nodes
+            .get_mut(&leader)
+            .and_then(SimNode::running_mut)
+            .expect("running");
+        if node.last_id().index >= pending_max {
+            return;
+        }
+        let _ = node.propose(Bytes::from_static(b"filler"));
+        self.trace.record(&[20, leader]);
+        self.process(leader);
+    }
+
+    fn allocate_node(&mut self) -> NodeId {
+        let id = self.next_node_id;
+        self.next_node_id += 1;
+        id
+    }
+}
