@@ -4,6 +4,9 @@
 
 use std::ops::Bound;
 
+/// Bounds for `BTreeMap::range` over byte-string keys.
+pub type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// A borrowed key range in one of the three forms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyRange<'a> {
@@ -40,7 +43,7 @@ impl<'a> KeyRange<'a> {
 
     /// Bounds for `BTreeMap::range`, or `None` when the range holds no key. (`BTreeMap::range`
     /// panics on inverted bounds, which client input may well contain.)
-    pub fn bounds(&self) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+    pub fn bounds(&self) -> Option<KeyBounds<'a>> {
         if self.is_empty() {
             return None;
         }

@@ -106,8 +106,11 @@ impl Leases {
     }
 
     fn free_id(&mut self) -> i64 {
+        if self.next_id <= 0 {
+            self.next_id = 1;
+        }
         // Terminates: fewer leases exist than positive ids.
-        while self.next_id <= 0 || self.by_id.contains_key(&self.next_id) {
+        while self.by_id.contains_key(&self.next_id) {
             self.next_id = self.next_id.checked_add(1).unwrap_or(1);
         }
         let id = self.next_id;
@@ -175,7 +178,7 @@ impl Leases {
     }
 
     pub fn set_next_id(&mut self, next_id: i64) {
-        self.next_id = next_id;
+        self.next_id = next_id.max(1);
     }
 }
 

@@ -486,6 +486,15 @@ impl Keyspace {
         }
         let changes_first_revision = compacted_revision.max(FIRST_WRITE_REVISION);
         let revisions = (current_revision + 1 - changes_first_revision) as usize;
+        // Every revision after the compaction point keeps at least one version, so a header
+        // claiming more revisions than there are versions is corrupt (and must not make us
+        // allocate for it).
+        let versions: usize = keys.values().map(|history| history.versions.len()).sum();
+        if revisions > versions + 1 {
+            return Err(format!(
+                "{revisions} revisions since the compaction point but only {versions} versions"
+            ));
+        }
         let mut changes: Vec<Vec<(u32, Bytes)>> = vec![Vec::new(); revisions];
         for (key, history) in &keys {
             for version in &history.versions {
@@ -634,6 +643,12 @@ mod tests {
             .unwrap();
         assert_eq!(single.events.len(), 2);
         assert_eq!(single.next_revision, 5);
+    }
+
+    #[test]
+    fn restore_refuses_a_revision_count_the_versions_cannot_back() {
+        let error = Keyspace::from_parts(BTreeMap::new(), 1_000_000_000_000_000, 0).unwrap_err();
+        assert!(error.contains("revisions since the compaction point"));
     }
 
     #[test]

@@ -52,9 +52,9 @@ pub(crate) fn remember(outcome: &Result<Response, KvError>) -> RememberedOutcome
         Ok(Response::Put(response)) => Outcome::Put(response.clone()),
         Ok(Response::DeleteRange(response)) => Outcome::DeleteRange(response.clone()),
         Ok(Response::Txn(response)) => Outcome::Txn(response.clone()),
-        Ok(Response::Compaction(response)) => Outcome::Compaction(response.clone()),
+        Ok(Response::Compaction(response)) => Outcome::Compaction(*response),
         Ok(Response::LeaseGrant(response)) => Outcome::LeaseGrant(response.clone()),
-        Ok(Response::LeaseRevoke(response)) => Outcome::LeaseRevoke(response.clone()),
+        Ok(Response::LeaseRevoke(response)) => Outcome::LeaseRevoke(*response),
         Ok(other) => unreachable!("{other:?} is never tagged with a session"),
         Err(error) => Outcome::Failure(Failure {
             kind: error.kind().number(),

@@ -250,8 +250,16 @@ impl<R: Read> ChecksumReader<'_, R> {
         if bytes > RECORD_BYTES_MAX {
             return Err(SnapshotError::RecordTooLarge { record, bytes });
         }
-        let mut buffer = vec![0; bytes];
-        self.read_exact(&mut buffer, "record body")?;
+        // Read through `take` rather than into a buffer of the claimed size, so a corrupt
+        // length cannot allocate more than the input really holds.
+        let mut buffer = Vec::new();
+        (&mut *self.inner)
+            .take(bytes as u64)
+            .read_to_end(&mut buffer)?;
+        if buffer.len() != bytes {
+            return Err(SnapshotError::Truncated("record body"));
+        }
+        self.crc = crc32c::crc32c_append(self.crc, &buffer);
         let decoded = pb::SnapshotRecord::decode(buffer.as_slice()).map_err(|error| {
             SnapshotError::Decode {
                 record,
@@ -411,6 +419,14 @@ impl Restoring {
     }
 
     fn add_session(&mut self, session: pb::SessionState) -> Result<(), String> {
+        // Ids are registration indexes, so no session can be newer than the applied index;
+        // a later registration would otherwise collide with it.
+        if session.id > self.header.applied_index {
+            return Err(format!(
+                "session {} is newer than the applied index {}",
+                session.id, self.header.applied_index
+            ));
+        }
         if let Some(remembered) = &session.remembered
             && !is_recallable(remembered)
         {

@@ -9,7 +9,6 @@
 //!   exactly as etcd checks in its gRPC layer; apply does not repeat them.
 
 use std::collections::BTreeSet;
-use std::ops::Bound;
 
 use flotilla_proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest, range_request,
@@ -160,10 +159,9 @@ impl<'a> BranchWrites<'a> {
     }
 
     fn check_delete(&self, range: KeyRange<'_>) -> Result<(), KvError> {
-        let Some((start, end)) = range.bounds() else {
+        let Some(bounds) = range.bounds() else {
             return Ok(());
         };
-        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (start, end);
         if let Some(put) = self.puts.range::<&[u8], _>(bounds).next() {
             return Err(duplicate_key(put));
         }

@@ -612,7 +612,7 @@ fn nested_responses_carry_revision_headers() {
         })
         .collect();
     assert_eq!(revisions, vec![2, 3, 3]);
-    let header = op_range(response, 0).header.clone().unwrap();
+    let header = op_range(response, 0).header.unwrap();
     assert_eq!(
         (header.cluster_id, header.member_id, header.raft_term),
         (0, 0, 0)
