@@ -300,6 +300,36 @@ impl KvStore {
         self.sessions.iter()
     }
 
+    /// Maintenance.HashKV (etcd-api.md §1.8): a CRC-32C over every kept version at or below
+    /// `revision` (0 = current), which members that applied the same log agree on. Returns the
+    /// hash and the revision it covers; below the compaction point is `Compacted`.
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64), KvError> {
+        let current = self.current_revision();
+        let revision = self.keyspace.check_read_revision(revision, current)?;
+        let mut crc = 0;
+        for (key, history) in self.keyspace.histories() {
+            for version in history
+                .versions()
+                .iter()
+                .take_while(|version| version.mod_revision <= revision)
+            {
+                crc = crc32c::crc32c_append(crc, &(key.len() as u64).to_le_bytes());
+                crc = crc32c::crc32c_append(crc, key);
+                for number in [
+                    version.mod_revision,
+                    version.create_revision,
+                    version.version,
+                    version.lease,
+                    version.value.len() as i64,
+                ] {
+                    crc = crc32c::crc32c_append(crc, &number.to_le_bytes());
+                }
+                crc = crc32c::crc32c_append(crc, &version.value);
+            }
+        }
+        Ok((crc, revision))
+    }
+
     /// Keys with any kept history (live or deleted but not yet compacted).
     pub fn key_history_count(&self) -> usize {
         self.keyspace.key_count()

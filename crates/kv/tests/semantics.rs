@@ -1097,3 +1097,33 @@ fn range_request_sanity() {
     };
     assert_eq!(h.range(&request).count, 1);
 }
+
+/// §1.8 HashKV: members that applied the same writes agree; the hash covers the history up
+/// to the revision asked; a compacted revision is refused.
+#[test]
+fn hash_kv_agrees_and_follows_revisions() {
+    let mut first = Harness::new();
+    let mut second = Harness::new();
+    for h in [&mut first, &mut second] {
+        h.put("a", "1");
+        h.put("b", "2");
+    }
+    assert_eq!(first.store.hash_kv(0), second.store.hash_kv(0));
+    let (at_two, covered) = first.store.hash_kv(2).unwrap();
+    assert_eq!(covered, 2);
+    first.put("c", "3");
+    assert_eq!(
+        first.store.hash_kv(2).unwrap().0,
+        at_two,
+        "later writes do not change it"
+    );
+    assert_ne!(first.store.hash_kv(0).unwrap().0, at_two);
+    first.apply(Command::compaction(CompactionRequest {
+        revision: 3,
+        physical: false,
+    }));
+    assert_eq!(
+        first.store.hash_kv(2).unwrap_err().kind(),
+        ErrorKind::Compacted
+    );
+}
