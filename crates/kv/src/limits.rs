@@ -50,7 +50,8 @@ pub struct SessionLimits {
 impl Default for SessionLimits {
     fn default() -> Self {
         SessionLimits {
-            sessions_max: 16 * 1024,
+            // Worst case 4096 x 16 KiB = 64 MiB of remembered responses.
+            sessions_max: 4 * 1024,
             session_response_bytes_max: 16 * 1024,
         }
     }

@@ -210,7 +210,8 @@ impl PendingWrite {
 pub struct EventBatch {
     /// In revision order, each with `prev_kv` when the previous version is kept.
     pub events: Vec<Event>,
-    /// The revision to ask from next; `current_revision + 1` when the history is exhausted.
+    /// The revision to ask from next; `current_revision + 1` (or the start, if later) when the
+    /// history is exhausted.
     pub next_revision: i64,
 }
 
@@ -421,7 +422,7 @@ impl Keyspace {
     fn key_events_since(&self, key: &[u8], start: i64, events_max: usize) -> EventBatch {
         let mut batch = EventBatch {
             events: Vec::new(),
-            next_revision: self.current_revision + 1,
+            next_revision: (self.current_revision + 1).max(start),
         };
         let Some((map_key, history)) = self.keys.get_key_value(key) else {
             return batch;
@@ -442,7 +443,7 @@ impl Keyspace {
     fn range_events_since(&self, start: i64, range: KeyRange<'_>, events_max: usize) -> EventBatch {
         let mut batch = EventBatch {
             events: Vec::new(),
-            next_revision: self.current_revision + 1,
+            next_revision: (self.current_revision + 1).max(start),
         };
         let first_offset = (start - self.changes_first_revision) as usize;
         for (scanned, offset) in (first_offset..self.changes.len()).enumerate() {

@@ -69,6 +69,16 @@ impl KvStore {
     /// Applies an already decoded command (the same as [`KvStore::apply`] on its encoding).
     pub fn apply_command(&mut self, index: u64, command: &Command) -> ApplyResult {
         self.advance_applied_index(index);
+        // Decoding refuses these; a command built in process could still carry them.
+        if let Some(request) = command.client_request
+            && (request.session_id == 0 || request.sequence == 0)
+        {
+            let error = KvError::with_detail(
+                ErrorKind::MalformedCommand,
+                format!("session id and sequence must both be non-zero: {request:?}"),
+            );
+            return self.result(index, Err(error), Vec::new(), false);
+        }
         let client_request = command
             .client_request
             .filter(|_| accepts_session(&command.operation));

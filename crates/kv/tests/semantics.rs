@@ -1127,3 +1127,16 @@ fn hash_kv_agrees_and_follows_revisions() {
         ErrorKind::Compacted
     );
 }
+
+#[test]
+fn in_process_commands_with_zero_session_fields_are_malformed() {
+    let mut h = Harness::new();
+    let session = register(&mut h);
+    for (session_id, sequence) in [(session, 0), (0, 1)] {
+        let command = Command::put(put_request("k", "v")).with_client_request(session_id, sequence);
+        h.index += 1;
+        let result = h.store.apply_command(h.index, &command);
+        assert_eq!(error_kind(&result), ErrorKind::MalformedCommand);
+    }
+    assert!(h.get("k").is_none());
+}
