@@ -11,6 +11,25 @@
 //! [`KvStore::events_since`]) from the applied state. Requests and responses are the etcd
 //! types of `flotilla-proto`, so client requests pass straight through.
 //!
+//! ## Design in brief
+//!
+//! - **Command envelope.** A log entry is one format byte (1) then a protobuf
+//!   `flotilla.kv.v1.Command`: an optional client session id and sequence number, and one
+//!   operation (Put, DeleteRange, Txn, Compaction, LeaseGrant, LeaseRevoke, LeaseCheckpoint,
+//!   RegisterSession, ExpireSessions). Within format 1 the message only ever gains fields and
+//!   operations under new numbers; anything else takes a new format byte, and later versions
+//!   keep every old decoder. Bytes this version cannot read are a `MalformedCommand` error on
+//!   every member alike.
+//! - **Limits.** Request sizes and txn operation counts ([`RequestLimits`]) are checked by the
+//!   server before proposing ([`validate_command`]), as etcd does; apply checks only what is
+//!   independent of configuration, so members never disagree over a log entry.
+//! - **Sessions** (Raft thesis §6.3): at most [`SessionLimits::sessions_max`] sessions (one
+//!   more evicts the least recently used) and one remembered response per session of at most
+//!   [`SessionLimits::session_response_bytes_max`] bytes. A session has one write in flight;
+//!   a retry of its last sequence gets the remembered response, an older sequence is refused.
+//! - **Snapshots** stream record by record with a CRC-32C trailer ([`KvStore::write_snapshot`],
+//!   [`KvStore::restore`]); [`KvStore::digest`] hashes that canonical encoding.
+//!
 //! ```
 //! use flotilla_kv::{Command, KvStore, Limits, Response};
 //! use flotilla_proto::etcdserverpb::{PutRequest, RangeRequest};

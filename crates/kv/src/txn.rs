@@ -20,7 +20,7 @@ use flotilla_proto::mvccpb::Event;
 use crate::error::{ErrorKind, KvError};
 use crate::key_range::KeyRange;
 use crate::lease::Leases;
-use crate::mvcc::{KeyVersion, Keyspace};
+use crate::mvcc::{KeyVersion, Keyspace, PendingWrite};
 use crate::range::{range, revision_header};
 use crate::validate::check_txn;
 use crate::write::{check_put, execute_delete_range, execute_put};
@@ -188,7 +188,7 @@ pub(crate) fn apply_txn(
 fn execute_path(
     keyspace: &mut Keyspace,
     leases: &mut Leases,
-    write: &mut crate::mvcc::PendingWrite,
+    write: &mut PendingWrite,
     txn: &TxnRequest,
     path: &mut Path,
 ) -> TxnResponse {
@@ -229,8 +229,9 @@ pub(crate) fn read_only_txn(keyspace: &Keyspace, txn: &TxnRequest) -> Result<Txn
         return Err(ErrorKind::NotReadOnly.into());
     }
     let mut path = Path::choose(keyspace, txn);
-    let leases = Leases::default();
-    check_path(keyspace, &leases, txn, &mut path)?;
+    // A read-only txn has no puts, so the lease table is never consulted.
+    let no_leases = Leases::default();
+    check_path(keyspace, &no_leases, txn, &mut path)?;
     path.rewind();
     let response = read_path(keyspace, txn, &mut path);
     Ok(response)
