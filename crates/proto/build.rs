@@ -11,6 +11,7 @@ const PROTO_FILES: &[&str] = &[
     "etcdserverpb/rpc.proto",
     "flotilla/kv/v1/command.proto",
     "flotilla/kv/v1/snapshot.proto",
+    "flotilla/session/v1/session.proto",
 ];
 
 /// Marks generated gRPC code so it compiles only with the `grpc` feature; the messages are

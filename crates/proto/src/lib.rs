@@ -41,7 +41,21 @@ pub mod flotilla {
             include!(concat!(env!("OUT_DIR"), "/flotilla.kv.v1.rs"));
         }
     }
+
+    /// Client sessions for duplicate suppression (see `session.proto`).
+    pub mod session {
+        /// Version 1 of the session service.
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/flotilla.session.v1.rs"));
+        }
+    }
 }
+
+/// gRPC metadata key carrying a write's session id (see `session.proto`).
+pub const SESSION_METADATA_KEY: &str = "flotilla-session";
+/// gRPC metadata key carrying a write's sequence number within its session.
+pub const SEQUENCE_METADATA_KEY: &str = "flotilla-seq";
 
 #[cfg(test)]
 mod tests {
