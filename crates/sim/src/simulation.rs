@@ -96,7 +96,7 @@ impl Ord for MessageKey {
 enum NodeState {
     Running(Box<RaftNode<MemStorage>>),
     /// Crashed: only stable storage survives.
-    Crashed(MemStorage),
+    Crashed(Box<MemStorage>),
     /// Removed from the cluster and stopped for good.
     Stopped,
 }
@@ -378,7 +378,7 @@ impl Simulation {
             return;
         };
         // Power loss: only what was fsynced survives.
-        sim_node.state = NodeState::Crashed(node.storage().clone());
+        sim_node.state = NodeState::Crashed(Box::new(node.storage().clone()));
         sim_node.unsynced.clear();
         sim_node.machine = StateMachine::default();
         self.trace.record(&[2, id, self.now]);
@@ -396,7 +396,7 @@ impl Simulation {
         let NodeState::Crashed(storage) = &sim_node.state else {
             return;
         };
-        let storage = storage.clone();
+        let storage = (**storage).clone();
         self.start_node(id, storage);
         self.process(id);
     }
