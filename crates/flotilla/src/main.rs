@@ -1,0 +1,75 @@
+//! `flotilla`: the one binary. `serve` runs a member, `dev` a local cluster; the client
+//! commands come from `flotilla-client` (merged separately).
+
+mod dev;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use flotilla_server::{Exit, ServeArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "An etcd-compatible, Raft-replicated key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one member of a cluster (flags named as etcd's).
+    Serve(Box<ServeArgs>),
+    /// Run a local cluster on 127.0.0.1 (ports 2379/22379/32379, peers 2380/22380/32380).
+    Dev(dev::DevArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Dev(args) => dev::run(args),
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match args.resolve() {
+        Ok(config) => config,
+        Err(err) => return fail(&err),
+    };
+    flotilla_server::logging::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&anyhow::anyhow!("cannot start the runtime: {err}")),
+    };
+    let opener = Arc::new(flotilla_server::storage::open_storage);
+    let result = runtime.block_on(flotilla_server::run(config, &*opener, shutdown_signal()));
+    match result {
+        Ok(Exit::Shutdown) => ExitCode::SUCCESS,
+        Ok(Exit::Removed) => {
+            tracing::warn!("this member was removed from the cluster and has stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &anyhow::Error) -> ExitCode {
+    tracing::error!("{err:#}");
+    eprintln!("flotilla: error: {err:#}");
+    ExitCode::FAILURE
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+    }
+}
