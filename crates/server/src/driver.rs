@@ -315,9 +315,11 @@ mod tests {
     use super::*;
 
     type TestDriver = Driver<MemStorage, u32, u32>;
+    /// What a run produced: applied commands with their waiters, failed proposals, reads.
+    type RunResult = (Vec<(Index, Option<u32>)>, Vec<(u32, Refusal)>, Vec<u32>);
 
     /// Carries out actions the way the shell does, with storage that syncs at once.
-    fn run(driver: &mut TestDriver) -> (Vec<(Index, Option<u32>)>, Vec<(u32, Refusal)>, Vec<u32>) {
+    fn run(driver: &mut TestDriver) -> RunResult {
         let mut applied = Vec::new();
         let mut failed = Vec::new();
         let mut reads = Vec::new();

@@ -609,7 +609,7 @@ impl RaftLoop {
     fn queue_wal(&mut self, batch: PersistBatch) {
         if self.wal_backlog.is_empty() {
             match self.wal_tx.try_send(batch) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(batch)) => self.wal_backlog.push_back(batch),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.fail("the WAL thread stopped".into())
@@ -623,7 +623,7 @@ impl RaftLoop {
     fn queue_apply(&mut self, work: ApplyWork) {
         if self.apply_backlog.is_empty() {
             match self.apply_tx.try_send(work) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(work)) => self.apply_backlog.push_back(work),
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.fail("the apply thread stopped".into())

@@ -124,8 +124,19 @@ impl StateMachine {
                 self.kv.skip_index(entry.index);
                 self.members
                     .apply_membership(&change.membership, &change.context);
+                // The members after the change: while the configuration is joint, outgoing
+                // voters stay in the table (peers still talk to them) but are no longer listed.
+                let incoming = &change.membership;
+                let members = self
+                    .members
+                    .infos()
+                    .into_iter()
+                    .filter(|m| {
+                        incoming.voters.contains(&m.id) || incoming.learners.contains(&m.id)
+                    })
+                    .collect();
                 Applied::Members {
-                    members: self.members.infos(),
+                    members,
                     revision: self.kv.current_revision(),
                 }
             }
