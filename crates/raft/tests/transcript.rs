@@ -888,4 +888,4 @@ macro_rules! transcripts {
     };
 }
 
-transcripts!(checkquorum, prevote, smoke);
+transcripts!(checkquorum, prevote, read_index, smoke, transfer);
