@@ -34,7 +34,7 @@
 //! | `heal` | restore every link |
 //! | `crash 2` | stop node 2; it keeps its storage (everything handed out is durable) |
 //! | `restart 2` | start node 2 again from its storage, with an empty state machine |
-//! | `snapshot 1` | snapshot node 1's state machine at its applied index and tell the core |
+//! | `snapshot 1 [at=4]` | snapshot node 1's state machine at its applied index (or at 4) and tell the core |
 //! | `unreachable 1 to=3` | report to node 1 that node 3 could not be reached |
 //! | `status [1 2]` | role, term, log and configuration of the nodes (all by default) |
 //! | `log 2` | the entries node 2 holds |
@@ -216,8 +216,8 @@ struct SimNode {
     config: Config,
     state: NodeState,
     reported: Option<RoleState>,
-    /// The toy state machine: the commands applied, in order.
-    machine: Vec<String>,
+    /// The toy state machine: the commands applied, in order, with their indexes.
+    machine: Vec<(Index, String)>,
 }
 
 #[derive(Default)]
@@ -309,7 +309,10 @@ impl Cluster {
             "heal" => self.cut.clear(),
             "crash" => self.crash(node_id(args[0])),
             "restart" => self.restart(node_id(args[0])),
-            "snapshot" => self.snapshot(node_id(args[0])),
+            "snapshot" => {
+                let at = args.get(1).map(|_| arg(args, "at").parse().unwrap());
+                self.snapshot(node_id(args[0]), at)
+            }
             "unreachable" => {
                 let to = node_id(arg(args, "to"));
                 self.input(node_id(args[0]), |n| {
@@ -625,13 +628,20 @@ impl Cluster {
         self.settle(id);
     }
 
-    fn snapshot(&mut self, id: NodeId) {
+    fn snapshot(&mut self, id: NodeId, at: Option<Index>) {
         let sim_node = self.nodes.get_mut(&id).unwrap();
         let NodeState::Running(node) = &mut sim_node.state else {
             panic!("node {id} is not running");
         };
-        let data = sim_node.machine.join(",");
-        let result = node.snapshot_meta(node.applied()).and_then(|meta| {
+        let index = at.unwrap_or(node.applied());
+        let commands: Vec<&str> = sim_node
+            .machine
+            .iter()
+            .filter(|(at, _)| *at <= index)
+            .map(|(_, command)| command.as_str())
+            .collect();
+        let data = commands.join(",");
+        let result = node.snapshot_meta(index).and_then(|meta| {
             let bytes = Bytes::from(data.clone());
             node.storage_mut().save_snapshot(meta.clone(), bytes)?;
             node.on_snapshot_saved(&meta)?;
@@ -709,13 +719,14 @@ impl Cluster {
 /// Applies one item to the toy state machine and describes it.
 fn apply_to_machine(
     node: &RaftNode<MemStorage>,
-    machine: &mut Vec<String>,
+    machine: &mut Vec<(Index, String)>,
     apply: &Apply,
 ) -> String {
     match apply {
         Apply::Entry(entry) => {
             if let EntryPayload::Command(data) = &entry.payload {
-                machine.push(String::from_utf8_lossy(data).into_owned());
+                let command = String::from_utf8_lossy(data).into_owned();
+                machine.push((entry.index, command));
             }
             format_entry(entry)
         }
@@ -726,11 +737,9 @@ fn apply_to_machine(
                 .expect("a snapshot in storage");
             assert_eq!(&stored, meta, "the snapshot to apply is the one in storage");
             let text = String::from_utf8_lossy(&data).into_owned();
-            *machine = text
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
+            let index = meta.last.index;
+            let commands = text.split(',').filter(|s| !s.is_empty());
+            *machine = commands.map(|c| (index, c.to_string())).collect();
             format!("snapshot={} ({text})", meta.last)
         }
     }
@@ -888,4 +897,14 @@ macro_rules! transcripts {
     };
 }
 
-transcripts!(checkquorum, prevote, read_index, smoke, transfer);
+transcripts!(
+    checkquorum,
+    joint_add_two,
+    joint_leader_crash,
+    joint_partition,
+    prevote,
+    read_index,
+    remove_leader,
+    smoke,
+    transfer,
+);
