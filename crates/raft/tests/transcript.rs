@@ -21,6 +21,7 @@
 //! | `campaign 1` | node 1 starts an election (a pre-vote first if enabled) |
 //! | `tick 1 2 [x3]`, `tick all [x3]` | tick nodes 1 and 2 (every running node) 3 times, in id order |
 //! | `tick 2 3 until-message` | tick nodes 2 and 3 until one of them sends a message |
+//! | `tick all x3 deliver` | tick every node 3 times, delivering until quiet after each round |
 //! | `deliver` | deliver queued messages, and those they cause, until the network is quiet |
 //! | `deliver once` | deliver only the messages queued now |
 //! | `deliver 1->2 [Kind]`, `deliver *->2` | deliver only the queued messages that match, once |
@@ -478,7 +479,8 @@ impl Cluster {
             .collect()
     }
 
-    /// `tick IDS [xN | until-message]`: tick the nodes in lockstep, N times or until one sends.
+    /// `tick IDS [xN | until-message] [deliver]`: tick the nodes in lockstep, N times or until
+    /// one sends, delivering every message after each round if asked.
     fn tick(&mut self, args: &[&str]) {
         let (ids, mode): (Vec<&str>, Vec<&str>) = args
             .iter()
@@ -487,6 +489,12 @@ impl Cluster {
             self.running_ids()
         } else {
             ids.into_iter().map(node_id).collect()
+        };
+        let deliver_each_round = mode.last() == Some(&"deliver");
+        let mode = if deliver_each_round {
+            &mode[..mode.len() - 1]
+        } else {
+            &mode[..]
         };
         let until_message = mode.first() == Some(&"until-message");
         let times = match mode.first() {
@@ -502,6 +510,9 @@ impl Cluster {
             if until_message && self.queue.len() > queued {
                 self.out.insert(0, format!("ticked x{round}"));
                 return;
+            }
+            if deliver_each_round {
+                self.deliver(&[]);
             }
         }
         assert!(
@@ -902,9 +913,11 @@ transcripts!(
     joint_add_two,
     joint_leader_crash,
     joint_partition,
+    learner,
     prevote,
     read_index,
     remove_leader,
+    removed_node,
     smoke,
     transfer,
 );
