@@ -313,7 +313,9 @@ fn candidate_starts_new_election() {
 /// once the vote is durable, which `settle` acknowledges before the replies arrive.
 #[test]
 fn leader_election_in_one_round() {
-    let cases: &[(u64, &[(NodeId, bool)], Role)] = &[
+    /// Cluster size, vote replies, expected role.
+    type Case = (u64, &'static [(NodeId, bool)], Role);
+    let cases: &[Case] = &[
         (1, &[], Role::Leader),
         (3, &[(2, true), (3, true)], Role::Leader),
         (3, &[(2, true)], Role::Leader),
@@ -656,7 +658,9 @@ fn follower_checks_append_consistency() {
 /// are left alone. The entries written are exactly those in the persist batches.
 #[test]
 fn follower_appends_entries() {
-    let cases: [(EntryId, Vec<Entry>, Vec<Term>, Vec<EntryId>); 4] = [
+    /// Prev, entries, expected log terms, expected entries written.
+    type Case = (EntryId, Vec<Entry>, Vec<Term>, Vec<EntryId>);
+    let cases: [Case; 4] = [
         (id(2, 2), vec![entry(3, 3)], vec![1, 2, 3], vec![id(3, 3)]),
         (
             id(1, 1),

@@ -210,7 +210,7 @@ fn transcripts_dir() -> PathBuf {
 
 enum NodeState {
     Running(Box<RaftNode<MemStorage>>),
-    Crashed(MemStorage),
+    Crashed(Box<MemStorage>),
 }
 
 struct SimNode {
@@ -624,7 +624,7 @@ impl Cluster {
         let NodeState::Running(node) = &sim_node.state else {
             panic!("node {id} is not running");
         };
-        sim_node.state = NodeState::Crashed(node.storage().clone());
+        sim_node.state = NodeState::Crashed(Box::new(node.storage().clone()));
         sim_node.machine.clear();
     }
 
@@ -633,7 +633,7 @@ impl Cluster {
         let NodeState::Crashed(storage) = &sim_node.state else {
             panic!("node {id} is not crashed");
         };
-        let node = RaftNode::new(sim_node.config.clone(), storage.clone(), 0).unwrap();
+        let node = RaftNode::new(sim_node.config.clone(), (**storage).clone(), 0).unwrap();
         sim_node.state = NodeState::Running(Box::new(node));
         sim_node.reported = None;
         self.settle(id);
