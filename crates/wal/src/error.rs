@@ -64,6 +64,14 @@ pub enum WalError {
     #[error("snapshot {last} rejected: {reason}")]
     InvalidSnapshot { last: String, reason: String },
 
+    /// The caller's snapshot data could not be read. Nothing was saved; the log goes on.
+    #[error("cannot read the snapshot data to save into {path}: {source}")]
+    SnapshotData {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
     /// An earlier I/O failure (a failed fsync above all) stopped the log for good. It does not
     /// retry: after a failed fsync the kernel may have dropped the data while reporting later
     /// fsyncs as successful.

@@ -151,11 +151,11 @@ fn contiguous_run(wanted: &[Wanted]) -> usize {
         let (prev, next) = (pair[0].2, pair[1].2);
         let prev_end = (prev.offset as u64 + prev.record_bytes as u64)
             .next_multiple_of(RECORD_ALIGN_BYTES as u64);
+        if next.segment_seq != first.segment_seq || next.offset as u64 != prev_end {
+            break;
+        }
         let span = next.offset as u64 + next.record_bytes as u64 - first.offset as u64;
-        if next.segment_seq != first.segment_seq
-            || next.offset as u64 != prev_end
-            || span > READ_SPAN_BYTES_MAX
-        {
+        if span > READ_SPAN_BYTES_MAX {
             break;
         }
         count += 1;

@@ -395,6 +395,17 @@ impl Wal {
         if let Err(reason) = check_entries(&batch.entries, compacted.index, last_index) {
             return invalid(reason);
         }
+        if let Some(last) = batch.entries.last() {
+            last_index = last.index;
+        }
+        if let Some(hard_state) = batch.hard_state
+            && hard_state.commit > last_index
+        {
+            return invalid(format!(
+                "the hard state's commit index {} is past the last index {last_index}",
+                hard_state.commit
+            ));
+        }
         Ok(plan)
     }
 
@@ -810,14 +821,17 @@ impl Wal {
             w.next_snapshot_generation - 1
         };
         let tmp = self.dir.join(snapshot_file::tmp_file_name(generation));
-        // Failures before the rename leave the log untouched: the temporary file is removed
-        // and the log goes on.
+        // A failure to read the caller's data leaves the log untouched: the temporary file is
+        // removed and the log goes on. A failure of the file system is fatal, as everywhere.
         let (snapshot, file) = match self.write_snapshot_file(&tmp, generation, meta, data) {
             Ok(written) => written,
-            Err(err) => {
-                let _ = self.fs.remove_file(&tmp);
+            Err(err @ WalError::SnapshotData { .. }) => {
+                if let Err(remove) = self.fs.remove_file(&tmp) {
+                    return Err(self.fail(WalError::io("remove", &tmp, remove)));
+                }
                 return Err(err);
             }
+            Err(err) => return Err(self.fail(err)),
         };
         let mut w = self.lock_writer()?;
         if let Err(err) = self.check_snapshot_fits(meta) {
@@ -888,7 +902,12 @@ impl Wal {
                 Ok(0) => break,
                 Ok(read) => read,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(WalError::io("read snapshot data for", tmp, err)),
+                Err(source) => {
+                    return Err(WalError::SnapshotData {
+                        path: tmp.to_path_buf(),
+                        source,
+                    });
+                }
             };
             writer.append(&buf[..read])?;
         }

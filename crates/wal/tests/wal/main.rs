@@ -1,0 +1,5 @@
+//! Integration tests of the write-ahead log, in one binary to keep builds short.
+
+mod conformance;
+mod crash;
+mod support;
