@@ -456,21 +456,25 @@ impl SimFs {
         self.lock().stats
     }
 
-    /// Flips one bit of a file, on disk and in the cache alike (media corruption).
+    /// Flips one bit of a file, on disk and in the cache alike (media corruption), wherever
+    /// each is long enough.
     pub fn flip_bit(&self, path: &Path, byte_offset: u64, bit: u8) -> io::Result<()> {
         assert!(bit < 8, "bit {bit} is not in a byte");
         let mut state = self.lock();
         let id = *state.names.get(path).ok_or_else(|| not_found(path))?;
         let inode = state.inode_mut(id);
         let offset = byte_offset as usize;
-        if offset >= inode.durable.len() || offset >= inode.current.len() {
+        if offset >= inode.durable.len() && offset >= inode.current.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{}: offset {byte_offset} is past the end", path.display()),
             ));
         }
-        inode.durable[offset] ^= 1 << bit;
-        inode.current[offset] ^= 1 << bit;
+        for content in [&mut inode.durable, &mut inode.current] {
+            if let Some(byte) = content.get_mut(offset) {
+                *byte ^= 1 << bit;
+            }
+        }
         Ok(())
     }
 

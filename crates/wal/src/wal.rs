@@ -452,8 +452,9 @@ impl Wal {
     /// After an fsync, the first write vouches for what it made durable, so that recovery can
     /// tell damage to durable data from a torn write.
     fn maybe_write_sync_mark(&self, w: &mut Writer) -> Result<(), WalError> {
-        let fits = w.write_offset + w.buf.len() as u64 + SYNC_MARK_BYTES <= w.capacity_bytes;
-        if w.synced_offset <= w.marked_offset || !fits {
+        // Without room, the next record rolls over, and the next segment's checkpoint vouches
+        // for all of this one.
+        if w.synced_offset <= w.marked_offset || !mark_fits(w) {
             return Ok(());
         }
         let durable_through = w.synced_offset;
@@ -791,6 +792,11 @@ impl Wal {
         let mut w = self.lock_writer()?;
         let result = (|| {
             self.sync_locked(&mut w)?;
+            if !mark_fits(&w) {
+                // No room for the mark: the next segment's checkpoint vouches instead, since it
+                // says exactly where this segment's records end.
+                self.rollover(&mut w, 0)?;
+            }
             self.maybe_write_sync_mark(&mut w)?;
             self.flush(&mut w)?;
             self.sync_locked(&mut w)
@@ -931,6 +937,10 @@ impl Wal {
         file.read_exact_at(&mut data, 0).ctx("read", &path)?;
         Ok(Some((snapshot.meta, Bytes::from(data))))
     }
+}
+
+fn mark_fits(w: &Writer) -> bool {
+    w.write_offset + w.buf.len() as u64 + SYNC_MARK_BYTES <= w.capacity_bytes
 }
 
 /// Checks a snapshot chunk against the staging state, updating it.
