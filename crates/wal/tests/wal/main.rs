@@ -3,4 +3,5 @@
 mod conformance;
 mod corruption;
 mod crash;
+mod model;
 mod support;
