@@ -2,9 +2,7 @@
 //! `MemStorage` (the reference) and the WAL on the simulated and the real file system.
 
 use bytes::Bytes;
-use flotilla_raft::{
-    EntryId, HardState, LogStorage, MemStorage, Membership, PersistBatch, StorageError,
-};
+use flotilla_raft::{EntryId, HardState, MemStorage, Membership, PersistBatch, StorageError};
 
 use crate::support::*;
 

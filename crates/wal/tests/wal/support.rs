@@ -121,10 +121,6 @@ impl WalUnderTest {
             _temp: temp,
         }
     }
-
-    pub fn fs(&self) -> &Arc<dyn Fs> {
-        &self.options.fs
-    }
 }
 
 pub fn options(fs: Arc<dyn Fs>, segment_bytes: u64, membership: Membership) -> WalOptions {
@@ -354,13 +350,6 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn apply(&self, storage: &mut impl WritableStorage) -> Result<(), String> {
-        match self {
-            Self::Batch(batch) => storage.persist(batch),
-            Self::SaveSnapshot(meta, data) => storage.save_snapshot(meta, data.clone()),
-        }
-    }
-
     pub fn apply_to_model(&self, model: &mut MemStorage) {
         match self {
             Self::Batch(batch) => model.persist(batch).expect("generated batches are valid"),
