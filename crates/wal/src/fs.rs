@@ -27,9 +27,10 @@ pub trait FsFile: Send + Sync + Debug {
     }
     /// Truncates or extends (with zeros) the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Extends the file to `len` bytes of real, zeroed blocks, so that later writes in that
-    /// range overwrite allocated space and an `fdatasync` has no metadata to flush.
-    fn allocate_zeroed(&self, len: u64) -> io::Result<()>;
+    /// Extends the file to `len` bytes of zeros with blocks reserved for them
+    /// (`fallocate`), so that writing there later cannot fail for lack of space and changes
+    /// no block map the next `fdatasync` would have to flush in a separate journal commit.
+    fn allocate(&self, len: u64) -> io::Result<()>;
 }
 
 /// A directory-level file system. Paths are absolute or relative to the process's directory,
@@ -60,8 +61,8 @@ struct RealFile {
     file: File,
 }
 
-/// Zero-filled blocks are written in pieces of this size when allocating.
-const ALLOCATE_CHUNK_BYTES: usize = 1 << 20;
+/// Zeros are written in pieces of this size where fallocate is not supported.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 impl FsFile for RealFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -84,14 +85,27 @@ impl FsFile for RealFile {
         self.file.set_len(len)
     }
 
-    fn allocate_zeroed(&self, len: u64) -> io::Result<()> {
-        // Writing zeros, rather than fallocate, gives blocks that are allocated *and*
-        // initialised: overwriting them later needs no extent conversion, so fdatasync flushes
-        // data only. That is what keeps the WAL's fsync close to the raw floor.
-        let zeros = vec![0u8; ALLOCATE_CHUNK_BYTES];
-        let mut offset = self.len()?;
-        while offset < len {
-            let piece = (len - offset).min(ALLOCATE_CHUNK_BYTES as u64) as usize;
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let current = self.len()?;
+        if len <= current {
+            return Ok(());
+        }
+        let flags = rustix::fs::FallocateFlags::empty();
+        match rustix::fs::fallocate(&self.file, flags, current, len - current) {
+            Ok(()) => Ok(()),
+            // File systems without fallocate: write the zeros.
+            Err(rustix::io::Errno::OPNOTSUPP) => self.write_zeros(current, len),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+}
+
+impl RealFile {
+    fn write_zeros(&self, from: u64, to: u64) -> io::Result<()> {
+        let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+        let mut offset = from;
+        while offset < to {
+            let piece = (to - offset).min(ZERO_CHUNK_BYTES as u64) as usize;
             self.file.write_all_at(&zeros[..piece], offset)?;
             offset += piece as u64;
         }

@@ -148,7 +148,7 @@ fn create(fs: &dyn Fs, dir: &Path, options: &WalOptions) -> Result<Metadata, Wal
     let first = SegmentFile::create(fs, dir, 1, options.segment_bytes, sync)?;
     let checkpoint = checkpoint_of(&LogIndex::default(), 1, None);
     let mut encoded = Vec::new();
-    record::encode_record(&mut encoded, RecordKind::Checkpoint, |out| {
+    record::encode_record(&mut encoded, RecordKind::Checkpoint, 1, |out| {
         record::put_checkpoint(out, &checkpoint)
     });
     first
@@ -172,9 +172,9 @@ fn create(fs: &dyn Fs, dir: &Path, options: &WalOptions) -> Result<Metadata, Wal
 fn is_creation_leftover(fs: &dyn Fs, dir: &Path) -> Result<bool, WalError> {
     let segment = SegmentFile::open(fs, dir, 1)?;
     let buf = segment.read_all()?;
-    match record::parse_record(&buf, 0) {
+    match record::parse_record(&buf, 0, 1) {
         Parsed::Record { next, .. } => Ok(!matches!(
-            record::parse_record(&buf, next),
+            record::parse_record(&buf, next, 1),
             Parsed::Record { .. }
         )),
         _ => Ok(true),
@@ -253,7 +253,7 @@ fn start_segment(
 ) -> Result<((u64, u64), SegmentFile), WalError> {
     let checkpoint = checkpoint_of(&recovered.index, seq, Some(recovered.last_segment_end));
     let mut encoded = Vec::new();
-    record::encode_record(&mut encoded, RecordKind::Checkpoint, |out| {
+    record::encode_record(&mut encoded, RecordKind::Checkpoint, seq, |out| {
         record::put_checkpoint(out, &checkpoint)
     });
     let capacity = options.segment_bytes.max(2 * encoded.len() as u64);

@@ -133,10 +133,15 @@ impl Wal {
         let mut entries = Vec::with_capacity(run.len());
         for &(index, term, location) in run {
             let relative = (location.offset as u64 - span_start) as usize;
-            let entry =
-                decode_entry_at(&buf, relative, EntryId::new(term, index)).map_err(|reason| {
-                    self.read_failed(WalError::corrupt(&path, location.offset as u64, reason))
-                })?;
+            let entry = decode_entry_at(
+                &buf,
+                relative,
+                location.segment_seq,
+                EntryId::new(term, index),
+            )
+            .map_err(|reason| {
+                self.read_failed(WalError::corrupt(&path, location.offset as u64, reason))
+            })?;
             entries.push(entry);
         }
         Ok(entries)
@@ -164,8 +169,13 @@ fn contiguous_run(wanted: &[Wanted]) -> usize {
 }
 
 /// Checks and decodes the entry record at `offset` of `buf`, which must be entry `expected`.
-fn decode_entry_at(buf: &Bytes, offset: usize, expected: EntryId) -> Result<Entry, String> {
-    let payload_len = match record::parse_record(buf, offset) {
+fn decode_entry_at(
+    buf: &Bytes,
+    offset: usize,
+    seq: u32,
+    expected: EntryId,
+) -> Result<Entry, String> {
+    let payload_len = match record::parse_record(buf, offset, seq as u64) {
         Parsed::Record {
             kind: RecordKind::Entry,
             payload,
@@ -173,7 +183,9 @@ fn decode_entry_at(buf: &Bytes, offset: usize, expected: EntryId) -> Result<Entr
         } => payload.len(),
         Parsed::Record { kind, .. } => return Err(format!("expected an entry, found a {kind:?}")),
         Parsed::Invalid(reason) => return Err(reason),
-        Parsed::Unwritten | Parsed::End => return Err("expected an entry, found nothing".into()),
+        Parsed::Unwritten | Parsed::End | Parsed::OtherSegment => {
+            return Err("expected an entry, found nothing of this segment".into());
+        }
     };
     let start = offset + HEADER_BYTES;
     let payload = buf.slice(start..start + payload_len);

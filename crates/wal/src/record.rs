@@ -2,22 +2,25 @@
 //!
 //! ```text
 //!   offset  size  field
-//!   0       4     crc32c over bytes 4..12 and the payload (Castagnoli, as etcd's WAL)
+//!   0       4     crc32c over bytes 4..16 and the payload (Castagnoli, as etcd's WAL)
 //!   4       4     payload_bytes
-//!   8       1     kind (never 0: an all-zero header is unwritten, preallocated space)
+//!   8       1     kind (never 0: an all-zero header is unwritten space)
 //!   9       3     reserved, zero
-//!   12      n     payload
-//!   12+n    0..7  zero padding to a multiple of 8 bytes (not checksummed)
+//!   12      4     the low 32 bits of the segment's number
+//!   16      n     payload
+//!   16+n    0..7  zero padding to a multiple of 8 bytes (not checksummed)
 //! ```
 //!
 //! All integers are little-endian. Records start at multiples of 8, which lets recovery look
-//! for surviving records after a damaged one without trying every byte.
+//! for surviving records after a damaged one without trying every byte. The segment number
+//! makes records left in a recycled segment file (from its previous life) recognisable as not
+//! belonging to the log, whatever their checksum says.
 
 use bytes::{BufMut, Bytes};
 use flotilla_raft::codec::{self, DecodeError, Reader};
 use flotilla_raft::{EntryId, HardState, Index, SnapshotMeta};
 
-pub(crate) const HEADER_BYTES: usize = 12;
+pub(crate) const HEADER_BYTES: usize = 16;
 pub(crate) const RECORD_ALIGN_BYTES: usize = 8;
 /// The largest payload a record may carry. Larger entries are refused rather than written.
 pub(crate) const PAYLOAD_BYTES_MAX: usize = 256 << 20;
@@ -64,11 +67,17 @@ pub(crate) fn record_bytes(payload_bytes: usize) -> usize {
     (HEADER_BYTES + payload_bytes).next_multiple_of(RECORD_ALIGN_BYTES)
 }
 
-/// Appends one record to `out`; `write_payload` appends the payload. `out` must end on a
-/// record boundary. Returns the record's size on disk.
+/// The header's segment field: the low 32 bits of the segment number.
+fn segment_tag(seq: u64) -> [u8; 4] {
+    (seq as u32).to_le_bytes()
+}
+
+/// Appends one record of segment `seq` to `out`; `write_payload` appends the payload. `out`
+/// must end on a record boundary. Returns the record's size on disk.
 pub(crate) fn encode_record(
     out: &mut Vec<u8>,
     kind: RecordKind,
+    seq: u64,
     write_payload: impl FnOnce(&mut Vec<u8>),
 ) -> usize {
     assert_eq!(out.len() % RECORD_ALIGN_BYTES, 0, "record not aligned");
@@ -82,10 +91,19 @@ pub(crate) fn encode_record(
     );
     out[start + 4..start + 8].copy_from_slice(&(payload_bytes as u32).to_le_bytes());
     out[start + 8] = kind as u8;
+    out[start + 12..start + 16].copy_from_slice(&segment_tag(seq));
     let crc = crc32c::crc32c(&out[start + 4..]);
     out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
     out.resize(start + record_bytes(payload_bytes), 0);
     out.len() - start
+}
+
+/// Moves an encoded record (at the start of `record`) to segment `seq`, checksumming it anew.
+pub(crate) fn reseal(record: &mut [u8], seq: u64) {
+    let payload_bytes = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
+    record[12..16].copy_from_slice(&segment_tag(seq));
+    let crc = crc32c::crc32c(&record[4..HEADER_BYTES + payload_bytes]);
+    record[0..4].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// What lies at an offset of a segment.
@@ -99,14 +117,16 @@ pub(crate) enum Parsed<'a> {
     },
     /// An all-zero header: space never written.
     Unwritten,
+    /// A valid record of another segment: left from a recycled file's previous life.
+    OtherSegment,
     /// Fewer bytes than a header are left.
     End,
     /// Not a valid record; says why.
     Invalid(String),
 }
 
-/// Parses the record at `offset` of `buf`, checking its checksum.
-pub(crate) fn parse_record(buf: &[u8], offset: usize) -> Parsed<'_> {
+/// Parses the record of segment `seq` at `offset` of `buf`, checking its checksum.
+pub(crate) fn parse_record(buf: &[u8], offset: usize, seq: u64) -> Parsed<'_> {
     debug_assert_eq!(offset % RECORD_ALIGN_BYTES, 0);
     let Some(header) = buf.get(offset..offset + HEADER_BYTES) else {
         return Parsed::End;
@@ -125,22 +145,28 @@ pub(crate) fn parse_record(buf: &[u8], offset: usize) -> Parsed<'_> {
     if payload_bytes > PAYLOAD_BYTES_MAX {
         return Parsed::Invalid(format!("payload length {payload_bytes} is impossible"));
     }
-    let payload_end = offset + HEADER_BYTES + payload_bytes;
+    let payload_start = offset + HEADER_BYTES;
+    let payload_end = payload_start + payload_bytes;
     if payload_end > buf.len() {
         return Parsed::Invalid(format!(
             "payload of {payload_bytes} bytes runs past the end of the file"
         ));
     }
-    let actual =
-        crc32c::crc32c_append(crc32c::crc32c(&header[4..]), &buf[offset + 12..payload_end]);
+    let actual = crc32c::crc32c_append(
+        crc32c::crc32c(&header[4..]),
+        &buf[payload_start..payload_end],
+    );
     if actual != crc {
         return Parsed::Invalid(format!(
             "checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"
         ));
     }
+    if header[12..16] != segment_tag(seq) {
+        return Parsed::OtherSegment;
+    }
     Parsed::Record {
         kind,
-        payload: &buf[offset + HEADER_BYTES..payload_end],
+        payload: &buf[payload_start..payload_end],
         next: offset + record_bytes(payload_bytes),
     }
 }
@@ -366,7 +392,7 @@ mod tests {
     fn records_round_trip_and_are_aligned() {
         let mut buf = Vec::new();
         for (kind, payload) in sample_records() {
-            let bytes = encode_record(&mut buf, kind, |out| out.extend_from_slice(&payload));
+            let bytes = encode_record(&mut buf, kind, 9, |out| out.extend_from_slice(&payload));
             assert_eq!(bytes % RECORD_ALIGN_BYTES, 0);
         }
         let mut offset = 0;
@@ -375,7 +401,7 @@ mod tests {
                 kind: parsed_kind,
                 payload: parsed,
                 next,
-            } = parse_record(&buf, offset)
+            } = parse_record(&buf, offset, 9)
             else {
                 panic!("record at {offset} does not parse");
             };
@@ -383,15 +409,27 @@ mod tests {
             decode_record(kind, parsed).unwrap();
             offset = next;
         }
-        assert_eq!(parse_record(&buf, offset), Parsed::End);
+        assert_eq!(parse_record(&buf, offset, 9), Parsed::End);
         buf.extend_from_slice(&[0; 32]);
-        assert_eq!(parse_record(&buf, offset), Parsed::Unwritten);
+        assert_eq!(parse_record(&buf, offset, 9), Parsed::Unwritten);
+        assert_eq!(parse_record(&buf, 0, 10), Parsed::OtherSegment);
+    }
+
+    #[test]
+    fn a_resealed_record_belongs_to_its_new_segment() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, RecordKind::SyncMark, 4, |out| {
+            put_sync_mark(out, 8)
+        });
+        reseal(&mut buf, 5);
+        assert_eq!(parse_record(&buf, 0, 4), Parsed::OtherSegment);
+        assert!(matches!(parse_record(&buf, 0, 5), Parsed::Record { .. }));
     }
 
     #[test]
     fn every_single_bit_flip_in_a_record_is_caught() {
         let mut buf = Vec::new();
-        encode_record(&mut buf, RecordKind::HardState, |out| {
+        encode_record(&mut buf, RecordKind::HardState, 3, |out| {
             codec::encode_hard_state(out, &HardState::default())
         });
         let checked_bytes = HEADER_BYTES + 24;
@@ -399,7 +437,7 @@ mod tests {
             let mut damaged = buf.clone();
             damaged[bit / 8] ^= 1 << (bit % 8);
             assert!(
-                matches!(parse_record(&damaged, 0), Parsed::Invalid(_)),
+                matches!(parse_record(&damaged, 0, 3), Parsed::Invalid(_)),
                 "flip of bit {bit} went unnoticed"
             );
         }

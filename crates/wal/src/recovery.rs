@@ -162,7 +162,7 @@ fn read_checkpoints(
             Ok(checkpoint) => checkpoints.push(checkpoint),
             Err(reason) if i + 1 == count && i > 0 => {
                 let buf = segment.read_all()?;
-                if let Some((offset, durable)) = segment::find_vouching_mark(&buf, 0) {
+                if let Some((offset, durable)) = segment::find_vouching_mark(&buf, 0, segment.seq) {
                     let reason = format!(
                         "{reason}, yet the sync mark at offset {offset} says the segment was \
                          durable through offset {durable}"
@@ -211,7 +211,7 @@ fn replay_segment(
     let corrupt = |offset: usize, reason: String| {
         Err(WalError::corrupt(&segment.path, offset as u64, reason))
     };
-    let Parsed::Record { mut next, .. } = record::parse_record(buf, 0) else {
+    let Parsed::Record { mut next, .. } = record::parse_record(buf, 0, segment.seq) else {
         unreachable!("the checkpoint was read already");
     };
     let mut offset;
@@ -232,7 +232,7 @@ fn replay_segment(
                 return corrupt(offset, reason);
             }
         }
-        let (kind, payload) = match record::parse_record(buf, offset) {
+        let (kind, payload) = match record::parse_record(buf, offset, segment.seq) {
             Parsed::Record {
                 kind,
                 payload,
@@ -290,7 +290,9 @@ fn check_tail(
     segment: &SegmentFile,
     end: ScanEnd,
 ) -> Result<Option<TornTail>, WalError> {
-    if let Some((mark_offset, durable)) = segment::find_vouching_mark(buf, end.valid_end) {
+    if let Some((mark_offset, durable)) =
+        segment::find_vouching_mark(buf, end.valid_end, segment.seq)
+    {
         let what = end
             .damage
             .unwrap_or_else(|| "the records stop (unwritten space)".into());

@@ -56,8 +56,7 @@ impl SegmentFile {
     ) -> Result<Self, WalError> {
         let path = dir.join(file_name(seq));
         let file = fs.create_new(&path).ctx("create", &path)?;
-        file.allocate_zeroed(capacity_bytes)
-            .ctx("preallocate", &path)?;
+        file.allocate(capacity_bytes).ctx("preallocate", &path)?;
         if sync {
             file.sync_data().ctx("fsync", &path)?;
             fs.sync_dir(dir).ctx("fsync directory", dir)?;
@@ -99,9 +98,12 @@ impl SegmentFile {
 
 /// The checkpoint at the start of `buf`, checked to belong to segment `seq`.
 pub(crate) fn parse_checkpoint(buf: &[u8], seq: u64) -> Result<Checkpoint, String> {
-    let (kind, payload) = match record::parse_record(buf, 0) {
+    let (kind, payload) = match record::parse_record(buf, 0, seq) {
         Parsed::Record { kind, payload, .. } => (kind, payload),
         Parsed::Unwritten => return Err("the segment was never written to".into()),
+        Parsed::OtherSegment => {
+            return Err("the segment holds only records of a previous life (recycled)".into());
+        }
         Parsed::End => return Err("the segment is empty".into()),
         Parsed::Invalid(reason) => return Err(format!("the first record is damaged: {reason}")),
     };
@@ -126,7 +128,7 @@ pub(crate) fn parse_checkpoint(buf: &[u8], seq: u64) -> Result<Checkpoint, Strin
 /// that the damage at `from` hit data that had been made durable, rather than a write torn by
 /// a crash. Only candidates that look like a sync mark are checksummed, so garbage cannot
 /// make this scan slow.
-pub(crate) fn find_vouching_mark(buf: &[u8], from: usize) -> Option<(usize, u64)> {
+pub(crate) fn find_vouching_mark(buf: &[u8], from: usize, seq: u64) -> Option<(usize, u64)> {
     const MARK_PAYLOAD_BYTES: u32 = 8;
     let mut offset = from.next_multiple_of(RECORD_ALIGN_BYTES);
     while offset + HEADER_BYTES <= buf.len() {
@@ -134,7 +136,7 @@ pub(crate) fn find_vouching_mark(buf: &[u8], from: usize) -> Option<(usize, u64)
         let payload_bytes = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
         if header[8] == RecordKind::SyncMark as u8
             && payload_bytes == MARK_PAYLOAD_BYTES
-            && let Parsed::Record { kind, payload, .. } = record::parse_record(buf, offset)
+            && let Parsed::Record { kind, payload, .. } = record::parse_record(buf, offset, seq)
             && let Ok(Record::SyncMark { durable_through }) = record::decode_record(kind, payload)
             && durable_through > from as u64
         {
@@ -163,11 +165,16 @@ mod tests {
     #[test]
     fn a_mark_is_found_past_damage_only_if_it_vouches_for_it() {
         let mut buf = vec![0u8; 64];
-        record::encode_record(&mut buf, RecordKind::SyncMark, |out| {
+        record::encode_record(&mut buf, RecordKind::SyncMark, 3, |out| {
             record::put_sync_mark(out, 40)
         });
         buf.extend_from_slice(&[0; 16]);
-        assert_eq!(find_vouching_mark(&buf, 32), Some((64, 40)));
-        assert_eq!(find_vouching_mark(&buf, 40), None);
+        assert_eq!(find_vouching_mark(&buf, 32, 3), Some((64, 40)));
+        assert_eq!(find_vouching_mark(&buf, 40, 3), None);
+        assert_eq!(
+            find_vouching_mark(&buf, 32, 4),
+            None,
+            "another segment's mark"
+        );
     }
 }

@@ -544,7 +544,7 @@ impl FsFile for SimFile {
         self.state()?.set_len(self.inode, len)
     }
 
-    fn allocate_zeroed(&self, len: u64) -> io::Result<()> {
+    fn allocate(&self, len: u64) -> io::Result<()> {
         let mut state = self.state()?;
         if (state.inodes[&self.inode].current.len() as u64) < len {
             state.set_len(self.inode, len)?;

@@ -123,6 +123,14 @@ pub(crate) struct ReadState {
 /// A point in the log: a segment number and an offset in it.
 type LogPosition = (u64, u64);
 
+/// A file no longer needed once the log is durable past some position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Obsolete {
+    /// A segment: recycled as the spare if none is ready, else removed.
+    Segment(u64),
+    Snapshot(PathBuf),
+}
+
 #[derive(Debug)]
 pub(crate) struct Writer {
     pub segment: SegmentFile,
@@ -141,7 +149,7 @@ pub(crate) struct Writer {
     last_written_batch: Option<PersistId>,
     durable_batch: Option<PersistId>,
     /// Files to delete once the log is durable past the position that made them obsolete.
-    deferred_removals: VecDeque<(LogPosition, PathBuf)>,
+    deferred_removals: VecDeque<(LogPosition, Obsolete)>,
     closed: bool,
 }
 
@@ -476,13 +484,15 @@ impl Wal {
     ) -> Result<(), WalError> {
         let mut start = w.buf.len();
         let kind = record.kind();
-        let padded_bytes = record::encode_record(&mut w.buf, kind, write_payload) as u64;
+        let seq = w.segment.seq;
+        let padded_bytes = record::encode_record(&mut w.buf, kind, seq, write_payload) as u64;
         let payload_bytes =
             u32::from_le_bytes(w.buf[start + 4..start + 8].try_into().expect("4 bytes")) as usize;
         if w.write_offset + w.buf.len() as u64 > w.capacity_bytes {
-            let encoded = w.buf.split_off(start);
+            let mut encoded = w.buf.split_off(start);
             self.flush(w)?;
             self.rollover(w, padded_bytes)?;
+            record::reseal(&mut encoded, w.segment.seq);
             w.buf = encoded;
             start = 0;
         }
@@ -523,7 +533,8 @@ impl Wal {
                 state.snapshot_file = Some(file);
                 if let Some(generation) = replaced {
                     let path = self.dir.join(snapshot_file::file_name(generation));
-                    w.deferred_removals.push_back((end, path));
+                    w.deferred_removals
+                        .push_back((end, Obsolete::Snapshot(path)));
                 }
             }
         }
@@ -548,7 +559,7 @@ impl Wal {
         let encode_checkpoint = |seq: u64| {
             let checkpoint = checkpoint_of(&self.read().log, seq, Some(prev_end));
             let mut encoded = Vec::new();
-            record::encode_record(&mut encoded, record::RecordKind::Checkpoint, |out| {
+            record::encode_record(&mut encoded, record::RecordKind::Checkpoint, seq, |out| {
                 record::put_checkpoint(out, &checkpoint)
             });
             encoded
@@ -587,7 +598,7 @@ impl Wal {
                 if len < capacity {
                     segment
                         .file
-                        .allocate_zeroed(capacity)
+                        .allocate(capacity)
                         .ctx("preallocate", &segment.path)?;
                 }
                 segment
@@ -636,8 +647,8 @@ impl Wal {
             .collect();
         for seq in dead {
             state.segments.remove(&seq);
-            let path = self.dir.join(segment::file_name(seq as u64));
-            w.deferred_removals.push_back((position, path));
+            w.deferred_removals
+                .push_back((position, Obsolete::Segment(seq as u64)));
         }
     }
 
@@ -723,7 +734,7 @@ impl Wal {
         w: &mut Writer,
         seq: u64,
         (batch, offset): (Option<PersistId>, u64),
-    ) -> (Option<PersistId>, Vec<PathBuf>, bool) {
+    ) -> (Option<PersistId>, Vec<Obsolete>, bool) {
         if batch > w.durable_batch {
             w.durable_batch = batch;
         }
@@ -744,32 +755,67 @@ impl Wal {
 
     /// At open everything recovered is durable: segments no longer needed go at once.
     pub(crate) fn remove_dead_segments_now(&self) -> Result<Vec<PathBuf>, WalError> {
-        let removals: Vec<PathBuf> = {
+        let obsolete: Vec<Obsolete> = {
             let mut w = self.lock_writer()?;
             self.retire_dead_segments(&mut w);
             w.deferred_removals
                 .drain(..)
-                .map(|(_, path)| path)
+                .map(|(_, file)| file)
                 .collect()
         };
-        self.remove_files(&removals)?;
-        Ok(removals)
+        self.remove_files(&obsolete)
     }
 
-    fn remove_files(&self, paths: &[PathBuf]) -> Result<(), WalError> {
-        if paths.is_empty() {
-            return Ok(());
+    /// Recycles or removes obsolete files, oldest first (so that a crash part way leaves the
+    /// remaining segments without a gap), then makes that durable. Returns the paths gone.
+    fn remove_files(&self, obsolete: &[Obsolete]) -> Result<Vec<PathBuf>, WalError> {
+        if obsolete.is_empty() {
+            return Ok(Vec::new());
         }
-        for path in paths {
-            if let Err(err) = self.fs.remove_file(path) {
-                return Err(self.fail(WalError::io("remove", path, err)));
+        let mut gone = Vec::with_capacity(obsolete.len());
+        for file in obsolete {
+            let (path, result) = match file {
+                Obsolete::Segment(seq) => {
+                    let path = self.dir.join(segment::file_name(*seq));
+                    let result = self.recycle_or_remove(&path);
+                    (path, result)
+                }
+                Obsolete::Snapshot(path) => {
+                    (path.clone(), self.fs.remove_file(path).ctx("remove", path))
+                }
+            };
+            if let Err(err) = result {
+                return Err(self.fail(err));
             }
+            gone.push(path);
         }
         if self.sync_enabled
             && let Err(err) = self.fs.sync_dir(&self.dir)
         {
             return Err(self.fail(WalError::io("fsync directory", &self.dir, err)));
         }
+        Ok(gone)
+    }
+
+    /// Renames a dead segment to be the next one if no spare is ready, else removes it. The
+    /// records left in it carry the old segment number, so recovery never takes them for the
+    /// new segment's; its blocks are allocated and written, the cheapest to overwrite.
+    fn recycle_or_remove(&self, path: &Path) -> Result<(), WalError> {
+        let mut spare = self.spare.lock().map_err(|_| WalError::Failed {
+            cause: "a panic while preparing a segment".into(),
+        })?;
+        if spare.prepared.is_some() {
+            return self.fs.remove_file(path).ctx("remove", path);
+        }
+        let seq = spare.next_seq;
+        let target = self.dir.join(segment::file_name(seq));
+        self.fs.rename(path, &target).ctx("rename", path)?;
+        let file = self.fs.open(&target).ctx("open", &target)?;
+        spare.prepared = Some(SegmentFile {
+            seq,
+            path: target,
+            file,
+        });
         Ok(())
     }
 
@@ -783,7 +829,7 @@ impl Wal {
         let target = (w.last_written_batch, w.write_offset);
         let seq = w.segment.seq;
         let (_, removals, _) = self.note_synced(w, seq, target);
-        self.remove_files(&removals)
+        self.remove_files(&removals).map(drop)
     }
 
     /// Makes everything durable, vouches for it with a final sync mark (so that any later

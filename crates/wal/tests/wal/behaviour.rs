@@ -181,14 +181,22 @@ fn a_torn_tail_is_cut_and_reported() {
     wal.write(&append_batch(1, 1, 5, 50)).unwrap();
     wal.sync().unwrap();
     wal.write(&append_batch(2, 6, 5, 50)).unwrap();
-    let last = segment_files(&fs).pop().unwrap();
     drop(wal);
-    // The second batch's last record torn: cut its bytes short, as a crash mid-write does.
+    // The second batch's last record torn: cut its bytes short, as a crash mid-write does. The
+    // segment written to is the one with the most data (a recycled spare may follow it).
+    let data_end = |name: &String| {
+        let file = fs.open(&dir().join(name)).unwrap();
+        let mut content = vec![0u8; file.len().unwrap() as usize];
+        file.read_exact_at(&mut content, 0).unwrap();
+        content
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |last| last + 1)
+    };
+    let last = segment_files(&fs).into_iter().max_by_key(data_end).unwrap();
     let path = dir().join(&last);
+    let end = data_end(&last);
     let file = fs.open(&path).unwrap();
-    let mut content = vec![0u8; file.len().unwrap() as usize];
-    file.read_exact_at(&mut content, 0).unwrap();
-    let end = content.iter().rposition(|&b| b != 0).unwrap() + 1;
     file.write_all_at(&[0u8; 20], end as u64 - 20).unwrap();
     let (wal, report) = Wal::open(dir(), sim_options(&fs)).unwrap();
     let torn = report.torn_tail.expect("a torn tail");
