@@ -197,14 +197,11 @@ fn finish_open(
             .ctx("remove", &discarded.path)?;
         removed_files.push(discarded.path.clone());
     }
-    // Cut the torn tail and make everything recovered durable before acting on any of it: a
-    // crashed process leaves unsynced writes in the page cache that a power loss would still
-    // take away.
+    // Make everything recovered durable before acting on any of it: a crashed process leaves
+    // unsynced writes in the page cache that a power loss would still take away. A torn tail
+    // stays where it is: the next segment's checkpoint says where the records end, and replay
+    // never reads past that in a segment that is not the last.
     let last = recovered.segments.last().expect("not empty");
-    let end = recovered.last_segment_end;
-    if last.file.len().ctx("stat", &last.path)? > end {
-        last.file.set_len(end).ctx("truncate", &last.path)?;
-    }
     if sync {
         last.file.sync_data().ctx("fsync", &last.path)?;
     }

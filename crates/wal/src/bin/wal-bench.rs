@@ -9,7 +9,10 @@
 //! For each entry size (256 B, 4 KiB) and batch size (1, 8, 64, 512 entries per fsync) it runs,
 //! `rounds` times in turn, for `seconds` each:
 //!
-//! * `wal`: `Wal::write` of one persist batch of N entries, then `Wal::sync`;
+//! * `wal`: `Wal::write` of one persist batch of N entries, then `Wal::sync`, on a log that only
+//!   grows (every segment is new, reserved with fallocate);
+//! * `wal-steady`: the same, with a snapshot saved and the log compacted every 128 MiB as a
+//!   running node does, so that segments are recycled;
 //! * `floor-append`: the plain loop, `write` of N entries' bytes to a file + `fdatasync`;
 //! * `floor-prealloc`: the same into a zero-filled, preallocated file (as WAL segments are).
 //!
@@ -24,7 +27,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_raft::{Entry, EntryPayload, HardState, LogStorage, PersistBatch};
+use flotilla_raft::{
+    Entry, EntryId, EntryPayload, HardState, LogStorage, Membership, PersistBatch, SnapshotMeta,
+};
 use flotilla_wal::{Wal, WalOptions};
 
 const ENTRY_BYTES: [usize; 2] = [256, 4096];
@@ -128,6 +133,7 @@ fn main() {
 
 #[derive(Clone, Copy, Debug)]
 struct Rate {
+    #[allow(dead_code)]
     fsyncs_per_second: f64,
     entries_per_second: f64,
     payload_mb_per_second: f64,
@@ -150,14 +156,16 @@ fn median(mut rates: Vec<Rate>) -> Rate {
 
 fn bench_appends(args: &Args) {
     println!(
-        "\n{:>6} {:>6} | {:>22} | {:>22} | {:>22} | {:>9} {:>9}",
+        "\n{:>5} {:>5} | {:>20} | {:>20} | {:>20} | {:>20} | {:>7} {:>7} {:>7}",
         "entry",
         "batch",
         "wal entries/s (MB/s)",
+        "wal-steady",
         "floor-append",
         "floor-prealloc",
-        "wal/app",
-        "wal/pre"
+        "wal/pre",
+        "std/pre",
+        "wal/app"
     );
     let duration = Duration::from_secs_f64(args.seconds);
     for entry_bytes in ENTRY_BYTES {
@@ -165,7 +173,8 @@ fn bench_appends(args: &Args) {
             if args.cases.is_some_and(|case| case != (entry_bytes, batch)) {
                 continue;
             }
-            let (mut wal, mut append, mut prealloc) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut wal, mut steady) = (Vec::new(), Vec::new());
+            let (mut append, mut prealloc) = (Vec::new(), Vec::new());
             for round in 0..args.rounds {
                 let dir = args.dir.join(format!("case-{entry_bytes}-{batch}-{round}"));
                 std::fs::create_dir_all(&dir).expect("create the case directory");
@@ -184,31 +193,41 @@ fn bench_appends(args: &Args) {
                     duration,
                 ));
                 let options = WalOptions::new(1, 1).with_segment_bytes(args.segment_mib << 20);
-                wal.push(wal_appends(
-                    &dir.join("wal"),
-                    options,
-                    entry_bytes,
-                    batch,
-                    duration,
-                ));
+                let run = |name, compact| {
+                    let path = dir.join(name);
+                    wal_appends(
+                        &path,
+                        options.clone(),
+                        entry_bytes,
+                        batch,
+                        duration,
+                        compact,
+                    )
+                };
+                wal.push(run("wal", false));
+                steady.push(run("wal-steady", true));
                 std::fs::remove_dir_all(&dir).expect("remove the case directory");
             }
-            let (wal, append, prealloc) = (median(wal), median(append), median(prealloc));
+            let (wal, steady) = (median(wal), median(steady));
+            let (append, prealloc) = (median(append), median(prealloc));
             let cell = |r: Rate| {
                 format!(
-                    "{:>10.0} ({:>7.1})",
+                    "{:>9.0} ({:>7.1})",
                     r.entries_per_second, r.payload_mb_per_second
                 )
             };
+            let ratio = |a: Rate, b: Rate| a.entries_per_second / b.entries_per_second;
             println!(
-                "{entry_bytes:>6} {batch:>6} | {:>22} | {:>22} | {:>22} | {:>9.2} {:>9.2}",
+                "{entry_bytes:>5} {batch:>5} | {:>20} | {:>20} | {:>20} | {:>20} | {:>7.2} {:>7.2} \
+                 {:>7.2}",
                 cell(wal),
+                cell(steady),
                 cell(append),
                 cell(prealloc),
-                wal.entries_per_second / append.entries_per_second,
-                wal.entries_per_second / prealloc.entries_per_second,
+                ratio(wal, prealloc),
+                ratio(steady, prealloc),
+                ratio(wal, append),
             );
-            let _ = (wal.fsyncs_per_second, append.fsyncs_per_second);
         }
     }
 }
@@ -254,18 +273,24 @@ fn zero_fill(file: &File, bytes: u64) {
     file.sync_data().expect("fsync");
 }
 
+/// `wal-steady` saves a snapshot and compacts the log every this many bytes.
+const STEADY_COMPACTION_BYTES: u64 = 128 << 20;
+
 fn wal_appends(
     dir: &Path,
     options: WalOptions,
     entry_bytes: usize,
     batch: usize,
     d: Duration,
+    compact: bool,
 ) -> Rate {
     let (wal, _) = Wal::open(dir, options).expect("open the WAL");
     let payload = Bytes::from((0..entry_bytes).map(|i| i as u8).collect::<Vec<u8>>());
     let mut next_index = 1;
     let mut id = 0;
     let (mut write_time, mut sync_time) = (Duration::ZERO, Duration::ZERO);
+    let mut bytes_since_snapshot = 0u64;
+    let mut compact_to = None;
     let start = Instant::now();
     while start.elapsed() < d {
         id += 1;
@@ -283,6 +308,7 @@ fn wal_appends(
                 vote: 1,
                 commit: next_index - 1,
             }),
+            compact_to: compact_to.take(),
             ..PersistBatch::default()
         };
         next_index += batch.entries.len() as u64;
@@ -292,11 +318,24 @@ fn wal_appends(
         assert_eq!(wal.sync().expect("sync"), Some(id));
         write_time += before_sync - before_write;
         sync_time += before_sync.elapsed();
+        bytes_since_snapshot += (entry_bytes * batch.entries.len()) as u64;
+        if compact && bytes_since_snapshot >= STEADY_COMPACTION_BYTES {
+            // What a running node does now and then: snapshot the state machine, compact.
+            let meta = SnapshotMeta {
+                last: EntryId::new(1, next_index - 1),
+                membership: Membership::default(),
+            };
+            wal.save_snapshot(&meta, &b"state"[..])
+                .expect("save a snapshot");
+            compact_to = Some(next_index - 1);
+            bytes_since_snapshot = 0;
+        }
     }
     let elapsed = start.elapsed();
     if std::env::var_os("WAL_BENCH_VERBOSE").is_some() {
         eprintln!(
-            "  wal {entry_bytes}x{batch}: {id} batches, write {:.1} us/batch, sync {:.1} us/batch",
+            "  wal {entry_bytes}x{batch} compact={compact}: {id} batches, write {:.1} us/batch, \
+             sync {:.1} us/batch",
             write_time.as_secs_f64() * 1e6 / id as f64,
             sync_time.as_secs_f64() * 1e6 / id as f64
         );
