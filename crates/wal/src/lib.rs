@@ -98,3 +98,16 @@ pub use open::RecoveryReport;
 pub use recovery::TornTail;
 pub use sim_fs::{SimFaults, SimFs, SimFsStats};
 pub use wal::{SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, Wal, WalOptions};
+
+#[cfg(test)]
+mod tests {
+    /// The server shares one `Wal` between the core's thread and the I/O task.
+    #[test]
+    fn the_wal_and_the_file_systems_are_send_and_sync() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<super::Wal>();
+        shareable::<super::SimFs>();
+        shareable::<super::RealFs>();
+        shareable::<std::sync::Arc<dyn super::FsFile>>();
+    }
+}

@@ -119,6 +119,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, seqs: &[u64]) -> Result<Recovered
     );
     let mut last_segment_end = 0;
     let mut torn_tail = None;
+    let mut buf = Vec::new();
     for (i, segment) in segments.iter().enumerate() {
         if i > 0 {
             check_checkpoint(&index, &checkpoints[i], segment)?;
@@ -131,7 +132,9 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, seqs: &[u64]) -> Result<Recovered
                 WalError::corrupt(&segments[i + 1].path, 0, reason)
             })?),
         };
-        let buf = segment.read_all()?;
+        // A segment that is not the last is read only as far as its records go; the last one
+        // whole, to look for sync marks past a damaged record.
+        segment.read_into(&mut buf, stop.unwrap_or(u64::MAX))?;
         let end = replay_segment(&buf, segment, &mut index, stop)?;
         if stop.is_none() {
             last_segment_end = end.valid_end as u64;
@@ -212,7 +215,8 @@ fn replay_segment(
         Err(WalError::corrupt(&segment.path, offset as u64, reason))
     };
     let Parsed::Record { mut next, .. } = record::parse_record(buf, 0, segment.seq) else {
-        unreachable!("the checkpoint was read already");
+        let reason = "the checkpoint does not fit before where the next segment says this one ends";
+        return corrupt(0, reason.into());
     };
     let mut offset;
     // Bounded: every iteration moves forward by at least one header.

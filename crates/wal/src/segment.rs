@@ -65,12 +65,18 @@ impl SegmentFile {
     }
 
     pub fn read_all(&self) -> Result<Vec<u8>, WalError> {
-        let len = self.file.len().ctx("stat", &self.path)?;
-        let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, 0)
-            .ctx("read", &self.path)?;
+        let mut buf = Vec::new();
+        self.read_into(&mut buf, u64::MAX)?;
         Ok(buf)
+    }
+
+    /// Reads the first `bytes_max` bytes of the file (all of it if shorter) into `buf`,
+    /// reusing its allocation.
+    pub fn read_into(&self, buf: &mut Vec<u8>, bytes_max: u64) -> Result<(), WalError> {
+        let len = self.file.len().ctx("stat", &self.path)?.min(bytes_max);
+        buf.clear();
+        buf.resize(len as usize, 0);
+        self.file.read_exact_at(buf, 0).ctx("read", &self.path)
     }
 
     /// Reads and decodes the checkpoint at the start of the segment, or says why there is
