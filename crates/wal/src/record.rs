@@ -45,6 +45,8 @@ pub(crate) enum RecordKind {
     /// Written first after an fsync: everything in this segment before `durable_through` is
     /// known to be on disk. Recovery uses it to tell a torn tail from damaged durable data.
     SyncMark = 7,
+    /// Filler up to a page boundary after a large write, so that the next write starts on one.
+    Padding = 8,
 }
 
 impl RecordKind {
@@ -57,6 +59,7 @@ impl RecordKind {
             5 => Self::SnapshotInstall,
             6 => Self::SnapshotSaved,
             7 => Self::SyncMark,
+            8 => Self::Padding,
             _ => return None,
         })
     }
@@ -212,6 +215,7 @@ pub(crate) enum Record {
     SyncMark {
         durable_through: u64,
     },
+    Padding,
 }
 
 impl Record {
@@ -224,6 +228,7 @@ impl Record {
             Self::SnapshotInstall { .. } => RecordKind::SnapshotInstall,
             Self::SnapshotSaved(_) => RecordKind::SnapshotSaved,
             Self::SyncMark { .. } => RecordKind::SyncMark,
+            Self::Padding => RecordKind::Padding,
         }
     }
 }
@@ -329,6 +334,10 @@ pub(crate) fn decode_record(kind: RecordKind, payload: &[u8]) -> Result<Record, 
         RecordKind::SyncMark => Record::SyncMark {
             durable_through: r.u64("durable offset")?,
         },
+        RecordKind::Padding => {
+            let _ = r.bytes("padding")?;
+            Record::Padding
+        }
     };
     r.finish("record")?;
     Ok(record)

@@ -71,7 +71,7 @@ pub(crate) fn apply_record(
             keep_through,
         } => index.install_snapshot(snapshot.clone(), *keep_through),
         Record::SnapshotSaved(snapshot) => index.save_snapshot(snapshot.clone()),
-        Record::SyncMark { .. } => Ok(()),
+        Record::SyncMark { .. } | Record::Padding => Ok(()),
     }
 }
 

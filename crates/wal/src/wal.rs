@@ -175,6 +175,9 @@ struct Staging {
 pub(crate) struct Spare {
     pub next_seq: u64,
     pub prepared: Option<SegmentFile>,
+    /// The prepared spare is a recycled segment (written blocks) rather than a fresh one
+    /// (reserved blocks, whose first overwrite costs an extent conversion at fdatasync).
+    pub recycled: bool,
 }
 
 /// What validation worked out for the write.
@@ -184,6 +187,9 @@ struct Plan {
 
 /// The largest sync mark record.
 const SYNC_MARK_BYTES: u64 = 24;
+const PAGE_BYTES: u64 = 4096;
+/// Writes at least this large end on a page boundary.
+const PAD_WRITES_FROM_BYTES: u64 = 64 << 10;
 
 impl Writer {
     pub(crate) fn new(
@@ -234,6 +240,7 @@ impl Wal {
             spare: Mutex::new(Spare {
                 next_seq,
                 prepared: None,
+                recycled: false,
             }),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
@@ -452,6 +459,7 @@ impl Wal {
                 codec::encode_hard_state(out, &hard_state)
             })?;
         }
+        self.pad_large_write(w)?;
         self.flush(w)?;
         self.retire_dead_segments(w);
         Ok(())
@@ -470,6 +478,32 @@ impl Wal {
         let record = Record::SyncMark { durable_through };
         self.append_record(w, record, None, |out| {
             record::put_sync_mark(out, durable_through)
+        })
+    }
+
+    /// Ends a large write on a page boundary with a padding record, so that the next write
+    /// starts on one: a write that begins mid-page makes the device rewrite that page and, on
+    /// virtual disks backed by larger blocks, read-modify-write them. Small writes are left
+    /// alone: padding would multiply their size, and their cost is the fsync's latency.
+    fn pad_large_write(&self, w: &mut Writer) -> Result<(), WalError> {
+        if (w.buf.len() as u64) < PAD_WRITES_FROM_BYTES {
+            return Ok(());
+        }
+        let end = w.write_offset + w.buf.len() as u64;
+        let gap = end.next_multiple_of(PAGE_BYTES) - end;
+        // The smallest padding record is a header and a length; a smaller gap takes a page more.
+        let record_bytes = if gap >= (HEADER_BYTES + 8) as u64 {
+            gap
+        } else {
+            gap + PAGE_BYTES
+        };
+        if end + record_bytes > w.capacity_bytes {
+            return Ok(());
+        }
+        let filler = record_bytes as usize - HEADER_BYTES - 4;
+        self.append_record(w, Record::Padding, None, |out| {
+            out.extend_from_slice(&(filler as u32).to_le_bytes());
+            out.resize(out.len() + filler, 0);
         })
     }
 
@@ -591,6 +625,7 @@ impl Wal {
             cause: "a panic while preparing a segment".into(),
         })?;
         let seq = spare.next_seq;
+        spare.recycled = false;
         let segment = match spare.prepared.take() {
             Some(segment) => {
                 assert_eq!(segment.seq, seq, "the spare segment is out of sequence");
@@ -749,7 +784,9 @@ impl Wal {
         {
             removals.push(w.deferred_removals.pop_front().expect("checked").1);
         }
-        let spare_due = w.write_offset * 2 > w.capacity_bytes;
+        // Late enough that compaction has a chance to hand in a recycled segment first, early
+        // enough that the rollover does not wait for a new one.
+        let spare_due = w.write_offset * 4 > w.capacity_bytes * 3;
         (w.durable_batch, removals, spare_due)
     }
 
@@ -797,19 +834,22 @@ impl Wal {
         Ok(gone)
     }
 
-    /// Renames a dead segment to be the next one if no spare is ready, else removes it. The
-    /// records left in it carry the old segment number, so recovery never takes them for the
-    /// new segment's; its blocks are allocated and written, the cheapest to overwrite.
+    /// Renames a dead segment to be the next one, unless a recycled spare is ready already
+    /// (then it is removed). A fresh spare is replaced: a recycled segment's blocks are
+    /// allocated and written, the cheapest to overwrite. The records left in it carry the old
+    /// segment number, so recovery never takes them for the new segment's.
     fn recycle_or_remove(&self, path: &Path) -> Result<(), WalError> {
         let mut spare = self.spare.lock().map_err(|_| WalError::Failed {
             cause: "a panic while preparing a segment".into(),
         })?;
-        if spare.prepared.is_some() {
+        if spare.prepared.is_some() && spare.recycled {
             return self.fs.remove_file(path).ctx("remove", path);
         }
         let seq = spare.next_seq;
         let target = self.dir.join(segment::file_name(seq));
+        // Atomically replaces a fresh spare of that name, if there is one.
         self.fs.rename(path, &target).ctx("rename", path)?;
+        spare.recycled = true;
         let file = self.fs.open(&target).ctx("open", &target)?;
         spare.prepared = Some(SegmentFile {
             seq,

@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! cargo run --release -p flotilla-wal --bin wal-bench -- [--dir DIR] [--seconds S]
-//!     [--rounds N] [--recovery-gib G] [--recovery-entry-bytes B] [--cold] [--skip-appends]
+//!     [--recovery-gib G] [--recovery-entry-bytes B] [--cold] [--skip-appends]
 //! ```
 //!
-//! For each entry size (256 B, 4 KiB) and batch size (1, 8, 64, 512 entries per fsync) it runs,
-//! `rounds` times in turn, for `seconds` each:
+//! For each entry size (256 B, 4 KiB) and batch size (1, 8, 64, 512 entries per fsync) it runs
+//! these for `seconds` each, in turn in 100 ms slices so that all see the same disk:
 //!
 //! * `wal`: `Wal::write` of one persist batch of N entries, then `Wal::sync`, on a log that only
 //!   grows (every segment is new, reserved with fallocate);
@@ -16,7 +16,7 @@
 //! * `floor-append`: the plain loop, `write` of N entries' bytes to a file + `fdatasync`;
 //! * `floor-prealloc`: the same into a zero-filled, preallocated file (as WAL segments are).
 //!
-//! and reports the median round. Recovery writes a log of `recovery-gib` GiB (fsync off while
+//! Recovery writes a log of `recovery-gib` GiB (fsync off while
 //! building it), closes it, and times `Wal::open`; with `--cold` the files are first dropped
 //! from the page cache (`dd iflag=nocache`). Everything is deleted afterwards.
 
@@ -34,31 +34,30 @@ use flotilla_wal::{Wal, WalOptions};
 
 const ENTRY_BYTES: [usize; 2] = [256, 4096];
 const BATCH_ENTRIES: [usize; 4] = [1, 8, 64, 512];
-const FLOOR_FILE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug)]
 struct Args {
     dir: PathBuf,
     seconds: f64,
-    rounds: usize,
     recovery_gib: f64,
     recovery_entry_bytes: usize,
     cold: bool,
     skip_appends: bool,
     segment_mib: u64,
+    floor_mib: u64,
     cases: Option<(usize, usize)>,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         dir: std::env::temp_dir().join("flotilla-wal-bench"),
-        seconds: 1.0,
-        rounds: 3,
+        seconds: 2.0,
         recovery_gib: 1.0,
         recovery_entry_bytes: 256,
         cold: false,
         skip_appends: false,
         segment_mib: 64,
+        floor_mib: 64,
         cases: None,
     };
     let mut it = std::env::args().skip(1);
@@ -70,7 +69,6 @@ fn parse_args() -> Args {
         match flag.as_str() {
             "--dir" => args.dir = PathBuf::from(value()),
             "--seconds" => args.seconds = value().parse().unwrap_or_else(|_| usage("--seconds")),
-            "--rounds" => args.rounds = value().parse().unwrap_or_else(|_| usage("--rounds")),
             "--recovery-gib" => {
                 args.recovery_gib = value().parse().unwrap_or_else(|_| usage("--recovery-gib"))
             }
@@ -80,6 +78,9 @@ fn parse_args() -> Args {
                     .unwrap_or_else(|_| usage("--recovery-entry-bytes"))
             }
             "--cold" => args.cold = true,
+            "--floor-mib" => {
+                args.floor_mib = value().parse().unwrap_or_else(|_| usage("--floor-mib"))
+            }
             "--segment-mib" => {
                 args.segment_mib = value().parse().unwrap_or_else(|_| usage("--segment-mib"))
             }
@@ -100,8 +101,9 @@ fn parse_args() -> Args {
 
 fn usage(problem: &str) -> ! {
     eprintln!(
-        "wal-bench: {problem}\nusage: wal-bench [--dir DIR] [--seconds S] [--rounds N] \
-         [--recovery-gib G] [--recovery-entry-bytes B] [--cold] [--skip-appends]"
+        "wal-bench: {problem}\nusage: wal-bench [--dir DIR] [--seconds S] \
+         [--recovery-gib G] [--recovery-entry-bytes B] [--cold] [--skip-appends] \
+         [--case ENTRYxBATCH] [--segment-mib M] [--floor-mib M]"
     );
     std::process::exit(2)
 }
@@ -131,85 +133,46 @@ fn main() {
 
 // ----- Appends ---------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Rate {
-    #[allow(dead_code)]
-    fsyncs_per_second: f64,
     entries_per_second: f64,
     payload_mb_per_second: f64,
 }
 
-fn rate(fsyncs: u64, batch: usize, entry_bytes: usize, elapsed: Duration) -> Rate {
-    let seconds = elapsed.as_secs_f64();
-    let entries = (fsyncs * batch as u64) as f64;
-    Rate {
-        fsyncs_per_second: fsyncs as f64 / seconds,
-        entries_per_second: entries / seconds,
-        payload_mb_per_second: entries * entry_bytes as f64 / seconds / 1e6,
-    }
+/// One way of making batches durable, run a slice at a time.
+trait Appender {
+    /// Writes one batch and makes it durable.
+    fn append_batch(&mut self);
 }
 
-fn median(mut rates: Vec<Rate>) -> Rate {
-    rates.sort_by(|a, b| a.entries_per_second.total_cmp(&b.entries_per_second));
-    rates[rates.len() / 2]
-}
+/// The variants are run in turn, a short slice each, over the same stretch of time: the
+/// disk's speed drifts (other work on the machine), and slices keep every variant under the
+/// same conditions.
+const SLICE: Duration = Duration::from_millis(100);
 
 fn bench_appends(args: &Args) {
     println!(
-        "\n{:>5} {:>5} | {:>20} | {:>20} | {:>20} | {:>20} | {:>7} {:>7} {:>7}",
+        "\n{:>5} {:>5} | {:>20} | {:>20} | {:>20} | {:>20} | {:>7} {:>7} {:>7} {:>7}",
         "entry",
         "batch",
         "wal entries/s (MB/s)",
         "wal-steady",
         "floor-append",
         "floor-prealloc",
+        "wal/app",
+        "std/app",
         "wal/pre",
-        "std/pre",
-        "wal/app"
+        "std/pre"
     );
-    let duration = Duration::from_secs_f64(args.seconds);
     for entry_bytes in ENTRY_BYTES {
         for batch in BATCH_ENTRIES {
             if args.cases.is_some_and(|case| case != (entry_bytes, batch)) {
                 continue;
             }
-            let (mut wal, mut steady) = (Vec::new(), Vec::new());
-            let (mut append, mut prealloc) = (Vec::new(), Vec::new());
-            for round in 0..args.rounds {
-                let dir = args.dir.join(format!("case-{entry_bytes}-{batch}-{round}"));
-                std::fs::create_dir_all(&dir).expect("create the case directory");
-                append.push(floor(
-                    &dir.join("append"),
-                    false,
-                    entry_bytes,
-                    batch,
-                    duration,
-                ));
-                prealloc.push(floor(
-                    &dir.join("prealloc"),
-                    true,
-                    entry_bytes,
-                    batch,
-                    duration,
-                ));
-                let options = WalOptions::new(1, 1).with_segment_bytes(args.segment_mib << 20);
-                let run = |name, compact| {
-                    let path = dir.join(name);
-                    wal_appends(
-                        &path,
-                        options.clone(),
-                        entry_bytes,
-                        batch,
-                        duration,
-                        compact,
-                    )
-                };
-                wal.push(run("wal", false));
-                steady.push(run("wal-steady", true));
-                std::fs::remove_dir_all(&dir).expect("remove the case directory");
-            }
-            let (wal, steady) = (median(wal), median(steady));
-            let (append, prealloc) = (median(append), median(prealloc));
+            let dir = args.dir.join(format!("case-{entry_bytes}-{batch}"));
+            std::fs::create_dir_all(&dir).expect("create the case directory");
+            let rates = run_case(args, &dir, entry_bytes, batch);
+            std::fs::remove_dir_all(&dir).expect("remove the case directory");
             let cell = |r: Rate| {
                 format!(
                     "{:>9.0} ({:>7.1})",
@@ -217,50 +180,134 @@ fn bench_appends(args: &Args) {
                 )
             };
             let ratio = |a: Rate, b: Rate| a.entries_per_second / b.entries_per_second;
+            let [wal, steady, append, prealloc] = rates;
             println!(
                 "{entry_bytes:>5} {batch:>5} | {:>20} | {:>20} | {:>20} | {:>20} | {:>7.2} {:>7.2} \
-                 {:>7.2}",
+                 {:>7.2} {:>7.2}",
                 cell(wal),
                 cell(steady),
                 cell(append),
                 cell(prealloc),
+                ratio(wal, append),
+                ratio(steady, append),
                 ratio(wal, prealloc),
                 ratio(steady, prealloc),
-                ratio(wal, append),
             );
         }
     }
 }
 
-/// The raw floor: a plain loop of one write of the batch's bytes and one fdatasync.
-fn floor(path: &Path, preallocated: bool, entry_bytes: usize, batch: usize, d: Duration) -> Rate {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .expect("create the floor file");
-    if preallocated {
-        zero_fill(&file, FLOOR_FILE_BYTES);
-    }
-    let buf: Vec<u8> = (0..entry_bytes * batch).map(|i| i as u8).collect();
-    let mut offset = 0u64;
-    let mut fsyncs = 0u64;
-    let start = Instant::now();
-    while start.elapsed() < d {
-        if offset + buf.len() as u64 > FLOOR_FILE_BYTES {
-            if !preallocated {
-                file.set_len(0).expect("truncate");
+fn run_case(args: &Args, dir: &Path, entry_bytes: usize, batch: usize) -> [Rate; 4] {
+    let options = WalOptions::new(1, 1).with_segment_bytes(args.segment_mib << 20);
+    let floor = args.floor_mib << 20;
+    let mut appenders: [Box<dyn Appender>; 4] = [
+        Box::new(WalAppender::new(
+            &dir.join("wal"),
+            options.clone(),
+            entry_bytes,
+            batch,
+            false,
+        )),
+        Box::new(WalAppender::new(
+            &dir.join("steady"),
+            options,
+            entry_bytes,
+            batch,
+            true,
+        )),
+        Box::new(FloorAppender::new(
+            &dir.join("append"),
+            false,
+            entry_bytes,
+            batch,
+            floor,
+        )),
+        Box::new(FloorAppender::new(
+            &dir.join("prealloc"),
+            true,
+            entry_bytes,
+            batch,
+            floor,
+        )),
+    ];
+    let slices = ((args.seconds / SLICE.as_secs_f64()).ceil() as usize).max(1);
+    let mut batches = [0u64; 4];
+    let mut elapsed = [Duration::ZERO; 4];
+    for slice in 0..slices {
+        // The order rotates too: a variant's slice can suffer from the one before it (the
+        // file system discards blocks freed by a truncation, writeback trails, ...).
+        for turn in 0..appenders.len() {
+            let i = (slice + turn) % appenders.len();
+            let appender = &mut appenders[i];
+            let start = Instant::now();
+            while start.elapsed() < SLICE {
+                appender.append_batch();
+                batches[i] += 1;
             }
-            offset = 0;
+            elapsed[i] += start.elapsed();
         }
-        file.write_all_at(&buf, offset).expect("write");
-        file.sync_data().expect("fdatasync");
-        offset += buf.len() as u64;
-        fsyncs += 1;
     }
-    let elapsed = start.elapsed();
-    rate(fsyncs, batch, entry_bytes, elapsed)
+    std::array::from_fn(|i| {
+        let seconds = elapsed[i].as_secs_f64();
+        let entries = (batches[i] * batch as u64) as f64;
+        Rate {
+            entries_per_second: entries / seconds,
+            payload_mb_per_second: entries * entry_bytes as f64 / seconds / 1e6,
+        }
+    })
+}
+
+/// The raw floor: a plain loop of one write of the batch's bytes and one fdatasync, either
+/// appending to a file or overwriting a preallocated, zero-filled one (wrapping around).
+struct FloorAppender {
+    file: File,
+    preallocated: bool,
+    buf: Vec<u8>,
+    offset: u64,
+    file_bytes: u64,
+}
+
+impl FloorAppender {
+    fn new(
+        path: &Path,
+        preallocated: bool,
+        entry_bytes: usize,
+        batch: usize,
+        file_bytes: u64,
+    ) -> Self {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .expect("create the floor file");
+        if preallocated {
+            zero_fill(&file, file_bytes);
+        }
+        Self {
+            file,
+            preallocated,
+            buf: (0..entry_bytes * batch).map(|i| i as u8).collect(),
+            offset: 0,
+            file_bytes,
+        }
+    }
+}
+
+impl Appender for FloorAppender {
+    fn append_batch(&mut self) {
+        if self.offset + self.buf.len() as u64 > self.file_bytes {
+            if !self.preallocated {
+                self.file.set_len(0).expect("truncate");
+            }
+            self.offset = 0;
+        }
+        self.file
+            .write_all_at(&self.buf, self.offset)
+            .expect("write");
+        self.file.sync_data().expect("fdatasync");
+        self.offset += self.buf.len() as u64;
+    }
 }
 
 fn zero_fill(file: &File, bytes: u64) {
@@ -276,72 +323,79 @@ fn zero_fill(file: &File, bytes: u64) {
 /// `wal-steady` saves a snapshot and compacts the log every this many bytes.
 const STEADY_COMPACTION_BYTES: u64 = 128 << 20;
 
-fn wal_appends(
-    dir: &Path,
-    options: WalOptions,
-    entry_bytes: usize,
+/// `Wal::write` of one persist batch, then `Wal::sync`, as a node's I/O task does.
+struct WalAppender {
+    wal: Wal,
+    payload: Bytes,
     batch: usize,
-    d: Duration,
+    next_index: u64,
+    id: u64,
     compact: bool,
-) -> Rate {
-    let (wal, _) = Wal::open(dir, options).expect("open the WAL");
-    let payload = Bytes::from((0..entry_bytes).map(|i| i as u8).collect::<Vec<u8>>());
-    let mut next_index = 1;
-    let mut id = 0;
-    let (mut write_time, mut sync_time) = (Duration::ZERO, Duration::ZERO);
-    let mut bytes_since_snapshot = 0u64;
-    let mut compact_to = None;
-    let start = Instant::now();
-    while start.elapsed() < d {
-        id += 1;
+    bytes_since_snapshot: u64,
+    compact_to: Option<u64>,
+}
+
+impl WalAppender {
+    fn new(
+        dir: &Path,
+        options: WalOptions,
+        entry_bytes: usize,
+        batch: usize,
+        compact: bool,
+    ) -> Self {
+        let (wal, _) = Wal::open(dir, options).expect("open the WAL");
+        Self {
+            wal,
+            payload: Bytes::from((0..entry_bytes).map(|i| i as u8).collect::<Vec<u8>>()),
+            batch,
+            next_index: 1,
+            id: 0,
+            compact,
+            bytes_since_snapshot: 0,
+            compact_to: None,
+        }
+    }
+}
+
+impl Appender for WalAppender {
+    fn append_batch(&mut self) {
+        self.id += 1;
+        let first = self.next_index;
         let batch = PersistBatch {
-            id,
-            entries: (next_index..next_index + batch as u64)
+            id: self.id,
+            entries: (first..first + self.batch as u64)
                 .map(|index| Entry {
                     term: 1,
                     index,
-                    payload: EntryPayload::Command(payload.clone()),
+                    payload: EntryPayload::Command(self.payload.clone()),
                 })
                 .collect(),
             hard_state: Some(HardState {
                 term: 1,
                 vote: 1,
-                commit: next_index - 1,
+                commit: first - 1,
             }),
-            compact_to: compact_to.take(),
+            compact_to: self.compact_to.take(),
             ..PersistBatch::default()
         };
-        next_index += batch.entries.len() as u64;
-        let before_write = Instant::now();
-        wal.write(&batch).expect("write");
-        let before_sync = Instant::now();
-        assert_eq!(wal.sync().expect("sync"), Some(id));
-        write_time += before_sync - before_write;
-        sync_time += before_sync.elapsed();
-        bytes_since_snapshot += (entry_bytes * batch.entries.len()) as u64;
-        if compact && bytes_since_snapshot >= STEADY_COMPACTION_BYTES {
+        self.next_index += self.batch as u64;
+        self.wal.write(&batch).expect("write");
+        assert_eq!(self.wal.sync().expect("sync"), Some(self.id));
+        assert_eq!(self.wal.last_index(), self.next_index - 1);
+        self.bytes_since_snapshot += (self.payload.len() * self.batch) as u64;
+        if self.compact && self.bytes_since_snapshot >= STEADY_COMPACTION_BYTES {
             // What a running node does now and then: snapshot the state machine, compact.
             let meta = SnapshotMeta {
-                last: EntryId::new(1, next_index - 1),
+                last: EntryId::new(1, self.next_index - 1),
                 membership: Membership::default(),
             };
-            wal.save_snapshot(&meta, &b"state"[..])
+            self.wal
+                .save_snapshot(&meta, &b"state"[..])
                 .expect("save a snapshot");
-            compact_to = Some(next_index - 1);
-            bytes_since_snapshot = 0;
+            self.compact_to = Some(self.next_index - 1);
+            self.bytes_since_snapshot = 0;
         }
     }
-    let elapsed = start.elapsed();
-    if std::env::var_os("WAL_BENCH_VERBOSE").is_some() {
-        eprintln!(
-            "  wal {entry_bytes}x{batch} compact={compact}: {id} batches, write {:.1} us/batch, \
-             sync {:.1} us/batch",
-            write_time.as_secs_f64() * 1e6 / id as f64,
-            sync_time.as_secs_f64() * 1e6 / id as f64
-        );
-    }
-    assert_eq!(wal.last_index(), next_index - 1);
-    rate(id, batch, entry_bytes, elapsed)
 }
 
 // ----- Recovery ------------------------------------------------------------------------------

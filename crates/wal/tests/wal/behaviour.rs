@@ -473,3 +473,46 @@ fn file_handles_survive_removal_as_on_unix() {
     file.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(&buf, b"kept");
 }
+
+/// A write of 64 KiB or more ends on a page boundary (with a padding record), so that the next
+/// one starts on one; the padding reads back as nothing.
+#[test]
+fn a_large_write_ends_on_a_page_boundary() {
+    let fs = SimFs::new(13);
+    let options = options(Arc::new(fs.clone()), 1 << 20, voters());
+    let (wal, _) = Wal::open(dir(), options.clone()).unwrap();
+    wal.write(&append_batch(1, 1, 100, 1000)).unwrap();
+    wal.sync().unwrap();
+    wal.write(&append_batch(2, 101, 1, 10)).unwrap();
+    wal.sync().unwrap();
+    let segment = segment_files(&fs)
+        .into_iter()
+        .max_by_key(|name| {
+            let file = fs.open(&dir().join(name)).unwrap();
+            let mut content = vec![0u8; file.len().unwrap() as usize];
+            file.read_exact_at(&mut content, 0).unwrap();
+            content.iter().filter(|&&b| b != 0).count()
+        })
+        .unwrap();
+    let file = fs.open(&dir().join(&segment)).unwrap();
+    let mut content = vec![0u8; file.len().unwrap() as usize];
+    file.read_exact_at(&mut content, 0).unwrap();
+    let padding_ends: Vec<usize> = (0..content.len() - 16)
+        .step_by(8)
+        .filter(|&offset| content[offset + 8] == 8 && content[offset + 9..offset + 12] == [0; 3])
+        .map(|offset| {
+            let payload = u32::from_le_bytes(content[offset + 4..offset + 8].try_into().unwrap());
+            offset + 16 + payload as usize
+        })
+        .collect();
+    assert!(
+        padding_ends.iter().any(|end| end % 4096 == 0),
+        "no padding record ends on a page boundary: {padding_ends:?}"
+    );
+    drop(wal);
+    let (wal, _) = Wal::open(dir(), options).unwrap();
+    assert_eq!(wal.last_index(), 101);
+    let mut expected = entries(1, 1..=100, 1000);
+    expected.extend(entries(1, 101..=101, 10));
+    assert_eq!(wal.entries(1, 102, u64::MAX).unwrap(), expected);
+}
