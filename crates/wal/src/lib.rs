@@ -36,13 +36,16 @@
 //! A data directory holds:
 //!
 //! * `flotilla-wal.meta`: format version, cluster id, node id, bootstrap configuration
-//!   (see [`metadata`](crate::metadata)); written last when the directory is created.
-//! * `segment-<20 digits>.wal`: the log, in numbered segments preallocated with zeros to
+//!   (see [`metadata`]); written last when the directory is created.
+//! * `segment-<20 digits>.wal`: the log, in numbered segments reserved (fallocate) to
 //!   `segment_bytes`. Each starts with a checkpoint record (the state of the log at that point,
 //!   and where the previous segment's records end) followed by records: entries (an entry at or
 //!   below the last index replaces the suffix: truncation), hard states (the last one wins),
-//!   compactions, snapshot installs and saves, and sync marks. Each record is framed with its
-//!   length, kind and a CRC32C over header and payload, aligned to 8 bytes.
+//!   compactions, snapshot installs and saves, sync marks, and padding. Each record is framed
+//!   with a 16-byte header (CRC32C over header and payload, length, kind, segment number) and
+//!   aligned to 8 bytes (see [`record`]). A segment made obsolete by compaction
+//!   is recycled as the next spare (its stale records carry the old segment number); others
+//!   are deleted once the compaction is durable.
 //! * `snapshot-<20 digits>.snap`: snapshot files, data first, checksummed trailer last. The log
 //!   names the current one.
 //!
@@ -84,7 +87,7 @@ mod log_index;
 pub mod metadata;
 mod open;
 mod reader;
-mod record;
+pub mod record;
 mod recovery;
 mod segment;
 mod sim_fs;
