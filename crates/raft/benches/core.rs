@@ -8,6 +8,9 @@
 //! Criterion reports time per committed entry (throughput = 1 / time) and per step.
 //! Run with `cargo bench -p flotilla-raft --bench core`.
 
+// A benchmark measures wall-clock time; the determinism rules are for the core itself.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -46,6 +46,9 @@ pub(crate) struct SnapshotTransfer {
     pub sent_last: bool,
     /// Election timeouts that passed without the follower acknowledging anything.
     pub idle_timeouts: u32,
+    /// Where the last follower-requested resend rewound to: the other stale chunks in flight
+    /// draw a resend request for the same offset, which must not rewind again.
+    pub rewound_to: Option<u64>,
 }
 
 /// Appends in flight to one follower: the last index of each, and their bytes. Bounded in

@@ -139,9 +139,19 @@ impl<S: LogStorage> RaftNode<S> {
         });
         leader.send_pending.insert(target);
         self.election_elapsed_ticks = 0;
-        let caught_up = self.leader_state().progress[&target].match_index == self.log.last_index();
-        if caught_up {
+        let last_index = self.log.last_index();
+        let pr = self
+            .leader_state_mut()
+            .progress
+            .get_mut(&target)
+            .expect("a voter has progress");
+        if pr.match_index == last_index {
             self.maybe_send_timeout_now(target);
+        } else if !matches!(pr.state, ProgressState::Snapshot(_)) {
+            // Appends or a probe in flight to the target may have been lost, and noticing that
+            // from heartbeats can take longer than the transfer may last: probe from its match
+            // now, so that the target catches up within the transfer's election timeout.
+            pr.become_probe();
         }
         Ok(())
     }

@@ -88,6 +88,7 @@ impl<S: LogStorage> RaftNode<S> {
             acked_offset: 0,
             sent_last: false,
             idle_timeouts: 0,
+            rewound_to: None,
         });
         self.send_snapshot_chunks(to)
     }
@@ -186,10 +187,11 @@ impl<S: LogStorage> RaftNode<S> {
                 // there once (and resent since), answering each again would multiply the
                 // traffic; a resend that is lost too is retried by the idle check.
                 let already_resending =
-                    next_offset == transfer.acked_offset && transfer.sent_offset > next_offset;
+                    transfer.rewound_to == Some(next_offset) && transfer.sent_offset > next_offset;
                 if already_resending {
                     return Ok(());
                 }
+                transfer.rewound_to = Some(next_offset);
                 transfer.acked_offset = next_offset;
                 transfer.sent_offset = next_offset;
                 transfer.sent_last = false;
