@@ -362,3 +362,48 @@ async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_restarts_and_catches_up_losing_nothing_acknowledged() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let writer = (old + 1) % 3;
+        let mut kv = cluster.kv(writer).await;
+        let mut acknowledged = Vec::new();
+        for i in 0..50 {
+            let key = format!("durable-{i}");
+            put(&mut kv, &key, "v").await.unwrap();
+            acknowledged.push(key);
+        }
+        cluster.kill9(old);
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        assert_ne!(new, old);
+        // Writes continue; a write caught by the failover may fail (its outcome unknown).
+        for i in 50..100 {
+            let key = format!("durable-{i}");
+            if put(&mut kv, &key, "v").await.is_ok() {
+                acknowledged.push(key);
+            }
+        }
+        assert!(
+            acknowledged.len() >= 95,
+            "writes continue after the failover"
+        );
+        cluster.restart(old);
+        let commit = cluster.status(new).await.unwrap().raft_index;
+        cluster.wait_applied(old, commit).await;
+        let mut kv_old = cluster.kv(old).await;
+        for key in &acknowledged {
+            let value = get(&mut kv_old, key, true).await.unwrap();
+            assert_eq!(value.as_deref(), Some("v"), "{key} was acknowledged");
+        }
+        // The restarted member takes part again: a write through it commits.
+        put(&mut kv_old, "after-restart", "v").await.unwrap();
+    })
+    .await;
+    if std::thread::panicking() {
+        dump_logs(&cluster);
+    }
+}

@@ -170,12 +170,68 @@ impl DurableStorage for MemDurable {
     }
 }
 
-/// Opens the member's storage. Until the write-ahead log is integrated this is in memory: a
-/// restarted member starts empty.
+impl DurableStorage for flotilla_wal::Wal {
+    fn write(&self, batch: &PersistBatch) -> Result<(), StorageFailure> {
+        flotilla_wal::Wal::write(self, batch).map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn sync(&self) -> Result<Option<PersistId>, StorageFailure> {
+        flotilla_wal::Wal::sync(self).map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn save_snapshot(
+        &self,
+        meta: &SnapshotMeta,
+        data: &mut dyn Read,
+    ) -> Result<(), StorageFailure> {
+        flotilla_wal::Wal::save_snapshot(self, meta, data)
+            .map(drop)
+            .map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn close(&self) -> Result<(), StorageFailure> {
+        flotilla_wal::Wal::close(self).map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn size_bytes(&self) -> u64 {
+        std::fs::read_dir(self.dir())
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| entry.ok()?.metadata().ok())
+                    .map(|metadata| metadata.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Opens the member's write-ahead log in `<data-dir>/wal`, creating it for a new member. A
+/// directory of another cluster or member is refused, naming both.
 pub fn open_storage(
-    _config: &crate::ServerConfig,
+    config: &crate::ServerConfig,
     identity: &crate::identity::Identity,
 ) -> anyhow::Result<std::sync::Arc<dyn DurableStorage>> {
-    let storage = MemStorage::new_with_membership(identity.bootstrap_membership());
-    Ok(std::sync::Arc::new(MemDurable::new(storage)))
+    use anyhow::Context;
+    let dir = crate::identity::Identity::wal_dir(&config.data_dir);
+    let mut options = flotilla_wal::WalOptions::new(identity.cluster_id, identity.member_id)
+        .with_bootstrap_membership(identity.bootstrap_membership());
+    if config.unsafe_no_fsync {
+        tracing::warn!("--unsafe-no-fsync: a crash may lose acknowledged writes; benchmarks only");
+        options = options.with_unsafe_no_fsync_for_benchmarks_only();
+    }
+    let (wal, report) = flotilla_wal::Wal::open(&dir, options)
+        .with_context(|| format!("cannot open the write-ahead log in {}", dir.display()))?;
+    tracing::info!(
+        dir = %dir.display(),
+        created = report.created,
+        first_index = report.first_index,
+        last_index = report.last_index,
+        term = report.hard_state.term,
+        snapshot = ?report.snapshot,
+        "opened the write-ahead log"
+    );
+    if let Some(torn) = &report.torn_tail {
+        tracing::warn!("cut away a record torn by a crash (never acknowledged): {torn:?}");
+    }
+    Ok(std::sync::Arc::new(wal))
 }
