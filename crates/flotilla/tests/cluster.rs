@@ -314,7 +314,7 @@ async fn a_member_is_added_as_learner_promoted_and_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
-    let cluster = TestCluster::start(
+    let mut cluster = TestCluster::start(
         3,
         &["--snapshot-count", "40", "--snapshot-catchup-entries", "5"],
     );
@@ -359,8 +359,19 @@ async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
             3,
             "the member table came with the snapshot"
         );
+
+        // Killed and restarted, it loads the snapshot it installed from its own disk.
+        cluster.kill9(lagging);
+        cluster.restart(lagging);
+        cluster.wait_applied(lagging, commit).await;
+        let mut kv_lagging = cluster.kv(lagging).await;
+        let value = get(&mut kv_lagging, "snap-199", true).await.unwrap();
+        assert_eq!(value.as_deref(), Some("199"));
     })
     .await;
+    if std::thread::panicking() {
+        dump_logs(&cluster);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

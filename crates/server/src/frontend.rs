@@ -162,6 +162,20 @@ impl Frontend {
                     self.note_session(session_id);
                     return applied_response(applied);
                 }
+                // A leadership transfer is under way: nothing was proposed; wait for the
+                // new leader and go there.
+                Err(NodeError::Refused(Refusal::Refused(
+                    flotilla_raft::Error::TransferInProgress { .. },
+                ))) => {
+                    let me = Some(self.identity.member_id);
+                    let wait = Instant::now() + self.election_timeout;
+                    self.node
+                        .wait_for(wait.min(deadline), |s| s.leader != me)
+                        .await;
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(REQUEST_TIMED_OUT));
+                    }
+                }
                 Err(NodeError::Refused(Refusal::NotLeader(hint))) => {
                     let request = forward_request::Request::Command(data.clone());
                     if let Some(response) = self

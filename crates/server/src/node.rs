@@ -749,31 +749,37 @@ impl ApplyContext {
     fn apply(&self, items: Vec<(Apply, Option<ProposalWaiter>)>) -> Result<(), String> {
         let mut replies = Vec::new();
         let mut last = None;
-        {
-            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-            for (item, waiter) in items {
-                last = Some(item.index());
-                match item {
-                    Apply::Entry(entry) => {
-                        let applied = state.apply_entry(&entry);
-                        if let Applied::Kv(result) = &applied
-                            && !result.events.is_empty()
-                        {
-                            self.events.publish(result.revision, &result.events);
-                        }
-                        if let Some(waiter) = waiter {
-                            replies.push((waiter, applied));
-                        }
+        let mut state = Some(self.state.write().unwrap_or_else(|p| p.into_inner()));
+        for (item, waiter) in items {
+            last = Some(item.index());
+            match item {
+                Apply::Entry(entry) => {
+                    let state = state.get_or_insert_with(|| {
+                        self.state.write().unwrap_or_else(|p| p.into_inner())
+                    });
+                    let applied = state.apply_entry(&entry);
+                    if let Applied::Kv(result) = &applied
+                        && !result.events.is_empty()
+                    {
+                        self.events.publish(result.revision, &result.events);
                     }
-                    Apply::Snapshot(meta) => {
-                        *state = self.restore(&meta)?;
-                        self.metrics
-                            .snapshots_restored
-                            .fetch_add(1, Ordering::Relaxed);
+                    if let Some(waiter) = waiter {
+                        replies.push((waiter, applied));
                     }
+                }
+                Apply::Snapshot(meta) => {
+                    // Restore without holding the lock (readers and the transport go on), then
+                    // swap the new state in.
+                    state = None;
+                    let restored = self.restore(&meta)?;
+                    *self.state.write().unwrap_or_else(|p| p.into_inner()) = restored;
+                    self.metrics
+                        .snapshots_restored
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
+        drop(state);
         if let Some(index) = last {
             self.metrics.apply_index.store(index, Ordering::Relaxed);
             self.applied.send_replace(index);

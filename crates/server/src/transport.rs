@@ -39,6 +39,7 @@ const BATCH_MESSAGES_MAX: usize = 512;
 const BATCH_BYTES_MAX: usize = 8 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const URL_RECHECK: Duration = Duration::from_secs(1);
 
 /// What the transport tells the raft task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,6 +60,8 @@ enum StreamKind {
 #[derive(Debug)]
 struct PeerQueues {
     url: String,
+    /// When `url` was last checked against the member table.
+    checked_at: Instant,
     raft: mpsc::Sender<Message>,
     snapshot: mpsc::Sender<Message>,
 }
@@ -116,14 +119,25 @@ impl PeerRouter {
     /// Queues a message; false if it was dropped.
     pub fn send(&mut self, msg: Message) -> bool {
         let to = msg.to;
-        let Some(url) = self.peer_url(to) else {
-            tracing::debug!(peer = to, "no address known for peer; dropping a message");
-            let _ = self.events.try_send(TransportEvent::Unreachable(to));
-            return false;
-        };
-        if self.peers.get(&to).is_none_or(|queues| queues.url != url) {
-            let queues = self.spawn_peer(to, url);
-            self.peers.insert(to, queues);
+        // The member table is consulted for a new peer, and about once a second for a known
+        // one (its URL may change with MemberUpdate), not for every message.
+        let fresh = self
+            .peers
+            .get(&to)
+            .is_some_and(|queues| queues.checked_at.elapsed() < URL_RECHECK);
+        if !fresh {
+            let Some(url) = self.peer_url(to) else {
+                tracing::debug!(peer = to, "no address known for peer; dropping a message");
+                let _ = self.events.try_send(TransportEvent::Unreachable(to));
+                return false;
+            };
+            match self.peers.get_mut(&to) {
+                Some(queues) if queues.url == url => queues.checked_at = Instant::now(),
+                _ => {
+                    let queues = self.spawn_peer(to, url);
+                    self.peers.insert(to, queues);
+                }
+            }
         }
         let queues = &self.peers[&to];
         let queue = match msg.body {
@@ -165,6 +179,7 @@ impl PeerRouter {
         }
         PeerQueues {
             url,
+            checked_at: Instant::now(),
             raft: raft_tx,
             snapshot: snapshot_tx,
         }
