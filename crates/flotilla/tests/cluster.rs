@@ -418,3 +418,63 @@ async fn a_killed_leader_restarts_and_catches_up_losing_nothing_acknowledged() {
         dump_logs(&cluster);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_and_the_metrics_and_health_endpoints_answer() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut kv = cluster.kv(leader).await;
+        put(&mut kv, "k", "v").await.unwrap();
+        let port = cluster.members[leader].metrics_port;
+        let health = http_get(&format!("http://127.0.0.1:{port}/health"))
+            .await
+            .unwrap();
+        assert_eq!(health, r#"{"health":"true","reason":""}"#);
+        let metrics = http_get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap();
+        for name in [
+            "flotilla_server_is_leader 1",
+            "flotilla_server_term ",
+            "flotilla_server_leader_changes_seen_total ",
+            "flotilla_server_proposals_committed_total ",
+            "flotilla_server_proposals_failed_total ",
+            "flotilla_server_proposals_pending ",
+            "flotilla_server_apply_index ",
+            "flotilla_disk_wal_fsync_duration_seconds_bucket",
+            "grpc_server_handling_seconds_bucket{grpc_method=\"Put\"",
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",\
+             grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+        ] {
+            assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+        }
+        for path in ["readyz", "livez"] {
+            let body = http_get(&format!("http://127.0.0.1:{port}/{path}")).await;
+            assert_eq!(body.as_deref(), Some("ok\n"), "/{path}");
+        }
+
+        let term = cluster.status(leader).await.unwrap().raft_term;
+        let process = cluster.members[leader].process.as_mut().unwrap();
+        process.signal(Signal::TERM);
+        assert_eq!(process.wait_exit(Duration::from_secs(20)).await, Some(0));
+        cluster.members[leader].process = None;
+        let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        let status = cluster.status(new).await.unwrap();
+        assert_eq!(
+            status.raft_term,
+            term + 1,
+            "a handover takes one term, no election timeout"
+        );
+        let text = cluster.members[leader].log_text();
+        assert!(text.contains("handing leadership over"), "{text}");
+        assert!(text.contains("the write-ahead log is closed"), "{text}");
+        let mut kv = cluster.kv(new).await;
+        assert_eq!(
+            get(&mut kv, "k", false).await.unwrap().as_deref(),
+            Some("v")
+        );
+    })
+    .await;
+}

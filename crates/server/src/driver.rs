@@ -394,6 +394,22 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_fails_the_proposals_it_covers() {
+        let mut driver = single_node_leader();
+        driver.proposals.insert(100, (1, 3));
+        driver.proposals.insert(200, (1, 4));
+        let meta = flotilla_raft::SnapshotMeta {
+            last: EntryId::new(1, 150),
+            membership: Membership::with_voters([1]),
+        };
+        let mut failed = Vec::new();
+        let own = driver.match_proposals(&Apply::Snapshot(meta), &mut failed);
+        assert_eq!(own, None);
+        assert_eq!(failed, vec![(3, Refusal::LeaderChanged)]);
+        assert!(driver.proposals.contains_key(&200));
+    }
+
+    #[test]
     fn proposals_beyond_the_limit_are_refused() {
         let mut driver = single_node_leader();
         driver.proposals_max = 1;
