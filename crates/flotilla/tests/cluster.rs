@@ -10,8 +10,8 @@ use common::*;
 use flotilla_proto::etcdserverpb::{
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest,
 };
-use flotilla_proto::flotilla::session::v1::RegisterRequest;
 use flotilla_proto::flotilla::session::v1::session_client::SessionClient;
+use flotilla_proto::flotilla::session::v1::{CloseRequest, KeepAliveRequest, RegisterRequest};
 use rustix::process::Signal;
 
 const LIMIT: Duration = Duration::from_secs(90);
@@ -165,6 +165,31 @@ async fn a_retried_write_with_a_session_is_applied_once() {
             stale.message().contains("older than"),
             "{}",
             stale.message()
+        );
+
+        // Keep-alives reach the leader; a closed session is gone and refuses writes.
+        let id = session.session_id;
+        let alive = sessions
+            .keep_alive(KeepAliveRequest { session_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(alive.alive);
+        sessions
+            .close(CloseRequest { session_id: id })
+            .await
+            .unwrap();
+        let alive = sessions
+            .keep_alive(KeepAliveRequest { session_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!alive.alive);
+        let closed = kv.put(tagged(3)).await.unwrap_err();
+        assert!(
+            closed.message().contains("session not found"),
+            "{}",
+            closed.message()
         );
     })
     .await;
@@ -475,6 +500,41 @@ async fn a_stopping_leader_hands_over_and_the_metrics_and_health_endpoints_answe
             get(&mut kv, "k", false).await.unwrap().as_deref(),
             Some("v")
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_is_refused_with_a_clear_log_line() {
+    let mut first = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        first.wait_for_leader(&[0]).await;
+        // A second cluster (another token) whose initial cluster names the first cluster's
+        // member as its peer: its messages reach a member of another cluster.
+        let mut second = TestCluster {
+            dir: tempfile::tempdir().unwrap(),
+            members: Vec::new(),
+            extra_args: Vec::new(),
+            token: "second-cluster".into(),
+        };
+        second.add_member_slot();
+        let stranger = format!("stranger={}", first.members[0].peer_url());
+        let initial = format!("{},{stranger}", second.initial_cluster());
+        second.spawn(0, &initial, "new");
+        eventually("the refusal to be logged on both sides", LIMIT, || {
+            let refused = first.members[0]
+                .log_text()
+                .contains("refusing a peer of another cluster");
+            let told = second.members[0]
+                .log_text()
+                .contains("peer refused this member: flotilla: cluster id mismatch");
+            async move { (refused && told).then_some(()) }
+        })
+        .await;
+        // The first cluster is unharmed.
+        let mut kv = first.kv(0).await;
+        put(&mut kv, "still", "fine").await.unwrap();
+        first.kill9(0);
     })
     .await;
 }
