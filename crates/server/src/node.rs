@@ -297,6 +297,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
             limits: parts.options.limits.clone(),
             applied: applied_tx,
             snapshots: snapshot_tx,
+            saving: Arc::default(),
         };
         std::thread::Builder::new()
             .name("flotilla-apply".into())
@@ -730,6 +731,8 @@ struct ApplyContext {
     limits: Limits,
     applied: watch::Sender<Index>,
     snapshots: mpsc::Sender<SnapshotRequest>,
+    /// A snapshot is being saved in the background.
+    saving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ApplyContext {
@@ -809,7 +812,15 @@ impl ApplyContext {
     }
 
     /// Saves a snapshot at the applied index, streamed from the state machine into storage.
+    ///
+    /// One thread encodes the state machine into a bounded pipe (holding the state's read
+    /// lock) while another streams the pipe into storage: no second copy of the state in
+    /// memory. Apply waits only for the encoding, since the state must not change under it;
+    /// the storage's fsyncs and renames finish in the background. One snapshot at a time.
     fn snapshot(&self) -> Result<(), String> {
+        if self.saving.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let index = self
             .state
             .read()
@@ -838,43 +849,73 @@ impl ApplyContext {
             }
             Err(_) => return Ok(()),
         };
-        let started = Instant::now();
-        self.save(&meta)?;
-        self.metrics.snapshot_save.observe(started.elapsed());
-        tracing::info!(snapshot = %meta.last, elapsed = ?started.elapsed(), "saved a snapshot");
-        let _ = self.snapshots.blocking_send(SnapshotRequest::Saved(meta));
+        self.saving.store(true, Ordering::Release);
+        let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(4);
+        let (encoded_tx, encoded_rx) = std::sync::mpsc::channel::<()>();
+        let state = self.state.clone();
+        let encoder = std::thread::Builder::new()
+            .name("flotilla-snapshot-encode".into())
+            .spawn(move || {
+                {
+                    let state = state.read().unwrap_or_else(|p| p.into_inner());
+                    let mut pipe = PipeWriter {
+                        chunk: Vec::with_capacity(PIPE_CHUNK_BYTES),
+                        tx: chunks_tx,
+                    };
+                    let result = state.write_snapshot(&mut pipe).and_then(|()| pipe.flush());
+                    let end = match result {
+                        Ok(()) => PipeChunk::End,
+                        Err(err) => PipeChunk::Failed(err.to_string()),
+                    };
+                    let _ = pipe.tx.send(end);
+                }
+                let _ = encoded_tx.send(());
+            })
+            .map_err(|e| format!("cannot start the snapshot encoder: {e}"))?;
+        let saver = SnapshotSaver {
+            storage: self.storage.clone(),
+            snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
+            saving: self.saving.clone(),
+        };
+        std::thread::Builder::new()
+            .name("flotilla-snapshot-save".into())
+            .spawn(move || saver.save(meta, chunks_rx))
+            .map_err(|e| format!("cannot start the snapshot saver: {e}"))?;
+        // Apply resumes once the state is no longer being read.
+        let _ = encoded_rx.recv();
+        let _ = encoder.join();
         Ok(())
     }
+}
 
-    /// One thread writes the state machine into a bounded pipe while this one streams it
-    /// into storage: no second copy of the state in memory.
-    fn save(&self, meta: &SnapshotMeta) -> Result<(), String> {
-        std::thread::scope(|scope| {
-            let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(4);
-            let state = &self.state;
-            let writer = scope.spawn(move || {
-                let state = state.read().unwrap_or_else(|p| p.into_inner());
-                let mut pipe = PipeWriter {
-                    chunk: Vec::with_capacity(PIPE_CHUNK_BYTES),
-                    tx: chunks_tx,
-                };
-                let result = state.write_snapshot(&mut pipe).and_then(|()| pipe.flush());
-                let end = match result {
-                    Ok(()) => PipeChunk::End,
-                    Err(err) => PipeChunk::Failed(err.to_string()),
-                };
-                let _ = pipe.tx.send(end);
-            });
-            let mut reader = PipeReader {
-                rx: chunks_rx,
-                chunk: Bytes::new(),
-                ended: false,
-            };
-            let saved = self.storage.save_snapshot(meta, &mut reader);
-            drop(reader);
-            let _ = writer.join();
-            saved.map_err(|e| format!("saving snapshot {}: {e}", meta.last))
-        })
+/// Streams an encoded snapshot into storage and tells the raft task.
+struct SnapshotSaver {
+    storage: Arc<dyn DurableStorage>,
+    snapshots: mpsc::Sender<SnapshotRequest>,
+    metrics: Arc<Metrics>,
+    saving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SnapshotSaver {
+    fn save(self, meta: SnapshotMeta, chunks: std::sync::mpsc::Receiver<PipeChunk>) {
+        let started = Instant::now();
+        let mut reader = PipeReader {
+            rx: chunks,
+            chunk: Bytes::new(),
+            ended: false,
+        };
+        match self.storage.save_snapshot(&meta, &mut reader) {
+            Ok(()) => {
+                self.metrics.snapshot_save.observe(started.elapsed());
+                tracing::info!(snapshot = %meta.last, elapsed = ?started.elapsed(), "saved a snapshot");
+                let _ = self.snapshots.blocking_send(SnapshotRequest::Saved(meta));
+            }
+            // Not fatal here: a newer snapshot may have been installed meanwhile, and a failure
+            // of the storage itself stops the WAL, which stops the node on its next write.
+            Err(err) => tracing::warn!(snapshot = %meta.last, "snapshot not saved: {err}"),
+        }
+        self.saving.store(false, Ordering::Release);
     }
 }
 
