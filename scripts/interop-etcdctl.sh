@@ -17,7 +17,8 @@ command -v etcdctl >/dev/null || { echo "etcdctl is missing: apt-get install -y 
 export ETCDCTL_API=3
 
 # Ports: BASE+{0..3} clients, BASE+{10..13} peers, BASE+{20..23} metrics.
-BASE=${INTEROP_BASE_PORT:-43100}
+# Below the ephemeral range (32768+), so no outgoing connection holds one of them.
+BASE=${INTEROP_BASE_PORT:-24100}
 WORK=$(mktemp -d /tmp/flotilla-interop.XXXXXX)
 PIDS=()
 cleanup() {
