@@ -148,6 +148,11 @@ fn parse_operation(line: &str) -> Result<RequestOp, InvalidInput> {
         InvalidInput(format!("malformed operation {line:?}: {first_line}"))
     })?;
     let request = match parsed {
+        OperationLine::Put(args) if args.value.is_none() => {
+            return Err(InvalidInput(format!(
+                "malformed operation {line:?}: put needs a key and a value"
+            )));
+        }
         OperationLine::Put(args) => request_op::Request::RequestPut(args.to_request()?),
         OperationLine::Get(args) => request_op::Request::RequestRange(args.to_request()?),
         OperationLine::Del(args) => request_op::Request::RequestDeleteRange(args.to_request()?),
