@@ -139,7 +139,7 @@ pub(crate) const STATUS_HEADERS: [&str; 12] = [
 ];
 
 pub(crate) fn status_row(endpoint: &str, status: &StatusResponse) -> Vec<String> {
-    let header = status.header.clone().unwrap_or_default();
+    let header = status.header.unwrap_or_default();
     vec![
         endpoint.to_string(),
         format!("{:x}", header.member_id),

@@ -179,7 +179,7 @@ pub(crate) fn split_words(line: &str) -> Option<Vec<String>> {
                 rest = after;
             } else if first == '\'' {
                 let end = rest[1..].find('\'')? + 1;
-                word.extend_from_slice(rest[1..end].as_bytes());
+                word.extend_from_slice(&rest.as_bytes()[1..end]);
                 rest = &rest[end + 1..];
             } else {
                 word.extend_from_slice(first.encode_utf8(&mut [0; 4]).as_bytes());
@@ -197,7 +197,7 @@ pub(crate) fn split_words(line: &str) -> Option<Vec<String>> {
 pub(crate) fn parse_quoted(text: &str) -> Option<(Vec<u8>, &str)> {
     if let Some(raw) = text.strip_prefix('`') {
         let end = raw.find('`')?;
-        return Some((raw[..end].as_bytes().to_vec(), &raw[end + 1..]));
+        return Some((raw.as_bytes()[..end].to_vec(), &raw[end + 1..]));
     }
     let body = text.strip_prefix('"')?;
     let bytes = body.as_bytes();
