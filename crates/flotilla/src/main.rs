@@ -1,5 +1,5 @@
 //! `flotilla`: the one binary. `serve` runs a member, `dev` a local cluster; the client
-//! commands come from `flotilla-client` (merged separately).
+//! commands (`put`, `get`, `member`, `status`, `bench`, ...) come from `flotilla-client`.
 
 mod dev;
 
@@ -16,6 +16,9 @@ use flotilla_server::{Exit, ServeArgs};
     about = "An etcd-compatible, Raft-replicated key-value store"
 )]
 struct Cli {
+    /// Flags of the client commands (`--endpoints`, `-w`, timeouts).
+    #[command(flatten)]
+    global: flotilla_client::cli::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +29,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Run a local cluster on 127.0.0.1 (ports 2379/22379/32379, peers 2380/22380/32380).
     Dev(dev::DevArgs),
+    #[command(flatten)]
+    Client(flotilla_client::cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +38,24 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Dev(args) => dev::run(args),
+        Command::Client(command) => client(&cli.global, command),
+    }
+}
+
+fn client(
+    global: &flotilla_client::cli::GlobalArgs,
+    command: flotilla_client::cli::ClientCommand,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&anyhow::anyhow!("cannot start the runtime: {err}")),
+    };
+    match runtime.block_on(flotilla_client::cli::run(global, command)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -339,7 +339,6 @@ fn spawn_background(
 /// Makes sure the member table has this member's name and client URLs (etcd's publish).
 async fn publish_attributes(frontend: Arc<Frontend>, name: String, client_urls: Vec<String>) {
     let id = frontend.identity.member_id;
-    let mut backoff = Duration::from_millis(100);
     loop {
         let published = {
             let state = frontend
@@ -355,15 +354,21 @@ async fn publish_attributes(frontend: Arc<Frontend>, name: String, client_urls: 
         if published {
             return;
         }
-        if frontend.node.status().leader.is_some() {
-            let command = publish_attributes_command(id, &name, &client_urls);
-            match frontend.write(command, 0).await {
-                Ok(_) => continue,
-                Err(status) => tracing::debug!("publishing attributes: {}", status.message()),
-            }
+        // Wait for a leader (an event), then propose; after a failure, pause briefly.
+        let leader_wait = Instant::now() + frontend.request_timeout;
+        if frontend
+            .node
+            .wait_for(leader_wait, |s| s.leader.is_some())
+            .await
+            .is_none()
+        {
+            continue;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        let command = publish_attributes_command(id, &name, &client_urls);
+        if let Err(status) = frontend.write(command, 0).await {
+            tracing::debug!("publishing attributes: {}", status.message());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 

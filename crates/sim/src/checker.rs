@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_raft::{EntryId, Index, LogStorage, MemStorage, Membership, NodeId, RaftNode, Term};
+use flotilla_raft::{EntryId, Index, LogStorage, Membership, NodeId, RaftNode, Term};
 
 use crate::machine::AppliedRecord;
 
@@ -44,10 +44,10 @@ pub struct Checker {
 
 /// What the checker needs to see of one node.
 #[derive(Debug)]
-pub struct NodeView<'a> {
+pub struct NodeView<'a, S: LogStorage> {
     pub id: NodeId,
     pub incarnation: u64,
-    pub node: &'a RaftNode<MemStorage>,
+    pub node: &'a RaftNode<S>,
 }
 
 impl Checker {
@@ -64,9 +64,9 @@ impl Checker {
 
     /// Checks every property over the running nodes. `durable` answers whether a node's stable
     /// storage holds an entry (for crashed nodes too).
-    pub fn check(
+    pub fn check<S: LogStorage>(
         &mut self,
-        nodes: &[NodeView<'_>],
+        nodes: &[NodeView<'_, S>],
         durable: &dyn Fn(NodeId, EntryId) -> bool,
     ) -> Result<(), Violation> {
         for view in nodes {
@@ -82,7 +82,10 @@ impl Checker {
         Ok(())
     }
 
-    fn check_election_safety(&mut self, view: &NodeView<'_>) -> Result<(), Violation> {
+    fn check_election_safety<S: LogStorage>(
+        &mut self,
+        view: &NodeView<'_, S>,
+    ) -> Result<(), Violation> {
         if !view.node.is_leader() {
             return Ok(());
         }
@@ -97,7 +100,10 @@ impl Checker {
         Ok(())
     }
 
-    fn check_log_matching(&mut self, view: &NodeView<'_>) -> Result<(), Violation> {
+    fn check_log_matching<S: LogStorage>(
+        &mut self,
+        view: &NodeView<'_, S>,
+    ) -> Result<(), Violation> {
         let node = view.node;
         let first = node.first_index();
         let last = node.last_id();
@@ -141,9 +147,9 @@ impl Checker {
         Ok(())
     }
 
-    fn check_commit(
+    fn check_commit<S: LogStorage>(
         &mut self,
-        view: &NodeView<'_>,
+        view: &NodeView<'_, S>,
         durable: &dyn Fn(NodeId, EntryId) -> bool,
     ) -> Result<(), Violation> {
         let node = view.node;
@@ -191,7 +197,7 @@ impl Checker {
         Ok(())
     }
 
-    fn check_leader(&mut self, view: &NodeView<'_>) -> Result<(), Violation> {
+    fn check_leader<S: LogStorage>(&mut self, view: &NodeView<'_, S>) -> Result<(), Violation> {
         let node = view.node;
         if !node.is_leader() {
             self.leader_logs.remove(&view.id);
@@ -236,7 +242,7 @@ impl Checker {
     }
 }
 
-fn term_at(node: &RaftNode<MemStorage>, index: Index) -> Option<Term> {
+fn term_at<S: LogStorage>(node: &RaftNode<S>, index: Index) -> Option<Term> {
     node.term_at(index).expect("readable log")
 }
 
@@ -263,12 +269,10 @@ fn check_quorum_durable(
     Ok(())
 }
 
-/// True if stable storage holds `entry` or a snapshot covering it.
-pub fn storage_holds(storage: &MemStorage, entry: EntryId) -> bool {
-    if let Some(info) = storage.snapshot_info()
-        && entry.index <= info.meta.last.index
-    {
-        return true;
-    }
-    storage.term(entry.index).ok() == Some(entry.term)
+/// True if `node` was told that `entry` is durable: it is at or below the node's persisted
+/// index and in its log, or compacted into a snapshot. The storage's side of the bargain, that
+/// recovery brings back everything acknowledged, is checked at every restart.
+pub fn believed_durable<S: LogStorage>(node: &RaftNode<S>, entry: EntryId) -> bool {
+    entry.index <= node.persisted()
+        && (entry.index < node.first_index() || term_at(node, entry.index) == Some(entry.term))
 }

@@ -10,15 +10,20 @@ pub mod checker;
 pub mod machine;
 pub mod options;
 pub mod simulation;
+pub mod storage;
 pub mod trace;
 
-pub use options::SimOptions;
+pub use options::{SimOptions, StorageKind};
 pub use simulation::{RunReport, Simulation};
+pub use storage::{MemDisk, SimStorage, WalDisk};
 
 /// Runs one seed, turning a panic inside the core (a failed assertion) into a failure too.
 pub fn run_seed(options: SimOptions) -> Result<RunReport, String> {
     let seed = options.seed;
-    let result = std::panic::catch_unwind(|| Simulation::new(options).run());
+    let result = std::panic::catch_unwind(|| match options.storage {
+        StorageKind::Mem => Simulation::<MemDisk>::new(options).run(),
+        StorageKind::Wal => Simulation::<WalDisk>::new(options).run(),
+    });
     match result {
         Ok(Ok(report)) => Ok(report),
         Ok(Err((violation, report))) => Err(format!(

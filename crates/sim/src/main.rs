@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Parser;
-use flotilla_sim::{SimOptions, nodes_for_seed, run_seed};
+use flotilla_sim::{SimOptions, StorageKind, nodes_for_seed, run_seed};
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a Flotilla Raft cluster under faults")]
@@ -33,6 +33,9 @@ struct Args {
     /// Print the run's trace digest as the last line.
     #[arg(long)]
     digest: bool,
+    /// What the nodes store their log on: memory, or the WAL over a faulty simulated disk.
+    #[arg(long, value_enum, default_value_t = StorageKind::Mem)]
+    storage: StorageKind,
     /// Print every event of a replayed seed.
     #[arg(long, requires = "seed")]
     verbose: bool,
@@ -63,13 +66,21 @@ fn options(args: &Args, seed: u64) -> SimOptions {
     let nodes = args.nodes.unwrap_or_else(|| nodes_for_seed(seed));
     let mut options = SimOptions::from_seed(seed, nodes, args.membership);
     options.verbose = args.verbose;
+    options.storage = args.storage;
     options
 }
 
 fn replay_command(args: &Args, seed: u64) -> String {
     let nodes = args.nodes.unwrap_or_else(|| nodes_for_seed(seed));
     let membership = if args.membership { " --membership" } else { "" };
-    format!("cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{membership}")
+    let storage = if args.storage == StorageKind::Wal {
+        " --storage wal"
+    } else {
+        ""
+    };
+    format!(
+        "cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{membership}{storage}"
+    )
 }
 
 fn replay(args: &Args, seed: u64) -> ExitCode {

@@ -5,6 +5,16 @@ use flotilla_raft::Prng;
 /// Simulated time is counted in microticks; a node ticks every `TICK_TIME` of them.
 pub const TICK_TIME: u64 = 10;
 
+/// The storage the simulated nodes run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageKind {
+    /// The in-memory reference storage (fast).
+    Mem,
+    /// The write-ahead log over a simulated file system that loses unsynced writes, tears and
+    /// reorders them at a crash, and sometimes fails a write or an fsync.
+    Wal,
+}
+
 /// The parameters of one run.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
@@ -42,6 +52,9 @@ pub struct SimOptions {
     pub snapshot_trailing_entries: u64,
     /// Print every event (for replaying a failing seed).
     pub verbose: bool,
+    pub storage: StorageKind,
+    /// With the WAL: one write or fsync in this many fails (0: never), which stops the node.
+    pub disk_error_one_in: u64,
 }
 
 impl SimOptions {
@@ -77,6 +90,8 @@ impl SimOptions {
             snapshot_padding_bytes_max: [0, 300, 3000][prng.range(0, 3) as usize],
             snapshot_trailing_entries: [0, 5, 50][prng.range(0, 3) as usize],
             verbose: false,
+            storage: StorageKind::Mem,
+            disk_error_one_in: [0, 0, 500, 3000][prng.range(0, 4) as usize],
         }
     }
 }

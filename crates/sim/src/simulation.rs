@@ -8,17 +8,18 @@
 //! healed; the cluster must converge and resolve every pending proposal within a bound).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use bytes::Bytes;
 use flotilla_raft::{
-    Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, MemStorage, Membership,
-    Message, NodeId, Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
+    Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message, NodeId,
+    Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
 };
 
-use crate::checker::{Checker, NodeView, Violation, storage_holds};
+use crate::checker::{Checker, NodeView, Violation, believed_durable};
 use crate::machine::{AppliedRecord, StateMachine, payload_digest};
 use crate::options::{SimOptions, TICK_TIME};
+use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
 
 /// How a run ended.
@@ -93,20 +94,91 @@ impl Ord for MessageKey {
     }
 }
 
-enum NodeState {
-    Running(Box<RaftNode<MemStorage>>),
+enum NodeState<S: SimStorage> {
+    Running(Box<RaftNode<S>>),
     /// Crashed: only stable storage survives.
-    Crashed(Box<MemStorage>),
+    Crashed {
+        disk: Box<S::Disk>,
+        believed: Believed,
+    },
     /// Removed from the cluster and stopped for good.
     Stopped,
 }
 
-struct SimNode {
+/// What a node had been told was durable when it crashed: recovery must bring it all back.
+#[derive(Clone, Debug, Default)]
+struct Believed {
+    /// Entries up to here were compacted into a snapshot.
+    compacted_through: Index,
+    /// Entries after the compaction point, up to the persisted index.
+    entries: BTreeMap<Index, u64>,
+}
+
+impl Believed {
+    fn of<S: SimStorage>(node: &RaftNode<S>) -> Self {
+        Self::try_of(node).expect("a healthy node's log is readable")
+    }
+
+    /// None if the storage has failed and cannot be read.
+    fn try_of<S: SimStorage>(node: &RaftNode<S>) -> Option<Self> {
+        let compacted_through = node.first_index() - 1;
+        let mut entries = BTreeMap::new();
+        let persisted = node.persisted();
+        if persisted > compacted_through {
+            for entry in node
+                .entries(compacted_through + 1, persisted + 1, u64::MAX)
+                .ok()?
+            {
+                entries.insert(entry.index, entry.term);
+            }
+        }
+        Some(Self {
+            compacted_through,
+            entries,
+        })
+    }
+
+    fn restricted_to(&self, persisted: Index) -> Self {
+        let entries = self
+            .entries
+            .range(..=persisted)
+            .map(|(&i, &t)| (i, t))
+            .collect();
+        Self {
+            compacted_through: self.compacted_through.min(persisted),
+            entries,
+        }
+    }
+
+    fn holds(&self, entry: EntryId) -> bool {
+        entry.index <= self.compacted_through || self.entries.get(&entry.index) == Some(&entry.term)
+    }
+
+    /// Recovery lost nothing acknowledged: every believed entry is back, or compacted.
+    fn check_recovered<S: SimStorage>(&self, id: NodeId, node: &RaftNode<S>) -> Result<(), String> {
+        let compacted = node.first_index() - 1;
+        for (&index, &term) in self.entries.range(compacted + 1..) {
+            let found = node.term_at(index).expect("log");
+            if found != Some(term) {
+                return Err(format!(
+                    "durability: node {id} had {index}@{term} acknowledged as durable, but after \
+                     recovery its log has {found:?} there"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct SimNode<S: SimStorage> {
     id: NodeId,
     incarnation: u64,
-    state: NodeState,
-    /// Batches written but not yet fsynced; lost at a crash.
-    unsynced: VecDeque<PersistBatch>,
+    state: NodeState<S>,
+    /// The highest batch acknowledged to the core in this incarnation.
+    persist_acked: PersistId,
+    /// What the node was told is durable, as of its last acknowledgement (kept only when disk
+    /// errors are injected).
+    believed: Believed,
     /// Fsyncs complete in order: none before this time.
     fsync_done_time: u64,
     machine: StateMachine,
@@ -114,26 +186,27 @@ struct SimNode {
     removed: bool,
 }
 
-impl SimNode {
-    fn running(&self) -> Option<&RaftNode<MemStorage>> {
+impl<S: SimStorage> SimNode<S> {
+    fn running(&self) -> Option<&RaftNode<S>> {
         match &self.state {
             NodeState::Running(node) => Some(node),
             _ => None,
         }
     }
 
-    fn running_mut(&mut self) -> Option<&mut RaftNode<MemStorage>> {
+    fn running_mut(&mut self) -> Option<&mut RaftNode<S>> {
         match &mut self.state {
             NodeState::Running(node) => Some(node),
             _ => None,
         }
     }
 
-    fn stable_storage(&self) -> Option<&MemStorage> {
+    /// True if the node holds `entry` durably, as far as it was told.
+    fn holds_durably(&self, entry: EntryId) -> bool {
         match &self.state {
-            NodeState::Running(node) => Some(node.storage()),
-            NodeState::Crashed(storage) => Some(storage),
-            NodeState::Stopped => None,
+            NodeState::Running(node) => believed_durable(node, entry),
+            NodeState::Crashed { believed, .. } => believed.holds(entry),
+            NodeState::Stopped => false,
         }
     }
 }
@@ -168,13 +241,13 @@ struct Client {
 }
 
 #[allow(missing_debug_implementations)]
-pub struct Simulation {
+pub struct Simulation<S: SimStorage> {
     options: SimOptions,
     prng: Prng,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
-    nodes: BTreeMap<NodeId, SimNode>,
+    nodes: BTreeMap<NodeId, SimNode<S>>,
     next_node_id: NodeId,
     /// Directed links that drop messages.
     cut: BTreeSet<(NodeId, NodeId)>,
@@ -194,7 +267,7 @@ pub struct Simulation {
     report: RunReport,
 }
 
-impl Simulation {
+impl<S: SimStorage> Simulation<S> {
     pub fn new(options: SimOptions) -> Self {
         let prng = Prng::new(options.seed);
         let report = RunReport {
@@ -237,7 +310,9 @@ impl Simulation {
         sim.ever_members.extend(ids.iter().copied());
         let membership = Membership::with_voters(ids.iter().copied());
         for &id in &ids {
-            sim.start_node(id, MemStorage::new_with_membership(membership.clone()));
+            let storage = S::create(id, membership.clone(), sim.options.seed)
+                .expect("creating storage on a fresh disk");
+            sim.start_node(id, storage);
         }
         for client in 0..sim.clients.len() {
             let delay = sim.prng.range(1, 50);
@@ -343,7 +418,8 @@ impl Simulation {
         config
     }
 
-    fn start_node(&mut self, id: NodeId, storage: MemStorage) {
+    fn start_node(&mut self, id: NodeId, storage: S) {
+        storage.inject_disk_errors(self.options.disk_error_one_in);
         let config = self.node_config(id);
         let node = RaftNode::new(config, storage, 0).expect("node starts from valid storage");
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
@@ -353,7 +429,8 @@ impl Simulation {
                 id,
                 incarnation,
                 state: NodeState::Running(Box::new(node)),
-                unsynced: VecDeque::new(),
+                persist_acked: 0,
+                believed: Believed::default(),
                 fsync_done_time: self.now,
                 machine: StateMachine::default(),
                 removed: false,
@@ -370,16 +447,29 @@ impl Simulation {
         self.trace.record(&[1, id, incarnation, self.now]);
     }
 
+    /// Power loss: the process dies and the disk keeps only what it had made durable.
     fn crash(&mut self, id: NodeId) {
         let Some(sim_node) = self.nodes.get_mut(&id) else {
             return;
         };
-        let NodeState::Running(node) = &sim_node.state else {
+        let NodeState::Running(_) = &sim_node.state else {
             return;
         };
-        // Power loss: only what was fsynced survives.
-        sim_node.state = NodeState::Crashed(Box::new(node.storage().clone()));
-        sim_node.unsynced.clear();
+        let NodeState::Running(node) = std::mem::replace(&mut sim_node.state, NodeState::Stopped)
+        else {
+            unreachable!("checked above")
+        };
+        // If the storage failed, its log cannot be read: use what was recorded at the last
+        // acknowledgement, less anything the node has since replaced (a truncation lowers the
+        // persisted index below the replaced entries; their replacements were never
+        // acknowledged, so either version may survive).
+        let believed = Believed::try_of(&node)
+            .unwrap_or_else(|| sim_node.believed.restricted_to(node.persisted()));
+        let storage = node.into_storage();
+        sim_node.state = NodeState::Crashed {
+            disk: Box::new(storage.power_loss()),
+            believed,
+        };
         sim_node.machine = StateMachine::default();
         self.trace.record(&[2, id, self.now]);
         for client in 0..self.clients.len() {
@@ -389,15 +479,44 @@ impl Simulation {
         }
     }
 
+    /// The core returned an error. Only a fatal storage error is expected (the WAL failed
+    /// after an injected disk error); anything else is a bug.
+    fn core_failed(&mut self, id: NodeId, err: Error) {
+        assert!(
+            err.is_fatal(),
+            "node {id}: unexpected error from the core: {err}"
+        );
+        self.storage_failed(id, &err.to_string());
+    }
+
+    /// A storage write failed: the node stops at once (it must not carry on as if the write
+    /// had happened) and comes back later through recovery.
+    fn storage_failed(&mut self, id: NodeId, error: &str) {
+        self.trace
+            .record_str(&format!("storage failure on {id}: {error}"));
+        if self.options.verbose {
+            println!("{:>6}   n{id} storage failure: {error}", self.now);
+        }
+        self.crash(id);
+        let downtime = self.prng.range(50, 500);
+        self.schedule(downtime, Event::Restart { node: id });
+    }
+
     fn restart(&mut self, id: NodeId) {
         let Some(sim_node) = self.nodes.get(&id) else {
             return;
         };
-        let NodeState::Crashed(storage) = &sim_node.state else {
+        let NodeState::Crashed { disk, believed } = &sim_node.state else {
             return;
         };
-        let storage = (**storage).clone();
+        let storage = S::recover(disk)
+            .unwrap_or_else(|err| panic!("node {id} cannot recover its storage: {err}"));
+        let believed = believed.clone();
         self.start_node(id, storage);
+        let node = self.nodes[&id].running().expect("just started");
+        if let Err(violation) = believed.check_recovered(id, node) {
+            panic!("{violation}");
+        }
         self.process(id);
     }
 
@@ -407,9 +526,10 @@ impl Simulation {
             let Some(node) = self.nodes.get_mut(&id).and_then(SimNode::running_mut) else {
                 return;
             };
-            let output = node
-                .take_output()
-                .expect("the simulated storage never fails");
+            let output = match node.take_output() {
+                Ok(output) => output,
+                Err(err) => return self.core_failed(id, err),
+            };
             if output.is_empty() {
                 return;
             }
@@ -450,6 +570,10 @@ impl Simulation {
         }
         if let Some(batch) = output.persist {
             self.write_batch(id, batch);
+            if self.nodes[&id].running().is_none() {
+                // The write failed and the process died: nothing more happens.
+                return;
+            }
         }
         for msg in output.messages {
             self.send(msg);
@@ -513,12 +637,19 @@ impl Simulation {
         self.ever_members.contains(&id)
     }
 
+    /// The batch is written now; it becomes durable when its simulated fsync completes.
     fn write_batch(&mut self, id: NodeId, batch: PersistBatch) {
         let delay = self.prng.range(
             self.options.fsync_delay_min,
             self.options.fsync_delay_max + 1,
         );
         let sim_node = self.nodes.get_mut(&id).expect("exists");
+        let NodeState::Running(node) = &mut sim_node.state else {
+            return;
+        };
+        if let Err(err) = node.storage_mut().write(&batch) {
+            return self.storage_failed(id, &err);
+        }
         let done = (self.now + delay).max(sim_node.fsync_done_time);
         sim_node.fsync_done_time = done;
         let event = Event::FsyncDone {
@@ -526,7 +657,6 @@ impl Simulation {
             incarnation: sim_node.incarnation,
             batch: batch.id,
         };
-        sim_node.unsynced.push_back(batch);
         self.schedule(done - self.now, event);
     }
 
@@ -535,22 +665,26 @@ impl Simulation {
         let NodeState::Running(node) = &mut sim_node.state else {
             return;
         };
-        let mut last = None;
-        while sim_node
-            .unsynced
-            .front()
-            .is_some_and(|batch| batch.id <= batch_id)
-        {
-            let batch = sim_node.unsynced.pop_front().expect("checked");
-            node.storage_mut()
-                .persist(&batch)
-                .expect("batches follow the storage contract");
-            last = Some(batch.id);
+        if batch_id <= sim_node.persist_acked {
+            // An earlier fsync already covered it (group commit).
+            return;
         }
-        if let Some(last) = last {
-            node.on_persisted(last).expect("acknowledged in order");
-            self.trace.record(&[5, id, last]);
-            self.process(id);
+        match node.storage_mut().sync() {
+            Ok(Some(durable)) if durable > sim_node.persist_acked => {
+                sim_node.persist_acked = durable;
+                if let Err(err) = node.on_persisted(durable) {
+                    return self.core_failed(id, err);
+                }
+                if self.options.disk_error_one_in > 0 {
+                    // Once a disk error stops the WAL it cannot be read: remember now what
+                    // the node was told is durable, for the check after recovery.
+                    sim_node.believed = Believed::of(node);
+                }
+                self.trace.record(&[5, id, durable]);
+                self.process(id);
+            }
+            Ok(_) => {}
+            Err(err) => self.storage_failed(id, &err),
         }
     }
 
@@ -561,7 +695,9 @@ impl Simulation {
         }
         let sim_node = self.nodes.get_mut(&id).expect("exists");
         let node = sim_node.running_mut().expect("running");
-        node.on_applied(last_index).expect("applied in order");
+        if let Err(err) = node.on_applied(last_index) {
+            return self.core_failed(id, err);
+        }
         self.resolve_writes(id);
     }
 
@@ -589,7 +725,11 @@ impl Simulation {
             }
             Apply::Snapshot(meta) => {
                 let node = sim_node.running().expect("running");
-                let (stored, data) = node.storage().snapshot_data().expect("snapshot in storage");
+                let (stored, data) = node
+                    .storage()
+                    .snapshot_data()
+                    .unwrap_or_else(|err| panic!("node {id}: reading the snapshot failed: {err}"))
+                    .expect("a snapshot to load is in storage");
                 assert_eq!(
                     stored, meta,
                     "node {id}: the snapshot to load is not the stored one"
@@ -623,14 +763,16 @@ impl Simulation {
         if index <= node.snapshot_id().index {
             return;
         }
-        let meta = node
-            .snapshot_meta(index)
-            .expect("applied index can be snapshotted");
-        node.storage_mut()
-            .save_snapshot(meta.clone(), data)
-            .expect("newer snapshot");
-        node.on_snapshot_saved(&meta)
-            .expect("snapshot matches the log");
+        let meta = match node.snapshot_meta(index) {
+            Ok(meta) => meta,
+            Err(err) => return self.core_failed(id, err),
+        };
+        if let Err(err) = node.storage_mut().save_snapshot(&meta, data) {
+            return self.storage_failed(id, &err);
+        }
+        if let Err(err) = node.on_snapshot_saved(&meta) {
+            return self.core_failed(id, err);
+        }
         self.trace.record(&[7, id, index]);
     }
 
@@ -671,8 +813,9 @@ impl Simulation {
             return;
         };
         self.trace.record(&[9, msg.from, to, msg.term]);
-        node.step(msg)
-            .expect("stepping a message never fails with simulated storage");
+        if let Err(err) = node.step(msg) {
+            return self.core_failed(to, err);
+        }
         self.process(to);
     }
 
@@ -690,9 +833,12 @@ impl Simulation {
                 let Some(raft) = sim_node.running_mut() else {
                     return Ok(());
                 };
-                raft.tick()
-                    .expect("tick never fails with simulated storage");
+                let ticked = raft.tick();
                 self.schedule(TICK_TIME, Event::Tick { node, incarnation });
+                if let Err(err) = ticked {
+                    self.core_failed(node, err);
+                    return Ok(());
+                }
                 self.process(node);
             }
             Event::Deliver(key) => self.deliver(key.msg),
@@ -755,7 +901,6 @@ impl Simulation {
             return;
         }
         sim_node.state = NodeState::Stopped;
-        sim_node.unsynced.clear();
         self.trace.record(&[11, id]);
         for client in 0..self.clients.len() {
             if self.clients[client].pending.is_some_and(|op| op.node == id) {
@@ -772,7 +917,7 @@ impl Simulation {
         let crashed: Vec<NodeId> = self
             .nodes
             .values()
-            .filter(|n| matches!(n.state, NodeState::Crashed(_)))
+            .filter(|n| matches!(n.state, NodeState::Crashed { .. }))
             .map(|n| n.id)
             .collect();
         for id in crashed {
@@ -782,7 +927,7 @@ impl Simulation {
     }
 
     fn check(&mut self) -> Result<(), Violation> {
-        let views: Vec<NodeView<'_>> = self
+        let views: Vec<NodeView<'_, S>> = self
             .nodes
             .values()
             .filter_map(|n| {
@@ -795,17 +940,14 @@ impl Simulation {
             .collect();
         let nodes = &self.nodes;
         let durable = |id: NodeId, entry: EntryId| {
-            nodes
-                .get(&id)
-                .and_then(SimNode::stable_storage)
-                .is_some_and(|storage| storage_holds(storage, entry))
+            nodes.get(&id).is_some_and(|node| node.holds_durably(entry))
         };
         self.checker.check(&views, &durable)
     }
 
     // ----- Liveness --------------------------------------------------------------------------
 
-    fn members_running(&self) -> Vec<&RaftNode<MemStorage>> {
+    fn members_running(&self) -> Vec<&RaftNode<S>> {
         self.nodes
             .values()
             .filter(|n| !n.removed)
@@ -1237,7 +1379,10 @@ impl Simulation {
                 {
                     // A new member starts empty and learns everything from the leader.
                     self.ever_members.insert(id);
-                    self.start_node(id, MemStorage::new_empty());
+                    let seed = self.options.seed;
+                    let storage = S::create(id, Membership::default(), seed)
+                        .expect("creating storage on a fresh disk");
+                    self.start_node(id, storage);
                 }
             }
         }

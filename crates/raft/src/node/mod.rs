@@ -322,6 +322,11 @@ impl<S: LogStorage> RaftNode<S> {
         &mut self.log.storage
     }
 
+    /// Stops the node and hands back its storage (what a crash or shutdown leaves behind).
+    pub fn into_storage(self) -> S {
+        self.log.storage
+    }
+
     /// The leader's view of a follower's replication: (match index, next index), if this node
     /// is the leader and `id` a member.
     pub fn progress_of(&self, id: NodeId) -> Option<(Index, Index)> {
