@@ -345,3 +345,68 @@ fn encode(msg: &Message) -> Bytes {
 pub fn header_u64(metadata: &MetadataMap, key: &str) -> Option<u64> {
     metadata.get(key)?.to_str().ok()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use flotilla_raft::{AppendRequest, EntryId};
+
+    use super::*;
+
+    fn heartbeat(to: NodeId) -> Message {
+        Message {
+            from: 1,
+            to,
+            term: 3,
+            body: MessageBody::Heartbeat(flotilla_raft::Heartbeat {
+                commit: 5,
+                read_round: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_queued_and_decodes_back() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for _ in 0..3 {
+            tx.try_send(heartbeat(2)).unwrap();
+        }
+        let append = Message {
+            body: MessageBody::Append(AppendRequest {
+                prev: EntryId::new(3, 4),
+                entries: Vec::new(),
+                commit: 4,
+            }),
+            ..heartbeat(2)
+        };
+        let batch = take_batch(append.clone(), &mut rx);
+        assert_eq!(batch.messages.len(), 4);
+        let first = codec::decode_message_exact(batch.messages[0].clone()).unwrap();
+        assert_eq!(first, append);
+        assert!(rx.try_recv().is_err(), "the queue was drained");
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_message_bound() {
+        let (tx, mut rx) = mpsc::channel(BATCH_MESSAGES_MAX + 10);
+        for _ in 0..BATCH_MESSAGES_MAX + 5 {
+            tx.try_send(heartbeat(2)).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let batch = take_batch(first, &mut rx);
+        assert_eq!(batch.messages.len(), BATCH_MESSAGES_MAX);
+    }
+
+    #[test]
+    fn identity_headers_round_trip() {
+        let identity = PeerIdentity {
+            cluster_id: u64::MAX,
+            member_id: 7,
+        };
+        let mut metadata = MetadataMap::new();
+        identity.stamp(&mut metadata, 9);
+        assert_eq!(header_u64(&metadata, CLUSTER_ID_HEADER), Some(u64::MAX));
+        assert_eq!(header_u64(&metadata, FROM_HEADER), Some(7));
+        assert_eq!(header_u64(&metadata, TO_HEADER), Some(9));
+        assert_eq!(header_u64(&MetadataMap::new(), TO_HEADER), None);
+    }
+}
