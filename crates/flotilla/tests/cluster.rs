@@ -330,6 +330,27 @@ async fn a_member_is_added_as_learner_promoted_and_removed() {
         assert_eq!(code, Some(0), "a removed member exits cleanly");
         cluster.members[new].process = None;
         put(&mut kv, "after-remove", "v").await.unwrap();
+
+        // With one of three members down, adding a voter would leave too few started members
+        // for a quorum of four: refused, as etcd does.
+        let asked = (leader + 1) % 3;
+        let down = (leader + 2) % 3;
+        cluster.kill9(down);
+        // The leader counts a member as started if heard from within two election timeouts:
+        // waiting for that much time to pass is the event here.
+        tokio::time::sleep(Duration::from_millis(3 * ELECTION_MS)).await;
+        let mut members = cluster.cluster_client(asked).await;
+        let refused = members
+            .member_add(MemberAddRequest {
+                peer_urls: vec!["http://127.0.0.1:9".into()],
+                is_learner: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "etcdserver: re-configuration failed due to not enough started members"
+        );
     })
     .await;
     if std::thread::panicking() {

@@ -48,6 +48,9 @@ pub struct Frontend {
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
     /// On the leader: when each client session was last heard of.
     session_activity: Mutex<BTreeMap<u64, Instant>>,
+    /// When each peer last sent Raft messages here: a member heard from recently is
+    /// "started", for etcd's check that a reconfiguration keeps a quorum of started members.
+    pub peer_activity: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Frontend {
@@ -68,6 +71,7 @@ impl Frontend {
             session_ttl,
             peers: Mutex::new(BTreeMap::new()),
             session_activity: Mutex::new(BTreeMap::new()),
+            peer_activity: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -388,6 +392,9 @@ impl Frontend {
                 if table.find_by_peer_url(&change.peer_urls).is_some() {
                     return Err(Status::failed_precondition(PEER_URL_EXISTS));
                 }
+                if !change.is_learner {
+                    self.check_started_quorum(table, None, 1)?;
+                }
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64);
@@ -399,8 +406,11 @@ impl Frontend {
                 })
             }
             member_change::Kind::Remove | member_change::Kind::Promote => {
-                if table.get(change.id).is_none() {
+                let Some(member) = table.get(change.id) else {
                     return Err(Status::not_found(MEMBER_NOT_FOUND));
+                };
+                if kind == member_change::Kind::Remove && !member.is_learner {
+                    self.check_started_quorum(table, Some(change.id), 0)?;
                 }
                 Ok(if kind == member_change::Kind::Remove {
                     ConfChangeStep::Remove(change.id)
@@ -409,6 +419,46 @@ impl Frontend {
                 })
             }
         }
+    }
+
+    /// etcd's strict reconfiguration check: after the change (one voter `removed`, or `added`
+    /// voters not yet started), the started voters must still be a quorum, or the cluster
+    /// would stop making progress until the new member starts.
+    fn check_started_quorum(
+        &self,
+        table: &crate::members::MemberTable,
+        removed: Option<NodeId>,
+        added: usize,
+    ) -> Result<(), Status> {
+        let recent = 2 * self.election_timeout;
+        let activity = self.peer_activity.lock().unwrap_or_else(|p| p.into_inner());
+        let voters: Vec<NodeId> = table
+            .members()
+            .filter(|m| !m.is_learner && Some(m.id) != removed)
+            .map(|m| m.id)
+            .collect();
+        let started = voters
+            .iter()
+            .filter(|&&id| {
+                id == self.identity.member_id
+                    || activity.get(&id).is_some_and(|at| at.elapsed() < recent)
+            })
+            .count();
+        let quorum = (voters.len() + added) / 2 + 1;
+        if started < quorum {
+            return Err(Status::failed_precondition(
+                crate::errors::NOT_ENOUGH_STARTED_MEMBERS,
+            ));
+        }
+        Ok(())
+    }
+
+    /// A peer sent Raft messages here just now.
+    pub fn note_peer_activity(&self, peer: NodeId) {
+        self.peer_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, Instant::now());
     }
 
     // ----- Sessions ------------------------------------------------------------------------

@@ -73,6 +73,7 @@ impl PeerService {
         let from = self.check_peer(&request)?;
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
+            self.frontend.note_peer_activity(from);
             for bytes in batch.messages {
                 let msg = codec::decode_message_exact(bytes)
                     .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
