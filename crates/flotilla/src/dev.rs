@@ -36,6 +36,7 @@ const STOP_GRACE: Duration = Duration::from_secs(20);
 
 struct Member {
     name: String,
+    log: PathBuf,
     client_url: String,
     peer_url: String,
     metrics_url: String,
@@ -89,6 +90,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
             let port = client_port(i);
             Member {
                 name: format!("node{}", i + 1),
+                log: args.data_dir.join(format!("node{}.log", i + 1)),
                 client_url: format!("http://127.0.0.1:{port}"),
                 peer_url: format!("http://127.0.0.1:{}", port + 1),
                 metrics_url: format!("http://127.0.0.1:{}", port + 2),
@@ -121,7 +123,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
 
 fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
-    let log_path = args.data_dir.join(format!("{}.log", member.name));
+    let log_path = &member.log;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -196,6 +198,13 @@ async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()>
             _ = ticker.tick() => {}
         }
         reap_exited(members);
+        if members.iter().all(|m| m.exited.is_some()) {
+            let first_error = members
+                .iter()
+                .find_map(|m| last_error_line(&m.log))
+                .unwrap_or_else(|| "no error logged".into());
+            anyhow::bail!("every member exited (first error: {first_error}); see their logs");
+        }
         let mut rows = Vec::new();
         for m in members.iter() {
             rows.push(status_row(m).await);
@@ -221,6 +230,15 @@ async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()>
         }
         let _ = std::io::stdout().flush();
     }
+}
+
+/// The last line of a member's log that reports an error.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|line| line.contains("error"))
+        .map(|line| line.trim().to_string())
 }
 
 fn reap_exited(members: &mut [Member]) {
