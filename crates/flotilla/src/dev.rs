@@ -127,7 +127,7 @@ fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyho
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_path)
+        .open(log_path)
         .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
     let mut command = std::process::Command::new(exe);
     command
