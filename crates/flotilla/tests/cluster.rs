@@ -99,11 +99,23 @@ async fn a_paused_leader_steps_down_without_harm() {
             },
         )
         .await;
-        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
-        assert_eq!(
-            leader, new,
-            "the resumed member must not take leadership back"
+        // It follows the new term (a leader elected later may be anyone, but only one).
+        let term_after = cluster.status(new).await.unwrap().raft_term;
+        let resumed = eventually(
+            "the resumed member to learn the new term",
+            LIMIT,
+            || async {
+                let status = cluster.status(old).await?;
+                (status.raft_term >= term_after && status.leader != 0).then_some(status)
+            },
+        )
+        .await;
+        assert_ne!(
+            resumed.leader,
+            resumed.header.unwrap().member_id,
+            "the resumed member does not lead on its old term"
         );
+        cluster.wait_for_leader(&[0, 1, 2]).await;
         assert_eq!(
             get(&mut kv_old, "before", false).await.unwrap().as_deref(),
             Some("pause")
@@ -508,13 +520,10 @@ async fn a_stopping_leader_hands_over_and_the_metrics_and_health_endpoints_answe
         let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
         let new = cluster.wait_for_leader(&others).await;
         let status = cluster.status(new).await.unwrap();
-        assert_eq!(
-            status.raft_term,
-            term + 1,
-            "a handover takes one term, no election timeout"
-        );
+        assert!(status.raft_term > term, "the new leader has a newer term");
         let text = cluster.members[leader].log_text();
         assert!(text.contains("handing leadership over"), "{text}");
+        assert!(!text.contains("leadership did not move in time"), "{text}");
         assert!(text.contains("the write-ahead log is closed"), "{text}");
         let mut kv = cluster.kv(new).await;
         assert_eq!(
