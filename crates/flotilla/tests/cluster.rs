@@ -249,6 +249,20 @@ async fn bad_input_gets_clear_etcd_errors() {
             "{stderr}"
         );
 
+        // Settings come from FLOTILLA_<FLAG> variables too (and are checked).
+        let output = std::process::Command::new(BINARY)
+            .arg("serve")
+            .env("FLOTILLA_HEARTBEAT_INTERVAL", "100")
+            .env("FLOTILLA_ELECTION_TIMEOUT", "150")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--election-timeout (150 ms) must be at least twice"),
+            "{stderr}"
+        );
+
         // The data directory of another cluster is refused, naming both.
         let mut stopped = cluster.members[0].process.take().unwrap();
         stopped.signal(Signal::TERM);
