@@ -191,13 +191,15 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         self.node.transfer_leader(to).map_err(refusal)
     }
 
-    /// The voter with the highest match index, other than this leader: the best successor.
-    pub fn most_up_to_date_follower(&self) -> Option<NodeId> {
+    /// The voter with the highest match index, other than this leader, among `eligible`
+    /// (all voters if empty): the best successor.
+    pub fn most_up_to_date_follower(&self, eligible: &[NodeId]) -> Option<NodeId> {
         let membership = self.node.membership();
         membership
             .voters
             .iter()
             .filter(|&&id| id != self.node.id())
+            .filter(|id| eligible.is_empty() || eligible.contains(id))
             .filter_map(|&id| self.node.progress_of(id).map(|(matched, _)| (matched, id)))
             .max()
             .map(|(_, id)| id)

@@ -453,6 +453,18 @@ impl Frontend {
         Ok(())
     }
 
+    /// Peers heard from within two election timeouts.
+    pub fn recently_heard_peers(&self) -> Vec<NodeId> {
+        let recent = 2 * self.election_timeout;
+        self.peer_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, at)| at.elapsed() < recent)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
     /// A peer sent Raft messages here just now.
     pub fn note_peer_activity(&self, peer: NodeId) {
         self.peer_activity

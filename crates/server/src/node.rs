@@ -52,8 +52,9 @@ pub enum NodeRequest {
         reply: ReadWaiter,
     },
     TransferLeader {
-        /// `None`: to the most up-to-date follower.
+        /// `None`: to the most up-to-date follower among `among` (any voter if empty).
         to: Option<NodeId>,
+        among: Vec<NodeId>,
         reply: oneshot::Sender<Result<NodeId, Refusal>>,
     },
 }
@@ -168,15 +169,17 @@ impl NodeHandle {
         self.call(NodeRequest::Read { reply }, rx, deadline).await
     }
 
-    /// Starts a leadership transfer; returns the target.
+    /// Starts a leadership transfer to `to`, or to the most up-to-date follower among
+    /// `among` (any voter if empty); returns the target.
     pub async fn transfer_leader(
         &self,
         to: Option<NodeId>,
+        among: Vec<NodeId>,
         deadline: Instant,
     ) -> Result<NodeId, NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.call(NodeRequest::TransferLeader { to, reply }, rx, deadline)
-            .await
+        let request = NodeRequest::TransferLeader { to, among, reply };
+        self.call(request, rx, deadline).await
     }
 
     /// Waits until the status satisfies `ready`, or the deadline passes.
@@ -502,8 +505,8 @@ impl RaftLoop {
                     let _ = reply.send(Err(refusal));
                 }
             }
-            NodeRequest::TransferLeader { to, reply } => {
-                let target = to.or_else(|| self.driver.most_up_to_date_follower());
+            NodeRequest::TransferLeader { to, among, reply } => {
+                let target = to.or_else(|| self.driver.most_up_to_date_follower(&among));
                 let result = match target {
                     None => Err(Refusal::Overloaded("no follower to hand over to".into())),
                     Some(target) => self.driver.transfer_leader(target).map(|()| target),

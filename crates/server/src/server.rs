@@ -451,7 +451,13 @@ async fn hand_over_leadership(frontend: &Frontend, config: &ServerConfig) {
         return;
     }
     let deadline = Instant::now() + 3 * config.election_timeout;
-    match frontend.node.transfer_leader(None, deadline).await {
+    // Only to a follower heard from recently: a member that is down cannot take over.
+    let live = frontend.recently_heard_peers();
+    if live.is_empty() {
+        tracing::warn!("no follower heard from recently to hand leadership to; stopping");
+        return;
+    }
+    match frontend.node.transfer_leader(None, live, deadline).await {
         Ok(target) => {
             tracing::info!(
                 to = format!("{target:x}"),

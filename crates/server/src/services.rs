@@ -401,7 +401,7 @@ impl Maintenance for ClientServices {
             let deadline = self.frontend.deadline();
             self.frontend
                 .node
-                .transfer_leader(Some(target), deadline)
+                .transfer_leader(Some(target), Vec::new(), deadline)
                 .await
                 .map_err(node_status)?;
             self.frontend
