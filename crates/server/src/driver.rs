@@ -439,4 +439,128 @@ mod tests {
         let (_, _, reads) = run(&mut driver);
         assert_eq!(reads, vec![5]);
     }
+
+    /// Three drivers on an instant network that can cut one node off.
+    struct Network {
+        drivers: Vec<TestDriver>,
+        cut: Option<NodeId>,
+        /// (node, index, waiter) of every applied command entry that carried a waiter.
+        succeeded: Vec<(NodeId, Index, u32)>,
+        failed: Vec<(NodeId, u32, Refusal)>,
+    }
+
+    impl Network {
+        fn new() -> Network {
+            let drivers = (1..=3)
+                .map(|id| {
+                    let storage =
+                        MemStorage::new_with_membership(Membership::with_voters([1, 2, 3]));
+                    Driver::new(RaftNode::new(Config::new(id), storage, 0).unwrap(), 16)
+                })
+                .collect();
+            Network {
+                drivers,
+                cut: None,
+                succeeded: Vec::new(),
+                failed: Vec::new(),
+            }
+        }
+
+        fn driver(&mut self, id: NodeId) -> &mut TestDriver {
+            &mut self.drivers[id as usize - 1]
+        }
+
+        /// Carries out every driver's actions until the network is quiet.
+        fn settle(&mut self) {
+            for _ in 0..64 {
+                let mut messages = Vec::new();
+                let mut quiet = true;
+                for id in 1..=3 {
+                    let driver = self.driver(id);
+                    let actions = driver.take_actions().unwrap();
+                    quiet &= actions.is_empty();
+                    if let Some(batch) = &actions.persist {
+                        driver.node.storage_mut().persist(batch).unwrap();
+                        driver.persisted(batch.id).unwrap();
+                    }
+                    for (item, waiter) in actions.apply {
+                        let index = item.index();
+                        if let Some(waiter) = waiter {
+                            self.succeeded.push((id, index, waiter));
+                        }
+                        self.driver(id).applied(index).unwrap();
+                    }
+                    for (waiter, refusal) in actions.proposals_failed {
+                        self.failed.push((id, waiter, refusal));
+                    }
+                    messages.extend(actions.messages);
+                }
+                if quiet {
+                    return;
+                }
+                for msg in messages {
+                    if self.cut == Some(msg.from) || self.cut == Some(msg.to) {
+                        continue;
+                    }
+                    let to = msg.to;
+                    self.driver(to).step(msg).unwrap();
+                }
+            }
+            panic!("the network did not settle");
+        }
+    }
+
+    /// The leader changes while a proposal is pending on the old one: the new leader's blank
+    /// entry takes its index, and the old proposal fails ("leader changed") rather than being
+    /// reported as done, while the new leader's proposal succeeds.
+    #[test]
+    fn a_proposal_lost_to_a_new_leader_fails_and_the_new_one_succeeds() {
+        let mut net = Network::new();
+        net.driver(1).node.campaign().unwrap();
+        net.settle();
+        assert!(net.driver(1).node().is_leader());
+        net.driver(1).propose(Bytes::from_static(b"a"), 1).unwrap();
+        net.settle();
+        assert_eq!(net.succeeded.len(), 1, "committed on the leader");
+
+        // Node 1 is cut off with a proposal it can never commit.
+        net.cut = Some(1);
+        let lost = net.driver(1).propose(Bytes::from_static(b"b"), 2).unwrap();
+        net.settle();
+        // Nodes 2 and 3 stop hearing from node 1: after an election timeout one of them wins.
+        let mut new = None;
+        for _ in 0..100 {
+            for id in [2, 3] {
+                net.driver(id).tick().unwrap();
+            }
+            net.settle();
+            new = [2, 3]
+                .into_iter()
+                .find(|&id| net.driver(id).node().is_leader());
+            if new.is_some() {
+                break;
+            }
+        }
+        let new = new.expect("a new leader among 2 and 3");
+        let won = net
+            .driver(new)
+            .propose(Bytes::from_static(b"c"), 3)
+            .unwrap();
+        net.settle();
+        // The new leader's blank entry took the lost proposal's index.
+        assert_eq!(won.index, lost.index + 1);
+        assert!(net.succeeded.contains(&(new, won.index, 3)));
+
+        // Healed: node 1 learns the new term, its entry is replaced, its proposal fails.
+        net.cut = None;
+        for _ in 0..30 {
+            net.driver(new).tick().unwrap();
+            net.settle();
+        }
+        assert!(!net.driver(1).node().is_leader());
+        assert!(net.driver(1).node().applied() >= won.index);
+        assert_eq!(net.failed, vec![(1, 2, Refusal::LeaderChanged)]);
+        assert!(!net.succeeded.iter().any(|&(_, _, waiter)| waiter == 2));
+        assert_eq!(net.driver(1).pending_proposals(), 0);
+    }
 }
