@@ -320,6 +320,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         role: None,
         removed: false,
         fatal: None,
+        snapshots_deferred: 0,
     };
     let raft_task = tokio::spawn(raft_loop.run(RaftInputs {
         requests: requests_rx,
@@ -392,7 +393,12 @@ struct RaftLoop {
     role: Option<RoleState>,
     removed: bool,
     fatal: Option<String>,
+    /// Snapshot policy signals this leader let pass (see `on_snapshot_due`).
+    snapshots_deferred: u32,
 }
+
+/// How many snapshot policy signals a leader lets pass before it saves a snapshot.
+const LEADER_SNAPSHOT_DEFERRALS: u32 = 2;
 
 /// Inputs drained in one round before the output is taken, so that a burst of proposals
 /// becomes one append and one fsync.
@@ -602,12 +608,29 @@ impl RaftLoop {
             let _ = waiter.send(Err(refusal));
         }
         if actions.snapshot_due {
-            self.queue_apply(ApplyWork::Snapshot);
+            self.on_snapshot_due();
         }
         if actions.removed {
             tracing::warn!("this member was removed from the cluster; stopping");
             self.removed = true;
         }
+    }
+
+    /// Saving a snapshot pauses apply while the state is encoded, and every member reaches
+    /// the policy at the same index. A follower's pause delays no write, the leader's delays
+    /// them all: so the leader lets the policy pass a few times (the core asks again after
+    /// each policy's worth of log) before it pauses too, keeping a longer log meanwhile.
+    fn on_snapshot_due(&mut self) {
+        if self.driver.node().is_leader() && self.snapshots_deferred < LEADER_SNAPSHOT_DEFERRALS {
+            self.snapshots_deferred += 1;
+            tracing::debug!(
+                deferred = self.snapshots_deferred,
+                "the leader defers its snapshot"
+            );
+            return;
+        }
+        self.snapshots_deferred = 0;
+        self.queue_apply(ApplyWork::Snapshot);
     }
 
     fn queue_wal(&mut self, batch: PersistBatch) {
