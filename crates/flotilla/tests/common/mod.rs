@@ -357,6 +357,15 @@ pub async fn get(
         .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
 }
 
+impl Drop for TestCluster {
+    /// A failing test shows the members' logs; the processes are then killed by `Process`.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump_logs(self);
+        }
+    }
+}
+
 /// Prints the members' logs (for a failing test).
 pub fn dump_logs(cluster: &TestCluster) {
     for m in &cluster.members {
