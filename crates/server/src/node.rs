@@ -400,6 +400,10 @@ struct RaftLoop {
 /// How many snapshot policy signals a leader lets pass before it saves a snapshot.
 const LEADER_SNAPSHOT_DEFERRALS: u32 = 2;
 
+/// Batches waiting for the WAL or the apply thread beyond their channels before the raft task
+/// stops taking messages and requests.
+const BACKLOG_BATCHES_MAX: usize = 256;
+
 /// Inputs drained in one round before the output is taken, so that a burst of proposals
 /// becomes one append and one fsync.
 const ROUND_INPUTS_MAX: usize = 512;
@@ -412,6 +416,10 @@ impl RaftLoop {
         let wal_tx = self.wal_tx.clone();
         let apply_tx = self.apply_tx.clone();
         loop {
+            // While the WAL or the apply thread is far behind, take no new work: the peer
+            // streams and the clients wait (back-pressure) instead of the backlogs growing.
+            let accepting = self.wal_backlog.len() < BACKLOG_BATCHES_MAX
+                && self.apply_backlog.len() < BACKLOG_BATCHES_MAX;
             let outcome = tokio::select! {
                 biased;
                 _ = inputs.shutdown.wait_for(|stop| *stop) => break,
@@ -439,8 +447,10 @@ impl RaftLoop {
                     }
                     Ok(())
                 }
-                Some(msg) = inputs.inbox.recv() => self.on_messages(msg, &mut inputs.inbox),
-                Some(request) = inputs.requests.recv() => {
+                Some(msg) = inputs.inbox.recv(), if accepting => {
+                    self.on_messages(msg, &mut inputs.inbox)
+                }
+                Some(request) = inputs.requests.recv(), if accepting => {
                     self.on_request(request);
                     for _ in 0..ROUND_INPUTS_MAX {
                         match inputs.requests.try_recv() {
