@@ -122,6 +122,12 @@ expect "endpoint status" "3.5.0" ctl endpoint status
 [ "$(ctl endpoint status | grep -c ', true, ')" -eq 1 ] || fail "endpoint status: one leader expected"
 expect "endpoint status -w table" "IS LEADER" ctl endpoint status -w table
 expect "endpoint health" "is healthy: successfully committed proposal" ctl endpoint health
+expect "alarm list (none)" "" ctl alarm list
+expect "--user is tolerated while auth is off" $'foo\nnewer' ctl --user root:secret get foo
+# Each member hashes its own applied state: they agree once all have applied the last write.
+wait_for "the members' hashes to agree" 10 bash -c \
+    "[ \$(etcdctl --endpoints=$ENDPOINTS endpoint hashkv | awk -F', ' '{print \$2}' | sort -u | wc -l) -eq 1 ]"
+pass "endpoint hashkv: the members agree"
 [ "$(ctl endpoint health 2>&1 | grep -c 'is healthy')" -eq 3 ] || fail "endpoint health: 3 healthy"
 
 # move-leader to a follower.
