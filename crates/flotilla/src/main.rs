@@ -3,6 +3,7 @@
 
 mod dev;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -64,7 +65,13 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
+    if args.print_config {
+        // A closed pipe (`| head`) is not an error worth a panic.
+        let _ = writeln!(std::io::stdout(), "{config:#?}");
+        return ExitCode::SUCCESS;
+    }
     flotilla_server::logging::init(config.log_format, &config.log_level);
+    tracing::debug!(?config, "effective configuration");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&anyhow::anyhow!("cannot start the runtime: {err}")),

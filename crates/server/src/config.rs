@@ -83,6 +83,9 @@ pub struct ServeArgs {
     /// Log level or filter, e.g. `info` or `flotilla_server=debug` [default: info].
     #[arg(long, env = "FLOTILLA_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Print the effective configuration (after file, environment and flags) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
