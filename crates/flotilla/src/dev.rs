@@ -187,13 +187,17 @@ struct Row {
 
 async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Created once: a signal that arrives while the table is being queried is kept for the
+    // next `recv`, not lost (a fresh `ctrl_c()` per iteration would miss it).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let mut last_summary = String::new();
     let mut drawn_lines = 0;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             _ = term.recv() => return Ok(()),
             _ = ticker.tick() => {}
         }
