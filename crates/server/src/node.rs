@@ -420,8 +420,9 @@ impl RaftLoop {
             // streams and the clients wait (back-pressure) instead of the backlogs growing.
             let accepting = self.wal_backlog.len() < BACKLOG_BATCHES_MAX
                 && self.apply_backlog.len() < BACKLOG_BATCHES_MAX;
+            // Not biased: under load the inbox and the requests are always ready, and a fixed
+            // order would starve whatever comes after them (the ticker, the other one).
             let outcome = tokio::select! {
-                biased;
                 _ = inputs.shutdown.wait_for(|stop| *stop) => break,
                 Ok(()) = inputs.persisted.changed() => {
                     let id = *inputs.persisted.borrow_and_update();
