@@ -311,7 +311,7 @@ fn render_table(members: &[Member], rows: &[Row]) -> String {
         "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",
         "MEMBER", "ID", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER"
     );
-    for (row, member) in rows.iter().zip(members) {
+    for row in rows {
         let leader_name = members
             .iter()
             .zip(rows)
@@ -326,7 +326,6 @@ fn render_table(members: &[Member], rows: &[Row]) -> String {
                 },
                 |(m, _)| m.name.clone(),
             );
-        let _ = member;
         out.push_str(&format!(
             "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",
             row.name,

@@ -23,7 +23,6 @@ pub const INVALID_URLS: &str = "etcdserver: given member URLs are invalid";
 pub const LEARNER_NOT_READY: &str =
     "etcdserver: can only promote a learner member which is in sync with leader";
 pub const NOT_A_LEARNER: &str = "etcdserver: can only promote a learner member";
-pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 pub const NOT_ENOUGH_STARTED_MEMBERS: &str =
     "etcdserver: re-configuration failed due to not enough started members";
 /// Internal to forwarding: the member asked is no longer the leader; the forwarder retries.
