@@ -79,3 +79,52 @@ fn membership_status(err: &flotilla_raft::Error) -> Status {
         other => Status::failed_precondition(format!("flotilla: {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flotilla_kv::{ErrorKind, KvError};
+    use flotilla_raft::{Error, MembershipError};
+
+    use super::*;
+
+    /// etcd-api.md §3.1: codes and texts are copied exactly; "try elsewhere" is Unavailable.
+    #[test]
+    fn refusals_use_etcds_codes_and_texts() {
+        let cases = [
+            (Refusal::NotLeader(None), Code::Unavailable, NO_LEADER),
+            (Refusal::LeaderChanged, Code::Unavailable, LEADER_CHANGED),
+            (
+                Refusal::Overloaded("x".into()),
+                Code::ResourceExhausted,
+                TOO_MANY_REQUESTS,
+            ),
+            (Refusal::Stopped, Code::Unavailable, SERVER_STOPPED),
+            (
+                Refusal::Refused(Error::Membership(MembershipError::UnknownMember(4))),
+                Code::NotFound,
+                MEMBER_NOT_FOUND,
+            ),
+            (
+                Refusal::Refused(Error::NotAVoter(4)),
+                Code::FailedPrecondition,
+                BAD_LEADER_TRANSFEREE,
+            ),
+        ];
+        for (refusal, code, text) in cases {
+            let status = refusal_status(refusal);
+            assert_eq!((status.code(), status.message()), (code, text));
+        }
+        let status = node_status(NodeError::Timeout);
+        assert_eq!(status.message(), REQUEST_TIMED_OUT);
+    }
+
+    #[test]
+    fn kv_errors_keep_their_code_and_text() {
+        let status = kv_status(&KvError::with_detail(ErrorKind::Compacted, "at 5"));
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
+    }
+}
