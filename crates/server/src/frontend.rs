@@ -335,7 +335,16 @@ impl Frontend {
             let hint = self.node.status().leader;
             if hint == Some(self.identity.member_id) {
                 match self.change_membership_here(change.clone(), deadline).await {
-                    Err(status) if status.message() == FORWARD_NOT_LEADER => continue,
+                    // Leadership just moved: go to the new leader (within the deadline).
+                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
+                        if Instant::now() >= deadline {
+                            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+                        }
+                        let me = Some(self.identity.member_id);
+                        let wait = (Instant::now() + self.election_timeout).min(deadline);
+                        self.node.wait_for(wait, |s| s.leader != me).await;
+                        continue;
+                    }
                     other => return other,
                 }
             }
