@@ -31,6 +31,8 @@ pub enum Refusal {
     Overloaded(String),
     /// The node is stopping.
     Stopped,
+    /// A read index asked of the leader got no answer in time; it did not happen.
+    TimedOut,
     /// The core refused the request for a reason of its own (an invalid membership change,
     /// a transfer in progress, ...).
     Refused(Error),
@@ -257,9 +259,13 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
                 actions.reads_ready.push(waiter);
             }
         }
-        for (context, ReadFailure::LeadershipLost) in output.reads_failed {
+        for (context, failure) in output.reads_failed {
             if let Some(waiter) = self.reads.remove(&context) {
-                actions.reads_failed.push((waiter, Refusal::LeaderChanged));
+                let refusal = match failure {
+                    ReadFailure::LeadershipLost => Refusal::LeaderChanged,
+                    ReadFailure::TimedOut => Refusal::TimedOut,
+                };
+                actions.reads_failed.push((waiter, refusal));
             }
         }
         // Proposals of a leader that stepped down stay until their index is applied, with

@@ -57,6 +57,7 @@ pub fn refusal_status(refusal: Refusal) -> Status {
             Status::resource_exhausted(TOO_MANY_REQUESTS)
         }
         Refusal::Stopped => Status::unavailable(SERVER_STOPPED),
+        Refusal::TimedOut => Status::unavailable(REQUEST_TIMED_OUT),
         Refusal::Refused(err) => membership_status(&err),
     }
 }

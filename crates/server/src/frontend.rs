@@ -310,7 +310,9 @@ impl Frontend {
             match self.node.read_index(deadline).await {
                 Ok(()) => return Ok(()),
                 // Not confirmed: nothing happened, so trying again is safe.
-                Err(NodeError::Refused(Refusal::NotLeader(_) | Refusal::LeaderChanged)) => {
+                Err(NodeError::Refused(
+                    Refusal::NotLeader(_) | Refusal::LeaderChanged | Refusal::TimedOut,
+                )) => {
                     if Instant::now() >= deadline {
                         return Err(Status::unavailable(REQUEST_TIMED_OUT));
                     }
