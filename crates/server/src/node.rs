@@ -746,6 +746,9 @@ fn wal_thread(
             if durable.is_some() {
                 persisted.send_replace(durable);
             }
+            // Only now, with the writers acknowledged: the next segment's creation has an
+            // fsync of its own.
+            storage.prepare_ahead()?;
         }
         Ok(())
     })();

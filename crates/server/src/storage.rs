@@ -28,6 +28,11 @@ pub trait DurableStorage: LogStorage + Send + Sync + std::fmt::Debug + 'static {
     /// Saves a snapshot of the local state machine at `meta.last`, streamed from `data`.
     fn save_snapshot(&self, meta: &SnapshotMeta, data: &mut dyn Read)
     -> Result<(), StorageFailure>;
+    /// Background work after a sync (the WAL prepares its next segment), off the critical
+    /// path of acknowledging durability.
+    fn prepare_ahead(&self) -> Result<(), StorageFailure> {
+        Ok(())
+    }
     /// Makes everything durable and stops accepting work.
     fn close(&self) -> Result<(), StorageFailure>;
     /// Bytes the storage occupies (for Status's db size); 0 if unknown.
@@ -177,6 +182,10 @@ impl DurableStorage for flotilla_wal::Wal {
 
     fn sync(&self) -> Result<Option<PersistId>, StorageFailure> {
         flotilla_wal::Wal::sync(self).map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn prepare_ahead(&self) -> Result<(), StorageFailure> {
+        flotilla_wal::Wal::prepare_ahead(self).map_err(|e| StorageFailure(e.to_string()))
     }
 
     fn save_snapshot(
