@@ -509,7 +509,7 @@ impl Frontend {
                 }
             }
             let request = forward_request::Request::LeaseKeepAlive(id);
-            if let Some(response) = self.forward_or_wait(leader, request, 0, deadline).await? {
+            if let Some(response) = self.forward_idempotent(leader, request, deadline).await? {
                 return expect_result(response, |r| match r {
                     forward_response::Result::LeaseTtl(ttl) => Some(ttl),
                     _ => None,
@@ -548,7 +548,7 @@ impl Frontend {
                 }
             }
             let forwarded = forward_request::Request::LeaseTimeToLive(request);
-            if let Some(response) = self.forward_or_wait(leader, forwarded, 0, deadline).await? {
+            if let Some(response) = self.forward_idempotent(leader, forwarded, deadline).await? {
                 return expect_result(response, |r| match r {
                     forward_response::Result::LeaseTimeToLive(answer) => Some(answer),
                     _ => None,
@@ -587,6 +587,30 @@ impl Frontend {
                 Err(LeaseError::Failed(status)) => return Err(status),
                 Err(LeaseError::NotPrimary) => self.wait_lease_clock(deadline).await?,
             }
+        }
+    }
+
+    /// Forwards a request that may be repeated without harm (a renewal, a time-to-live): a
+    /// leader that cannot be reached (killed, partitioned) is not the end of it; wait for
+    /// news of another, up to an election timeout at a time, and let the caller try again
+    /// until its deadline. `None`: try again.
+    async fn forward_idempotent(
+        &self,
+        leader: Option<NodeId>,
+        request: forward_request::Request,
+        deadline: Instant,
+    ) -> Result<Option<ForwardResponse>, Status> {
+        match self.forward_or_wait(leader, request, 0, deadline).await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && status.message() == REQUEST_TIMED_OUT
+                    && Instant::now() < deadline =>
+            {
+                let wait = (Instant::now() + self.election_timeout).min(deadline);
+                self.node.wait_for(wait, |s| s.leader != leader).await;
+                Ok(None)
+            }
+            other => other,
         }
     }
 
