@@ -151,21 +151,33 @@ pass "the removed member stopped by itself"
 # ----- Watch, lease, lock, elect (issue 8) -----------------------------------------------
 # Long-running etcdctl commands run in the background with their output in $WORK/<name>.out;
 # each is awaited on its output (with a deadline) and stopped by PID.
-bg() { # name command...
+CTL=(etcdctl --endpoints="$ENDPOINTS" --command-timeout=10s) # ctl, for bg (not a function)
+bg() { # name command... (bounded: killed after 120 s whatever happens)
     local name=$1; shift
-    "$@" >"$WORK/$name.out" 2>&1 &
+    timeout 120 "$@" >"$WORK/$name.out" 2>&1 &
     PIDS+=($!)
     eval "BG_$name=$!"
 }
-has_output() { [[ "$(cat "$WORK/$1.out")" == *"$2"* ]]; }
+has_output() { # name expected-substring (trailing newlines count)
+    local text
+    text=$(cat "$WORK/$1.out"; echo .)
+    [[ "${text%.}" == *"$2"* ]]
+}
 wait_output() { # name seconds expected-substring description
     local name=$1 limit=$2 want=$3 what=$4
-    wait_for "$what ($name printing '$want')" "$limit" has_output "$name" "$want"
+    local deadline=$((SECONDS + limit))
+    until has_output "$name" "$want"; do
+        [ $SECONDS -lt $deadline ] ||
+            fail "$what: expected '$want' from $name within ${limit}s, got: $(cat "$WORK/$name.out")"
+        sleep 0.2
+    done
     pass "$what"
 }
+# A background command of a non-interactive shell starts with SIGINT ignored: TERM stops
+# etcdctl watch and keep-alive; lock and elect catch INT themselves and release first.
 stop_bg() { # name [signal]: stops a background command and waits for it
     local pid_var="BG_$1"
-    kill "-${2:-INT}" "${!pid_var}" 2>/dev/null || true
+    kill "-${2:-TERM}" "${!pid_var}" 2>/dev/null || true
     wait "${!pid_var}" 2>/dev/null || true
 }
 revision() { ctl get anything -w json | sed -E 's/.*"revision":([0-9]+).*/\1/'; }
@@ -184,10 +196,10 @@ wait_output watch_live 10 $'PUT\nw/a\n1\nPUT\nw/b\n2\nPUT\nw/a\n1\nw/a\n3\nDELET
 has_output watch_live other && fail "watch --prefix: a key outside the prefix was delivered"
 stop_bg watch_live
 # History from a revision: replayed at once.
-bg watch_history ctl watch w/a --rev="$START"
+bg watch_history "${CTL[@]}" watch w/a --rev="$START"
 wait_output watch_history 10 $'PUT\nw/a\n1\nPUT\nw/a\n3\nDELETE\nw/a\n' "watch --rev replays history"
 stop_bg watch_history
-bg watch_compacted ctl watch foo --rev=1
+bg watch_compacted "${CTL[@]}" watch foo --rev=1
 wait_output watch_compacted 10 "required revision has been compacted" \
     "watch from a compacted revision is cancelled"
 stop_bg watch_compacted
@@ -209,7 +221,7 @@ bg keep_alive etcdctl --endpoints="$(client 2)" lease keep-alive "$LEASE"
 wait_output keep_alive 10 "lease $LEASE keepalived with TTL(60)" "lease keep-alive (stream, on a follower)"
 stop_bg keep_alive
 START=$(( $(revision) + 1 ))
-bg watch_revoke ctl watch --prefix l/ --rev="$START"
+bg watch_revoke "${CTL[@]}" watch --prefix l/ --rev="$START"
 expect "lease revoke" "lease $LEASE revoked" ctl lease revoke "$LEASE"
 wait_output watch_revoke 10 $'DELETE\nl/a\n\nDELETE\nl/b\n' "revoking deletes the lease's keys"
 stop_bg watch_revoke
@@ -225,26 +237,26 @@ wait_for "a lease left alone to expire with its key" 10 \
 pass "a lease left alone expires with its key"
 
 # lock: a second locker waits until the first lets go (etcdctl releases on SIGINT).
-bg lock1 ctl lock mylock
+bg lock1 "${CTL[@]}" lock mylock
 wait_output lock1 10 "mylock/" "lock (first holder)"
-bg lock2 ctl lock mylock echo second-holder
+bg lock2 "${CTL[@]}" lock mylock echo second-holder
 wait_for "the second locker to queue" 10 \
     bash -c "[ \$(etcdctl --endpoints=$ENDPOINTS get --prefix mylock/ --keys-only | grep -c mylock/) -eq 2 ]"
 has_output lock2 second-holder && fail "lock: two holders at once"
 pass "lock: the second locker waits"
-stop_bg lock1
+stop_bg lock1 INT
 wait_output lock2 10 "second-holder" "lock: the second locker gets the lock once the first lets go"
 wait_for "the second locker to finish" 10 bash -c "! kill -0 $BG_lock2"
 expect "lock: nothing left behind" "" ctl get --prefix mylock/
 
 # elect: a campaigner wins, a second waits, an observer follows the leadership.
-bg elect1 ctl elect myelection p1
+bg elect1 "${CTL[@]}" elect myelection p1
 wait_output elect1 10 "p1" "elect (first campaigner wins)"
-bg elect2 ctl elect myelection p2
-bg observe ctl elect -l myelection
+bg elect2 "${CTL[@]}" elect myelection p2
+bg observe "${CTL[@]}" elect -l myelection
 wait_output observe 10 "p1" "elect -l sees the leader"
 has_output elect2 p2 && fail "elect: two leaders at once"
-stop_bg elect1
+stop_bg elect1 INT
 wait_output elect2 10 "p2" "elect: the second campaigner wins once the first resigns"
 wait_output observe 10 "p2" "elect -l sees the new leader"
 stop_bg elect2

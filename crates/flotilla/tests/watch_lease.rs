@@ -129,7 +129,9 @@ async fn follow(urls: Vec<String>, first: usize, prefix: String, last_key: Strin
     loop {
         members.push(member);
         if let Ok(mut stream) = WatchStream::open(&urls[member]).await {
-            stream.create(prefix_watch(&prefix, last_revision + 1)).await;
+            stream
+                .create(prefix_watch(&prefix, last_revision + 1))
+                .await;
             loop {
                 let Ok(Some(response)) = stream.next(LIMIT).await else {
                     break; // the member went away: resume on another
@@ -201,14 +203,7 @@ async fn watchers_on_every_member_see_one_history_across_a_leader_kill() {
         let urls: Vec<String> = cluster.members.iter().map(|m| m.client_url()).collect();
         let last_key = "w/zz-end".to_string();
         let watchers: Vec<_> = (0..3)
-            .map(|i| {
-                tokio::spawn(follow(
-                    urls.clone(),
-                    i,
-                    "w/".to_string(),
-                    last_key.clone(),
-                ))
-            })
+            .map(|i| tokio::spawn(follow(urls.clone(), i, "w/".to_string(), last_key.clone())))
             .collect();
         let writer = (leader + 1) % 3;
         let mut acknowledged = Vec::new();
@@ -264,10 +259,15 @@ async fn watchers_on_every_member_see_one_history_across_a_leader_kill() {
 
 /// The stream protocol as etcd clients rely on it: ids from 0 in creation order, `created`
 /// first, filters, a progress request answered for the whole stream, cancel, a watch from a
-/// compacted revision created and then cancelled with the compact revision.
+/// compacted revision created and then cancelled with the compact revision, periodic progress
+/// notifications for a quiet watcher that asked for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_stream_speaks_etcds_protocol() {
-    let cluster = TestCluster::start(1, &[]);
+    const PROGRESS_INTERVAL: Duration = Duration::from_millis(300);
+    let cluster = TestCluster::start(
+        1,
+        &["--experimental-watch-progress-notify-interval", "300ms"],
+    );
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
         let url = cluster.members[0].client_url();
@@ -284,7 +284,10 @@ async fn the_watch_stream_speaks_etcds_protocol() {
         let history = stream.next(step).await.unwrap().unwrap();
         assert_eq!(history.watch_id, 0);
         assert_eq!(
-            seen_of(&history).iter().map(|e| e.value.as_str()).collect::<Vec<_>>(),
+            seen_of(&history)
+                .iter()
+                .map(|e| e.value.as_str())
+                .collect::<Vec<_>>(),
             vec!["1", "2"],
             "history replayed"
         );
@@ -337,7 +340,9 @@ async fn the_watch_stream_speaks_etcds_protocol() {
         assert_eq!(progress.header.unwrap().revision, deleted);
         // Cancel.
         stream
-            .send(RequestUnion::CancelRequest(WatchCancelRequest { watch_id: 1 }))
+            .send(RequestUnion::CancelRequest(WatchCancelRequest {
+                watch_id: 1,
+            }))
             .await;
         let canceled = stream.next(step).await.unwrap().unwrap();
         assert!(canceled.canceled);
@@ -377,6 +382,31 @@ async fn the_watch_stream_speaks_etcds_protocol() {
         assert_eq!(cancelled.watch_id, created.watch_id);
         assert!(cancelled.canceled);
         assert_eq!(cancelled.compact_revision, deleted);
+        // Progress notifications: a quiet watcher that asked gets empty responses carrying the
+        // store's revision, about once an interval.
+        let mut quiet = WatchStream::open(&url).await.unwrap();
+        quiet
+            .create(WatchCreateRequest {
+                key: "quiet".into(),
+                progress_notify: true,
+                ..Default::default()
+            })
+            .await;
+        let created = quiet.next(step).await.unwrap().unwrap();
+        assert!(created.created);
+        let revision = put(&mut kv, "noise", "x").await.unwrap();
+        let started = Instant::now();
+        for _ in 0..2 {
+            let notification = quiet.next(step).await.unwrap().unwrap();
+            assert_eq!(notification.watch_id, created.watch_id);
+            assert!(notification.events.is_empty() && !notification.canceled);
+            assert_eq!(notification.header.unwrap().revision, revision);
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= PROGRESS_INTERVAL && elapsed < 4 * PROGRESS_INTERVAL,
+            "two notifications in {elapsed:?}"
+        );
     })
     .await;
 }
@@ -429,7 +459,11 @@ async fn await_deletes(url: &str, prefix: &str, from: i64, count: usize) -> (Ins
     let mut stream = WatchStream::open(url).await.unwrap();
     stream.create(prefix_watch(prefix, from)).await;
     loop {
-        let response = stream.next(LIMIT).await.unwrap().expect("the stream is open");
+        let response = stream
+            .next(LIMIT)
+            .await
+            .unwrap()
+            .expect("the stream is open");
         let events = seen_of(&response);
         if events.iter().any(|e| e.delete) {
             let at = Instant::now();
