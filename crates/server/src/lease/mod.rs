@@ -294,24 +294,47 @@ struct RoleFollower {
     primary_term: Option<u64>,
 }
 
+/// What the lessor must do after a status change: demote first, then promote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RoleChange {
+    demote: bool,
+    promote: bool,
+}
+
 impl RoleFollower {
     fn follow(&mut self, lessor: &Lessor, node: &NodeHandle, status: &NodeStatus) {
+        let change = self.next(status);
+        if change.demote {
+            lessor.demote();
+        }
+        if change.promote {
+            lessor.promote(&node.state);
+        }
+    }
+
+    /// The decision alone (no I/O), for tests.
+    fn next(&mut self, status: &NodeStatus) -> RoleChange {
+        let mut change = RoleChange::default();
         let leading = status.role == flotilla_raft::Role::Leader && !status.stopped;
         if !leading || self.primary_term.is_some_and(|term| term != status.term) {
             self.pending = None;
-            if self.primary_term.take().is_some() {
-                lessor.demote();
-            }
+            change.demote = self.primary_term.take().is_some();
         }
         if !leading || self.primary_term.is_some() {
-            return;
+            return change;
         }
-        let (term, index) = *self.pending.get_or_insert((status.term, status.last_index));
-        if term == status.term && status.applied >= index {
+        // A status seen for a later term (the steps between coalesced) starts over: the
+        // entries to apply are those of the log as this term found it.
+        if self.pending.is_none_or(|(term, _)| term != status.term) {
+            self.pending = Some((status.term, status.last_index));
+        }
+        let (term, index) = self.pending.expect("set above");
+        if status.applied >= index {
             self.pending = None;
             self.primary_term = Some(term);
-            lessor.promote(&node.state);
+            change.promote = true;
         }
+        change
     }
 }
 
@@ -371,6 +394,81 @@ fn checkpoint(lessor: &Arc<Lessor>, node: &NodeHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(role: flotilla_raft::Role, term: u64, applied: u64, last_index: u64) -> NodeStatus {
+        NodeStatus {
+            id: 1,
+            role,
+            term,
+            leader: (role == flotilla_raft::Role::Leader).then_some(1),
+            commit: applied,
+            applied,
+            last_index,
+            is_learner: false,
+            removed: false,
+            stopped: false,
+            fatal: None,
+        }
+    }
+
+    const PROMOTE: RoleChange = RoleChange {
+        demote: false,
+        promote: true,
+    };
+    const DEMOTE: RoleChange = RoleChange {
+        demote: true,
+        promote: false,
+    };
+    const NOTHING: RoleChange = RoleChange {
+        demote: false,
+        promote: false,
+    };
+
+    /// The lease clock starts only once the new leader has applied the log as its term found
+    /// it, and stops when it stops leading.
+    #[test]
+    fn the_clock_starts_after_the_predecessors_entries_are_applied() {
+        use flotilla_raft::Role::{Follower, Leader};
+        let mut role = RoleFollower::default();
+        assert_eq!(role.next(&status(Follower, 1, 5, 5)), NOTHING);
+        assert_eq!(
+            role.next(&status(Leader, 2, 5, 8)),
+            NOTHING,
+            "3 entries to apply"
+        );
+        assert_eq!(role.next(&status(Leader, 2, 7, 9)), NOTHING);
+        assert_eq!(role.next(&status(Leader, 2, 8, 9)), PROMOTE);
+        assert_eq!(
+            role.next(&status(Leader, 2, 9, 9)),
+            NOTHING,
+            "already primary"
+        );
+        assert_eq!(role.next(&status(Follower, 3, 9, 9)), DEMOTE);
+        assert_eq!(role.next(&status(Follower, 3, 9, 9)), NOTHING);
+    }
+
+    /// Statuses are coalesced: a leader may be seen leading in term 2, then in term 4 with
+    /// nothing in between. Each term waits for its own log, and a term change demotes.
+    #[test]
+    fn a_later_term_seen_without_the_steps_between_starts_over() {
+        use flotilla_raft::Role::Leader;
+        let mut role = RoleFollower::default();
+        assert_eq!(role.next(&status(Leader, 2, 5, 8)), NOTHING);
+        assert_eq!(
+            role.next(&status(Leader, 4, 8, 12)),
+            NOTHING,
+            "waits for 12"
+        );
+        assert_eq!(role.next(&status(Leader, 4, 12, 13)), PROMOTE);
+        assert_eq!(
+            role.next(&status(Leader, 6, 13, 13)),
+            RoleChange {
+                demote: true,
+                promote: true
+            },
+            "a new term: stop, and start again from this term's log"
+        );
+    }
 
     #[test]
     fn the_minimum_ttl_follows_etcd() {
