@@ -245,7 +245,7 @@ impl Session {
             self.watchers
                 .values()
                 .filter(|w| w.spec.progress_notify && !w.sent_since_tick && w.is_synced())
-                .map(|w| (w.spec.watch_id, w.delivered_through(current)))
+                .map(|w| (w.spec.watch_id, w.delivered_through(current).min(current)))
                 .collect()
         };
         for watcher in self.watchers.values_mut() {
