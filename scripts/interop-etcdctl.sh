@@ -154,6 +154,7 @@ pass "the removed member stopped by itself"
 CTL=(etcdctl --endpoints="$ENDPOINTS" --command-timeout=10s) # ctl, for bg (not a function)
 bg() { # name command... (bounded: killed after 120 s whatever happens)
     local name=$1; shift
+    : >"$WORK/$name.out" # exists before anyone reads it
     timeout 120 "$@" >"$WORK/$name.out" 2>&1 &
     PIDS+=($!)
     eval "BG_$name=$!"
