@@ -643,3 +643,75 @@ async fn keep_alive(url: String, id: i64, stop: Arc<AtomicBool>) -> Vec<Instant>
     }
     answered
 }
+
+/// A watcher whose client reads nothing while thousands of revisions are written: the writes
+/// and another watcher are not slowed by it (its queue is bounded; it is dropped to catch-up),
+/// and once its client reads again it gets every event exactly once, in order, from history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
+    const WRITERS: usize = 8;
+    const WRITES_PER_WRITER: usize = 600;
+    const VALUE_BYTES: usize = 2048;
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let url = cluster.members[0].client_url();
+        let mut stalled = WatchStream::open(&url).await.unwrap();
+        stalled.create(prefix_watch("s/", 0)).await;
+        let created = stalled.next(Duration::from_secs(10)).await.unwrap().unwrap();
+        assert!(created.created);
+        let start = created.header.unwrap().revision + 1;
+        let total = WRITERS * WRITES_PER_WRITER;
+        let last_key = "s/zz-end".to_string();
+        let fast = tokio::spawn(follow(vec![url.clone()], 0, "s/".into(), last_key.clone()));
+        let started = Instant::now();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let mut kv =
+                        flotilla_proto::etcdserverpb::kv_client::KvClient::new(channel(&url));
+                    let value = "x".repeat(VALUE_BYTES);
+                    for i in 0..WRITES_PER_WRITER {
+                        put(&mut kv, &format!("s/{w}/{i:04}"), &value)
+                            .await
+                            .expect("a write while a watcher is stalled");
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let mut kv = cluster.kv(0).await;
+        let end = put(&mut kv, &last_key, "end").await.unwrap();
+        let wrote = started.elapsed();
+        let fast = fast.await.unwrap().seen;
+        assert_eq!(fast.len(), total + 1, "the other watcher saw every write");
+        // Now the stalled client reads: everything, once, in order.
+        let mut seen: Vec<Seen> = Vec::new();
+        while seen.last().is_none_or(|e| e.revision < end) {
+            let response = stalled
+                .next(Duration::from_secs(30))
+                .await
+                .unwrap()
+                .expect("the stalled stream is still open");
+            assert!(!response.canceled, "{response:?}");
+            let events = seen_of(&response);
+            if let (Some(last), Some(first)) = (seen.last(), events.first()) {
+                assert!(first.revision > last.revision, "duplicate or reordered");
+            }
+            seen.extend(events);
+        }
+        let revisions: Vec<i64> = seen.iter().map(|e| e.revision).collect();
+        let expected: Vec<i64> = (start..=end).collect();
+        assert_eq!(revisions, expected, "every revision exactly once");
+        assert_eq!(seen, fast);
+        println!(
+            "watch: {total} writes of {VALUE_BYTES} B in {wrote:?} with a stalled watcher; it then \
+             caught up with all {} events",
+            seen.len()
+        );
+    })
+    .await;
+}
