@@ -658,7 +658,11 @@ async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
         let url = cluster.members[0].client_url();
         let mut stalled = WatchStream::open(&url).await.unwrap();
         stalled.create(prefix_watch("s/", 0)).await;
-        let created = stalled.next(Duration::from_secs(10)).await.unwrap().unwrap();
+        let created = stalled
+            .next(Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(created.created);
         let start = created.header.unwrap().revision + 1;
         let total = WRITERS * WRITES_PER_WRITER;
@@ -707,6 +711,14 @@ async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
         let expected: Vec<i64> = (start..=end).collect();
         assert_eq!(revisions, expected, "every revision exactly once");
         assert_eq!(seen, fast);
+        let fell_behind = cluster
+            .metric(0, "flotilla_watch_watchers_fell_behind_total")
+            .await
+            .expect("the metric is exported");
+        assert!(
+            fell_behind >= 1.0,
+            "the stalled watcher overflowed its queue"
+        );
         println!(
             "watch: {total} writes of {VALUE_BYTES} B in {wrote:?} with a stalled watcher; it then \
              caught up with all {} events",

@@ -122,7 +122,10 @@ pub async fn run(
         .collect();
     let router = PeerRouter::new(peer_identity.clone(), state.clone(), hints, events_tx);
     let (stop_node_tx, stop_node_rx) = watch::channel(false);
-    let hub = Arc::new(WatchHub::new(QueueBounds::default()));
+    let hub = Arc::new(WatchHub::with_metrics(
+        QueueBounds::default(),
+        metrics.clone(),
+    ));
     let lessor = Lessor::new(config.election_timeout);
     let observers = ApplyObservers {
         hub: hub.clone(),

@@ -21,6 +21,7 @@ use flotilla_kv::KeyRange;
 use flotilla_proto::mvccpb::Event;
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
 use crate::state_machine::EventSink;
 
 /// The events of one revision, shared by every watcher that gets them.
@@ -197,13 +198,20 @@ struct HubState {
 pub struct WatchHub {
     state: Mutex<HubState>,
     bounds: QueueBounds,
+    metrics: Arc<Metrics>,
 }
 
 impl WatchHub {
     pub fn new(bounds: QueueBounds) -> WatchHub {
+        WatchHub::with_metrics(bounds, Arc::default())
+    }
+
+    /// A hub that counts overflowing watchers in `metrics`.
+    pub fn with_metrics(bounds: QueueBounds, metrics: Arc<Metrics>) -> WatchHub {
         WatchHub {
             state: Mutex::default(),
             bounds,
+            metrics,
         }
     }
 
@@ -307,6 +315,9 @@ impl EventSink for WatchHub {
         for id in matched {
             if !state.subscriptions[&id].queue.offer(&shared, self.bounds) {
                 remove_subscription(&mut state, id);
+                self.metrics
+                    .watchers_fell_behind
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
