@@ -317,11 +317,13 @@ impl Client {
 
     // --- Watch -------------------------------------------------------------------------------
 
-    /// Opens a Watch stream on the preferred endpoint: requests go in through the returned
-    /// sender (bounded), responses come out of the stream. The caller resumes elsewhere from
-    /// its last revision + 1 if the stream breaks.
+    /// Opens a Watch stream: requests go in through the returned sender (bounded), responses
+    /// come out of the stream. `attempt` 0 is the preferred endpoint, each next one the next
+    /// endpoint: a caller whose stream broke opens another with `attempt + 1` and resumes
+    /// from its last revision + 1.
     pub async fn watch_stream(
         &self,
+        attempt: u32,
     ) -> Result<
         (
             tokio::sync::mpsc::Sender<WatchRequest>,
@@ -337,10 +339,12 @@ impl Client {
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
-        let responses = WatchClient::new(self.channel())
+        let (index, endpoint) = self.inner.endpoints.pick(attempt, false);
+        let responses = WatchClient::new(endpoint.channel())
             .max_decoding_message_size(RESPONSE_BYTES_MAX)
             .watch(call)
             .await
+            .inspect_err(|_| self.inner.endpoints.report_failure(index))
             .map_err(|status| match status.code() {
                 // Opening a stream changes nothing: any failure is "not applied".
                 Code::Unavailable | Code::DeadlineExceeded | Code::Unknown => {

@@ -730,3 +730,58 @@ async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
     })
     .await;
 }
+
+/// `flotilla watch` (our CLI) keeps watching across the loss of the member it was on: it
+/// resumes on the next endpoint from its last revision + 1, printing every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_watch_resumes_on_another_member() {
+    const BEFORE: usize = 10;
+    const AFTER: usize = 10;
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let urls: Vec<String> = cluster.members.iter().map(|m| m.client_url()).collect();
+        // The CLI starts on a follower, which is then killed.
+        let first = (leader + 1) % 3;
+        let writer = (leader + 2) % 3;
+        let endpoints: Vec<String> = (0..3).map(|k| urls[(first + k) % 3].clone()).collect();
+        for i in 0..BEFORE {
+            put_anywhere(&urls, writer, &format!("c/{i:02}"), "v").await;
+        }
+        let output_path = cluster.dir.path().join("cli-watch.out");
+        let output = std::fs::File::create(&output_path).unwrap();
+        let child = std::process::Command::new(BINARY)
+            .args(["--endpoints", &endpoints.join(",")])
+            .args(["watch", "c/", "--prefix", "--rev", "1"])
+            .args(["--max-events", &(BEFORE + AFTER).to_string()])
+            .stdout(output)
+            .stderr(std::process::Stdio::null())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start flotilla watch");
+        let mut watch = Process { child };
+        let printed_puts = || {
+            std::fs::read_to_string(&output_path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| *line == "PUT")
+                .count()
+        };
+        eventually("the CLI to print the history", LIMIT, || {
+            let count = printed_puts();
+            async move { (count == BEFORE).then_some(()) }
+        })
+        .await;
+        cluster.kill9(first);
+        for i in BEFORE..BEFORE + AFTER {
+            put_anywhere(&urls, writer, &format!("c/{i:02}"), "v").await;
+        }
+        let code = watch.wait_exit(Duration::from_secs(60)).await;
+        assert_eq!(code, Some(0), "flotilla watch exits after --max-events");
+        let text = std::fs::read_to_string(&output_path).unwrap();
+        let keys: Vec<&str> = text.lines().filter(|l| l.starts_with("c/")).collect();
+        let expected: Vec<String> = (0..BEFORE + AFTER).map(|i| format!("c/{i:02}")).collect();
+        assert_eq!(keys, expected, "every event once, in order:\n{text}");
+    })
+    .await;
+}

@@ -61,8 +61,12 @@ pub(super) async fn run(
     let mut next_revision = args.rev;
     let mut printed = 0u64;
     let mut failures = 0;
+    let mut attempt = 0;
     loop {
-        let (requests, mut responses) = match client.watch_stream().await {
+        let opened = client.watch_stream(attempt).await;
+        // Whatever happens to this stream, the next one goes to the next endpoint.
+        attempt += 1;
+        let (requests, mut responses) = match opened {
             Ok(stream) => stream,
             Err(error) if failures < REOPEN_ATTEMPTS_MAX => {
                 failures += 1;
