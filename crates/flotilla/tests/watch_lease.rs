@@ -785,3 +785,38 @@ async fn the_cli_watch_resumes_on_another_member() {
     })
     .await;
 }
+
+/// A lease nobody renews, whose leader is killed just after granting it: the new leader
+/// gives it its full TTL again plus an election timeout from its promotion, so it never
+/// expires early, and at most that much late (the documented worst-case extension).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_kill_extends_an_abandoned_lease_by_at_most_the_documented_bound() {
+    const TTL_SECONDS: i64 = 2;
+    const SLACK: Duration = Duration::from_millis(500);
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let follower = (leader + 1) % 3;
+        let url = cluster.members[follower].client_url();
+        let asked = Instant::now();
+        let (id, _) = grant(&url, TTL_SECONDS).await;
+        let first = put_with_lease(&url, "ext/a", id).await;
+        put_with_lease(&url, "ext/b", id).await;
+        cluster.kill9(leader);
+        let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        cluster.wait_for_leader(&others).await;
+        let new_leader_seen = Instant::now();
+        let (deleted_at, _) = await_deletes(&url, "ext/", first, 2).await;
+        let ttl = Duration::from_secs(TTL_SECONDS as u64);
+        let lived = deleted_at.duration_since(asked);
+        let bound = new_leader_seen.duration_since(asked) + ELECTION + ttl + SLACK;
+        println!(
+            "lease: TTL {ttl:?}, leader killed after the grant; new leader seen after {:?}; \
+             keys deleted {lived:?} after the grant was asked for (bound {bound:?})",
+            new_leader_seen.duration_since(asked)
+        );
+        assert!(lived >= ttl, "expired early: {lived:?}");
+        assert!(lived <= bound, "extended beyond the documented bound: {lived:?}");
+    })
+    .await;
+}
