@@ -816,7 +816,10 @@ async fn a_leader_kill_extends_an_abandoned_lease_by_at_most_the_documented_boun
             new_leader_seen.duration_since(asked)
         );
         assert!(lived >= ttl, "expired early: {lived:?}");
-        assert!(lived <= bound, "extended beyond the documented bound: {lived:?}");
+        assert!(
+            lived <= bound,
+            "extended beyond the documented bound: {lived:?}"
+        );
     })
     .await;
 }
