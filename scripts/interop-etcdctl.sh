@@ -148,6 +148,121 @@ wait_for "the removed member to stop" 20 bash -c "! kill -0 $PID_3"
 [ "$(ctl member list | wc -l)" -eq 3 ] || fail "member list: 3 members after the removal"
 pass "the removed member stopped by itself"
 
+# ----- Watch, lease, lock, elect (issue 8) -----------------------------------------------
+# Long-running etcdctl commands run in the background with their output in $WORK/<name>.out;
+# each is awaited on its output (with a deadline) and stopped by PID.
+CTL=(etcdctl --endpoints="$ENDPOINTS" --command-timeout=10s) # ctl, for bg (not a function)
+bg() { # name command... (bounded: killed after 120 s whatever happens)
+    local name=$1; shift
+    : >"$WORK/$name.out" # exists before anyone reads it
+    timeout 120 "$@" >"$WORK/$name.out" 2>&1 &
+    PIDS+=($!)
+    eval "BG_$name=$!"
+}
+has_output() { # name expected-substring (trailing newlines count)
+    local text
+    text=$(cat "$WORK/$1.out"; echo .)
+    [[ "${text%.}" == *"$2"* ]]
+}
+wait_output() { # name seconds expected-substring description
+    local name=$1 limit=$2 want=$3 what=$4
+    local deadline=$((SECONDS + limit))
+    until has_output "$name" "$want"; do
+        [ $SECONDS -lt $deadline ] ||
+            fail "$what: expected '$want' from $name within ${limit}s, got: $(cat "$WORK/$name.out")"
+        sleep 0.2
+    done
+    pass "$what"
+}
+# A background command of a non-interactive shell starts with SIGINT ignored: TERM stops
+# etcdctl watch and keep-alive; lock and elect catch INT themselves and release first.
+stop_bg() { # name [signal]: stops a background command and waits for it
+    local pid_var="BG_$1"
+    kill "-${2:-TERM}" "${!pid_var}" 2>/dev/null || true
+    wait "${!pid_var}" 2>/dev/null || true
+}
+revision() { ctl get anything -w json | sed -E 's/.*"revision":([0-9]+).*/\1/'; }
+
+# watch --prefix from the next revision (so nothing is missed however fast the watch starts),
+# on a follower, with --prev-kv.
+START=$(( $(revision) + 1 ))
+bg watch_live etcdctl --endpoints="$(client 1)" watch --prefix w/ --rev="$START" --prev-kv
+ctl put w/a 1 >/dev/null
+ctl put w/b 2 >/dev/null
+ctl put w/a 3 >/dev/null
+ctl del w/a >/dev/null
+ctl put other x >/dev/null
+wait_output watch_live 10 $'PUT\nw/a\n1\nPUT\nw/b\n2\nPUT\nw/a\n1\nw/a\n3\nDELETE\nw/a\n3\nw/a\n' \
+    "watch --prefix --prev-kv sees puts and deletes in order"
+has_output watch_live other && fail "watch --prefix: a key outside the prefix was delivered"
+stop_bg watch_live
+# History from a revision: replayed at once.
+bg watch_history "${CTL[@]}" watch w/a --rev="$START"
+wait_output watch_history 10 $'PUT\nw/a\n1\nPUT\nw/a\n3\nDELETE\nw/a\n' "watch --rev replays history"
+stop_bg watch_history
+bg watch_compacted "${CTL[@]}" watch foo --rev=1
+wait_output watch_compacted 10 "required revision has been compacted" \
+    "watch from a compacted revision is cancelled"
+stop_bg watch_compacted
+
+# Leases.
+GRANT=$(ctl lease grant 60)
+[[ "$GRANT" =~ ^lease\ ([0-9a-f]+)\ granted\ with\ TTL\(60s\)$ ]] || fail "lease grant: $GRANT"
+LEASE=${BASH_REMATCH[1]}
+pass "lease grant ($LEASE)"
+expect "put --lease" "OK" ctl put --lease="$LEASE" l/a 1
+ctl put --lease="$LEASE" l/b 2 >/dev/null
+expect "lease timetolive --keys" "lease $LEASE granted with TTL(60s), remaining(" \
+    ctl lease timetolive "$LEASE" --keys
+expect "lease timetolive lists the keys" "attached keys([l/a l/b])" ctl lease timetolive "$LEASE" --keys
+expect "lease list" "$LEASE" ctl lease list
+expect "lease list counts" "found " ctl lease list
+expect "lease keep-alive --once" "lease $LEASE keepalived with TTL(60)" ctl lease keep-alive --once "$LEASE"
+bg keep_alive etcdctl --endpoints="$(client 2)" lease keep-alive "$LEASE"
+wait_output keep_alive 10 "lease $LEASE keepalived with TTL(60)" "lease keep-alive (stream, on a follower)"
+stop_bg keep_alive
+START=$(( $(revision) + 1 ))
+bg watch_revoke "${CTL[@]}" watch --prefix l/ --rev="$START"
+expect "lease revoke" "lease $LEASE revoked" ctl lease revoke "$LEASE"
+wait_output watch_revoke 10 $'DELETE\nl/a\n\nDELETE\nl/b\n' "revoking deletes the lease's keys"
+stop_bg watch_revoke
+expect "the keys are gone" "" ctl get --prefix l/
+expect "lease timetolive of a revoked lease" "lease $LEASE already expired" ctl lease timetolive "$LEASE"
+expect_error "lease revoke twice" "requested lease not found" ctl lease revoke "$LEASE"
+expect_error "put with an unknown lease" "requested lease not found" ctl put --lease="$LEASE" l/c 3
+SHORT=$(ctl lease grant 2 | awk '{print $2}')
+ctl put --lease="$SHORT" short 1 >/dev/null
+expect "a short lease's key exists" "short" ctl get short
+wait_for "a lease left alone to expire with its key" 10 \
+    bash -c "[ -z \"\$(etcdctl --endpoints=$ENDPOINTS get short)\" ]"
+pass "a lease left alone expires with its key"
+
+# lock: a second locker waits until the first lets go (etcdctl releases on SIGINT).
+bg lock1 "${CTL[@]}" lock mylock
+wait_output lock1 10 "mylock/" "lock (first holder)"
+bg lock2 "${CTL[@]}" lock mylock echo second-holder
+wait_for "the second locker to queue" 10 \
+    bash -c "[ \$(etcdctl --endpoints=$ENDPOINTS get --prefix mylock/ --keys-only | grep -c mylock/) -eq 2 ]"
+has_output lock2 second-holder && fail "lock: two holders at once"
+pass "lock: the second locker waits"
+stop_bg lock1 INT
+wait_output lock2 10 "second-holder" "lock: the second locker gets the lock once the first lets go"
+wait_for "the second locker to finish" 10 bash -c "! kill -0 $BG_lock2"
+expect "lock: nothing left behind" "" ctl get --prefix mylock/
+
+# elect: a campaigner wins, a second waits, an observer follows the leadership.
+bg elect1 "${CTL[@]}" elect myelection p1
+wait_output elect1 10 "p1" "elect (first campaigner wins)"
+bg elect2 "${CTL[@]}" elect myelection p2
+bg observe "${CTL[@]}" elect -l myelection
+wait_output observe 10 "p1" "elect -l sees the leader"
+has_output elect2 p2 && fail "elect: two leaders at once"
+stop_bg elect1 INT
+wait_output elect2 10 "p2" "elect: the second campaigner wins once the first resigns"
+wait_output observe 10 "p2" "elect -l sees the new leader"
+stop_bg elect2
+stop_bg observe
+
 if [ -z "${INTEROP_SKIP_PERF:-}" ]; then
     # 150 puts/s from 50 clients for 60 s: passes with >= 90% of the target throughput, the
     # slowest request under 0.5 s and a standard deviation under 0.1 s. The progress bar is cut.

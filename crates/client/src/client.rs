@@ -14,6 +14,12 @@ use flotilla_proto::etcdserverpb::{
     RangeRequest, RangeResponse, StatusRequest, StatusResponse, TxnRequest, TxnResponse,
     cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
 };
+use flotilla_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
+    LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, WatchRequest, WatchResponse,
+    lease_client::LeaseClient, watch_client::WatchClient,
+};
 use flotilla_proto::flotilla::session::v1::{
     CloseRequest, RegisterRequest, session_client::SessionClient,
 };
@@ -235,6 +241,121 @@ impl Client {
             async move { kv(channel).compact(request).await }
         })
         .await
+    }
+
+    // --- Lease --------------------------------------------------------------------------------
+
+    /// Grants a lease (`id` 0: the server picks). Not retried once sent: a second grant
+    /// would make a second lease.
+    pub async fn lease_grant(
+        &self,
+        ttl_seconds: i64,
+        id: i64,
+    ) -> Result<LeaseGrantResponse, ClientError> {
+        self.execute(CallKind::PlainWrite, |attempt| {
+            let (channel, request) = attempt.into_parts(LeaseGrantRequest {
+                ttl: ttl_seconds,
+                id,
+            });
+            async move { lease(channel).lease_grant(request).await }
+        })
+        .await
+    }
+
+    pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, ClientError> {
+        self.execute(CallKind::PlainWrite, |attempt| {
+            let (channel, request) = attempt.into_parts(LeaseRevokeRequest { id });
+            async move { lease(channel).lease_revoke(request).await }
+        })
+        .await
+    }
+
+    pub async fn lease_time_to_live(
+        &self,
+        id: i64,
+        keys: bool,
+    ) -> Result<LeaseTimeToLiveResponse, ClientError> {
+        self.execute(CallKind::Read, |attempt| {
+            let (channel, request) = attempt.into_parts(LeaseTimeToLiveRequest { id, keys });
+            async move { lease(channel).lease_time_to_live(request).await }
+        })
+        .await
+    }
+
+    pub async fn lease_leases(&self) -> Result<LeaseLeasesResponse, ClientError> {
+        self.execute(CallKind::Read, |attempt| {
+            let (channel, request) = attempt.into_parts(LeaseLeasesRequest {});
+            async move { lease(channel).lease_leases(request).await }
+        })
+        .await
+    }
+
+    /// Renews a lease once (a LeaseKeepAlive stream of one request); TTL 0 means the lease
+    /// is gone. Retried like a read: a renewal may be repeated without harm.
+    pub async fn lease_keep_alive_once(
+        &self,
+        id: i64,
+    ) -> Result<LeaseKeepAliveResponse, ClientError> {
+        self.execute(CallKind::Read, |attempt| {
+            let (channel, request) =
+                attempt.into_parts(tokio_stream::iter([LeaseKeepAliveRequest { id }]));
+            async move {
+                let mut answers = lease(channel).lease_keep_alive(request).await?;
+                let metadata = answers.metadata().clone();
+                match answers.get_mut().message().await? {
+                    Some(answer) => Ok(tonic::Response::from_parts(
+                        metadata,
+                        answer,
+                        Default::default(),
+                    )),
+                    None => Err(Status::unavailable("the keep-alive stream ended")),
+                }
+            }
+        })
+        .await
+    }
+
+    // --- Watch -------------------------------------------------------------------------------
+
+    /// Opens a Watch stream: requests go in through the returned sender (bounded), responses
+    /// come out of the stream. `attempt` 0 is the preferred endpoint, each next one the next
+    /// endpoint: a caller whose stream broke opens another with `attempt + 1` and resumes
+    /// from its last revision + 1.
+    pub async fn watch_stream(
+        &self,
+        attempt: u32,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<WatchRequest>,
+            tonic::Streaming<WatchResponse>,
+        ),
+        ClientError,
+    > {
+        const REQUESTS_QUEUED_MAX: usize = 16;
+        let (requests, outbound) = tokio::sync::mpsc::channel(REQUESTS_QUEUED_MAX);
+        let mut call = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        // etcdctl's watch asks to be told when its member has no leader.
+        call.metadata_mut().insert(
+            "hasleader",
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        let (index, endpoint) = self.inner.endpoints.pick(attempt, false);
+        let responses = WatchClient::new(endpoint.channel())
+            .max_decoding_message_size(RESPONSE_BYTES_MAX)
+            .watch(call)
+            .await
+            .inspect_err(|_| self.inner.endpoints.report_failure(index))
+            .map_err(|status| match status.code() {
+                // Opening a stream changes nothing: any failure is "not applied".
+                Code::Unavailable | Code::DeadlineExceeded | Code::Unknown => {
+                    ClientError::Unavailable {
+                        message: status.message().to_string(),
+                        attempts: 1,
+                    }
+                }
+                _ => ClientError::Rejected(status),
+            })?;
+        Ok((requests, responses.into_inner()))
     }
 
     // --- Cluster --------------------------------------------------------------------------
@@ -775,6 +896,10 @@ fn jitter_fraction() -> f64 {
 
 fn kv(channel: Channel) -> KvClient<Channel> {
     KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
+fn lease(channel: Channel) -> LeaseClient<Channel> {
+    LeaseClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
 }
 
 fn cluster(channel: Channel) -> ClusterClient<Channel> {

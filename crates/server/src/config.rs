@@ -74,6 +74,15 @@ pub struct ServeArgs {
     /// Seconds a client session lives without a request [default: 60].
     #[arg(long, env = "FLOTILLA_SESSION_TTL")]
     pub session_ttl: Option<u64>,
+    /// How often a quiet watcher that asked for progress notifications gets one, as a Go
+    /// duration (`10m`, `5s`, `1m30s`) [default: 10m].
+    #[arg(
+        long,
+        visible_alias = "watch-progress-notify-interval",
+        env = "FLOTILLA_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        value_parser = parse_go_duration
+    )]
+    pub experimental_watch_progress_notify_interval: Option<Duration>,
     /// UNSAFE, benchmarks only: never fsync; a crash may lose acknowledged writes.
     #[arg(long, env = "FLOTILLA_UNSAFE_NO_FSYNC", num_args = 0..=1, default_missing_value = "true")]
     pub unsafe_no_fsync: Option<bool>,
@@ -125,6 +134,7 @@ struct FileConfig {
     max_request_bytes: Option<usize>,
     max_txn_ops: Option<usize>,
     session_ttl: Option<u64>,
+    experimental_watch_progress_notify_interval: Option<String>,
     unsafe_no_fsync: Option<bool>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
@@ -152,12 +162,49 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub session_ttl: Duration,
+    pub watch_progress_notify_interval: Duration,
     pub unsafe_no_fsync: bool,
     pub log_format: LogFormat,
     pub log_level: String,
 }
 
 pub const DEFAULT_CLUSTER_TOKEN: &str = "flotilla-cluster";
+/// etcd's default.
+pub const DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
+
+/// A Go duration: one or more number-and-unit pairs (`h`, `m`, `s`, `ms`, `us`, `ns`), such as
+/// `10m`, `1m30s` or `1.5s`.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    let invalid = || format!("invalid duration {text:?} (expected e.g. 10m, 5s, 500ms)");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(invalid());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(invalid)?;
+        let (number, after) = rest.split_at(number_end);
+        let unit_end = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, after) = after.split_at(unit_end);
+        let number: f64 = number.parse().map_err(|_| invalid())?;
+        let seconds_per_unit = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(invalid()),
+        };
+        total += number * seconds_per_unit;
+        rest = after;
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| invalid())
+}
 
 impl ServeArgs {
     /// Applies the precedence rule and checks the result.
@@ -218,6 +265,19 @@ impl ServeArgs {
             .election_timeout
             .or(file.election_timeout)
             .unwrap_or(1000);
+        let watch_progress_notify_interval = match &self.experimental_watch_progress_notify_interval
+        {
+            Some(interval) => *interval,
+            None => match &file.experimental_watch_progress_notify_interval {
+                Some(text) => parse_go_duration(text).map_err(|e| {
+                    anyhow::anyhow!("experimental-watch-progress-notify-interval: {e}")
+                })?,
+                None => DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL,
+            },
+        };
+        if watch_progress_notify_interval.is_zero() {
+            bail!("--experimental-watch-progress-notify-interval must be positive");
+        }
         if heartbeat_ms == 0 || election_ms < 2 * heartbeat_ms {
             bail!(
                 "--election-timeout ({election_ms} ms) must be at least twice \
@@ -258,6 +318,7 @@ impl ServeArgs {
             session_ttl: Duration::from_secs(
                 self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
             ),
+            watch_progress_notify_interval,
             unsafe_no_fsync: self
                 .unsafe_no_fsync
                 .or(file.unsafe_no_fsync)
@@ -372,6 +433,22 @@ mod tests {
         std::fs::write(&path, "nmae = \"typo\"\n").unwrap();
         let error = args.resolve().unwrap_err();
         assert!(format!("{error:#}").contains("unknown field"), "{error:#}");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_go_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_go_duration("10").is_err());
+        assert!(parse_go_duration("").is_err());
+        assert!(parse_go_duration("5 parsecs").is_err());
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(
+            config.watch_progress_notify_interval,
+            DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL
+        );
     }
 
     #[test]

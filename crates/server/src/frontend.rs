@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_kv::{Command, Response};
-use flotilla_proto::etcdserverpb::ResponseHeader;
+use flotilla_proto::etcdserverpb::{
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
+};
 use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
 use flotilla_raft::{ConfChange, ConfChangeStep, NodeId};
 use prost::Message as _;
@@ -26,6 +28,7 @@ use crate::errors::{
     FORWARD_NOT_LEADER, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER, PEER_URL_EXISTS,
     REQUEST_TIMED_OUT, node_status,
 };
+use crate::lease::{LeaseError, Lessor};
 use crate::members::member_id;
 use crate::node::{NodeError, NodeHandle};
 use crate::peer_proto::peer_client::PeerClient;
@@ -45,6 +48,8 @@ pub struct Frontend {
     pub request_timeout: Duration,
     pub election_timeout: Duration,
     pub session_ttl: Duration,
+    /// The lease clock (ticking only while this member leads).
+    pub lessor: Arc<Lessor>,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
     /// On the leader: when each client session was last heard of.
     session_activity: Mutex<BTreeMap<u64, Instant>>,
@@ -61,6 +66,7 @@ impl Frontend {
         request_timeout: Duration,
         election_timeout: Duration,
         session_ttl: Duration,
+        lessor: Arc<Lessor>,
     ) -> Frontend {
         Frontend {
             node,
@@ -69,6 +75,7 @@ impl Frontend {
             request_timeout,
             election_timeout,
             session_ttl,
+            lessor,
             peers: Mutex::new(BTreeMap::new()),
             session_activity: Mutex::new(BTreeMap::new()),
             peer_activity: Mutex::new(BTreeMap::new()),
@@ -484,6 +491,152 @@ impl Frontend {
             .insert(peer, Instant::now());
     }
 
+    // ----- Leases --------------------------------------------------------------------------
+
+    /// LeaseKeepAlive: renews at the leader (forwarded there from a follower); the TTL, or 0
+    /// if the lease is gone.
+    pub async fn keep_lease_alive(&self, id: i64) -> Result<i64, Status> {
+        let deadline = self.deadline();
+        loop {
+            let leader = self.node.status().leader;
+            if leader == Some(self.identity.member_id) {
+                match self.keep_lease_alive_here(id, deadline).await {
+                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
+                        self.wait_for_leader_change(deadline).await?;
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
+            let request = forward_request::Request::LeaseKeepAlive(id);
+            if let Some(response) = self.forward_idempotent(leader, request, deadline).await? {
+                return expect_result(response, |r| match r {
+                    forward_response::Result::LeaseTtl(ttl) => Some(ttl),
+                    _ => None,
+                });
+            }
+        }
+    }
+
+    /// The leader's side of a renewal. Just after an election the lease clock is not started
+    /// yet (the new leader first applies its predecessors' entries): wait for it.
+    pub async fn keep_lease_alive_here(&self, id: i64, deadline: Instant) -> Result<i64, Status> {
+        loop {
+            match self.lessor.renew(&self.node, id, deadline).await {
+                Ok(ttl) => return Ok(ttl),
+                Err(LeaseError::Failed(status)) => return Err(status),
+                Err(LeaseError::NotPrimary) => self.wait_lease_clock(deadline).await?,
+            }
+        }
+    }
+
+    /// LeaseTimeToLive: by the leader's clock.
+    pub async fn lease_time_to_live(
+        &self,
+        request: LeaseTimeToLiveRequest,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let deadline = self.deadline();
+        loop {
+            let leader = self.node.status().leader;
+            if leader == Some(self.identity.member_id) {
+                match self.lease_time_to_live_here(request, deadline).await {
+                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
+                        self.wait_for_leader_change(deadline).await?;
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
+            let forwarded = forward_request::Request::LeaseTimeToLive(request);
+            if let Some(response) = self.forward_idempotent(leader, forwarded, deadline).await? {
+                return expect_result(response, |r| match r {
+                    forward_response::Result::LeaseTimeToLive(answer) => Some(answer),
+                    _ => None,
+                });
+            }
+        }
+    }
+
+    /// The leader's side of LeaseTimeToLive: TTL -1 for an unknown lease (not an error).
+    pub async fn lease_time_to_live_here(
+        &self,
+        request: LeaseTimeToLiveRequest,
+        deadline: Instant,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        loop {
+            let answer = {
+                let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+                self.lessor
+                    .remaining_seconds(&state, request.id)
+                    .map(|remaining| {
+                        let lease = state.kv.lease(request.id);
+                        LeaseTimeToLiveResponse {
+                            header: None,
+                            id: request.id,
+                            ttl: remaining.unwrap_or(-1),
+                            granted_ttl: lease.map_or(0, |l| l.granted_ttl_seconds()),
+                            keys: match lease {
+                                Some(lease) if request.keys => lease.keys().cloned().collect(),
+                                _ => Vec::new(),
+                            },
+                        }
+                    })
+            };
+            match answer {
+                Ok(answer) => return Ok(answer),
+                Err(LeaseError::Failed(status)) => return Err(status),
+                Err(LeaseError::NotPrimary) => self.wait_lease_clock(deadline).await?,
+            }
+        }
+    }
+
+    /// Forwards a request that may be repeated without harm (a renewal, a time-to-live): a
+    /// leader that cannot be reached (killed, partitioned) is not the end of it; wait for
+    /// news of another, up to an election timeout at a time, and let the caller try again
+    /// until its deadline. `None`: try again.
+    async fn forward_idempotent(
+        &self,
+        leader: Option<NodeId>,
+        request: forward_request::Request,
+        deadline: Instant,
+    ) -> Result<Option<ForwardResponse>, Status> {
+        match self.forward_or_wait(leader, request, 0, deadline).await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && status.message() == REQUEST_TIMED_OUT
+                    && Instant::now() < deadline =>
+            {
+                let wait = (Instant::now() + self.election_timeout).min(deadline);
+                self.node.wait_for(wait, |s| s.leader != leader).await;
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    /// Waits a little for this leader's lease clock; "not leader" if leadership moved on.
+    async fn wait_lease_clock(&self, deadline: Instant) -> Result<(), Status> {
+        if self.node.status().leader != Some(self.identity.member_id) {
+            return Err(Status::unavailable(FORWARD_NOT_LEADER));
+        }
+        let wait = (Instant::now() + Duration::from_millis(50)).min(deadline);
+        if !self.lessor.wait_primary(wait).await && Instant::now() >= deadline {
+            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+        }
+        Ok(())
+    }
+
+    /// After "not leader" from this member's own leader role: wait for news of another.
+    async fn wait_for_leader_change(&self, deadline: Instant) -> Result<(), Status> {
+        if Instant::now() >= deadline {
+            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+        }
+        let me = Some(self.identity.member_id);
+        let wait = (Instant::now() + self.election_timeout).min(deadline);
+        self.node.wait_for(wait, |s| s.leader != me).await;
+        Ok(())
+    }
+
     // ----- Sessions ------------------------------------------------------------------------
 
     fn note_session(&self, session_id: u64) {
@@ -585,6 +738,8 @@ pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
             Ok(Response::Txn(r)) => R::Txn(r),
             Ok(Response::Compaction(r)) => R::Compaction(r),
             Ok(Response::SessionRegistered { session_id, .. }) => R::SessionRegistered(session_id),
+            Ok(Response::LeaseGrant(r)) => R::LeaseGrant(r),
+            Ok(Response::LeaseRevoke(r)) => R::LeaseRevoke(r),
             Ok(_) => R::Done(true),
             Err(error) => return Err(crate::errors::kv_status(&error)),
         },

@@ -18,6 +18,7 @@ pub mod errors;
 pub mod frontend;
 pub mod http;
 pub mod identity;
+pub mod lease;
 pub mod logging;
 pub mod members;
 pub mod metrics;
@@ -28,6 +29,7 @@ pub mod services;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
+pub mod watch;
 
 /// The peer protocol, generated from `proto/flotilla/peer/v1/peer.proto`.
 pub mod peer_proto {

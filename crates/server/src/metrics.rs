@@ -75,6 +75,8 @@ pub struct Metrics {
     pub snapshots_saved: AtomicU64,
     pub snapshots_restored: AtomicU64,
     pub peer_messages_dropped: AtomicU64,
+    /// Watchers whose bounded queue overflowed, sent back to catch up from history.
+    pub watchers_fell_behind: AtomicU64,
     pub wal_fsync: Histogram,
     pub snapshot_save: Histogram,
     /// By (service, method, code).
@@ -145,7 +147,7 @@ impl Metrics {
         for (name, help, value) in gauges {
             metric(&mut out, name, help, "gauge", value.load(Ordering::Relaxed));
         }
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             (
                 "flotilla_server_leader_changes_seen_total",
                 "Leader changes seen",
@@ -165,6 +167,11 @@ impl Metrics {
                 "flotilla_server_snapshots_restored_total",
                 "State machine snapshots restored",
                 &self.snapshots_restored,
+            ),
+            (
+                "flotilla_watch_watchers_fell_behind_total",
+                "Watchers whose queue overflowed and who caught up from history",
+                &self.watchers_fell_behind,
             ),
             (
                 "flotilla_network_peer_messages_dropped_total",

@@ -153,6 +153,22 @@ impl NodeHandle {
             .await
     }
 
+    /// Enqueues a proposal without waiting, so proposals enqueued one after another (under a
+    /// lock of the caller's) reach the log in that order; the receiver gets the outcome.
+    pub fn submit(
+        &self,
+        data: Bytes,
+    ) -> Result<oneshot::Receiver<Result<Applied, Refusal>>, NodeError> {
+        let (reply, outcome) = oneshot::channel();
+        match self.requests.try_send(NodeRequest::Propose { data, reply }) {
+            Ok(()) => Ok(outcome),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(NodeError::Refused(
+                Refusal::Overloaded("the request queue is full".into()),
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(NodeError::Stopped),
+        }
+    }
+
     pub async fn propose_membership(
         &self,
         change: ConfChange,
@@ -801,10 +817,8 @@ impl ApplyContext {
                         self.state.write().unwrap_or_else(|p| p.into_inner())
                     });
                     let applied = state.apply_entry(&entry);
-                    if let Applied::Kv(result) = &applied
-                        && !result.events.is_empty()
-                    {
-                        self.events.publish(result.revision, &result.events);
+                    if let Applied::Kv(result) = &applied {
+                        self.observe(result);
                     }
                     if let Some(waiter) = waiter {
                         replies.push((waiter, applied));
@@ -815,7 +829,11 @@ impl ApplyContext {
                     // swap the new state in.
                     state = None;
                     let restored = self.restore(&meta)?;
-                    *self.state.write().unwrap_or_else(|p| p.into_inner()) = restored;
+                    let mut replaced = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    let previous_revision = replaced.kv.current_revision();
+                    *replaced = restored;
+                    self.events.state_replaced(previous_revision);
+                    drop(replaced);
                     self.metrics
                         .snapshots_restored
                         .fetch_add(1, Ordering::Relaxed);
@@ -834,6 +852,19 @@ impl ApplyContext {
             let _ = waiter.send(Ok(applied));
         }
         Ok(())
+    }
+
+    /// Tells the observers (watch hub, lessor) what one applied entry did. Called with the
+    /// state's write lock held.
+    fn observe(&self, result: &flotilla_kv::ApplyResult) {
+        if !result.events.is_empty() {
+            self.events.publish(result.revision, &result.events);
+        }
+        if let Ok(flotilla_kv::Response::LeaseGrant(grant)) = &result.outcome
+            && !result.duplicate
+        {
+            self.events.lease_granted(grant.id, grant.ttl);
+        }
     }
 
     fn restore(&self, meta: &SnapshotMeta) -> Result<StateMachine, String> {

@@ -144,6 +144,25 @@ impl Peer for PeerService {
                 )),
                 revision: self.frontend.current_revision(),
             },
+            Some(forward_request::Request::LeaseKeepAlive(id)) => {
+                let deadline = self.frontend.deadline();
+                let ttl = self.frontend.keep_lease_alive_here(id, deadline).await?;
+                ForwardResponse {
+                    result: Some(forward_response::Result::LeaseTtl(ttl)),
+                    revision: self.frontend.current_revision(),
+                }
+            }
+            Some(forward_request::Request::LeaseTimeToLive(request)) => {
+                let deadline = self.frontend.deadline();
+                let answer = self
+                    .frontend
+                    .lease_time_to_live_here(request, deadline)
+                    .await?;
+                ForwardResponse {
+                    result: Some(forward_response::Result::LeaseTimeToLive(answer)),
+                    revision: self.frontend.current_revision(),
+                }
+            }
             None => return Err(Status::invalid_argument("flotilla: empty forward request")),
         };
         Ok(Response::new(response))

@@ -19,10 +19,11 @@ use flotilla_kv::{Limits, RequestLimits};
 use flotilla_proto::etcdserverpb::auth_server::AuthServer;
 use flotilla_proto::etcdserverpb::cluster_server::ClusterServer;
 use flotilla_proto::etcdserverpb::kv_server::KvServer;
-use flotilla_proto::etcdserverpb::lease_server::{Lease, LeaseServer};
+use flotilla_proto::etcdserverpb::lease_server::LeaseServer;
 use flotilla_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use flotilla_proto::etcdserverpb::watch_server::{Watch, WatchServer};
+use flotilla_proto::etcdserverpb::watch_server::WatchServer;
 use flotilla_proto::flotilla::session::v1::session_server::SessionServer;
+use flotilla_proto::mvccpb::Event;
 use flotilla_raft::{Role, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -32,18 +33,38 @@ use crate::config::{ServerConfig, listen_addr};
 use crate::frontend::Frontend;
 use crate::http;
 use crate::identity::{Identity, load_or_create};
+use crate::lease::Lessor;
 use crate::members::MemberTable;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
 use crate::peer_proto::peer_server::PeerServer;
 use crate::peer_service::PeerService;
 use crate::services::{ClientServices, publish_attributes_command};
-use crate::state_machine::{NoWatchers, StateMachine};
+use crate::state_machine::{EventSink, StateMachine};
 use crate::storage::DurableStorage;
 use crate::transport::{PEER_MESSAGE_BYTES_MAX, PeerIdentity, PeerRouter};
+use crate::watch::{QueueBounds, WatchContext, WatchHub};
 
-impl Watch for ClientServices {}
-impl Lease for ClientServices {}
+/// What the apply thread tells: events to the watch hub, grants to the lessor.
+#[derive(Debug)]
+struct ApplyObservers {
+    hub: Arc<WatchHub>,
+    lessor: Arc<Lessor>,
+}
+
+impl EventSink for ApplyObservers {
+    fn publish(&self, revision: i64, events: &[Event]) {
+        self.hub.publish(revision, events);
+    }
+
+    fn state_replaced(&self, previous_revision: i64) {
+        self.hub.state_replaced(previous_revision);
+    }
+
+    fn lease_granted(&self, id: i64, ttl_seconds: i64) {
+        self.lessor.granted(id, ttl_seconds);
+    }
+}
 
 /// How a member ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +122,15 @@ pub async fn run(
         .collect();
     let router = PeerRouter::new(peer_identity.clone(), state.clone(), hints, events_tx);
     let (stop_node_tx, stop_node_rx) = watch::channel(false);
+    let hub = Arc::new(WatchHub::with_metrics(
+        QueueBounds::default(),
+        metrics.clone(),
+    ));
+    let lessor = Lessor::new(config.election_timeout);
+    let observers = ApplyObservers {
+        hub: hub.clone(),
+        lessor: lessor.clone(),
+    };
     let running = node::start(NodeParts {
         options: node_options(&config, identity.member_id, limits),
         storage,
@@ -108,7 +138,7 @@ pub async fn run(
         router,
         inbox: inbox_rx,
         transport_events: events_rx,
-        events: Arc::new(NoWatchers),
+        events: Arc::new(observers),
         metrics: metrics.clone(),
         shutdown: stop_node_rx,
     })
@@ -120,12 +150,13 @@ pub async fn run(
         request_timeout(&config),
         config.election_timeout,
         config.session_ttl,
+        lessor,
     ));
     let servers = Servers::start(
         listeners,
         &config,
         &identity,
-        frontend.clone(),
+        (frontend.clone(), hub),
         inbox_tx,
         metrics,
     );
@@ -236,17 +267,26 @@ impl Servers {
         listeners: Listeners,
         config: &ServerConfig,
         identity: &Identity,
-        frontend: Arc<Frontend>,
+        (frontend, hub): (Arc<Frontend>, Arc<WatchHub>),
         inbox: mpsc::Sender<flotilla_raft::Message>,
         metrics: Arc<Metrics>,
     ) -> Servers {
+        let (client_stop, client_stop_rx) = watch::channel(false);
+        let watch = Arc::new(WatchContext {
+            frontend: frontend.clone(),
+            hub,
+            progress_interval: config.watch_progress_notify_interval,
+            fragment_bytes_max: config.max_request_bytes,
+            stopping: client_stop_rx.clone(),
+        });
         let services = ClientServices {
             frontend: frontend.clone(),
+            watch,
+            stopping: client_stop_rx.clone(),
         };
         // etcd's gRPC receive limit: the request limit plus 512 KiB; the request itself is
         // checked against the limit with etcd's error text.
         let receive_bytes_max = config.max_request_bytes + (512 << 10);
-        let (client_stop, client_stop_rx) = watch::channel(false);
         let mut client = Vec::new();
         for (url, listener) in listeners.client {
             tracing::info!(%url, "serving clients");
@@ -320,7 +360,8 @@ impl Servers {
     }
 }
 
-/// Tasks that run beside the node: publishing this member's attributes, expiring sessions.
+/// Tasks that run beside the node: publishing this member's attributes, expiring sessions,
+/// the lease clock.
 fn spawn_background(
     config: &ServerConfig,
     identity: &Identity,
@@ -332,8 +373,13 @@ fn spawn_background(
         let urls = config.advertise_client_urls.clone();
         tokio::spawn(async move { publish_attributes(frontend, name, urls).await })
     };
+    let leases = tokio::spawn(crate::lease::run(
+        frontend.lessor.clone(),
+        frontend.node.clone(),
+        frontend.request_timeout,
+    ));
     let expire = tokio::spawn(async move { expire_sessions(frontend).await });
-    vec![publish, expire]
+    vec![publish, expire, leases]
 }
 
 /// Makes sure the member table has this member's name and client URLs (etcd's publish).

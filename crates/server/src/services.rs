@@ -1,6 +1,6 @@
-//! The etcd v3 gRPC services (KV, Cluster, Maintenance, Auth.Authenticate) and Flotilla's
-//! Session service. Watch and Lease answer UNIMPLEMENTED until issue 8; so does every method
-//! not overridden here (the generated traits default to it).
+//! The etcd v3 gRPC services (KV, Watch, Lease, Cluster, Maintenance, Auth.Authenticate) and
+//! Flotilla's Session service. Every method not overridden here answers UNIMPLEMENTED (the
+//! generated traits default to it).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,11 +11,14 @@ use flotilla_kv::{Command, KvStore, validate_command, validate_range};
 use flotilla_proto::etcdserverpb::auth_server::Auth;
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::kv_server::Kv;
+use flotilla_proto::etcdserverpb::lease_server::Lease;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
+use flotilla_proto::etcdserverpb::watch_server::Watch;
 use flotilla_proto::etcdserverpb::*;
 use flotilla_proto::flotilla::session::v1 as session;
 use flotilla_proto::flotilla::session::v1::session_server::Session;
-use tonic::{Request, Response, Status};
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::errors::{
     BAD_LEADER_TRANSFEREE, MEMBER_NOT_FOUND, NO_LEADER, NOT_LEADER, REQUEST_TIMED_OUT, kv_status,
@@ -26,6 +29,7 @@ use crate::members::encode_server_command;
 use crate::peer_proto::{
     MemberChange, MemberInfo, ServerCommand, forward_response, member_change, server_command,
 };
+use crate::watch::WatchContext;
 
 /// The version Status reports: etcd clients expect 3.4 or later (etcd-api.md §1.8).
 pub const REPORTED_VERSION: &str = "3.5.0";
@@ -34,6 +38,9 @@ pub const REPORTED_VERSION: &str = "3.5.0";
 #[derive(Clone, Debug)]
 pub struct ClientServices {
     pub frontend: Arc<Frontend>,
+    pub watch: Arc<WatchContext>,
+    /// Becomes true when the member stops: long-lived streams end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -106,6 +113,175 @@ const CLUSTER: &str = "etcdserverpb.Cluster";
 const MAINTENANCE: &str = "etcdserverpb.Maintenance";
 const AUTH: &str = "etcdserverpb.Auth";
 const SESSION: &str = "flotilla.session.v1.Session";
+const WATCH: &str = "etcdserverpb.Watch";
+const LEASE: &str = "etcdserverpb.Lease";
+
+/// Responses of one LeaseKeepAlive stream waiting for the client.
+const KEEP_ALIVE_RESPONSES: usize = 16;
+
+fn requires_leader<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .get("hasleader")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == "true")
+}
+
+#[tonic::async_trait]
+impl Watch for ClientServices {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Reply<BoxStream<WatchResponse>> {
+        self.observe(WATCH, "Watch", async {
+            // Learners refuse every stream (etcd-api.md §3.3).
+            self.frontend.refuse_learner()?;
+            self.frontend.check_require_leader(&request)?;
+            let require_leader = requires_leader(&request);
+            let responses = crate::watch::stream::serve(
+                self.watch.clone(),
+                request.into_inner(),
+                require_leader,
+            );
+            Ok(Box::pin(responses) as BoxStream<WatchResponse>)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Lease for ClientServices {
+    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Reply<LeaseGrantResponse> {
+        self.observe(LEASE, "LeaseGrant", async {
+            let mut grant = *request.get_ref();
+            // etcd raises a TTL below its minimum (1.5 election timeouts) to the minimum.
+            grant.ttl = grant.ttl.max(self.frontend.lessor.min_ttl_seconds);
+            let response = self
+                .write_command(&request, Command::lease_grant(grant))
+                .await?;
+            let revision = response.revision;
+            let mut granted = expect_result(response, |r| match r {
+                forward_response::Result::LeaseGrant(granted) => Some(granted),
+                _ => None,
+            })?;
+            granted.header = self.frontend.header(revision);
+            Ok(granted)
+        })
+        .await
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Reply<LeaseRevokeResponse> {
+        self.observe(LEASE, "LeaseRevoke", async {
+            let command = Command::lease_revoke(*request.get_ref());
+            let response = self.write_command(&request, command).await?;
+            let revision = response.revision;
+            let mut revoked = expect_result(response, |r| match r {
+                forward_response::Result::LeaseRevoke(revoked) => Some(revoked),
+                _ => None,
+            })?;
+            revoked.header = self.frontend.header(revision);
+            Ok(revoked)
+        })
+        .await
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Reply<BoxStream<LeaseKeepAliveResponse>> {
+        self.observe(LEASE, "LeaseKeepAlive", async {
+            self.frontend.refuse_learner()?;
+            self.frontend.check_require_leader(&request)?;
+            let (out, responses) = tokio::sync::mpsc::channel(KEEP_ALIVE_RESPONSES);
+            tokio::spawn(keep_alive_stream(
+                self.frontend.clone(),
+                request.into_inner(),
+                out,
+                self.stopping.clone(),
+            ));
+            let responses = tokio_stream::wrappers::ReceiverStream::new(responses);
+            Ok(Box::pin(responses) as BoxStream<LeaseKeepAliveResponse>)
+        })
+        .await
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Reply<LeaseTimeToLiveResponse> {
+        self.observe(LEASE, "LeaseTimeToLive", async {
+            self.frontend.refuse_learner()?;
+            self.frontend.check_require_leader(&request)?;
+            let mut answer = self.frontend.lease_time_to_live(*request.get_ref()).await?;
+            answer.header = self.frontend.header(self.frontend.current_revision());
+            Ok(answer)
+        })
+        .await
+    }
+
+    async fn lease_leases(
+        &self,
+        request: Request<LeaseLeasesRequest>,
+    ) -> Reply<LeaseLeasesResponse> {
+        self.observe(LEASE, "LeaseLeases", async {
+            self.frontend.refuse_learner()?;
+            self.frontend.check_require_leader(&request)?;
+            self.frontend.linearizable_barrier().await?;
+            let (leases, revision) = self.read_state(|state| {
+                let leases = state
+                    .kv
+                    .leases()
+                    .map(|l| LeaseStatus { id: l.id() })
+                    .collect();
+                (leases, state.kv.current_revision())
+            });
+            Ok(LeaseLeasesResponse {
+                header: self.frontend.header(revision),
+                leases,
+            })
+        })
+        .await
+    }
+}
+
+/// Serves one LeaseKeepAlive stream: one answer per request, in order (TTL 0 for a lease
+/// that is gone). An error ends the stream, as in etcd; the client opens another.
+async fn keep_alive_stream(
+    frontend: Arc<Frontend>,
+    mut inbound: Streaming<LeaseKeepAliveRequest>,
+    out: tokio::sync::mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let request = tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(request)) => request,
+                Ok(None) | Err(_) => return,
+            },
+            () = crate::watch::stream::stopped(&mut stopping) => {
+                let _ = out.send(Err(Status::unavailable(crate::errors::SERVER_STOPPED))).await;
+                return;
+            }
+            () = out.closed() => return,
+        };
+        let answer =
+            frontend
+                .keep_lease_alive(request.id)
+                .await
+                .map(|ttl| LeaseKeepAliveResponse {
+                    header: frontend.header(frontend.current_revision()),
+                    id: request.id,
+                    ttl,
+                });
+        let failed = answer.is_err();
+        if out.send(answer).await.is_err() || failed {
+            return;
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Kv for ClientServices {

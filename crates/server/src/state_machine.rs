@@ -45,13 +45,24 @@ impl Applied {
     }
 }
 
-/// Receives the watch events of every applied write, in revision order (issue 8 fans them out
-/// to watchers; until then they are dropped).
+/// Learns what the apply thread applies, while it holds the state machine's write lock (so an
+/// observer that also takes the read lock sees each change and the state agree).
+///
+/// The watch hub takes the events of every write, in revision order; the lessor takes the
+/// leases granted (for the leader's expiry clock).
 pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// The events of one revision.
     fn publish(&self, revision: i64, events: &[Event]);
+
+    /// A snapshot replaced the whole state; the revisions after `previous_revision` up to the
+    /// snapshot's were never published.
+    fn state_replaced(&self, _previous_revision: i64) {}
+
+    /// A lease was granted with this TTL.
+    fn lease_granted(&self, _id: i64, _ttl_seconds: i64) {}
 }
 
-/// Drops events: there are no watchers yet.
+/// Drops everything (a member without watchers or leases, in tests).
 #[derive(Debug, Default)]
 pub struct NoWatchers;
 

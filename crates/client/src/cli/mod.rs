@@ -23,8 +23,10 @@
 //! ```
 
 mod bench;
+mod lease;
 mod output;
 mod txn;
+mod watch;
 
 use std::io::{self, BufRead, Write};
 use std::process::ExitCode;
@@ -38,7 +40,9 @@ use flotilla_proto::etcdserverpb::{
 };
 
 pub use bench::{BenchArgs, BenchReport};
+pub use lease::LeaseCommand;
 pub use output::OutputFormat;
+pub use watch::WatchArgs;
 
 use crate::{Client, ClientConfig, ClientError, SessionPolicy, prefix_range_end};
 
@@ -109,6 +113,11 @@ pub enum ClientCommand {
     /// Membership: list, add, remove, promote.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Watches a key or range and prints its events (history first with `--rev`).
+    Watch(WatchArgs),
+    /// Leases: grant, revoke, timetolive, list, keep-alive.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
     /// Status of each endpoint: id, leader, term, raft index, applied index, revision, db
     /// size.
     Status,
@@ -327,6 +336,8 @@ async fn execute(
         ClientCommand::Txn(args) => txn(&client, format, &args, input, out).await?,
         ClientCommand::Compact(args) => compact(&client, format, &args, out).await?,
         ClientCommand::Member(command) => member(&client, format, command, out).await?,
+        ClientCommand::Watch(args) => watch::run(&client, format, &args, out).await?,
+        ClientCommand::Lease(command) => lease::run(&client, format, command, out).await?,
         ClientCommand::Status => status(&client, format, out).await?,
         ClientCommand::MoveLeader(args) => move_leader(&client, format, &args, out).await?,
         ClientCommand::Bench(_) => unreachable!("handled above"),
