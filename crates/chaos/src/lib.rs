@@ -1,0 +1,7 @@
+//! # flotilla-chaos: fault injection on a real cluster, with linearizability checking
+//!
+//! Work in progress.
+
+pub mod history;
+pub mod linearizability;
+pub mod rng;
