@@ -2,6 +2,7 @@
 //!
 //! Work in progress.
 
+pub mod checkers;
 pub mod history;
 pub mod linearizability;
 pub mod rng;
