@@ -38,7 +38,15 @@ pub struct SetReport {
     pub anomalies: Vec<String>,
 }
 
-/// `adds` are the history's `add` operations (key: the element); `present` the elements the
+/// The element an `add` adds: its value (a string).
+pub fn set_element(add: &Operation) -> String {
+    match &add.value {
+        serde_json::Value::String(element) => element.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `adds` are the history's `add` operations (value: the element); `present` the elements the
 /// final read found.
 pub fn check_set(adds: &[Operation], present: &BTreeSet<String>) -> SetReport {
     let mut report = SetReport {
@@ -49,13 +57,14 @@ pub fn check_set(adds: &[Operation], present: &BTreeSet<String>) -> SetReport {
     let mut lost = Vec::new();
     let mut failed_present = Vec::new();
     for add in adds.iter().filter(|operation| operation.f == Function::Add) {
-        invoked.insert(add.key.as_str());
-        let is_present = present.contains(&add.key);
+        let element = set_element(add);
+        let is_present = present.contains(&element);
+        invoked.insert(element.clone());
         match add.completion {
             Completion::Ok(_) => {
                 report.acknowledged += 1;
                 if !is_present {
-                    lost.push(add.key.clone());
+                    lost.push(element.clone());
                 }
             }
             Completion::Info => {
@@ -65,14 +74,14 @@ pub fn check_set(adds: &[Operation], present: &BTreeSet<String>) -> SetReport {
             Completion::Fail => {
                 report.failed += 1;
                 if is_present {
-                    failed_present.push(add.key.clone());
+                    failed_present.push(element.clone());
                 }
             }
         }
     }
     let never_added: Vec<&String> = present
         .iter()
-        .filter(|element| !invoked.contains(element.as_str()))
+        .filter(|element| !invoked.contains(*element))
         .collect();
     if !lost.is_empty() {
         report.anomalies.push(format!(
@@ -232,6 +241,8 @@ pub struct WatcherLog {
     pub name: String,
     pub events: Vec<WatchEvent>,
     pub resumptions: u32,
+    /// The highest revision a progress answer vouched for (every event up to it was sent).
+    pub progress_revision: i64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -375,8 +386,8 @@ mod tests {
         Operation {
             process: 1,
             f: Function::Add,
-            key: element.into(),
-            value: json!(1),
+            key: "set".into(),
+            value: json!(element),
             completion,
             invoke_ns,
             complete_ns,
@@ -485,6 +496,7 @@ mod tests {
             name: "m0".into(),
             events,
             resumptions: 1,
+            progress_revision: 0,
         }
     }
 
