@@ -241,8 +241,6 @@ pub struct WatcherLog {
     pub name: String,
     pub events: Vec<WatchEvent>,
     pub resumptions: u32,
-    /// The highest revision a progress answer vouched for (every event up to it was sent).
-    pub progress_revision: i64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -496,7 +494,6 @@ mod tests {
             name: "m0".into(),
             events,
             resumptions: 1,
-            progress_revision: 0,
         }
     }
 

@@ -118,6 +118,14 @@ async fn probe_client(endpoints: Vec<String>) -> Result<Client, ClusterError> {
     Ok(Client::connect(config).await?)
 }
 
+/// Waits up to `timeout` for the process to exit, then SIGKILLs it; reaps it either way.
+async fn exit_within_or_kill(mut child: Child, timeout: Duration) {
+    if tokio::time::timeout(timeout, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
+
 impl Cluster {
     /// Starts every member and waits until the cluster is healthy.
     pub async fn start(
@@ -290,14 +298,8 @@ impl Cluster {
     pub async fn terminate(&mut self, index: usize) {
         self.signal(index, Signal::CONT);
         self.signal(index, Signal::TERM);
-        if let Some(mut child) = self.members[index].process.take() {
-            if tokio::time::timeout(GRACEFUL_STOP_TIMEOUT, child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-            }
+        if let Some(child) = self.members[index].process.take() {
+            exit_within_or_kill(child, GRACEFUL_STOP_TIMEOUT).await;
         }
         self.members[index].state = MemberState::Down;
     }
@@ -305,11 +307,8 @@ impl Cluster {
     /// Waits for a member to exit by itself (a removed member stops), then kills it if it
     /// has not.
     pub async fn await_exit_or_kill(&mut self, index: usize, timeout: Duration) {
-        if let Some(mut child) = self.members[index].process.take() {
-            if tokio::time::timeout(timeout, child.wait()).await.is_err() {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-            }
+        if let Some(child) = self.members[index].process.take() {
+            exit_within_or_kill(child, timeout).await;
         }
     }
 

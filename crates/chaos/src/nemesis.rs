@@ -21,6 +21,8 @@ const REMOVED_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const READD_TIMEOUT: Duration = Duration::from_secs(30);
 /// During a rolling restart, the cluster must be healthy again before the next member goes.
 const ROLLING_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long each member stays down during a rolling restart (as for an upgrade).
+const ROLLING_DOWNTIME_MS: (u64, u64) = (500, 2_000);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum NemesisKind {
@@ -210,10 +212,10 @@ impl Nemesis {
         if running.is_empty() {
             return None;
         }
-        if self.rng.chance(1, 2) {
-            if let Some(leader) = cluster.leader().await {
-                return Some((leader, " (leader)"));
-            }
+        if self.rng.chance(1, 2)
+            && let Some(leader) = cluster.leader().await
+        {
+            return Some((leader, " (leader)"));
         }
         Some((*self.rng.pick(&running), ""))
     }
@@ -421,6 +423,10 @@ impl Nemesis {
                 "nemesis: rolling restart: {} stopped (SIGTERM)",
                 cluster.members[member].name
             ));
+            let downtime = self
+                .rng
+                .between(ROLLING_DOWNTIME_MS.0, ROLLING_DOWNTIME_MS.1);
+            tokio::time::sleep(Duration::from_millis(downtime)).await;
             self.restart(cluster, member).await;
             if let Err(error) = cluster.wait_healthy(ROLLING_HEALTH_TIMEOUT).await {
                 self.timeline

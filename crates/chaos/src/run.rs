@@ -557,7 +557,7 @@ async fn run_counter(
 ) -> anyhow::Result<()> {
     let sessions = SessionPolicy::Sessions { pool_size: 1 };
     let clients = worker_clients(cluster, args.clients, sessions, COUNTER_CALL_TIMEOUT).await?;
-    let session_mode = clients.first().map(Client::session_mode);
+    let first_client = clients.first().cloned();
     let mut workers = JoinSet::new();
     for (worker, client) in clients.into_iter().enumerate() {
         workers.spawn(workloads::counter_worker(
@@ -568,6 +568,7 @@ async fn run_counter(
         ));
     }
     let healthy = run_faults_while(cluster, nemesis, context.deadline, workers, findings).await;
+    let session_mode = first_client.map(|client| client.session_mode());
     let events = context.recorder.events();
     count_outcomes(&events, findings);
     let final_value = if healthy {
@@ -648,11 +649,20 @@ async fn run_watch(
         return Ok(());
     }
     let client = cluster.client().await?;
+    // The last write's revision: the highest mod revision under the prefix (nothing is
+    // deleted there).
     let final_revision = client
-        .get(workloads::WATCH_PREFIX)
+        .range(flotilla_proto::etcdserverpb::RangeRequest {
+            key: workloads::WATCH_PREFIX.into(),
+            range_end: flotilla_client::prefix_range_end(workloads::WATCH_PREFIX.as_bytes()),
+            ..Default::default()
+        })
         .await?
-        .header
-        .map_or(0, |header| header.revision);
+        .kvs
+        .iter()
+        .map(|kv| kv.mod_revision)
+        .max()
+        .unwrap_or(0);
     let _ = target_sender.send(Some(final_revision));
     // The write history: a fresh watch from revision 1 on the healthy cluster.
     let history_log = Arc::new(Mutex::new(WatcherLog::default()));

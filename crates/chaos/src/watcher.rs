@@ -1,15 +1,17 @@
 //! Watchers for the watch workload: one stream per watcher over the watched prefix, on its
 //! own member; when the stream breaks, is cancelled or stalls, it resumes on the next member
 //! from the last revision it saw + 1. It stops once it has seen the target revision (set
-//! after the run), or when its time is up.
+//! after the run: the last write's), or when its time is up.
+//!
+//! Progress requests are not used to learn that a watcher is caught up: etcd 3.4 answers
+//! them with the store's revision even while the watcher is still replaying older events.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::prefix_range_end;
 use flotilla_proto::etcdserverpb::{
-    WatchCreateRequest, WatchProgressRequest, WatchRequest, watch_client::WatchClient,
-    watch_request::RequestUnion,
+    WatchCreateRequest, WatchRequest, watch_client::WatchClient, watch_request::RequestUnion,
 };
 use flotilla_proto::mvccpb::event::EventType;
 use tokio::sync::{mpsc, watch};
@@ -22,8 +24,6 @@ use crate::workloads::WATCH_PREFIX;
 /// No message for this long means the stream is stuck (its member partitioned or paused):
 /// resume elsewhere.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Once the target is known, progress is asked for this often.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// Between attempts on a member that refused.
 const RESUME_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -118,7 +118,6 @@ async fn watch_once(
         }
         Ok(Err(_)) | Err(_) => return StreamEnd::Broken,
     };
-    let mut progress_ticker = tokio::time::interval(PROGRESS_INTERVAL);
     let mut last_message = Instant::now();
     loop {
         let wanted = *target.borrow();
@@ -152,18 +151,6 @@ async fn watch_once(
                         value,
                     });
                 }
-                // A progress answer (no events) says every event up to its revision was sent.
-                if response.events.is_empty() && !response.created {
-                    if let Some(header) = &response.header {
-                        log.progress_revision = log.progress_revision.max(header.revision);
-                    }
-                }
-            }
-            _ = progress_ticker.tick(), if wanted.is_some() => {
-                let progress = WatchRequest {
-                    request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})),
-                };
-                let _ = requests.try_send(progress);
             }
             _ = target.changed() => {}
             _ = tokio::time::sleep_until((last_message + STALL_TIMEOUT).into()) => {
@@ -173,9 +160,8 @@ async fn watch_once(
     }
 }
 
-/// The highest revision up to which the watcher has seen everything.
+/// The revision of the last event the watcher saw.
 fn seen_up_to(log: &Mutex<WatcherLog>) -> i64 {
     let log = log.lock().expect("watcher log");
-    let last_event = log.events.last().map_or(0, |event| event.revision);
-    last_event.max(log.progress_revision)
+    log.events.last().map_or(0, |event| event.revision)
 }
