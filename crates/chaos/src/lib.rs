@@ -38,7 +38,7 @@ use std::process::ExitCode;
 pub use cluster::SystemKind;
 pub use nemesis::NemesisKind;
 pub use network::NetworkKind;
-pub use run::run;
+pub use run::{Verdict, run, run_with_verdict};
 
 /// What the clients do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -1,11 +1,12 @@
 //! Where members live on the network, and packet-level partitions between them.
 //!
 //! - **Namespaces** (the default; needs root, `ip` and `nft`): each member runs in a network
-//!   namespace of its own (`flotilla-chaos-<pid>-m<i>`), with one veth link to a bridge
-//!   (`fchaos<pid>`) in the harness's namespace, on a private /24 chosen free. Members
+//!   namespace of its own (`flotilla-chaos-<run>-m<i>`, where the run id is the harness's
+//!   pid and a letter), with one veth link to a bridge (`fchaos<run>`) in the harness's
+//!   namespace, on a private /24 chosen free. Members
 //!   reach each other through the bridge and the harness reaches every member directly, so
 //!   a partition between members never cuts the clients off. Partitions are nftables rules
-//!   in a table of this run (`bridge flotilla_chaos_<pid>`): a set of (source, destination)
+//!   in a table of this run (`bridge flotilla_chaos_<run>`): a set of (source, destination)
 //!   address pairs whose packets the bridge drops, so every shape, one-way included, is one
 //!   atomic set update.
 //! - **Loopback**: each member on its own 127.x.y.z address; no partitions (senders on
@@ -130,6 +131,15 @@ impl Network {
     }
 
     fn create_namespaces(pid: u32, members: usize) -> Result<Network, NetworkError> {
+        // One network at a time per process, so two never pick the same subnet; each gets a
+        // letter of its own after the pid (the names must fit in 15 bytes).
+        static CREATING: std::sync::Mutex<u8> = std::sync::Mutex::new(0);
+        let mut created = CREATING
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let letter = char::from(b'a' + *created % 26);
+        *created = created.wrapping_add(1);
+        let run_id = format!("{pid}{letter}");
         let subnet = free_subnet(pid)?;
         let mut network = Network {
             kind: NetworkKind::Namespaces,
@@ -140,7 +150,7 @@ impl Network {
             blocked: BTreeSet::new(),
         };
         // Each step is recorded before the next, so a failure half-way is cleaned up by drop.
-        let bridge = format!("{BRIDGE_PREFIX}{pid}");
+        let bridge = format!("{BRIDGE_PREFIX}{run_id}");
         run("ip", &["link", "add", &bridge, "type", "bridge"])?;
         network.bridge = Some(bridge.clone());
         let bridge_address = format!(
@@ -150,11 +160,11 @@ impl Network {
         run("ip", &["addr", "add", &bridge_address, "dev", &bridge])?;
         run("ip", &["link", "set", &bridge, "up"])?;
         for index in 0..members {
-            let namespace = format!("{NAMESPACE_PREFIX}{pid}-m{index}");
+            let namespace = format!("{NAMESPACE_PREFIX}{run_id}-m{index}");
             run("ip", &["netns", "add", &namespace])?;
             network.namespaces.push(namespace.clone());
-            let host_end = format!("fc{pid}h{index}");
-            let member_end = format!("fc{pid}n{index}");
+            let host_end = format!("fc{run_id}h{index}");
+            let member_end = format!("fc{run_id}n{index}");
             run(
                 "ip",
                 &[
@@ -194,7 +204,7 @@ impl Network {
             run("ip", &["-n", &namespace, "link", "set", "lo", "up"])?;
             network.addresses.push(address);
         }
-        let table = format!("{TABLE_PREFIX}{pid}");
+        let table = format!("{TABLE_PREFIX}{run_id}");
         let definition = format!(
             "table bridge {table} {{\n\
              \tset blocked {{ type ipv4_addr . ipv4_addr; }}\n\
@@ -209,6 +219,16 @@ impl Network {
 
     pub fn kind(&self) -> NetworkKind {
         self.kind
+    }
+
+    /// The nftables table holding this network's partition rules (namespaces only).
+    pub fn table(&self) -> Option<&str> {
+        self.table.as_deref()
+    }
+
+    /// The members' namespaces (namespaces only).
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
     }
 
     pub fn address(&self, member: usize) -> Ipv4Addr {
@@ -394,6 +414,7 @@ mod tests {
         );
         assert_eq!(owner_pid("flotilla_chaos_77", TABLE_PREFIX), Some(77));
         assert_eq!(owner_pid("fchaos99", BRIDGE_PREFIX), Some(99));
+        assert_eq!(owner_pid("fchaos99b", BRIDGE_PREFIX), Some(99));
         assert_eq!(owner_pid("docker0", BRIDGE_PREFIX), None);
         assert_eq!(owner_pid("fchaosx", BRIDGE_PREFIX), None);
     }

@@ -52,15 +52,44 @@ impl Findings {
     }
 }
 
-/// Runs the harness; Ctrl-C or SIGTERM stops it, killing the members and removing the
-/// network on the way out.
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No anomaly found.
+    Pass,
+    /// At least one anomaly.
+    Fail,
+    /// The run could not be carried out (no binary, the cluster never started, ...).
+    Error,
+    /// Stopped by Ctrl-C or SIGTERM.
+    Interrupted,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Verdict::Pass => ExitCode::SUCCESS,
+            Verdict::Fail => ExitCode::FAILURE,
+            Verdict::Error => ExitCode::from(2),
+            Verdict::Interrupted => ExitCode::from(130),
+        }
+    }
+}
+
+/// Runs the harness; exits 0 only when no anomaly was found.
 pub async fn run(args: ChaosArgs) -> ExitCode {
+    run_with_verdict(args).await.exit_code()
+}
+
+/// Runs the harness and prints its summary, the verdict last. Ctrl-C or SIGTERM stops it,
+/// killing the members and removing the network on the way out.
+pub async fn run_with_verdict(args: ChaosArgs) -> Verdict {
     tokio::select! {
-        code = run_to_verdict(args) => code,
+        verdict = run_to_verdict(args) => verdict,
         signal = interrupted() => {
             // Leaving the select drops the run: members are SIGKILLed, the network removed.
-            eprintln!("flotilla chaos: {signal}: stopping; members killed, network removed");
-            ExitCode::from(130)
+            println!("VERDICT: INTERRUPTED ({signal}); members killed, network removed");
+            Verdict::Interrupted
         }
     }
 }
@@ -78,7 +107,7 @@ async fn interrupted() -> &'static str {
     }
 }
 
-async fn run_to_verdict(args: ChaosArgs) -> ExitCode {
+async fn run_to_verdict(args: ChaosArgs) -> Verdict {
     let out = args.out.clone();
     match execute(args).await {
         Ok(findings) => {
@@ -90,7 +119,7 @@ async fn run_to_verdict(args: ChaosArgs) -> ExitCode {
                     "VERDICT: PASS: no anomaly found; history and logs in {}",
                     out.display()
                 );
-                ExitCode::SUCCESS
+                Verdict::Pass
             } else {
                 for anomaly in &findings.anomalies {
                     println!("ANOMALY: {anomaly}");
@@ -105,7 +134,7 @@ async fn run_to_verdict(args: ChaosArgs) -> ExitCode {
                     },
                     out.display()
                 );
-                ExitCode::FAILURE
+                Verdict::Fail
             }
         }
         Err(error) => {
@@ -113,7 +142,7 @@ async fn run_to_verdict(args: ChaosArgs) -> ExitCode {
                 "VERDICT: ERROR: the run could not be completed: {error:#} (logs in {})",
                 out.display()
             );
-            ExitCode::from(2)
+            Verdict::Error
         }
     }
 }
