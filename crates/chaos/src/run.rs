@@ -634,6 +634,9 @@ async fn run_watch(
     findings: &mut Findings,
 ) -> anyhow::Result<()> {
     let endpoints = cluster.endpoints();
+    if let Err(error) = watcher::probe(&endpoints[0]).await {
+        bail!("watch workload: {error} (flotilla's Watch comes with issue 8)");
+    }
     let (target_sender, target) = tokio::sync::watch::channel(None);
     let mut watchers = JoinSet::new();
     let mut logs = Vec::new();

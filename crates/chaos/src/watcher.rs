@@ -73,6 +73,17 @@ pub async fn run_watcher(
     }
 }
 
+/// Opens a watch on `endpoint` and waits for it to be created: a server without Watch says
+/// so at once, before a run spends its duration.
+pub async fn probe(endpoint: &str) -> Result<(), WatchError> {
+    let (_target_sender, mut target) = watch::channel(Some(0));
+    let log = Mutex::new(WatcherLog::default());
+    match watch_once(endpoint, 1, &mut target, &log).await {
+        StreamEnd::Unimplemented(message) => Err(WatchError::Unimplemented(message)),
+        StreamEnd::CaughtUp | StreamEnd::Broken => Ok(()),
+    }
+}
+
 enum StreamEnd {
     CaughtUp,
     Broken,
