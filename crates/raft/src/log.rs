@@ -335,7 +335,7 @@ impl<S: LogStorage> RaftLog<S> {
     pub(crate) fn maybe_append(
         &mut self,
         prev: EntryId,
-        entries: &[Entry],
+        mut entries: Vec<Entry>,
     ) -> Result<Option<Index>, StorageError> {
         if !self.match_term(prev)? {
             return Ok(None);
@@ -357,7 +357,8 @@ impl<S: LogStorage> RaftLog<S> {
                 entry.index,
                 self.committed
             );
-            self.truncate_and_append(entries[offset..].to_vec());
+            entries.drain(..offset);
+            self.truncate_and_append(entries);
             break;
         }
         Ok(Some(last_new))

@@ -496,7 +496,7 @@ impl<S: LogStorage> RaftNode<S> {
             return Ok(());
         }
         let membership_before = self.log.membership_index();
-        match self.log.maybe_append(request.prev, &request.entries)? {
+        match self.log.maybe_append(request.prev, request.entries)? {
             Some(last_new) => {
                 if self.log.membership_index() != membership_before {
                     self.note_membership();
