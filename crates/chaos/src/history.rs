@@ -333,4 +333,22 @@ mod tests {
             Err(HistoryError::MismatchedCompletion { .. })
         ));
     }
+
+    #[test]
+    fn recorded_events_round_trip_through_a_file() {
+        let recorder = Recorder::new(Instant::now());
+        recorder.record(0, EventType::Invoke, Function::Read, "k", Value::Null);
+        recorder.record(0, EventType::Ok, Function::Read, "k", json!(3));
+        let events = recorder.events();
+        assert!(events[0].time <= events[1].time);
+        let path = std::env::temp_dir().join(format!("history-{}.jsonl", std::process::id()));
+        write_jsonl(&path, &events).unwrap();
+        assert_eq!(read_jsonl(&path).unwrap(), events);
+        std::fs::write(&path, "{\"process\": 1}\n").unwrap();
+        assert!(matches!(
+            read_jsonl(&path),
+            Err(HistoryError::Parse { line: 1, .. })
+        ));
+        let _ = std::fs::remove_file(path);
+    }
 }

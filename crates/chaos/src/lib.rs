@@ -110,3 +110,50 @@ pub fn run_blocking(args: ChaosArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        chaos: ChaosArgs,
+    }
+
+    #[test]
+    fn the_documented_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "flotilla",
+            "--members",
+            "5",
+            "--workload",
+            "set",
+            "--nemesis",
+            "membership",
+            "--duration",
+            "30",
+            "--clients",
+            "4",
+            "--out",
+            "/tmp/x",
+        ])
+        .unwrap();
+        let args = cli.chaos;
+        assert_eq!(args.members, 5);
+        assert_eq!(args.workload, Workload::Set);
+        assert_eq!(args.nemesis, NemesisKind::Membership);
+        assert_eq!((args.duration, args.clients), (30, 4));
+        assert_eq!(args.system, SystemKind::Flotilla);
+        assert!(!args.serializable_reads);
+    }
+
+    #[test]
+    fn only_three_or_five_members() {
+        let parsed = Cli::try_parse_from(["flotilla", "--members", "4", "--out", "/tmp/x"]);
+        assert!(parsed.is_err());
+        assert!(Cli::try_parse_from(["flotilla", "--nemesis", "flood", "--out", "x"]).is_err());
+    }
+}
