@@ -123,6 +123,9 @@ pub struct ReadState {
 pub enum ReadFailure {
     /// This node lost leadership before confirming the read, or the leader refused it.
     LeadershipLost,
+    /// A follower forwarded the read to the leader and heard nothing back within an election
+    /// timeout (the request or the answer was lost).
+    TimedOut,
 }
 
 /// The node's role, for transcripts, metrics and routing.

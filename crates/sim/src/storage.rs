@@ -183,7 +183,9 @@ impl SimStorage for WalDisk {
     }
 
     fn sync(&mut self) -> Result<Option<PersistId>, String> {
-        self.wal.sync().map_err(|err| err.to_string())
+        let durable = self.wal.sync().map_err(|err| err.to_string())?;
+        self.wal.prepare_ahead().map_err(|err| err.to_string())?;
+        Ok(durable)
     }
 
     fn save_snapshot(&mut self, meta: &SnapshotMeta, data: Bytes) -> Result<(), String> {

@@ -752,15 +752,27 @@ impl Wal {
         {
             return Err(self.fail(WalError::io("fsync", &segment.path, err)));
         }
-        let (durable, removals, spare_due) = {
+        let (durable, removals) = {
             let mut w = self.lock_writer()?;
             self.note_synced(&mut w, segment.seq, target)
         };
         self.remove_files(&removals)?;
-        if spare_due && let Err(err) = self.prepare_spare() {
+        Ok(durable)
+    }
+
+    /// Creates the next segment ahead of need once the current one is three-quarters full.
+    /// Call it off the critical path (after acknowledging what `sync` made durable): creating
+    /// and preallocating a segment takes an fsync of its own. If nobody calls it, the rollover
+    /// creates the segment itself, on the write path.
+    pub fn prepare_ahead(&self) -> Result<(), WalError> {
+        let due = {
+            let w = self.lock_writer()?;
+            w.write_offset * 4 > w.capacity_bytes * 3
+        };
+        if due && let Err(err) = self.prepare_spare() {
             return Err(self.fail(err));
         }
-        Ok(durable)
+        Ok(())
     }
 
     /// Records that the log is durable through `target` in segment `seq`.
@@ -769,7 +781,7 @@ impl Wal {
         w: &mut Writer,
         seq: u64,
         (batch, offset): (Option<PersistId>, u64),
-    ) -> (Option<PersistId>, Vec<Obsolete>, bool) {
+    ) -> (Option<PersistId>, Vec<Obsolete>) {
         if batch > w.durable_batch {
             w.durable_batch = batch;
         }
@@ -784,10 +796,7 @@ impl Wal {
         {
             removals.push(w.deferred_removals.pop_front().expect("checked").1);
         }
-        // Late enough that compaction has a chance to hand in a recycled segment first, early
-        // enough that the rollover does not wait for a new one.
-        let spare_due = w.write_offset * 4 > w.capacity_bytes * 3;
-        (w.durable_batch, removals, spare_due)
+        (w.durable_batch, removals)
     }
 
     /// At open everything recovered is durable: segments no longer needed go at once.
@@ -868,7 +877,7 @@ impl Wal {
         }
         let target = (w.last_written_batch, w.write_offset);
         let seq = w.segment.seq;
-        let (_, removals, _) = self.note_synced(w, seq, target);
+        let (_, removals) = self.note_synced(w, seq, target);
         self.remove_files(&removals).map(drop)
     }
 

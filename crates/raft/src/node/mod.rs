@@ -142,6 +142,12 @@ pub struct RaftNode<S: LogStorage> {
     reads_failed: Vec<(u64, ReadFailure)>,
     /// Reads forwarded to the leader whose answer is awaited, by context.
     reads_forwarded: BTreeSet<u64>,
+    /// The same reads in the order they were forwarded, with the tick they expire at: a
+    /// request or answer lost in the network must not hold a read (and a slot of the bounded
+    /// queue) forever. Entries already answered are skipped when they come up.
+    reads_forwarded_expiry: VecDeque<(u64, u64)>,
+    /// Ticks since the node started (logical time, for expiring forwarded reads).
+    ticks: u64,
     role_state_reported: Option<RoleState>,
     /// Applied log since the snapshot policy last fired or a snapshot was saved.
     applied_since_snapshot_entries: u64,
@@ -214,6 +220,8 @@ impl<S: LogStorage> RaftNode<S> {
             reads_waiting_apply: VecDeque::new(),
             reads_failed: Vec::new(),
             reads_forwarded: BTreeSet::new(),
+            reads_forwarded_expiry: VecDeque::new(),
+            ticks: 0,
             role_state_reported: None,
             applied_since_snapshot_entries: 0,
             applied_since_snapshot_bytes: 0,
@@ -344,6 +352,8 @@ impl<S: LogStorage> RaftNode<S> {
     /// Advances logical time by one tick.
     pub fn tick(&mut self) -> Result<(), Error> {
         self.check_fatal()?;
+        self.ticks += 1;
+        self.expire_forwarded_reads();
         let result = if self.is_leader() {
             self.tick_leader()
         } else {

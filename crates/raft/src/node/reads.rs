@@ -48,6 +48,8 @@ impl<S: LogStorage> RaftNode<S> {
                     });
                 }
                 self.reads_forwarded.insert(context);
+                let expires_at = self.ticks + self.config.election_timeout_ticks;
+                self.reads_forwarded_expiry.push_back((expires_at, context));
                 self.send(
                     self.leader,
                     MessageBody::ReadIndex(ReadIndexRequest { context }),
@@ -172,6 +174,21 @@ impl<S: LogStorage> RaftNode<S> {
         for context in std::mem::take(&mut self.reads_forwarded) {
             self.reads_failed
                 .push((context, ReadFailure::LeadershipLost));
+        }
+        self.reads_forwarded_expiry.clear();
+    }
+
+    /// Fails forwarded reads the leader has not answered within an election timeout: the
+    /// request or the answer was lost. The caller may retry.
+    pub(crate) fn expire_forwarded_reads(&mut self) {
+        while let Some(&(expires_at, context)) = self.reads_forwarded_expiry.front() {
+            if expires_at > self.ticks {
+                return;
+            }
+            self.reads_forwarded_expiry.pop_front();
+            if self.reads_forwarded.remove(&context) {
+                self.reads_failed.push((context, ReadFailure::TimedOut));
+            }
         }
     }
 

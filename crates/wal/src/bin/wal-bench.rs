@@ -381,6 +381,7 @@ impl Appender for WalAppender {
         self.next_index += self.batch as u64;
         self.wal.write(&batch).expect("write");
         assert_eq!(self.wal.sync().expect("sync"), Some(self.id));
+        self.wal.prepare_ahead().expect("prepare the next segment");
         assert_eq!(self.wal.last_index(), self.next_index - 1);
         self.bytes_since_snapshot += (self.payload.len() * self.batch) as u64;
         if self.compact && self.bytes_since_snapshot >= STEADY_COMPACTION_BYTES {

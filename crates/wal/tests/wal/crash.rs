@@ -138,7 +138,13 @@ impl CrashRun {
     }
 
     fn sync(&mut self) -> Result<(), WalError> {
-        let Some(id) = self.wal.sync()? else {
+        let synced = self.wal.sync();
+        // Half the time prepare the next segment ahead (as the server does after each sync);
+        // otherwise the rollover creates it on the write path. Both must survive crashes.
+        if synced.is_ok() && self.generator.prng.chance(1, 2) {
+            self.wal.prepare_ahead()?;
+        }
+        let Some(id) = synced? else {
             return Ok(());
         };
         let &(_, position) = self

@@ -1,0 +1,386 @@
+//! `flotilla dev`: a local cluster in one command.
+//!
+//! Starts N members as child processes of this binary (`flotilla serve`) on 127.0.0.1, with
+//! etcd's local-cluster ports (clients 2379, 22379, 32379, ...; peers 2380, 22380, 32380, ...;
+//! metrics 2381, 22381, 32381, ...), each logging to `<data-dir>/<name>.log`, and shows a
+//! status table every second. Ctrl-C (or SIGTERM) stops every member gracefully, by PID. The
+//! data stays for the next run unless `--fresh`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use flotilla_proto::etcdserverpb::StatusRequest;
+use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of members (1 to 6).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Where the members keep their data and logs.
+    #[arg(long, default_value = "flotilla-dev")]
+    data_dir: PathBuf,
+    /// Delete the data of earlier runs first.
+    #[arg(long)]
+    fresh: bool,
+    /// Extra flags passed to every `flotilla serve`, e.g. `--serve-arg=--snapshot-count=1000`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+}
+
+const MEMBERS_MAX: usize = 6;
+const STOP_GRACE: Duration = Duration::from_secs(20);
+
+struct Member {
+    name: String,
+    log: PathBuf,
+    client_url: String,
+    peer_url: String,
+    metrics_url: String,
+    child: Option<Child>,
+    exited: Option<String>,
+}
+
+/// etcd's convention: 2379, 22379, 32379, ... (and +1 for peers, +2 for metrics).
+fn client_port(index: usize) -> u16 {
+    if index == 0 {
+        2379
+    } else {
+        ((index + 1) * 10_000 + 2379) as u16
+    }
+}
+
+pub fn run(args: DevArgs) -> ExitCode {
+    if args.nodes == 0 || args.nodes > MEMBERS_MAX {
+        eprintln!(
+            "flotilla dev: --nodes must be between 1 and {MEMBERS_MAX} (the port pattern \
+             2379, 22379, ... ends at {})",
+            client_port(MEMBERS_MAX - 1)
+        );
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("flotilla dev: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_cluster(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("flotilla dev: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
+    if args.fresh && args.data_dir.exists() {
+        std::fs::remove_dir_all(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", args.data_dir.display()))?;
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.data_dir.display()))?;
+    let mut members: Vec<Member> = (0..args.nodes)
+        .map(|i| {
+            let port = client_port(i);
+            Member {
+                name: format!("node{}", i + 1),
+                log: args.data_dir.join(format!("node{}.log", i + 1)),
+                client_url: format!("http://127.0.0.1:{port}"),
+                peer_url: format!("http://127.0.0.1:{}", port + 1),
+                metrics_url: format!("http://127.0.0.1:{}", port + 2),
+                child: None,
+                exited: None,
+            }
+        })
+        .collect();
+    let initial_cluster = members
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer_url))
+        .collect::<Vec<_>>()
+        .join(",");
+    for i in 0..members.len() {
+        match spawn_member(&members[i], &args, &initial_cluster) {
+            Ok(child) => members[i].child = Some(child),
+            Err(err) => {
+                stop_all(&mut members).await;
+                return Err(err);
+            }
+        }
+    }
+    print_endpoints(&members, &args.data_dir);
+    let result = show_status_until_stopped(&mut members).await;
+    println!("\nstopping {} members...", members.len());
+    stop_all(&mut members).await;
+    println!("stopped; data kept in {}", args.data_dir.display());
+    result
+}
+
+fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let log_path = &member.log;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("serve")
+        .args(["--name", &member.name])
+        .arg("--data-dir")
+        .arg(args.data_dir.join(&member.name))
+        .args(["--listen-client-urls", &member.client_url])
+        .args(["--advertise-client-urls", &member.client_url])
+        .args(["--listen-peer-urls", &member.peer_url])
+        .args(["--initial-advertise-peer-urls", &member.peer_url])
+        .args(["--listen-metrics-urls", &member.metrics_url])
+        .args(["--initial-cluster", initial_cluster])
+        .args(["--initial-cluster-token", "flotilla-dev"])
+        .args(&args.serve_args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own process group: Ctrl-C in the terminal reaches only `dev`, which then stops the
+    // members one by one (a leader hands over first).
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", member.name))
+}
+
+fn print_endpoints(members: &[Member], data_dir: &Path) {
+    println!("flotilla dev: {} members", members.len());
+    for m in members {
+        println!(
+            "  {:<6} clients {}  peers {}  metrics {}/metrics",
+            m.name, m.client_url, m.peer_url, m.metrics_url
+        );
+    }
+    let endpoints: Vec<&str> = members
+        .iter()
+        .map(|m| m.client_url.trim_start_matches("http://"))
+        .collect();
+    println!("  data and logs in {}", data_dir.display());
+    println!(
+        "  try: etcdctl --endpoints={} put hello world",
+        endpoints.join(",")
+    );
+    println!("  Ctrl-C stops every member.\n");
+}
+
+/// One row of the status table.
+struct Row {
+    name: String,
+    id: u64,
+    role: String,
+    term: u64,
+    commit: u64,
+    applied: u64,
+    leader: u64,
+}
+
+async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()> {
+    let tty = std::io::stdout().is_terminal();
+    // Created once: a signal that arrives while the table is being queried is kept for the
+    // next `recv`, not lost (a fresh `ctrl_c()` per iteration would miss it).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut last_summary = String::new();
+    let mut drawn_lines = 0;
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        reap_exited(members);
+        if members.iter().all(|m| m.exited.is_some()) {
+            let first_error = members
+                .iter()
+                .find_map(|m| last_error_line(&m.log))
+                .unwrap_or_else(|| "no error logged".into());
+            anyhow::bail!("every member exited (first error: {first_error}); see their logs");
+        }
+        let mut rows = Vec::new();
+        for m in members.iter() {
+            rows.push(status_row(m).await);
+        }
+        let table = render_table(members, &rows);
+        if tty {
+            // Move up over the previous table and redraw it.
+            if drawn_lines > 0 {
+                print!("\x1b[{drawn_lines}A\x1b[J");
+            }
+            print!("{table}");
+            drawn_lines = table.lines().count();
+        } else {
+            // Not a terminal: print only when leadership changes.
+            let summary: String = rows
+                .iter()
+                .map(|r| format!("{}:{}:{}", r.name, r.role, r.term))
+                .collect();
+            if summary != last_summary {
+                print!("{table}");
+                last_summary = summary;
+            }
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
+/// The last line of a member's log that reports an error.
+fn last_error_line(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|line| line.contains("error"))
+        .map(|line| line.trim().to_string())
+}
+
+fn reap_exited(members: &mut [Member]) {
+    for m in members.iter_mut() {
+        if let Some(child) = &mut m.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            m.exited = Some(format!("exited ({status}); see its log"));
+            m.child = None;
+        }
+    }
+}
+
+async fn status_row(member: &Member) -> Row {
+    let unknown = |role: &str| Row {
+        name: member.name.clone(),
+        id: 0,
+        role: role.to_string(),
+        term: 0,
+        commit: 0,
+        applied: 0,
+        leader: 0,
+    };
+    if let Some(exited) = &member.exited {
+        return unknown(exited);
+    }
+    let query = async {
+        let channel = tonic::transport::Endpoint::from_shared(member.client_url.clone())
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = MaintenanceClient::new(channel);
+        client
+            .status(StatusRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    };
+    let Ok(Some(status)) = tokio::time::timeout(Duration::from_millis(800), query).await else {
+        return unknown("unreachable");
+    };
+    let id = status.header.map_or(0, |h| h.member_id);
+    let role = if status.is_learner {
+        "learner"
+    } else if status.leader == 0 {
+        "no leader"
+    } else if status.leader == id {
+        "leader"
+    } else {
+        "follower"
+    };
+    Row {
+        name: member.name.clone(),
+        id,
+        role: role.to_string(),
+        term: status.raft_term,
+        commit: status.raft_index,
+        applied: status.raft_applied_index,
+        leader: status.leader,
+    }
+}
+
+fn render_table(members: &[Member], rows: &[Row]) -> String {
+    let mut out = format!(
+        "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",
+        "MEMBER", "ID", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER"
+    );
+    for row in rows {
+        let leader_name = members
+            .iter()
+            .zip(rows)
+            .find(|(_, r)| r.id != 0 && r.id == row.leader)
+            .map_or_else(
+                || {
+                    if row.leader == 0 {
+                        "-".to_string()
+                    } else {
+                        format!("{:x}", row.leader)
+                    }
+                },
+                |(m, _)| m.name.clone(),
+            );
+        out.push_str(&format!(
+            "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",
+            row.name,
+            if row.id == 0 {
+                "-".to_string()
+            } else {
+                format!("{:x}", row.id)
+            },
+            row.role,
+            row.term,
+            row.commit,
+            row.applied,
+            leader_name
+        ));
+    }
+    out
+}
+
+/// SIGTERM to every member by PID, then wait; SIGKILL whoever is still there after the grace.
+async fn stop_all(members: &mut [Member]) {
+    for m in members.iter() {
+        if let Some(child) = &m.child
+            && let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for m in members.iter_mut() {
+        let Some(child) = &mut m.child else { continue };
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!("{} did not stop in time; killing it", m.name);
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        m.child = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_follow_etcds_local_cluster_convention() {
+        assert_eq!(client_port(0), 2379);
+        assert_eq!(client_port(1), 22379);
+        assert_eq!(client_port(2), 32379);
+        assert_eq!(client_port(5), 62379);
+    }
+}

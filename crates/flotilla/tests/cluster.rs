@@ -1,0 +1,576 @@
+//! Real `flotilla serve` processes on loopback: reads and writes through every member, leader
+//! failures (kill -9, SIGSTOP), membership changes, snapshot catch-up, duplicate suppression
+//! and bad input. Each test is bounded in time and kills its processes by PID at the end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use flotilla_proto::etcdserverpb::{
+    MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest,
+};
+use flotilla_proto::flotilla::session::v1::session_client::SessionClient;
+use flotilla_proto::flotilla::session::v1::{CloseRequest, KeepAliveRequest, RegisterRequest};
+use rustix::process::Signal;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_reads_go_through_every_member() {
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        for i in 0..3 {
+            let mut kv = cluster.kv(i).await;
+            put(&mut kv, &format!("key-{i}"), &format!("from-{i}"))
+                .await
+                .unwrap_or_else(|e| panic!("put through member {i} (leader {leader}): {e}"));
+        }
+        for i in 0..3 {
+            let mut kv = cluster.kv(i).await;
+            for j in 0..3 {
+                let value = get(&mut kv, &format!("key-{j}"), false).await.unwrap();
+                assert_eq!(value.as_deref(), Some(format!("from-{j}").as_str()));
+            }
+        }
+        // Serializable reads are local: every member gets there.
+        for i in 0..3 {
+            let kv = cluster.kv(i).await;
+            eventually("a serializable read to see the last write", LIMIT, || {
+                let mut kv = kv.clone();
+                async move {
+                    let value = get(&mut kv, "key-2", true).await.ok()??;
+                    (value == "from-2").then_some(())
+                }
+            })
+            .await;
+            drop(kv.clone());
+        }
+        // Members publish their names and client URLs.
+        let mut members = cluster.cluster_client(0).await;
+        let list = eventually("every member to publish its attributes", LIMIT, || {
+            let mut members = members.clone();
+            async move {
+                let list = members
+                    .member_list(MemberListRequest::default())
+                    .await
+                    .ok()?;
+                let list = list.into_inner();
+                list.members
+                    .iter()
+                    .all(|m| !m.name.is_empty() && !m.client_urls.is_empty())
+                    .then_some(list)
+            }
+        })
+        .await;
+        assert_eq!(list.members.len(), 3);
+        let header = list.header.unwrap();
+        assert_ne!(header.cluster_id, 0);
+        assert_ne!(header.member_id, 0);
+        assert!(header.raft_term >= 1);
+        let _ = members.member_list(MemberListRequest::default()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_steps_down_without_harm() {
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut kv = cluster.kv(old).await;
+        put(&mut kv, "before", "pause").await.unwrap();
+        cluster.signal(old, Signal::STOP);
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        assert_ne!(new, old);
+        let mut kv_new = cluster.kv(new).await;
+        let revision = put(&mut kv_new, "during", "pause").await.unwrap();
+        cluster.signal(old, Signal::CONT);
+        // The old leader learns of the new term and follows; it serves the new write.
+        let mut kv_old = cluster.kv(old).await;
+        eventually(
+            "the old leader to serve the write made while it slept",
+            LIMIT,
+            || {
+                let mut kv = kv_old.clone();
+                async move { (get(&mut kv, "during", false).await.ok()?? == "pause").then_some(()) }
+            },
+        )
+        .await;
+        // It follows the new term (a leader elected later may be anyone, but only one).
+        let term_after = cluster.status(new).await.unwrap().raft_term;
+        let resumed = eventually(
+            "the resumed member to learn the new term",
+            LIMIT,
+            || async {
+                let status = cluster.status(old).await?;
+                (status.raft_term >= term_after && status.leader != 0).then_some(status)
+            },
+        )
+        .await;
+        assert_ne!(
+            resumed.leader,
+            resumed.header.unwrap().member_id,
+            "the resumed member does not lead on its old term"
+        );
+        cluster.wait_for_leader(&[0, 1, 2]).await;
+        assert_eq!(
+            get(&mut kv_old, "before", false).await.unwrap().as_deref(),
+            Some("pause")
+        );
+        let next = put(&mut kv_old, "after", "pause").await.unwrap();
+        assert!(next > revision);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_with_a_session_is_applied_once() {
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let follower = (leader + 1) % 3;
+        let mut sessions = SessionClient::new(cluster.channel(follower).await);
+        let session = sessions
+            .register(RegisterRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(session.session_id, 0);
+        let tagged = |sequence: u64| {
+            let mut request = tonic::Request::new(PutRequest {
+                key: "counter".into(),
+                value: format!("v{sequence}").into(),
+                prev_kv: true,
+                ..Default::default()
+            });
+            let metadata = request.metadata_mut();
+            metadata.insert(
+                "flotilla-session",
+                session.session_id.to_string().parse().unwrap(),
+            );
+            metadata.insert("flotilla-seq", sequence.to_string().parse().unwrap());
+            request
+        };
+        // The first response is "lost": the client sends the same request again, to another
+        // member, and must get the first answer back without a second apply.
+        let mut kv = cluster.kv(follower).await;
+        let first = kv.put(tagged(1)).await.unwrap().into_inner();
+        let mut kv_leader = cluster.kv(leader).await;
+        let retry = kv_leader.put(tagged(1)).await.unwrap().into_inner();
+        assert_eq!(
+            first.header.unwrap().revision,
+            retry.header.unwrap().revision,
+            "the retry is answered with the first response"
+        );
+        let status = cluster.status(leader).await.unwrap();
+        let revision_after_retry = status.header.unwrap().revision;
+        assert_eq!(revision_after_retry, first.header.unwrap().revision);
+        // The next sequence is a new write; an older one is refused.
+        let second = kv.put(tagged(2)).await.unwrap().into_inner();
+        assert_eq!(second.header.unwrap().revision, revision_after_retry + 1);
+        let stale = kv.put(tagged(1)).await.unwrap_err();
+        assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            stale.message().contains("older than"),
+            "{}",
+            stale.message()
+        );
+
+        // Keep-alives reach the leader; a closed session is gone and refuses writes.
+        let id = session.session_id;
+        let alive = sessions
+            .keep_alive(KeepAliveRequest { session_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(alive.alive);
+        sessions
+            .close(CloseRequest { session_id: id })
+            .await
+            .unwrap();
+        let alive = sessions
+            .keep_alive(KeepAliveRequest { session_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!alive.alive);
+        let closed = kv.put(tagged(3)).await.unwrap_err();
+        assert!(
+            closed.message().contains("session not found"),
+            "{}",
+            closed.message()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_etcd_errors() {
+    let mut cluster = TestCluster::start(1, &["--max-request-bytes", "1024"]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let mut kv = cluster.kv(0).await;
+        let big = "x".repeat(4096);
+        let error = put(&mut kv, "big", &big).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert_eq!(error.message(), "etcdserver: request is too large");
+        let error = put(&mut kv, "", "v").await.unwrap_err();
+        assert_eq!(error.message(), "etcdserver: key is not provided");
+        let error = get(&mut kv, "k", false).await.map(|_| ());
+        assert!(error.is_ok());
+        let mut members = cluster.cluster_client(0).await;
+        let error = members
+            .member_remove(MemberRemoveRequest { id: 12345 })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::NotFound);
+        assert_eq!(error.message(), "etcdserver: member not found");
+        let error = members
+            .member_add(MemberAddRequest {
+                peer_urls: vec!["not-a-url".into()],
+                is_learner: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.message(), "etcdserver: given member URLs are invalid");
+
+        // A second member on the same ports: the error names the URL in use.
+        let other_dir = cluster.dir.path().join("other");
+        let mut command = cluster.command_in(0, &cluster.initial_cluster(), "new", &other_dir);
+        let output = command.output().unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let url = cluster.members[0].client_url();
+        assert!(
+            stderr.contains(&format!("cannot listen for clients on {url}")),
+            "{stderr}"
+        );
+
+        // Settings come from FLOTILLA_<FLAG> variables too (and are checked).
+        let output = std::process::Command::new(BINARY)
+            .arg("serve")
+            .env("FLOTILLA_HEARTBEAT_INTERVAL", "100")
+            .env("FLOTILLA_ELECTION_TIMEOUT", "150")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("--election-timeout (150 ms) must be at least twice"),
+            "{stderr}"
+        );
+
+        // The data directory of another cluster is refused, naming both.
+        let mut stopped = cluster.members[0].process.take().unwrap();
+        stopped.signal(Signal::TERM);
+        assert_eq!(stopped.wait_exit(Duration::from_secs(20)).await, Some(0));
+        cluster.token = "another-cluster".into();
+        let output = cluster
+            .command(0, &cluster.initial_cluster(), "new")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("refusing to start on another cluster's data"),
+            "{stderr}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_is_added_as_learner_promoted_and_removed() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut kv = cluster.kv(leader).await;
+        for i in 0..20 {
+            put(&mut kv, &format!("k{i}"), "v").await.unwrap();
+        }
+        let new = cluster.add_member_slot();
+        let peer_url = cluster.members[new].peer_url();
+        let mut members = cluster.cluster_client((leader + 1) % 3).await;
+        let added = members
+            .member_add(MemberAddRequest {
+                peer_urls: vec![peer_url.clone()],
+                is_learner: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let member = added.member.expect("the added member");
+        assert!(member.is_learner);
+        assert_eq!(added.members.len(), 4);
+        let id = member.id;
+
+        let initial = cluster.initial_cluster();
+        cluster.spawn(new, &initial, "existing");
+        let commit = cluster.status(leader).await.unwrap().raft_index;
+        cluster.wait_applied(new, commit).await;
+        // A learner serves serializable reads only.
+        let mut kv_new = cluster.kv(new).await;
+        assert_eq!(
+            get(&mut kv_new, "k19", true).await.unwrap().as_deref(),
+            Some("v")
+        );
+        let refused = get(&mut kv_new, "k19", false).await.unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "etcdserver: rpc not supported for learner"
+        );
+
+        let promoted = eventually("the learner to be promoted", LIMIT, || {
+            let mut members = members.clone();
+            async move {
+                members
+                    .member_promote(MemberPromoteRequest { id })
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await;
+        assert!(promoted.members.iter().all(|m| !m.is_learner));
+        put(&mut kv_new, "through-new", "v").await.unwrap();
+        assert_eq!(
+            get(&mut kv_new, "through-new", false)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("v")
+        );
+
+        // Removed, the member stops by itself.
+        let removed = members
+            .member_remove(MemberRemoveRequest { id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(removed.members.len(), 3);
+        let process = cluster.members[new].process.as_mut().unwrap();
+        let code = process.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "a removed member exits cleanly");
+        cluster.members[new].process = None;
+        put(&mut kv, "after-remove", "v").await.unwrap();
+
+        // With one of three members down, adding a voter would leave too few started members
+        // for a quorum of four: refused, as etcd does.
+        let asked = (leader + 1) % 3;
+        let down = (leader + 2) % 3;
+        cluster.kill9(down);
+        // The leader counts a member as started if heard from within two election timeouts:
+        // waiting for that much time to pass is the event here.
+        tokio::time::sleep(Duration::from_millis(3 * ELECTION_MS)).await;
+        let mut members = cluster.cluster_client(asked).await;
+        let refused = members
+            .member_add(MemberAddRequest {
+                peer_urls: vec!["http://127.0.0.1:9".into()],
+                is_learner: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.message(),
+            "etcdserver: re-configuration failed due to not enough started members"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
+    let mut cluster = TestCluster::start(
+        3,
+        &["--snapshot-count", "40", "--snapshot-catchup-entries", "5"],
+    );
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let lagging = (leader + 1) % 3;
+        // Killed, not paused: a paused member's socket buffers would still take the appends.
+        cluster.kill9(lagging);
+        let mut kv = cluster.kv(leader).await;
+        for i in 0..200 {
+            put(&mut kv, &format!("snap-{i}"), &format!("{i}"))
+                .await
+                .unwrap();
+        }
+        let saved = cluster
+            .metric(leader, "flotilla_server_snapshots_saved_total")
+            .await
+            .unwrap_or(0.0);
+        assert!(saved >= 1.0, "the leader saved a snapshot ({saved})");
+        cluster.restart(lagging);
+        let commit = cluster.status(leader).await.unwrap().raft_index;
+        cluster.wait_applied(lagging, commit).await;
+        let restored = cluster
+            .metric(lagging, "flotilla_server_snapshots_restored_total")
+            .await
+            .unwrap_or(0.0);
+        assert!(restored >= 1.0, "the follower caught up by snapshot");
+        let mut kv_lagging = cluster.kv(lagging).await;
+        for i in [0, 100, 199] {
+            let value = get(&mut kv_lagging, &format!("snap-{i}"), true)
+                .await
+                .unwrap();
+            assert_eq!(value, Some(i.to_string()));
+        }
+        let mut members = cluster.cluster_client(lagging).await;
+        let list = members
+            .member_list(MemberListRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            list.members.len(),
+            3,
+            "the member table came with the snapshot"
+        );
+
+        // Killed and restarted, it loads the snapshot it installed from its own disk.
+        cluster.kill9(lagging);
+        cluster.restart(lagging);
+        cluster.wait_applied(lagging, commit).await;
+        let mut kv_lagging = cluster.kv(lagging).await;
+        let value = get(&mut kv_lagging, "snap-199", true).await.unwrap();
+        assert_eq!(value.as_deref(), Some("199"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_restarts_and_catches_up_losing_nothing_acknowledged() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let writer = (old + 1) % 3;
+        let mut kv = cluster.kv(writer).await;
+        let mut acknowledged = Vec::new();
+        for i in 0..50 {
+            let key = format!("durable-{i}");
+            put(&mut kv, &key, "v").await.unwrap();
+            acknowledged.push(key);
+        }
+        cluster.kill9(old);
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        assert_ne!(new, old);
+        // Writes continue; a write caught by the failover may fail (its outcome unknown).
+        for i in 50..100 {
+            let key = format!("durable-{i}");
+            if put(&mut kv, &key, "v").await.is_ok() {
+                acknowledged.push(key);
+            }
+        }
+        assert!(
+            acknowledged.len() >= 95,
+            "writes continue after the failover"
+        );
+        cluster.restart(old);
+        let commit = cluster.status(new).await.unwrap().raft_index;
+        cluster.wait_applied(old, commit).await;
+        let mut kv_old = cluster.kv(old).await;
+        for key in &acknowledged {
+            let value = get(&mut kv_old, key, true).await.unwrap();
+            assert_eq!(value.as_deref(), Some("v"), "{key} was acknowledged");
+        }
+        // The restarted member takes part again: a write through it commits.
+        put(&mut kv_old, "after-restart", "v").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_and_the_metrics_and_health_endpoints_answer() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut kv = cluster.kv(leader).await;
+        put(&mut kv, "k", "v").await.unwrap();
+        let port = cluster.members[leader].metrics_port;
+        let health = http_get(&format!("http://127.0.0.1:{port}/health"))
+            .await
+            .unwrap();
+        assert_eq!(health, r#"{"health":"true","reason":""}"#);
+        let metrics = http_get(&format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap();
+        for name in [
+            "flotilla_server_is_leader 1",
+            "flotilla_server_term ",
+            "flotilla_server_leader_changes_seen_total ",
+            "flotilla_server_proposals_committed_total ",
+            "flotilla_server_proposals_failed_total ",
+            "flotilla_server_proposals_pending ",
+            "flotilla_server_apply_index ",
+            "flotilla_disk_wal_fsync_duration_seconds_bucket",
+            "grpc_server_handling_seconds_bucket{grpc_method=\"Put\"",
+            "grpc_server_handled_total{grpc_code=\"OK\",grpc_method=\"Put\",\
+             grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"} 1",
+        ] {
+            assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+        }
+        for path in ["readyz", "livez"] {
+            let body = http_get(&format!("http://127.0.0.1:{port}/{path}")).await;
+            assert_eq!(body.as_deref(), Some("ok\n"), "/{path}");
+        }
+
+        let term = cluster.status(leader).await.unwrap().raft_term;
+        let process = cluster.members[leader].process.as_mut().unwrap();
+        process.signal(Signal::TERM);
+        assert_eq!(process.wait_exit(Duration::from_secs(20)).await, Some(0));
+        cluster.members[leader].process = None;
+        let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        let status = cluster.status(new).await.unwrap();
+        assert!(status.raft_term > term, "the new leader has a newer term");
+        let text = cluster.members[leader].log_text();
+        assert!(text.contains("handing leadership over"), "{text}");
+        assert!(!text.contains("leadership did not move in time"), "{text}");
+        assert!(text.contains("the write-ahead log is closed"), "{text}");
+        let mut kv = cluster.kv(new).await;
+        assert_eq!(
+            get(&mut kv, "k", false).await.unwrap().as_deref(),
+            Some("v")
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_is_refused_with_a_clear_log_line() {
+    let mut first = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        first.wait_for_leader(&[0]).await;
+        // A second cluster (another token) whose initial cluster names the first cluster's
+        // member as its peer: its messages reach a member of another cluster.
+        let mut second = TestCluster {
+            dir: tempfile::tempdir().unwrap(),
+            members: Vec::new(),
+            extra_args: Vec::new(),
+            token: "second-cluster".into(),
+        };
+        second.add_member_slot();
+        let stranger = format!("stranger={}", first.members[0].peer_url());
+        let initial = format!("{},{stranger}", second.initial_cluster());
+        second.spawn(0, &initial, "new");
+        eventually("the refusal to be logged on both sides", LIMIT, || {
+            let refused = first.members[0]
+                .log_text()
+                .contains("refusing a peer of another cluster");
+            let told = second.members[0]
+                .log_text()
+                .contains("peer refused this member: flotilla: cluster id mismatch");
+            async move { (refused && told).then_some(()) }
+        })
+        .await;
+        // The first cluster is unharmed.
+        let mut kv = first.kv(0).await;
+        put(&mut kv, "still", "fine").await.unwrap();
+        first.kill9(0);
+    })
+    .await;
+}

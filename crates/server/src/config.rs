@@ -1,0 +1,395 @@
+//! `flotilla serve` configuration: etcd's flag names, each also read from `FLOTILLA_<FLAG>`
+//! (upper case, dashes as underscores), and an optional TOML file (`--config-file`) using the
+//! same names as keys.
+//!
+//! Precedence, lowest first: built-in defaults < the config file < environment variables <
+//! command-line flags. (etcd differs: with `--config-file` it ignores flags and environment
+//! entirely.)
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+/// Flags of `flotilla serve`. Every one is optional here: unset ones fall back to the config
+/// file, then to the defaults (see the module documentation).
+#[derive(Args, Clone, Debug, Default)]
+pub struct ServeArgs {
+    /// A TOML file with any of these settings (keys as the flag names, e.g. `data-dir`).
+    #[arg(long, env = "FLOTILLA_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Human-readable name of this member [default: default].
+    #[arg(long, env = "FLOTILLA_NAME")]
+    pub name: Option<String>,
+    /// Where the member keeps its data [default: <name>.flotilla].
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URLs to serve clients on, comma-separated [default: http://localhost:2379].
+    #[arg(long, env = "FLOTILLA_LISTEN_CLIENT_URLS")]
+    pub listen_client_urls: Option<String>,
+    /// Client URLs announced to the cluster [default: the listen client URLs].
+    #[arg(long, env = "FLOTILLA_ADVERTISE_CLIENT_URLS")]
+    pub advertise_client_urls: Option<String>,
+    /// URLs to serve peers on, comma-separated [default: http://localhost:2380].
+    #[arg(long, env = "FLOTILLA_LISTEN_PEER_URLS")]
+    pub listen_peer_urls: Option<String>,
+    /// This member's peer URLs as the others reach them [default: the listen peer URLs].
+    #[arg(long, env = "FLOTILLA_INITIAL_ADVERTISE_PEER_URLS")]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// The initial cluster, `name=url,name=url,...` [default: <name>=<advertise peer URLs>].
+    /// Ignored once the data directory exists.
+    #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER")]
+    pub initial_cluster: Option<String>,
+    /// `new` to create a cluster, `existing` to join one (after `member add`) [default: new].
+    #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER_STATE")]
+    pub initial_cluster_state: Option<ClusterState>,
+    /// A token that makes the ids of this cluster unique [default: flotilla-cluster].
+    #[arg(long, env = "FLOTILLA_INITIAL_CLUSTER_TOKEN")]
+    pub initial_cluster_token: Option<String>,
+    /// URLs to serve /metrics, /health, /readyz and /livez on, comma-separated [default: none].
+    #[arg(long, env = "FLOTILLA_LISTEN_METRICS_URLS")]
+    pub listen_metrics_urls: Option<String>,
+    /// Milliseconds between leader heartbeats (one Raft tick) [default: 100].
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<u64>,
+    /// Milliseconds without a leader before an election (randomised up to twice that)
+    /// [default: 1000].
+    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT")]
+    pub election_timeout: Option<u64>,
+    /// Applied entries between snapshots [default: 100000].
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_COUNT")]
+    pub snapshot_count: Option<u64>,
+    /// Entries kept in the log behind a snapshot, for slow followers [default: 5000].
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_CATCHUP_ENTRIES")]
+    pub snapshot_catchup_entries: Option<u64>,
+    /// Largest client request in bytes [default: 1572864].
+    #[arg(long, env = "FLOTILLA_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most operations in one txn [default: 128].
+    #[arg(long, env = "FLOTILLA_MAX_TXN_OPS")]
+    pub max_txn_ops: Option<usize>,
+    /// Seconds a client session lives without a request [default: 60].
+    #[arg(long, env = "FLOTILLA_SESSION_TTL")]
+    pub session_ttl: Option<u64>,
+    /// UNSAFE, benchmarks only: never fsync; a crash may lose acknowledged writes.
+    #[arg(long, env = "FLOTILLA_UNSAFE_NO_FSYNC", num_args = 0..=1, default_missing_value = "true")]
+    pub unsafe_no_fsync: Option<bool>,
+    /// Log format [default: text].
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log level or filter, e.g. `info` or `flotilla_server=debug` [default: info].
+    #[arg(long, env = "FLOTILLA_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Print the effective configuration (after file, environment and flags) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterState {
+    #[default]
+    New,
+    Existing,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The config file: the same settings as the flags, with the flag names as keys.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen_client_urls: Option<String>,
+    advertise_client_urls: Option<String>,
+    listen_peer_urls: Option<String>,
+    initial_advertise_peer_urls: Option<String>,
+    initial_cluster: Option<String>,
+    initial_cluster_state: Option<ClusterState>,
+    initial_cluster_token: Option<String>,
+    listen_metrics_urls: Option<String>,
+    heartbeat_interval: Option<u64>,
+    election_timeout: Option<u64>,
+    snapshot_count: Option<u64>,
+    snapshot_catchup_entries: Option<u64>,
+    max_request_bytes: Option<usize>,
+    max_txn_ops: Option<usize>,
+    session_ttl: Option<u64>,
+    unsafe_no_fsync: Option<bool>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_urls: Vec<String>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer_urls: Vec<String>,
+    pub initial_advertise_peer_urls: Vec<String>,
+    pub initial_cluster: Vec<(String, String)>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    /// True if the token was given (not the default): a restart checks it against the data.
+    pub initial_cluster_token_given: bool,
+    pub listen_metrics_urls: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    pub snapshot_count: u64,
+    pub snapshot_catchup_entries: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub session_ttl: Duration,
+    pub unsafe_no_fsync: bool,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+pub const DEFAULT_CLUSTER_TOKEN: &str = "flotilla-cluster";
+
+impl ServeArgs {
+    /// Applies the precedence rule and checks the result.
+    pub fn resolve(&self) -> anyhow::Result<ServerConfig> {
+        let file = match &self.config_file {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+        };
+        let pick = |flag: &Option<String>, file: &Option<String>| flag.clone().or(file.clone());
+        let name = pick(&self.name, &file.name).unwrap_or_else(|| "default".into());
+        let data_dir = self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(format!("{name}.flotilla")));
+        let listen_client_urls = split_urls(
+            &pick(&self.listen_client_urls, &file.listen_client_urls)
+                .unwrap_or_else(|| "http://localhost:2379".into()),
+        )?;
+        let advertise_client_urls =
+            match pick(&self.advertise_client_urls, &file.advertise_client_urls) {
+                Some(urls) => split_urls(&urls)?,
+                None => listen_client_urls.clone(),
+            };
+        let listen_peer_urls = split_urls(
+            &pick(&self.listen_peer_urls, &file.listen_peer_urls)
+                .unwrap_or_else(|| "http://localhost:2380".into()),
+        )?;
+        let initial_advertise_peer_urls = match pick(
+            &self.initial_advertise_peer_urls,
+            &file.initial_advertise_peer_urls,
+        ) {
+            Some(urls) => split_urls(&urls)?,
+            None => listen_peer_urls.clone(),
+        };
+        let initial_cluster = match pick(&self.initial_cluster, &file.initial_cluster) {
+            Some(text) => parse_initial_cluster(&text)?,
+            None => initial_advertise_peer_urls
+                .iter()
+                .map(|url| (name.clone(), url.clone()))
+                .collect(),
+        };
+        let token = pick(&self.initial_cluster_token, &file.initial_cluster_token);
+        let listen_metrics_urls = match pick(&self.listen_metrics_urls, &file.listen_metrics_urls) {
+            Some(urls) => split_urls(&urls)?,
+            None => Vec::new(),
+        };
+        let heartbeat_ms = self
+            .heartbeat_interval
+            .or(file.heartbeat_interval)
+            .unwrap_or(100);
+        let election_ms = self
+            .election_timeout
+            .or(file.election_timeout)
+            .unwrap_or(1000);
+        if heartbeat_ms == 0 || election_ms < 2 * heartbeat_ms {
+            bail!(
+                "--election-timeout ({election_ms} ms) must be at least twice \
+                 --heartbeat-interval ({heartbeat_ms} ms), which must be positive"
+            );
+        }
+        let config = ServerConfig {
+            name,
+            data_dir,
+            listen_client_urls,
+            advertise_client_urls,
+            listen_peer_urls,
+            initial_advertise_peer_urls,
+            initial_cluster,
+            initial_cluster_state: self
+                .initial_cluster_state
+                .or(file.initial_cluster_state)
+                .unwrap_or_default(),
+            initial_cluster_token_given: token.is_some(),
+            initial_cluster_token: token.unwrap_or_else(|| DEFAULT_CLUSTER_TOKEN.into()),
+            listen_metrics_urls,
+            heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            election_timeout: Duration::from_millis(election_ms),
+            snapshot_count: self
+                .snapshot_count
+                .or(file.snapshot_count)
+                .unwrap_or(100_000)
+                .max(1),
+            snapshot_catchup_entries: self
+                .snapshot_catchup_entries
+                .or(file.snapshot_catchup_entries)
+                .unwrap_or(5_000),
+            max_request_bytes: self
+                .max_request_bytes
+                .or(file.max_request_bytes)
+                .unwrap_or(3 * 1024 * 1024 / 2),
+            max_txn_ops: self.max_txn_ops.or(file.max_txn_ops).unwrap_or(128),
+            session_ttl: Duration::from_secs(
+                self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
+            ),
+            unsafe_no_fsync: self
+                .unsafe_no_fsync
+                .or(file.unsafe_no_fsync)
+                .unwrap_or(false),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            log_level: pick(&self.log_level, &file.log_level).unwrap_or_else(|| "info".into()),
+        };
+        Ok(config)
+    }
+}
+
+fn split_urls(text: &str) -> anyhow::Result<Vec<String>> {
+    let urls: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(String::from)
+        .collect();
+    if urls.is_empty() {
+        bail!("no URL given in {text:?}");
+    }
+    for url in &urls {
+        parse_url(url)?;
+    }
+    Ok(urls)
+}
+
+/// `name=url,name=url`; a name may appear more than once (several peer URLs).
+pub fn parse_initial_cluster(text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut members = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((name, url)) = item.split_once('=') else {
+            bail!("--initial-cluster entry {item:?} is not name=url");
+        };
+        parse_url(url).with_context(|| format!("--initial-cluster entry {item:?}"))?;
+        members.push((name.trim().to_string(), url.trim().to_string()));
+    }
+    if members.is_empty() {
+        bail!("--initial-cluster is empty");
+    }
+    Ok(members)
+}
+
+/// Checks an `http://host:port` URL; returns host and port.
+pub fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        if url.starts_with("https://") {
+            bail!("{url}: TLS is not supported yet; use http://");
+        }
+        bail!("{url}: not an http:// URL");
+    };
+    let rest = rest.trim_end_matches('/');
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        bail!("{url}: the port is missing (http://host:port)");
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{url}: invalid port {port:?}"))?;
+    if host.is_empty() {
+        bail!("{url}: the host is missing");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// The socket address to listen on for a URL.
+pub fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let (host, port) = parse_url(url)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {url}"))?
+        .next()
+        .with_context(|| format!("{url} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_etcd() {
+        let config = ServeArgs::default().resolve().unwrap();
+        assert_eq!(config.name, "default");
+        assert_eq!(config.data_dir, PathBuf::from("default.flotilla"));
+        assert_eq!(config.listen_client_urls, vec!["http://localhost:2379"]);
+        assert_eq!(
+            config.initial_cluster,
+            vec![("default".to_string(), "http://localhost:2380".to_string())]
+        );
+        assert_eq!(config.election_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.toml");
+        std::fs::write(
+            &path,
+            "name = \"from-file\"\nheartbeat-interval = 50\nelection-timeout = 500\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config_file: Some(path.clone()),
+            name: Some("from-flag".into()),
+            ..ServeArgs::default()
+        };
+        let config = args.resolve().unwrap();
+        assert_eq!(config.name, "from-flag");
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(config.election_timeout, Duration::from_millis(500));
+
+        std::fs::write(&path, "nmae = \"typo\"\n").unwrap();
+        let error = args.resolve().unwrap_err();
+        assert!(format!("{error:#}").contains("unknown field"), "{error:#}");
+    }
+
+    #[test]
+    fn bad_urls_and_clusters_are_named() {
+        assert!(parse_url("http://127.0.0.1:2379").is_ok());
+        let err = parse_url("127.0.0.1:2379").unwrap_err().to_string();
+        assert!(err.contains("not an http:// URL"), "{err}");
+        let err = parse_url("http://host").unwrap_err().to_string();
+        assert!(err.contains("port is missing"), "{err}");
+        let err = parse_initial_cluster("a=http://x:1,b")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"b\""), "{err}");
+        let args = ServeArgs {
+            heartbeat_interval: Some(100),
+            election_timeout: Some(150),
+            ..ServeArgs::default()
+        };
+        assert!(args.resolve().is_err());
+    }
+}

@@ -1,0 +1,618 @@
+//! What the client services share: proposing writes (here or, on a follower, forwarded to the
+//! leader), linearizable read barriers, membership changes, response headers, session activity.
+//!
+//! Any member serves any request (etcd-api.md §3.3): a write on a follower is forwarded to the
+//! leader over the peer channel and answered with the leader's result; a linearizable read
+//! waits for a read index (which the core fetches from the leader) and is then served from the
+//! local state machine. A write is retried elsewhere only when it certainly did not happen (the
+//! member asked was not the leader); an unknown outcome is returned as an error, never retried
+//! here, so a write without a session is applied at most once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_kv::{Command, Response};
+use flotilla_proto::etcdserverpb::ResponseHeader;
+use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
+use flotilla_raft::{ConfChange, ConfChangeStep, NodeId};
+use prost::Message as _;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::driver::Refusal;
+use crate::errors::{
+    FORWARD_NOT_LEADER, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER, PEER_URL_EXISTS,
+    REQUEST_TIMED_OUT, node_status,
+};
+use crate::members::member_id;
+use crate::node::{NodeError, NodeHandle};
+use crate::peer_proto::peer_client::PeerClient;
+use crate::peer_proto::{
+    ForwardRequest, ForwardResponse, MemberChange, MemberInfo, Members, forward_request,
+    forward_response, member_change,
+};
+use crate::state_machine::Applied;
+use crate::transport::{PeerIdentity, peer_client};
+
+/// Shared by every service of a member.
+#[derive(Debug)]
+pub struct Frontend {
+    pub node: NodeHandle,
+    pub identity: Arc<PeerIdentity>,
+    pub cluster_token: String,
+    pub request_timeout: Duration,
+    pub election_timeout: Duration,
+    pub session_ttl: Duration,
+    peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
+    /// On the leader: when each client session was last heard of.
+    session_activity: Mutex<BTreeMap<u64, Instant>>,
+    /// When each peer last sent Raft messages here: a member heard from recently is
+    /// "started", for etcd's check that a reconfiguration keeps a quorum of started members.
+    pub peer_activity: Mutex<BTreeMap<NodeId, Instant>>,
+}
+
+impl Frontend {
+    pub fn new(
+        node: NodeHandle,
+        identity: Arc<PeerIdentity>,
+        cluster_token: String,
+        request_timeout: Duration,
+        election_timeout: Duration,
+        session_ttl: Duration,
+    ) -> Frontend {
+        Frontend {
+            node,
+            identity,
+            cluster_token,
+            request_timeout,
+            election_timeout,
+            session_ttl,
+            peers: Mutex::new(BTreeMap::new()),
+            session_activity: Mutex::new(BTreeMap::new()),
+            peer_activity: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.request_timeout
+    }
+
+    /// A response header: cluster, this member, the revision given, the current term.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: self.node.status().term,
+        })
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        self.node
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .kv
+            .current_revision()
+    }
+
+    // ----- Request checks ------------------------------------------------------------------
+
+    /// Learners serve only Status and serializable Range (etcd-api.md §3.3).
+    pub fn refuse_learner(&self) -> Result<(), Status> {
+        if self.node.status().is_learner {
+            return Err(Status::unavailable(crate::errors::LEARNER_NOT_SUPPORTED));
+        }
+        Ok(())
+    }
+
+    /// etcd's "require leader" metadata (`hasleader: true`).
+    pub fn check_require_leader<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let required = request
+            .metadata()
+            .get("hasleader")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "true");
+        if required && self.node.status().leader.is_none() {
+            return Err(Status::unavailable(NO_LEADER));
+        }
+        Ok(())
+    }
+
+    /// Tags a command with the client's session and sequence number, if it sent them.
+    pub fn tag_session<T>(
+        &self,
+        request: &Request<T>,
+        command: Command,
+    ) -> Result<(Command, u64), Status> {
+        let metadata = request.metadata();
+        let read = |key: &str| -> Result<Option<u64>, Status> {
+            match metadata.get(key) {
+                None => Ok(None),
+                Some(value) => value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .filter(|&v| v != 0)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "flotilla: metadata {key} must be a positive decimal integer"
+                        ))
+                    }),
+            }
+        };
+        match (read(SESSION_METADATA_KEY)?, read(SEQUENCE_METADATA_KEY)?) {
+            (Some(session), Some(sequence)) => {
+                Ok((command.with_client_request(session, sequence), session))
+            }
+            (None, None) => Ok((command, 0)),
+            _ => Err(Status::invalid_argument(format!(
+                "flotilla: metadata {SESSION_METADATA_KEY} and {SEQUENCE_METADATA_KEY} go together"
+            ))),
+        }
+    }
+
+    // ----- Writes --------------------------------------------------------------------------
+
+    /// Proposes an encoded command, here or at the leader, and returns its result.
+    pub async fn write(&self, data: Bytes, session_id: u64) -> Result<ForwardResponse, Status> {
+        let deadline = self.deadline();
+        loop {
+            match self.node.propose(data.clone(), deadline).await {
+                Ok(applied) => {
+                    self.note_session(session_id);
+                    return applied_response(applied);
+                }
+                // A leadership transfer is under way: nothing was proposed; wait for the
+                // new leader and go there.
+                Err(NodeError::Refused(Refusal::Refused(
+                    flotilla_raft::Error::TransferInProgress { .. },
+                ))) => {
+                    let me = Some(self.identity.member_id);
+                    let wait = Instant::now() + self.election_timeout;
+                    self.node
+                        .wait_for(wait.min(deadline), |s| s.leader != me)
+                        .await;
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(REQUEST_TIMED_OUT));
+                    }
+                }
+                Err(NodeError::Refused(Refusal::NotLeader(hint))) => {
+                    let request = forward_request::Request::Command(data.clone());
+                    if let Some(response) = self
+                        .forward_or_wait(hint, request, session_id, deadline)
+                        .await?
+                    {
+                        return Ok(response);
+                    }
+                }
+                Err(err) => return Err(node_status(err)),
+            }
+        }
+    }
+
+    /// The leader's side of a forwarded write: propose here, never forward again.
+    pub async fn write_here(
+        &self,
+        data: Bytes,
+        session_id: u64,
+    ) -> Result<ForwardResponse, Status> {
+        match self.node.propose(data, self.deadline()).await {
+            Ok(applied) => {
+                self.note_session(session_id);
+                applied_response(applied)
+            }
+            Err(err) => Err(node_status(err)),
+        }
+    }
+
+    /// With a leader hint, forwards the request; `None` means "not done, try again" (the
+    /// leader moved, or one was just elected). Errors at the deadline.
+    async fn forward_or_wait(
+        &self,
+        hint: Option<NodeId>,
+        request: forward_request::Request,
+        session_id: u64,
+        deadline: Instant,
+    ) -> Result<Option<ForwardResponse>, Status> {
+        if Instant::now() >= deadline {
+            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+        }
+        let Some(leader) = hint else {
+            self.wait_for_leader(deadline).await?;
+            return Ok(None);
+        };
+        match self.forward(leader, request, session_id, deadline).await {
+            Err(status) if status.message() == FORWARD_NOT_LEADER => {
+                // The leader we knew has moved on; wait for news, briefly.
+                let status_before = self.node.status().leader;
+                let wait = Duration::from_millis(50).min(self.election_timeout);
+                self.node
+                    .wait_for(Instant::now() + wait, |s| s.leader != status_before)
+                    .await;
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+
+    async fn wait_for_leader(&self, deadline: Instant) -> Result<(), Status> {
+        match self.node.wait_for(deadline, |s| s.leader.is_some()).await {
+            Some(_) => Ok(()),
+            None => Err(Status::unavailable(REQUEST_TIMED_OUT)),
+        }
+    }
+
+    async fn forward(
+        &self,
+        leader: NodeId,
+        request: forward_request::Request,
+        session_id: u64,
+        deadline: Instant,
+    ) -> Result<ForwardResponse, Status> {
+        let mut client = self.peer(leader)?;
+        let mut call = Request::new(ForwardRequest {
+            request: Some(request),
+            session_id,
+        });
+        self.identity.stamp(call.metadata_mut(), leader);
+        call.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match client.forward(call).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::Cancelled => {
+                Err(Status::unavailable(REQUEST_TIMED_OUT))
+            }
+            Err(status) if is_transport_failure(&status) => {
+                // The leader is unreachable: it may have done the work or not.
+                tracing::debug!(leader, "forwarding failed: {status}");
+                Err(Status::unavailable(REQUEST_TIMED_OUT))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    /// A client to a peer's Forward endpoint, cached by its URL.
+    fn peer(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
+        let url = {
+            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+            state
+                .members
+                .get(id)
+                .and_then(|m| m.peer_urls.first().cloned())
+        };
+        let Some(url) = url else {
+            return Err(Status::unavailable(NO_LEADER));
+        };
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_url, client)) = peers.get(&id)
+            && *cached_url == url
+        {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("invalid peer URL {url}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true);
+        let client = peer_client(endpoint.connect_lazy());
+        peers.insert(id, (url, client.clone()));
+        Ok(client)
+    }
+
+    // ----- Reads ---------------------------------------------------------------------------
+
+    /// Waits until the local state machine may serve a linearizable read (ReadIndex).
+    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        let deadline = self.deadline();
+        loop {
+            match self.node.read_index(deadline).await {
+                Ok(()) => return Ok(()),
+                // Not confirmed: nothing happened, so trying again is safe.
+                Err(NodeError::Refused(
+                    Refusal::NotLeader(_) | Refusal::LeaderChanged | Refusal::TimedOut,
+                )) => {
+                    if Instant::now() >= deadline {
+                        return Err(Status::unavailable(REQUEST_TIMED_OUT));
+                    }
+                    self.wait_for_leader(deadline).await?;
+                    let pause = Duration::from_millis(10);
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                }
+                Err(err) => return Err(node_status(err)),
+            }
+        }
+    }
+
+    // ----- Membership ----------------------------------------------------------------------
+
+    /// Adds, removes or promotes a member, here if leader, else at the leader.
+    pub async fn change_membership(&self, change: MemberChange) -> Result<Vec<MemberInfo>, Status> {
+        let deadline = self.deadline();
+        loop {
+            let hint = self.node.status().leader;
+            if hint == Some(self.identity.member_id) {
+                match self.change_membership_here(change.clone(), deadline).await {
+                    // Leadership just moved: go to the new leader (within the deadline).
+                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
+                        if Instant::now() >= deadline {
+                            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+                        }
+                        let me = Some(self.identity.member_id);
+                        let wait = (Instant::now() + self.election_timeout).min(deadline);
+                        self.node.wait_for(wait, |s| s.leader != me).await;
+                        continue;
+                    }
+                    other => return other,
+                }
+            }
+            let request = forward_request::Request::MemberChange(change.clone());
+            if let Some(response) = self.forward_or_wait(hint, request, 0, deadline).await? {
+                return members_of(response);
+            }
+        }
+    }
+
+    /// The leader's side of a membership change.
+    pub async fn change_membership_here(
+        &self,
+        mut change: MemberChange,
+        deadline: Instant,
+    ) -> Result<Vec<MemberInfo>, Status> {
+        let step = self.conf_change_step(&mut change)?;
+        let context = MemberInfo {
+            id: change.id,
+            peer_urls: change.peer_urls.clone(),
+            is_learner: change.is_learner,
+            ..MemberInfo::default()
+        };
+        loop {
+            let conf_change = ConfChange {
+                steps: vec![step],
+                context: Bytes::from(context.encode_to_vec()),
+            };
+            match self.node.propose_membership(conf_change, deadline).await {
+                Ok(applied) => return members_of(applied_response(applied)?),
+                // The previous change (or its second, joint-leaving step) is still on its way.
+                Err(NodeError::Refused(Refusal::Refused(
+                    flotilla_raft::Error::MembershipChangeInProgress { .. },
+                ))) if Instant::now() < deadline => {
+                    let pause = Duration::from_millis(20);
+                    tokio::time::sleep(pause).await;
+                }
+                Err(err) => return Err(node_status(err)),
+            }
+        }
+    }
+
+    /// Checks the change against the member table and fills in the id of a new member.
+    fn conf_change_step(&self, change: &mut MemberChange) -> Result<ConfChangeStep, Status> {
+        let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+        let table = &state.members;
+        let kind = member_change::Kind::try_from(change.kind)
+            .map_err(|_| Status::invalid_argument("flotilla: unknown membership change kind"))?;
+        match kind {
+            member_change::Kind::Add => {
+                if change.peer_urls.is_empty() || change.peer_urls.iter().any(|u| !valid_url(u)) {
+                    return Err(Status::invalid_argument(INVALID_URLS));
+                }
+                if table.find_by_peer_url(&change.peer_urls).is_some() {
+                    return Err(Status::failed_precondition(PEER_URL_EXISTS));
+                }
+                if !change.is_learner {
+                    self.check_started_quorum(table, None, 1)?;
+                }
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64);
+                change.id = member_id(&change.peer_urls, &self.cluster_token, now);
+                Ok(if change.is_learner {
+                    ConfChangeStep::AddLearner(change.id)
+                } else {
+                    ConfChangeStep::AddVoter(change.id)
+                })
+            }
+            member_change::Kind::Remove | member_change::Kind::Promote => {
+                let Some(member) = table.get(change.id) else {
+                    return Err(Status::not_found(MEMBER_NOT_FOUND));
+                };
+                if kind == member_change::Kind::Remove && !member.is_learner {
+                    self.check_started_quorum(table, Some(change.id), 0)?;
+                }
+                Ok(if kind == member_change::Kind::Remove {
+                    ConfChangeStep::Remove(change.id)
+                } else {
+                    ConfChangeStep::Promote(change.id)
+                })
+            }
+        }
+    }
+
+    /// etcd's strict reconfiguration check: after the change (one voter `removed`, or `added`
+    /// voters not yet started), the started voters must still be a quorum, or the cluster
+    /// would stop making progress until the new member starts.
+    fn check_started_quorum(
+        &self,
+        table: &crate::members::MemberTable,
+        removed: Option<NodeId>,
+        added: usize,
+    ) -> Result<(), Status> {
+        let recent = 2 * self.election_timeout;
+        let activity = self.peer_activity.lock().unwrap_or_else(|p| p.into_inner());
+        let voters: Vec<NodeId> = table
+            .members()
+            .filter(|m| !m.is_learner && Some(m.id) != removed)
+            .map(|m| m.id)
+            .collect();
+        let started = voters
+            .iter()
+            .filter(|&&id| {
+                id == self.identity.member_id
+                    || activity.get(&id).is_some_and(|at| at.elapsed() < recent)
+            })
+            .count();
+        let quorum = (voters.len() + added) / 2 + 1;
+        if started < quorum {
+            return Err(Status::failed_precondition(
+                crate::errors::NOT_ENOUGH_STARTED_MEMBERS,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Peers heard from within two election timeouts.
+    pub fn recently_heard_peers(&self) -> Vec<NodeId> {
+        let recent = 2 * self.election_timeout;
+        self.peer_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, at)| at.elapsed() < recent)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// A peer sent Raft messages here just now.
+    pub fn note_peer_activity(&self, peer: NodeId) {
+        self.peer_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer, Instant::now());
+    }
+
+    // ----- Sessions ------------------------------------------------------------------------
+
+    fn note_session(&self, session_id: u64) {
+        if session_id != 0 {
+            self.session_activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(session_id, Instant::now());
+        }
+    }
+
+    /// KeepAlive: true if the session exists (answered by the leader, which tracks activity).
+    pub async fn keep_session_alive(&self, session_id: u64) -> Result<bool, Status> {
+        let deadline = self.deadline();
+        loop {
+            let leader = self.node.status().leader;
+            if leader == Some(self.identity.member_id) {
+                return Ok(self.keep_session_alive_here(session_id));
+            }
+            let request = forward_request::Request::SessionKeepAlive(session_id);
+            if let Some(response) = self
+                .forward_or_wait(leader, request, session_id, deadline)
+                .await?
+            {
+                return match response.result {
+                    Some(forward_response::Result::SessionAlive(alive)) => Ok(alive),
+                    _ => Err(Status::internal("flotilla: unexpected keep-alive answer")),
+                };
+            }
+        }
+    }
+
+    pub fn keep_session_alive_here(&self, session_id: u64) -> bool {
+        let alive = self
+            .node
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .kv
+            .session(session_id)
+            .is_some();
+        if alive {
+            self.note_session(session_id);
+        }
+        alive
+    }
+
+    /// On the leader: sessions idle for longer than the TTL. A session this leader has not
+    /// heard of yet starts its clock now, so a new leader never expires one early.
+    pub fn idle_sessions(&self) -> Vec<u64> {
+        let now = Instant::now();
+        let known: Vec<u64> = {
+            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+            state.kv.sessions().map(|s| s.id()).collect()
+        };
+        let mut activity = self
+            .session_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        activity.retain(|id, _| known.binary_search(id).is_ok());
+        known
+            .into_iter()
+            .filter(|id| {
+                let seen = *activity.entry(*id).or_insert(now);
+                now.duration_since(seen) > self.session_ttl
+            })
+            .collect()
+    }
+
+    /// Forgets activity (this member is no longer the leader).
+    pub fn forget_session_activity(&self) {
+        self.session_activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+fn is_transport_failure(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+    ) && !status.message().starts_with("etcdserver:")
+        && status.message() != FORWARD_NOT_LEADER
+}
+
+fn valid_url(url: &str) -> bool {
+    crate::config::parse_url(url).is_ok()
+}
+
+/// The result of an applied entry, in the form forwarding carries it.
+pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
+    use forward_response::Result as R;
+    let revision = applied.revision();
+    let result = match applied {
+        Applied::Kv(result) => match result.outcome {
+            Ok(Response::Put(r)) => R::Put(r),
+            Ok(Response::DeleteRange(r)) => R::DeleteRange(r),
+            Ok(Response::Txn(r)) => R::Txn(r),
+            Ok(Response::Compaction(r)) => R::Compaction(r),
+            Ok(Response::SessionRegistered { session_id, .. }) => R::SessionRegistered(session_id),
+            Ok(_) => R::Done(true),
+            Err(error) => return Err(crate::errors::kv_status(&error)),
+        },
+        Applied::Members { members, .. } => R::Members(Members { members }),
+        Applied::Server { .. } => R::Done(true),
+    };
+    Ok(ForwardResponse {
+        result: Some(result),
+        revision,
+    })
+}
+
+fn members_of(response: ForwardResponse) -> Result<Vec<MemberInfo>, Status> {
+    match response.result {
+        Some(forward_response::Result::Members(members)) => Ok(members.members),
+        other => Err(Status::internal(format!(
+            "flotilla: unexpected answer to a membership change: {other:?}"
+        ))),
+    }
+}
+
+/// Turns a forward response into a specific etcd response, or an internal error.
+pub fn expect_result<T>(
+    response: ForwardResponse,
+    pick: impl FnOnce(forward_response::Result) -> Option<T>,
+) -> Result<T, Status> {
+    response
+        .result
+        .and_then(pick)
+        .ok_or_else(|| Status::internal("flotilla: unexpected answer from the leader"))
+}

@@ -1,0 +1,39 @@
+//! # flotilla-server: a Flotilla member
+//!
+//! Turns the pure Raft core (`flotilla-raft`), the durable log and the MVCC state machine
+//! (`flotilla-kv`) into a networked member that speaks the etcd v3 gRPC API.
+//!
+//! - [`driver`]: the sans-I/O decisions (what to do with the core's output, which waiting
+//!   client gets which answer); [`node`]: the tokio shell around it (raft task, WAL thread
+//!   with group commit, apply thread).
+//! - [`transport`] and [`peer_service`]: the peer protocol (batched Raft streams, a separate
+//!   snapshot stream, forwarding, cluster info).
+//! - [`services`] and [`frontend`]: the etcd client API; any member serves any request.
+//! - [`config`], [`identity`], [`server`]: flags and config file, member and cluster ids in the
+//!   data directory, wiring and graceful shutdown; [`metrics`] and [`http`]: observability.
+
+pub mod config;
+pub mod driver;
+pub mod errors;
+pub mod frontend;
+pub mod http;
+pub mod identity;
+pub mod logging;
+pub mod members;
+pub mod metrics;
+pub mod node;
+pub mod peer_service;
+pub mod server;
+pub mod services;
+pub mod state_machine;
+pub mod storage;
+pub mod transport;
+
+/// The peer protocol, generated from `proto/flotilla/peer/v1/peer.proto`.
+pub mod peer_proto {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/flotilla.peer.v1.rs"));
+}
+
+pub use config::{ServeArgs, ServerConfig};
+pub use server::{Exit, run};

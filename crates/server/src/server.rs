@@ -1,0 +1,476 @@
+//! One member, wired up: listeners, identity, storage, the node, the services, and the
+//! shutdown sequence.
+//!
+//! Graceful shutdown (SIGTERM or Ctrl-C), in order:
+//! 1. a leader hands leadership to the most up-to-date follower and waits (bounded) for it;
+//! 2. the client listener stops accepting; requests in flight finish (bounded by the request
+//!    timeout);
+//! 3. the raft task stops: anything still waiting gets "etcdserver: server stopped";
+//! 4. the WAL thread syncs and closes the log; the peer listener stops.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flotilla_kv::{Limits, RequestLimits};
+use flotilla_proto::etcdserverpb::auth_server::AuthServer;
+use flotilla_proto::etcdserverpb::cluster_server::ClusterServer;
+use flotilla_proto::etcdserverpb::kv_server::KvServer;
+use flotilla_proto::etcdserverpb::lease_server::{Lease, LeaseServer};
+use flotilla_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use flotilla_proto::etcdserverpb::watch_server::{Watch, WatchServer};
+use flotilla_proto::flotilla::session::v1::session_server::SessionServer;
+use flotilla_raft::{Role, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{ServerConfig, listen_addr};
+use crate::frontend::Frontend;
+use crate::http;
+use crate::identity::{Identity, load_or_create};
+use crate::members::MemberTable;
+use crate::metrics::Metrics;
+use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
+use crate::peer_proto::peer_server::PeerServer;
+use crate::peer_service::PeerService;
+use crate::services::{ClientServices, publish_attributes_command};
+use crate::state_machine::{NoWatchers, StateMachine};
+use crate::storage::DurableStorage;
+use crate::transport::{PEER_MESSAGE_BYTES_MAX, PeerIdentity, PeerRouter};
+
+impl Watch for ClientServices {}
+impl Lease for ClientServices {}
+
+/// How a member ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop (signal).
+    Shutdown,
+    /// Removed from the cluster.
+    Removed,
+}
+
+const INBOX_MESSAGES: usize = 8192;
+
+/// Opens the storage for a member; the write-ahead log in production.
+pub type StorageOpener =
+    dyn Fn(&ServerConfig, &Identity) -> anyhow::Result<Arc<dyn DurableStorage>> + Send + Sync;
+
+/// Runs a member until `shutdown` completes (then stops gracefully) or it stops on its own.
+pub async fn run(
+    config: ServerConfig,
+    open_storage: &StorageOpener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<Exit> {
+    let listeners = Listeners::bind(&config).await?;
+    let (identity, created) = load_or_create(&config).await?;
+    tracing::info!(
+        name = %identity.name,
+        member = format!("{:x}", identity.member_id),
+        cluster = format!("{:x}", identity.cluster_id),
+        created,
+        "starting member"
+    );
+    let storage = open_storage(&config, &identity)?;
+    let limits = Limits {
+        request: RequestLimits {
+            request_bytes_max: config.max_request_bytes,
+            key_bytes_max: config.max_request_bytes,
+            value_bytes_max: config.max_request_bytes,
+            txn_ops_max: config.max_txn_ops,
+        },
+        ..Limits::default()
+    };
+    let table = MemberTable::from_members(identity.bootstrap_table());
+    let state = Arc::new(RwLock::new(StateMachine::new(limits.clone(), table)));
+    let metrics = Arc::new(Metrics::default());
+    let peer_identity = PeerIdentity {
+        cluster_id: identity.cluster_id,
+        member_id: identity.member_id,
+    };
+    let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MESSAGES);
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let hints: BTreeMap<_, _> = identity
+        .peer_hints
+        .iter()
+        .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
+        .collect();
+    let router = PeerRouter::new(peer_identity.clone(), state.clone(), hints, events_tx);
+    let (stop_node_tx, stop_node_rx) = watch::channel(false);
+    let running = node::start(NodeParts {
+        options: node_options(&config, identity.member_id, limits),
+        storage,
+        state,
+        router,
+        inbox: inbox_rx,
+        transport_events: events_rx,
+        events: Arc::new(NoWatchers),
+        metrics: metrics.clone(),
+        shutdown: stop_node_rx,
+    })
+    .map_err(|e| anyhow::anyhow!("cannot start the Raft node: {e}"))?;
+    let frontend = Arc::new(Frontend::new(
+        running.handle.clone(),
+        Arc::new(peer_identity),
+        identity.cluster_token.clone(),
+        request_timeout(&config),
+        config.election_timeout,
+        config.session_ttl,
+    ));
+    let servers = Servers::start(
+        listeners,
+        &config,
+        &identity,
+        frontend.clone(),
+        inbox_tx,
+        metrics,
+    );
+    let background = spawn_background(&config, &identity, frontend.clone());
+    let exit = tokio::select! {
+        () = shutdown => Exit::Shutdown,
+        exit = stopped_by_itself(&running.handle) => exit?,
+    };
+    stop(
+        exit.clone(),
+        &config,
+        frontend,
+        running,
+        servers,
+        stop_node_tx,
+        background,
+    )
+    .await?;
+    Ok(exit)
+}
+
+/// The deadline of one client request: etcd's 5 s plus two election timeouts.
+fn request_timeout(config: &ServerConfig) -> Duration {
+    Duration::from_secs(5) + 2 * config.election_timeout
+}
+
+fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
+    let mut raft = flotilla_raft::Config::new(id);
+    let tick_ms = config.heartbeat_interval.as_millis() as u64;
+    raft.heartbeat_interval_ticks = 1;
+    raft.election_timeout_ticks = (config.election_timeout.as_millis() as u64 / tick_ms).max(2);
+    raft.seed = id
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    raft.snapshot_policy = SnapshotPolicy {
+        entries_max: config.snapshot_count,
+        bytes_max: 256 << 20,
+    };
+    raft.snapshot_trailing_entries = config.snapshot_catchup_entries;
+    NodeOptions {
+        raft,
+        tick: config.heartbeat_interval,
+        apply_backlog_entries_max: 5_000,
+        proposals_max: 65_536,
+        limits,
+    }
+}
+
+/// Resolves when the node stops without being asked: removed, or a fatal error.
+async fn stopped_by_itself(handle: &NodeHandle) -> anyhow::Result<Exit> {
+    let mut status = handle.status_watch();
+    let status = status
+        .wait_for(|s| s.stopped || s.removed)
+        .await
+        .map(|s| s.clone());
+    match status {
+        Ok(status) if status.removed => Ok(Exit::Removed),
+        Ok(status) => bail!(
+            "the member stopped: {}",
+            status.fatal.unwrap_or_else(|| "unknown reason".into())
+        ),
+        Err(_) => bail!("the member stopped"),
+    }
+}
+
+struct Listeners {
+    client: Vec<(String, TcpListener)>,
+    peer: Vec<(String, TcpListener)>,
+    metrics: Vec<(String, TcpListener)>,
+}
+
+impl Listeners {
+    /// Binds every listener first, so a port in use fails the start at once and says which.
+    async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
+        async fn bind_all(
+            urls: &[String],
+            what: &str,
+        ) -> anyhow::Result<Vec<(String, TcpListener)>> {
+            let mut listeners = Vec::new();
+            for url in urls {
+                let addr: SocketAddr = listen_addr(url)?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for {what} on {url} ({addr})"))?;
+                listeners.push((url.clone(), listener));
+            }
+            Ok(listeners)
+        }
+        Ok(Listeners {
+            client: bind_all(&config.listen_client_urls, "clients").await?,
+            peer: bind_all(&config.listen_peer_urls, "peers").await?,
+            metrics: bind_all(&config.listen_metrics_urls, "metrics").await?,
+        })
+    }
+}
+
+struct Servers {
+    client_stop: watch::Sender<bool>,
+    client: Vec<tokio::task::JoinHandle<()>>,
+    peer_stop: watch::Sender<bool>,
+    peer: Vec<tokio::task::JoinHandle<()>>,
+    http: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Servers {
+    fn start(
+        listeners: Listeners,
+        config: &ServerConfig,
+        identity: &Identity,
+        frontend: Arc<Frontend>,
+        inbox: mpsc::Sender<flotilla_raft::Message>,
+        metrics: Arc<Metrics>,
+    ) -> Servers {
+        let services = ClientServices {
+            frontend: frontend.clone(),
+        };
+        // etcd's gRPC receive limit: the request limit plus 512 KiB; the request itself is
+        // checked against the limit with etcd's error text.
+        let receive_bytes_max = config.max_request_bytes + (512 << 10);
+        let (client_stop, client_stop_rx) = watch::channel(false);
+        let mut client = Vec::new();
+        for (url, listener) in listeners.client {
+            tracing::info!(%url, "serving clients");
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(
+                    KvServer::new(services.clone())
+                        .max_decoding_message_size(receive_bytes_max)
+                        .max_encoding_message_size(usize::MAX),
+                )
+                .add_service(WatchServer::new(services.clone()))
+                .add_service(LeaseServer::new(services.clone()))
+                .add_service(ClusterServer::new(services.clone()))
+                .add_service(MaintenanceServer::new(services.clone()))
+                .add_service(AuthServer::new(services.clone()))
+                .add_service(SessionServer::new(services.clone()));
+            let mut stop = client_stop_rx.clone();
+            client.push(tokio::spawn(async move {
+                let incoming = TcpListenerStream::new(listener);
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(err) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                    tracing::error!(%url, "client server failed: {err}");
+                }
+            }));
+        }
+        let (peer_stop, peer_stop_rx) = watch::channel(false);
+        let peer_service = Arc::new(PeerService {
+            frontend: frontend.clone(),
+            inbox,
+            bootstrap_members: identity.bootstrap_table(),
+        });
+        let mut peer = Vec::new();
+        for (url, listener) in listeners.peer {
+            tracing::info!(%url, "serving peers");
+            let service = PeerServer::from_arc(peer_service.clone())
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(service);
+            let mut stop = peer_stop_rx.clone();
+            peer.push(tokio::spawn(async move {
+                let incoming = TcpListenerStream::new(listener);
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(err) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                    tracing::error!(%url, "peer server failed: {err}");
+                }
+            }));
+        }
+        let mut http_tasks = Vec::new();
+        for (url, listener) in listeners.metrics {
+            tracing::info!(%url, "serving metrics and health");
+            let app = http::router(frontend.clone(), metrics.clone());
+            http_tasks.push(tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, app).await {
+                    tracing::error!(%url, "metrics server failed: {err}");
+                }
+            }));
+        }
+        Servers {
+            client_stop,
+            client,
+            peer_stop,
+            peer,
+            http: http_tasks,
+        }
+    }
+}
+
+/// Tasks that run beside the node: publishing this member's attributes, expiring sessions.
+fn spawn_background(
+    config: &ServerConfig,
+    identity: &Identity,
+    frontend: Arc<Frontend>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let publish = {
+        let frontend = frontend.clone();
+        let name = identity.name.clone();
+        let urls = config.advertise_client_urls.clone();
+        tokio::spawn(async move { publish_attributes(frontend, name, urls).await })
+    };
+    let expire = tokio::spawn(async move { expire_sessions(frontend).await });
+    vec![publish, expire]
+}
+
+/// Makes sure the member table has this member's name and client URLs (etcd's publish).
+async fn publish_attributes(frontend: Arc<Frontend>, name: String, client_urls: Vec<String>) {
+    let id = frontend.identity.member_id;
+    loop {
+        let published = {
+            let state = frontend
+                .node
+                .state
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            state
+                .members
+                .get(id)
+                .is_some_and(|m| m.name == name && m.client_urls == client_urls)
+        };
+        if published {
+            return;
+        }
+        // Wait for a leader (an event), then propose; after a failure, pause briefly.
+        let leader_wait = Instant::now() + frontend.request_timeout;
+        if frontend
+            .node
+            .wait_for(leader_wait, |s| s.leader.is_some())
+            .await
+            .is_none()
+        {
+            continue;
+        }
+        let command = publish_attributes_command(id, &name, &client_urls);
+        if let Err(status) = frontend.write(command, 0).await {
+            tracing::debug!("publishing attributes: {}", status.message());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// On the leader, expires client sessions idle for longer than their TTL.
+async fn expire_sessions(frontend: Arc<Frontend>) {
+    let period = (frontend.session_ttl / 4).max(Duration::from_millis(250));
+    let mut ticker = tokio::time::interval(period);
+    loop {
+        ticker.tick().await;
+        let status = frontend.node.status();
+        if status.role != Role::Leader {
+            frontend.forget_session_activity();
+            continue;
+        }
+        let idle = frontend.idle_sessions();
+        if idle.is_empty() {
+            continue;
+        }
+        tracing::info!(sessions = ?idle, "expiring idle client sessions");
+        let command = flotilla_kv::Command::expire_sessions(idle);
+        if let Err(status) = frontend.write(command.encode(), 0).await {
+            tracing::debug!("expiring sessions: {}", status.message());
+        }
+    }
+}
+
+async fn stop(
+    exit: Exit,
+    config: &ServerConfig,
+    frontend: Arc<Frontend>,
+    running: RunningNode,
+    servers: Servers,
+    stop_node: watch::Sender<bool>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
+    for task in background {
+        task.abort();
+    }
+    if exit == Exit::Shutdown {
+        hand_over_leadership(&frontend, config).await;
+    }
+    tracing::info!("stopping: no new client connections; finishing requests in flight");
+    let _ = servers.client_stop.send(true);
+    let drain = async {
+        for task in servers.client {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(request_timeout(config), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("client requests still in flight after the timeout; stopping anyway");
+    }
+    let _ = stop_node.send(true);
+    let result = running.join().await;
+    // Peer streams are long-lived and the node is gone: no draining, just stop.
+    let _ = servers.peer_stop.send(true);
+    for task in servers.peer {
+        task.abort();
+    }
+    for task in servers.http {
+        task.abort();
+    }
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped; the write-ahead log is closed");
+            Ok(())
+        }
+        Err(err) => bail!("{err}"),
+    }
+}
+
+/// A leader hands over to the most up-to-date follower before stopping (etcd's Stop), so the
+/// cluster does not wait an election timeout for a new leader.
+async fn hand_over_leadership(frontend: &Frontend, config: &ServerConfig) {
+    let me = frontend.identity.member_id;
+    let status = frontend.node.status();
+    if status.leader != Some(me) {
+        return;
+    }
+    let deadline = Instant::now() + 3 * config.election_timeout;
+    // Only to a follower heard from recently: a member that is down cannot take over.
+    let live = frontend.recently_heard_peers();
+    if live.is_empty() {
+        tracing::warn!("no follower heard from recently to hand leadership to; stopping");
+        return;
+    }
+    match frontend.node.transfer_leader(None, live, deadline).await {
+        Ok(target) => {
+            tracing::info!(
+                to = format!("{target:x}"),
+                "handing leadership over before stopping"
+            );
+            let moved = frontend
+                .node
+                .wait_for(deadline, |s| s.leader.is_some_and(|l| l != me))
+                .await;
+            if moved.is_none() {
+                tracing::warn!("leadership did not move in time; stopping anyway");
+            }
+        }
+        Err(err) => tracing::warn!("cannot hand leadership over: {err:?}"),
+    }
+}

@@ -1,0 +1,502 @@
+//! The etcd v3 gRPC services (KV, Cluster, Maintenance, Auth.Authenticate) and Flotilla's
+//! Session service. Watch and Lease answer UNIMPLEMENTED until issue 8; so does every method
+//! not overridden here (the generated traits default to it).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use flotilla_kv::{Command, KvStore, validate_command, validate_range};
+use flotilla_proto::etcdserverpb::auth_server::Auth;
+use flotilla_proto::etcdserverpb::cluster_server::Cluster;
+use flotilla_proto::etcdserverpb::kv_server::Kv;
+use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
+use flotilla_proto::etcdserverpb::*;
+use flotilla_proto::flotilla::session::v1 as session;
+use flotilla_proto::flotilla::session::v1::session_server::Session;
+use tonic::{Request, Response, Status};
+
+use crate::errors::{
+    BAD_LEADER_TRANSFEREE, MEMBER_NOT_FOUND, NO_LEADER, NOT_LEADER, REQUEST_TIMED_OUT, kv_status,
+    node_status,
+};
+use crate::frontend::{Frontend, expect_result};
+use crate::members::encode_server_command;
+use crate::peer_proto::{
+    MemberChange, MemberInfo, ServerCommand, forward_response, member_change, server_command,
+};
+
+/// The version Status reports: etcd clients expect 3.4 or later (etcd-api.md §1.8).
+pub const REPORTED_VERSION: &str = "3.5.0";
+
+/// One struct serves every client service.
+#[derive(Clone, Debug)]
+pub struct ClientServices {
+    pub frontend: Arc<Frontend>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+impl ClientServices {
+    /// Runs a handler, recording its latency and gRPC code.
+    async fn observe<T>(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        handler: impl Future<Output = Result<T, Status>>,
+    ) -> Reply<T> {
+        let started = Instant::now();
+        let result = handler.await;
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.frontend
+            .node
+            .metrics
+            .grpc_handled(service, method, code, started.elapsed());
+        result.map(Response::new)
+    }
+
+    fn limits(&self) -> flotilla_kv::RequestLimits {
+        self.read_state(|state| state.limits().request.clone())
+    }
+
+    fn read_state<T>(&self, f: impl FnOnce(&crate::state_machine::StateMachine) -> T) -> T {
+        let state = self
+            .frontend
+            .node
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&state)
+    }
+
+    /// Validates, tags with the client's session, encodes and proposes a KV command.
+    async fn write_command<T>(
+        &self,
+        request: &Request<T>,
+        command: Command,
+    ) -> Result<crate::peer_proto::ForwardResponse, Status> {
+        self.frontend.refuse_learner()?;
+        self.frontend.check_require_leader(request)?;
+        let (command, session_id) = self.frontend.tag_session(request, command)?;
+        let encoded = command.encode();
+        validate_command(&command, encoded.len(), &self.limits()).map_err(|e| kv_status(&e))?;
+        self.frontend.write(encoded, session_id).await
+    }
+
+    fn members_response(&self, members: Vec<MemberInfo>) -> Vec<Member> {
+        members.into_iter().map(member_of).collect()
+    }
+}
+
+fn member_of(info: MemberInfo) -> Member {
+    Member {
+        id: info.id,
+        name: info.name,
+        peer_urls: info.peer_urls,
+        client_urls: info.client_urls,
+        is_learner: info.is_learner,
+    }
+}
+
+const KV: &str = "etcdserverpb.KV";
+const CLUSTER: &str = "etcdserverpb.Cluster";
+const MAINTENANCE: &str = "etcdserverpb.Maintenance";
+const AUTH: &str = "etcdserverpb.Auth";
+const SESSION: &str = "flotilla.session.v1.Session";
+
+#[tonic::async_trait]
+impl Kv for ClientServices {
+    async fn range(&self, request: Request<RangeRequest>) -> Reply<RangeResponse> {
+        self.observe(KV, "Range", async {
+            self.frontend.check_require_leader(&request)?;
+            let range = request.into_inner();
+            if !range.serializable {
+                self.frontend.refuse_learner()?;
+            }
+            validate_range(&range, &self.limits()).map_err(|e| kv_status(&e))?;
+            if !range.serializable {
+                self.frontend.linearizable_barrier().await?;
+            }
+            let mut response = self
+                .read_state(|state| state.kv.range(&range))
+                .map_err(|e| kv_status(&e))?;
+            let revision = response.header.map_or(0, |h| h.revision);
+            response.header = self.frontend.header(revision);
+            Ok(response)
+        })
+        .await
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Reply<PutResponse> {
+        self.observe(KV, "Put", async {
+            let command = Command::put(request.get_ref().clone());
+            let response = self.write_command(&request, command).await?;
+            let revision = response.revision;
+            let mut put = expect_result(response, |r| match r {
+                forward_response::Result::Put(put) => Some(put),
+                _ => None,
+            })?;
+            put.header = self.frontend.header(revision);
+            Ok(put)
+        })
+        .await
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Reply<DeleteRangeResponse> {
+        self.observe(KV, "DeleteRange", async {
+            let command = Command::delete_range(request.get_ref().clone());
+            let response = self.write_command(&request, command).await?;
+            let revision = response.revision;
+            let mut delete = expect_result(response, |r| match r {
+                forward_response::Result::DeleteRange(delete) => Some(delete),
+                _ => None,
+            })?;
+            delete.header = self.frontend.header(revision);
+            Ok(delete)
+        })
+        .await
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Reply<TxnResponse> {
+        self.observe(KV, "Txn", async {
+            if KvStore::is_read_only_txn(request.get_ref()) {
+                self.frontend.refuse_learner()?;
+                self.frontend.check_require_leader(&request)?;
+                let txn = request.into_inner();
+                flotilla_kv::validate_txn(&txn, &self.limits()).map_err(|e| kv_status(&e))?;
+                self.frontend.linearizable_barrier().await?;
+                let mut response = self
+                    .read_state(|state| state.kv.read_only_txn(&txn))
+                    .map_err(|e| kv_status(&e))?;
+                let revision = response
+                    .header
+                    .map_or_else(|| self.frontend.current_revision(), |h| h.revision);
+                response.header = self.frontend.header(revision);
+                return Ok(response);
+            }
+            let command = Command::txn(request.get_ref().clone());
+            let response = self.write_command(&request, command).await?;
+            let revision = response.revision;
+            let mut txn = expect_result(response, |r| match r {
+                forward_response::Result::Txn(txn) => Some(txn),
+                _ => None,
+            })?;
+            txn.header = self.frontend.header(revision);
+            Ok(txn)
+        })
+        .await
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Reply<CompactionResponse> {
+        self.observe(KV, "Compact", async {
+            let command = Command::compaction(*request.get_ref());
+            let response = self.write_command(&request, command).await?;
+            let revision = response.revision;
+            let mut compaction = expect_result(response, |r| match r {
+                forward_response::Result::Compaction(c) => Some(c),
+                _ => None,
+            })?;
+            compaction.header = self.frontend.header(revision);
+            Ok(compaction)
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClientServices {
+    async fn member_add(&self, request: Request<MemberAddRequest>) -> Reply<MemberAddResponse> {
+        self.observe(CLUSTER, "MemberAdd", async {
+            self.frontend.refuse_learner()?;
+            let add = request.into_inner();
+            let change = MemberChange {
+                kind: member_change::Kind::Add as i32,
+                id: 0,
+                peer_urls: add.peer_urls.clone(),
+                is_learner: add.is_learner,
+            };
+            let members = self.frontend.change_membership(change).await?;
+            let added = members
+                .iter()
+                .find(|m| m.peer_urls.iter().any(|url| add.peer_urls.contains(url)))
+                .cloned()
+                .map(member_of);
+            Ok(MemberAddResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                member: added,
+                members: self.members_response(members),
+            })
+        })
+        .await
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Reply<MemberRemoveResponse> {
+        self.observe(CLUSTER, "MemberRemove", async {
+            self.frontend.refuse_learner()?;
+            let change = MemberChange {
+                kind: member_change::Kind::Remove as i32,
+                id: request.get_ref().id,
+                ..MemberChange::default()
+            };
+            let members = self.frontend.change_membership(change).await?;
+            Ok(MemberRemoveResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                members: self.members_response(members),
+            })
+        })
+        .await
+    }
+
+    async fn member_update(
+        &self,
+        request: Request<MemberUpdateRequest>,
+    ) -> Reply<MemberUpdateResponse> {
+        self.observe(CLUSTER, "MemberUpdate", async {
+            self.frontend.refuse_learner()?;
+            let update = request.into_inner();
+            if self.read_state(|s| s.members.get(update.id).is_none()) {
+                return Err(Status::not_found(MEMBER_NOT_FOUND));
+            }
+            if update.peer_urls.is_empty()
+                || update
+                    .peer_urls
+                    .iter()
+                    .any(|u| crate::config::parse_url(u).is_err())
+            {
+                return Err(Status::invalid_argument(crate::errors::INVALID_URLS));
+            }
+            let command = ServerCommand {
+                command: Some(server_command::Command::UpdatePeerUrls(MemberInfo {
+                    id: update.id,
+                    peer_urls: update.peer_urls,
+                    ..MemberInfo::default()
+                })),
+            };
+            let response = self
+                .frontend
+                .write(encode_server_command(&command), 0)
+                .await?;
+            let members = self.read_state(|s| s.members.infos());
+            Ok(MemberUpdateResponse {
+                header: self.frontend.header(response.revision),
+                members: self.members_response(members),
+            })
+        })
+        .await
+    }
+
+    async fn member_list(&self, request: Request<MemberListRequest>) -> Reply<MemberListResponse> {
+        self.observe(CLUSTER, "MemberList", async {
+            if request.get_ref().linearizable {
+                self.frontend.linearizable_barrier().await?;
+            }
+            let members = self.read_state(|s| s.members.infos());
+            Ok(MemberListResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                members: self.members_response(members),
+            })
+        })
+        .await
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<MemberPromoteRequest>,
+    ) -> Reply<MemberPromoteResponse> {
+        self.observe(CLUSTER, "MemberPromote", async {
+            self.frontend.refuse_learner()?;
+            let change = MemberChange {
+                kind: member_change::Kind::Promote as i32,
+                id: request.get_ref().id,
+                ..MemberChange::default()
+            };
+            let members = self.frontend.change_membership(change).await?;
+            Ok(MemberPromoteResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                members: self.members_response(members),
+            })
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Maintenance for ClientServices {
+    async fn alarm(&self, _request: Request<AlarmRequest>) -> Reply<AlarmResponse> {
+        self.observe(MAINTENANCE, "Alarm", async {
+            // No alarms exist: GET lists none, and there is nothing to activate or clear.
+            Ok(AlarmResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                alarms: Vec::new(),
+            })
+        })
+        .await
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Reply<StatusResponse> {
+        self.observe(MAINTENANCE, "Status", async {
+            let status = self.frontend.node.status();
+            let db_size = self.frontend.node.storage.size_bytes() as i64;
+            let errors = if status.leader.is_none() {
+                vec![NO_LEADER.to_string()]
+            } else {
+                Vec::new()
+            };
+            Ok(StatusResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                version: REPORTED_VERSION.to_string(),
+                db_size,
+                leader: status.leader.unwrap_or(0),
+                raft_index: status.commit,
+                raft_term: status.term,
+                raft_applied_index: status.applied,
+                errors,
+                db_size_in_use: db_size,
+                is_learner: status.is_learner,
+            })
+        })
+        .await
+    }
+
+    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Reply<HashKvResponse> {
+        self.observe(MAINTENANCE, "HashKV", async {
+            self.frontend.refuse_learner()?;
+            let (hash, revision, compacted) = self
+                .read_state(|s| {
+                    s.kv.hash_kv(request.get_ref().revision)
+                        .map(|(hash, revision)| (hash, revision, s.kv.compacted_revision()))
+                })
+                .map_err(|e| kv_status(&e))?;
+            Ok(HashKvResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                hash,
+                compact_revision: compacted,
+                hash_revision: revision,
+            })
+        })
+        .await
+    }
+
+    async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Reply<MoveLeaderResponse> {
+        self.observe(MAINTENANCE, "MoveLeader", async {
+            let target = request.get_ref().target_id;
+            let me = self.frontend.identity.member_id;
+            if self.frontend.node.status().leader != Some(me) {
+                return Err(Status::failed_precondition(NOT_LEADER));
+            }
+            let is_voter =
+                self.read_state(|s| s.members.get(target).is_some_and(|m| !m.is_learner));
+            if !is_voter {
+                return Err(Status::failed_precondition(BAD_LEADER_TRANSFEREE));
+            }
+            let deadline = self.frontend.deadline();
+            self.frontend
+                .node
+                .transfer_leader(Some(target), Vec::new(), deadline)
+                .await
+                .map_err(node_status)?;
+            self.frontend
+                .node
+                .wait_for(deadline, |s| s.leader == Some(target))
+                .await
+                .ok_or_else(|| Status::unavailable(REQUEST_TIMED_OUT))?;
+            Ok(MoveLeaderResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+            })
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Auth for ClientServices {
+    async fn authenticate(
+        &self,
+        _request: Request<AuthenticateRequest>,
+    ) -> Reply<AuthenticateResponse> {
+        self.observe(AUTH, "Authenticate", async {
+            Err(Status::failed_precondition(crate::errors::AUTH_NOT_ENABLED))
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl Session for ClientServices {
+    async fn register(
+        &self,
+        _request: Request<session::RegisterRequest>,
+    ) -> Reply<session::RegisterResponse> {
+        self.observe(SESSION, "Register", async {
+            self.frontend.refuse_learner()?;
+            let response = self
+                .frontend
+                .write(Command::register_session().encode(), 0)
+                .await?;
+            let revision = response.revision;
+            let session_id = expect_result(response, |r| match r {
+                forward_response::Result::SessionRegistered(id) => Some(id),
+                _ => None,
+            })?;
+            Ok(session::RegisterResponse {
+                header: self.frontend.header(revision),
+                session_id,
+                ttl_seconds: self.frontend.session_ttl.as_secs() as i64,
+            })
+        })
+        .await
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<session::KeepAliveRequest>,
+    ) -> Reply<session::KeepAliveResponse> {
+        self.observe(SESSION, "KeepAlive", async {
+            let alive = self
+                .frontend
+                .keep_session_alive(request.get_ref().session_id)
+                .await?;
+            Ok(session::KeepAliveResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
+                alive,
+            })
+        })
+        .await
+    }
+
+    async fn close(
+        &self,
+        request: Request<session::CloseRequest>,
+    ) -> Reply<session::CloseResponse> {
+        self.observe(SESSION, "Close", async {
+            let id = request.get_ref().session_id;
+            let command = Command::expire_sessions(vec![id]);
+            let response = self.frontend.write(command.encode(), 0).await?;
+            Ok(session::CloseResponse {
+                header: self.frontend.header(response.revision),
+            })
+        })
+        .await
+    }
+}
+
+/// A server command announcing this member's name and client URLs.
+pub fn publish_attributes_command(id: u64, name: &str, client_urls: &[String]) -> Bytes {
+    encode_server_command(&ServerCommand {
+        command: Some(server_command::Command::PublishAttributes(MemberInfo {
+            id,
+            name: name.to_string(),
+            client_urls: client_urls.to_vec(),
+            ..MemberInfo::default()
+        })),
+    })
+}

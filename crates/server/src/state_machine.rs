@@ -1,0 +1,261 @@
+//! The replicated state of a member: the key-value store and the member table, applied entry by
+//! entry, saved and restored together as one snapshot.
+//!
+//! # Snapshot format
+//!
+//! ```text
+//! magic            8 bytes  "FLSRVSN1"
+//! member table     u32 LE length, then a flotilla.peer.v1.MemberTableState
+//! key-value store  the rest: flotilla-kv's own snapshot format (with its own checksum)
+//! ```
+
+use std::io::{self, Read, Write};
+
+use flotilla_kv::{ApplyResult, KvStore, Limits};
+use flotilla_proto::mvccpb::Event;
+use flotilla_raft::{Entry, EntryPayload, Index};
+
+use crate::members::{MemberTable, decode_server_command};
+use crate::peer_proto::MemberInfo;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"FLSRVSN1";
+/// A member table is small; refuse absurd lengths from a corrupt snapshot.
+const MEMBER_TABLE_BYTES_MAX: u32 = 16 << 20;
+
+/// What applying one entry produced, for the client that proposed it.
+#[derive(Debug)]
+pub enum Applied {
+    /// A key-value command.
+    Kv(ApplyResult),
+    /// A membership change: the members after it.
+    Members {
+        members: Vec<MemberInfo>,
+        revision: i64,
+    },
+    /// A server command, a blank entry, or an entry that failed to decode.
+    Server { revision: i64 },
+}
+
+impl Applied {
+    pub fn revision(&self) -> i64 {
+        match self {
+            Applied::Kv(result) => result.revision,
+            Applied::Members { revision, .. } | Applied::Server { revision } => *revision,
+        }
+    }
+}
+
+/// Receives the watch events of every applied write, in revision order (issue 8 fans them out
+/// to watchers; until then they are dropped).
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    fn publish(&self, revision: i64, events: &[Event]);
+}
+
+/// Drops events: there are no watchers yet.
+#[derive(Debug, Default)]
+pub struct NoWatchers;
+
+impl EventSink for NoWatchers {
+    fn publish(&self, _revision: i64, _events: &[Event]) {}
+}
+
+/// The key-value store and the member table.
+#[derive(Debug)]
+pub struct StateMachine {
+    pub kv: KvStore,
+    pub members: MemberTable,
+    limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("I/O error reading the snapshot: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a Flotilla server snapshot (bad magic bytes)")]
+    BadMagic,
+    #[error("the member table is {0} bytes, over the limit")]
+    TableTooLarge(u32),
+    #[error(transparent)]
+    Table(#[from] crate::members::MemberTableDecodeError),
+    #[error("the key-value snapshot is invalid: {0}")]
+    Kv(#[from] flotilla_kv::SnapshotError),
+}
+
+impl StateMachine {
+    pub fn new(limits: Limits, members: MemberTable) -> StateMachine {
+        StateMachine {
+            kv: KvStore::new(limits.clone()),
+            members,
+            limits,
+        }
+    }
+
+    pub fn applied_index(&self) -> Index {
+        self.kv.applied_index()
+    }
+
+    /// Applies one committed entry.
+    pub fn apply_entry(&mut self, entry: &Entry) -> Applied {
+        match &entry.payload {
+            EntryPayload::Command(data) => match decode_server_command(data) {
+                None => Applied::Kv(self.kv.apply(entry.index, data)),
+                Some(decoded) => {
+                    self.kv.skip_index(entry.index);
+                    match decoded {
+                        Ok(command) => self.members.apply_command(&command),
+                        // Every member reads the same bytes the same way: ignore alike.
+                        Err(err) => tracing::warn!(
+                            index = entry.index,
+                            "ignoring a server command that does not decode: {err}"
+                        ),
+                    }
+                    Applied::Server {
+                        revision: self.kv.current_revision(),
+                    }
+                }
+            },
+            EntryPayload::Blank => {
+                self.kv.skip_index(entry.index);
+                Applied::Server {
+                    revision: self.kv.current_revision(),
+                }
+            }
+            EntryPayload::Membership(change) => {
+                self.kv.skip_index(entry.index);
+                self.members
+                    .apply_membership(&change.membership, &change.context);
+                // The members after the change: while the configuration is joint, outgoing
+                // voters stay in the table (peers still talk to them) but are no longer listed.
+                let incoming = &change.membership;
+                let members = self
+                    .members
+                    .infos()
+                    .into_iter()
+                    .filter(|m| {
+                        incoming.voters.contains(&m.id) || incoming.learners.contains(&m.id)
+                    })
+                    .collect();
+                Applied::Members {
+                    members,
+                    revision: self.kv.current_revision(),
+                }
+            }
+        }
+    }
+
+    /// Writes the whole state, streamed.
+    pub fn write_snapshot(&self, out: &mut dyn Write) -> io::Result<()> {
+        out.write_all(SNAPSHOT_MAGIC)?;
+        let table = self.members.encode();
+        let length = u32::try_from(table.len()).map_err(io::Error::other)?;
+        out.write_all(&length.to_le_bytes())?;
+        out.write_all(&table)?;
+        let mut out = out;
+        self.kv.write_snapshot(&mut out)
+    }
+
+    /// Reads a state written by [`StateMachine::write_snapshot`].
+    pub fn restore(input: &mut dyn Read, limits: Limits) -> Result<StateMachine, RestoreError> {
+        let mut magic = [0u8; 8];
+        input.read_exact(&mut magic)?;
+        if &magic != SNAPSHOT_MAGIC {
+            return Err(RestoreError::BadMagic);
+        }
+        let mut length = [0u8; 4];
+        input.read_exact(&mut length)?;
+        let length = u32::from_le_bytes(length);
+        if length > MEMBER_TABLE_BYTES_MAX {
+            return Err(RestoreError::TableTooLarge(length));
+        }
+        let mut table = vec![0u8; length as usize];
+        input.read_exact(&mut table)?;
+        let members = MemberTable::decode(&table)?;
+        let mut input = input;
+        let kv = KvStore::restore(&mut input, limits.clone())?;
+        Ok(StateMachine {
+            kv,
+            members,
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use flotilla_kv::Command;
+    use flotilla_proto::etcdserverpb::{PutRequest, RangeRequest};
+    use flotilla_raft::{Membership, MembershipEntry};
+
+    use super::*;
+    use crate::members::Member;
+
+    fn entry(index: Index, payload: EntryPayload) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            payload,
+        }
+    }
+
+    #[test]
+    fn snapshot_round_trips_store_and_members() {
+        let table = MemberTable::from_members([Member {
+            id: 1,
+            name: "one".into(),
+            peer_urls: vec!["http://127.0.0.1:1".into()],
+            ..Member::default()
+        }]);
+        let mut machine = StateMachine::new(Limits::default(), table);
+        machine.apply_entry(&entry(1, EntryPayload::Blank));
+        let put = Command::put(PutRequest {
+            key: "k".into(),
+            value: "v".into(),
+            ..Default::default()
+        });
+        let applied = machine.apply_entry(&entry(2, EntryPayload::Command(put.encode())));
+        assert_eq!(applied.revision(), 2);
+        let mut membership = Membership::with_voters([1]);
+        membership.learners.insert(2);
+        machine.apply_entry(&entry(
+            3,
+            EntryPayload::Membership(MembershipEntry {
+                membership,
+                context: Bytes::new(),
+            }),
+        ));
+
+        let mut bytes = Vec::new();
+        machine.write_snapshot(&mut bytes).unwrap();
+        let restored = StateMachine::restore(&mut &bytes[..], Limits::default()).unwrap();
+        assert_eq!(restored.members, machine.members);
+        assert_eq!(restored.kv.digest(), machine.kv.digest());
+        assert_eq!(restored.applied_index(), 3);
+        let read = restored
+            .kv
+            .range(&RangeRequest {
+                key: "k".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(read.kvs[0].value, "v");
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_refused() {
+        let machine = StateMachine::new(Limits::default(), MemberTable::default());
+        let mut bytes = Vec::new();
+        machine.write_snapshot(&mut bytes).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert!(StateMachine::restore(&mut &bytes[..], Limits::default()).is_err());
+        assert!(matches!(
+            StateMachine::restore(&mut &b"nonsense-bytes"[..], Limits::default()),
+            Err(RestoreError::BadMagic)
+        ));
+    }
+}
