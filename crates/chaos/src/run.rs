@@ -449,11 +449,19 @@ async fn run_register(
         CALL_TIMEOUT,
     )
     .await?;
+    let endpoints = cluster.endpoints();
     let mut workers = JoinSet::new();
     for (worker, client) in clients.into_iter().enumerate() {
+        let read_client = if args.serializable_reads {
+            let home = &endpoints[worker % endpoints.len()];
+            workloads::worker_client(&[home.clone()], 0, SessionPolicy::Plain, CALL_TIMEOUT).await?
+        } else {
+            client.clone()
+        };
         workers.spawn(workloads::register_worker(
             worker,
             client,
+            read_client,
             shared.clone(),
             context.clone(),
             rng.fork(),

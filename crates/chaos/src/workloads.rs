@@ -180,10 +180,14 @@ fn decode_register_value(bytes: &[u8]) -> Value {
         )
 }
 
-/// Reads, writes and compare-and-sets on a few rotating keys.
+/// Reads, writes and compare-and-sets on a few rotating keys. Reads go through
+/// `read_client`: the worker's own client, or, for serializable reads, one pinned to the
+/// worker's member so that a member cut off by a partition keeps answering from its own,
+/// stale, state.
 pub async fn register_worker(
     worker: usize,
     client: Client,
+    read_client: Client,
     shared: Arc<RegisterShared>,
     context: WorkerContext,
     mut rng: Rng,
@@ -197,7 +201,7 @@ pub async fn register_worker(
         let choice = rng.below(4);
         if choice < 2 {
             let value = register_read(
-                &client,
+                &read_client,
                 &mut process,
                 &context,
                 &key,
