@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The chaos suite for CI: every nemesis kind once (register and set workloads, 30 s each by
-# default), then the negative control: serializable reads under partitions must be found NOT
-# linearizable, or the checker is not checking. Needs root, iproute2 and nftables.
+# default), the counter under mixed faults, then the negative control: serializable reads
+# under partitions must be found NOT linearizable, or the checker is not checking. Needs
+# root, iproute2 and nftables.
 #
 #   crates/chaos/scripts/ci-suite.sh [OUT_DIR]        (default target/chaos-ci)
 #
@@ -20,16 +21,12 @@ if [ -z "$system" ]; then
 fi
 mkdir -p "$out"
 
-cargo build --release -q -p flotilla-chaos --bins || exit 1
 if [ "$system" = flotilla ]; then
-    cargo build --release -q -p flotilla || exit 1
     # The real interface, as release checks run it.
-    if ./target/release/flotilla chaos --help >/dev/null 2>&1; then
-        chaos=(./target/release/flotilla chaos)
-    else
-        chaos=(./target/release/flotilla-chaos --system flotilla)
-    fi
+    cargo build --release -q -p flotilla || exit 1
+    chaos=(./target/release/flotilla chaos --system flotilla)
 else
+    cargo build --release -q -p flotilla-chaos --bins || exit 1
     chaos=(./target/release/flotilla-chaos --system etcd)
 fi
 
@@ -50,7 +47,9 @@ run() {
     else
         failed=$((failed + 1))
         echo "FAIL  $name ($((SECONDS - started)) s, exit $code, expected $expected): $verdict"
-        grep -E '^(ANOMALY|operations|register|set|nemesis)' "$out/$name.txt" | cut -c1-2000
+        grep -E '^(ANOMALY|VERDICT|operations|register|set|counter|nemesis|cleanup)' \
+            "$out/$name.txt" | cut -c1-2000
+        echo "      nemesis timeline: $out/$name/nemesis.log; member logs: $out/$name/logs/"
     fi
 }
 
@@ -61,6 +60,7 @@ run register-partition 0 --workload register --nemesis partition --duration "$du
 run set-transfer 0 --workload set --nemesis transfer --duration "$duration"
 run register-membership 0 --workload register --nemesis membership --duration "$duration"
 run set-rolling 0 --workload set --nemesis rolling --duration "$duration"
+run counter-mixed 0 --workload counter --nemesis mixed --duration "$duration"
 run register-mixed-5 0 --members 5 --workload register --nemesis mixed --duration "$duration"
 # The negative control: it must FAIL (exit 1).
 run stale-reads-must-fail 1 --workload register --nemesis partition --duration "$duration" \
