@@ -453,8 +453,8 @@ async fn run_register(
     let mut workers = JoinSet::new();
     for (worker, client) in clients.into_iter().enumerate() {
         let read_client = if args.serializable_reads {
-            let home = &endpoints[worker % endpoints.len()];
-            workloads::worker_client(&[home.clone()], 0, SessionPolicy::Plain, CALL_TIMEOUT).await?
+            let home = std::slice::from_ref(&endpoints[worker % endpoints.len()]);
+            workloads::worker_client(home, 0, SessionPolicy::Plain, CALL_TIMEOUT).await?
         } else {
             client.clone()
         };
