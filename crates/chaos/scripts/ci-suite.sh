@@ -62,9 +62,12 @@ run register-membership 0 --workload register --nemesis membership --duration "$
 run set-rolling 0 --workload set --nemesis rolling --duration "$duration"
 run counter-mixed 0 --workload counter --nemesis mixed --duration "$duration"
 run register-mixed-5 0 --members 5 --workload register --nemesis mixed --duration "$duration"
-# The negative control: it must FAIL (exit 1).
+# The negative control: it must FAIL (exit 1). Seed 2 fixes the fault schedule to shapes that
+# leave a member serving stale local reads (the leader isolated from 3 s for about 8 s, again
+# at 14 s, then a minority cut off at 21 s); a random seed draws only bridge and one-way-in
+# shapes, which need not produce a stale read, a few times in a hundred.
 run stale-reads-must-fail 1 --workload register --nemesis partition --duration "$duration" \
-    --serializable-reads
+    --serializable-reads --seed 2
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
