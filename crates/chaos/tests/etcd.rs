@@ -107,6 +107,10 @@ async fn a_correct_cluster_passes_and_stale_reads_are_caught() {
     let stale = scratch("stale");
     let mut stale_args = args(stale.clone(), NemesisKind::Partition, 15);
     stale_args.serializable_reads = true;
+    // Seed 2's schedule isolates the leader from about 3 s to 10 s: a stale read is certain
+    // (seed 42 began with a one-way-in cut, which need not give one, and had only 3 s of
+    // isolation at the end).
+    stale_args.seed = Some(2);
     let verdict = bounded_run(stale_args).await;
     assert_eq!(
         verdict,
