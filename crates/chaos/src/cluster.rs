@@ -119,11 +119,14 @@ async fn probe_client(endpoints: Vec<String>) -> Result<Client, ClusterError> {
 }
 
 /// Waits up to `timeout` for the process to exit, then SIGKILLs it; reaps it either way.
-async fn exit_within_or_kill(mut child: Child, timeout: Duration) {
+/// True if it exited by itself.
+async fn exit_within_or_kill(mut child: Child, timeout: Duration) -> bool {
     if tokio::time::timeout(timeout, child.wait()).await.is_err() {
         let _ = child.start_kill();
         let _ = child.wait().await;
+        return false;
     }
+    true
 }
 
 impl Cluster {
@@ -305,10 +308,11 @@ impl Cluster {
     }
 
     /// Waits for a member to exit by itself (a removed member stops), then kills it if it
-    /// has not.
-    pub async fn await_exit_or_kill(&mut self, index: usize, timeout: Duration) {
-        if let Some(child) = self.members[index].process.take() {
-            exit_within_or_kill(child, timeout).await;
+    /// has not. True if it exited by itself (or was not running).
+    pub async fn await_exit_or_kill(&mut self, index: usize, timeout: Duration) -> bool {
+        match self.members[index].process.take() {
+            Some(child) => exit_within_or_kill(child, timeout).await,
+            None => true,
         }
     }
 

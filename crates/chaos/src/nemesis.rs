@@ -356,13 +356,19 @@ impl Nemesis {
         if !removed {
             return Fault::Nothing;
         }
-        cluster
+        let stopped = cluster
             .await_exit_or_kill(victim, REMOVED_EXIT_TIMEOUT)
             .await;
         cluster.forget_removed(victim);
         self.count("member remove + re-add");
-        self.timeline
-            .note(format!("nemesis: member remove {name} ({victim_id:x})"));
+        self.timeline.note(format!(
+            "nemesis: member remove {name} ({victim_id:x}){}",
+            if stopped {
+                ""
+            } else {
+                ": it did not stop by itself; killed"
+            }
+        ));
         Fault::Removed(victim)
     }
 
