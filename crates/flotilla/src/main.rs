@@ -1,5 +1,6 @@
 //! `flotilla`: the one binary. `serve` runs a member, `dev` a local cluster; the client
-//! commands (`put`, `get`, `member`, `status`, `bench`, ...) come from `flotilla-client`.
+//! commands (`put`, `get`, `member`, `status`, `bench`, ...) come from `flotilla-client`,
+//! `chaos` from `flotilla-chaos`.
 
 mod dev;
 
@@ -30,6 +31,9 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Run a local cluster on 127.0.0.1 (ports 2379/22379/32379, peers 2380/22380/32380).
     Dev(dev::DevArgs),
+    /// Fault injection on a local cluster, with linearizability checking (root: namespaces
+    /// and nftables). The last line printed is the verdict.
+    Chaos(Box<flotilla_chaos::ChaosArgs>),
     #[command(flatten)]
     Client(flotilla_client::cli::ClientCommand),
 }
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Dev(args) => dev::run(args),
+        Command::Chaos(args) => flotilla_chaos::run_blocking(*args),
         Command::Client(command) => client(&cli.global, command),
     }
 }

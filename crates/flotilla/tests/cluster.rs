@@ -381,6 +381,60 @@ async fn a_member_is_added_as_learner_promoted_and_removed() {
     .await;
 }
 
+/// Regression (found by `flotilla chaos --nemesis mixed`): a member removed while paused misses
+/// the entry that removes it. Resumed, it sent pre-votes over streams it had opened before the
+/// removal (here, as the leader), which its peers took without telling it, so it never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_while_paused_stops_when_it_resumes() {
+    use flotilla_proto::etcdserverpb::MoveLeaderRequest;
+    use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        // The victim leads first, so it has streams open to both others.
+        let victim = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let next = (victim + 1) % 3;
+        let next_id = cluster
+            .status(next)
+            .await
+            .unwrap()
+            .header
+            .unwrap()
+            .member_id;
+        MaintenanceClient::new(cluster.channel(victim).await)
+            .move_leader(MoveLeaderRequest { target_id: next_id })
+            .await
+            .unwrap();
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        assert_ne!(leader, victim);
+        let mut kv = cluster.kv(leader).await;
+        put(&mut kv, "before", "v").await.unwrap();
+        let id = cluster
+            .status(victim)
+            .await
+            .unwrap()
+            .header
+            .unwrap()
+            .member_id;
+        cluster.signal(victim, Signal::STOP);
+        let mut members = cluster.cluster_client(leader).await;
+        let removed = members
+            .member_remove(MemberRemoveRequest { id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(removed.members.len(), 2);
+        put(&mut kv, "after", "v").await.unwrap();
+        cluster.signal(victim, Signal::CONT);
+        let process = cluster.members[victim].process.as_mut().unwrap();
+        let code = process.wait_exit(Duration::from_secs(15)).await;
+        assert_eq!(code, Some(0), "the removed member stops by itself");
+        cluster.members[victim].process = None;
+        put(&mut kv, "after-stop", "v").await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
     let mut cluster = TestCluster::start(

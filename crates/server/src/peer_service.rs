@@ -54,25 +54,43 @@ impl PeerService {
                 to.unwrap_or(0)
             )));
         }
-        let removed = {
-            let state = self
-                .frontend
-                .node
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
-            state.members.is_removed(from)
-        };
-        if removed {
+        if self.is_removed(from) {
             return Err(Status::failed_precondition(REMOVED_MESSAGE));
         }
         Ok(from)
+    }
+
+    fn is_removed(&self, member: NodeId) -> bool {
+        let state = self
+            .frontend
+            .node
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        state.members.is_removed(member)
+    }
+
+    /// [`Self::is_removed`], or false at once if the state lock is taken.
+    fn is_removed_if_free(&self, member: NodeId) -> bool {
+        match self.frontend.node.state.try_read() {
+            Ok(state) => state.members.is_removed(member),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                poisoned.into_inner().members.is_removed(member)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
     }
 
     async fn receive(&self, request: Request<Streaming<RaftBatch>>) -> Result<(), Status> {
         let from = self.check_peer(&request)?;
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
+            // A stream opened before its member was removed: the removed member must hear it
+            // (and stop) rather than go on sending pre-votes into a cluster that ignores it.
+            // Never waits for the state lock (an apply may hold it): a later batch checks.
+            if self.is_removed_if_free(from) {
+                return Err(Status::failed_precondition(REMOVED_MESSAGE));
+            }
             self.frontend.note_peer_activity(from);
             for bytes in batch.messages {
                 let msg = codec::decode_message_exact(bytes)

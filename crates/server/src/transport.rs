@@ -126,6 +126,7 @@ impl PeerRouter {
             .get(&to)
             .is_some_and(|queues| queues.checked_at.elapsed() < URL_RECHECK);
         if !fresh {
+            self.forget_removed_peers();
             let Some(url) = self.peer_url(to) else {
                 tracing::debug!(peer = to, "no address known for peer; dropping a message");
                 let _ = self.events.try_send(TransportEvent::Unreachable(to));
@@ -151,13 +152,39 @@ impl PeerRouter {
         true
     }
 
+    /// The peer's URL from the member table, else from the hints; none for a removed member
+    /// (the hints still name the initial members, removed ones included).
     fn peer_url(&self, id: NodeId) -> Option<String> {
         let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        if state.members.is_removed(id) {
+            return None;
+        }
         state
             .members
             .get(id)
             .and_then(|member| member.peer_urls.first().cloned())
             .or_else(|| self.url_hints.get(&id).cloned())
+    }
+
+    /// Drops the queues of peers removed from the cluster, which ends their sender tasks;
+    /// otherwise each would reconnect to the removed member's URL for as long as this member
+    /// runs (and, once the URL is reused by a re-added member, be refused every second).
+    fn forget_removed_peers(&mut self) {
+        let removed: Vec<NodeId> = {
+            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+            self.peers
+                .keys()
+                .copied()
+                .filter(|&id| state.members.is_removed(id))
+                .collect()
+        };
+        for id in removed {
+            tracing::debug!(
+                peer = id,
+                "peer removed from the cluster; closing its streams"
+            );
+            self.peers.remove(&id);
+        }
     }
 
     fn spawn_peer(&self, to: NodeId, url: String) -> PeerQueues {
@@ -394,6 +421,54 @@ mod tests {
         let first = rx.try_recv().unwrap();
         let batch = take_batch(first, &mut rx);
         assert_eq!(batch.messages.len(), BATCH_MESSAGES_MAX);
+    }
+
+    /// A table of members 1 and 2 (2 at an unused loopback port), with `removed` removed.
+    fn member_table(removed: &[NodeId]) -> crate::members::MemberTable {
+        use prost::Message as _;
+        let member = |id: NodeId, port: u16| crate::peer_proto::MemberInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![format!("http://127.0.0.1:{port}")],
+            ..Default::default()
+        };
+        let state = crate::peer_proto::MemberTableState {
+            members: vec![member(1, 9), member(2, 9)],
+            removed: removed.to_vec(),
+        };
+        crate::members::MemberTable::decode(&state.encode_to_vec()).unwrap()
+    }
+
+    /// Regression (found by `flotilla chaos --nemesis membership`): the sender tasks of a
+    /// removed peer lived on, reconnecting to its URL every second for as long as the member
+    /// ran, and were refused by the member re-added at that URL.
+    #[tokio::test]
+    async fn removed_peers_lose_their_streams_and_get_no_new_ones() {
+        let state = Arc::new(RwLock::new(StateMachine::new(
+            flotilla_kv::Limits::default(),
+            member_table(&[]),
+        )));
+        // Member 3 is known from the initial cluster only (a hint), as a joining member sees it.
+        let hints = BTreeMap::from([(3, "http://127.0.0.1:9".to_string())]);
+        let (events, _events_rx) = mpsc::channel(64);
+        let identity = PeerIdentity {
+            cluster_id: 7,
+            member_id: 1,
+        };
+        let mut router = PeerRouter::new(identity, state.clone(), hints, events);
+        assert!(router.send(heartbeat(2)));
+        assert!(router.send(heartbeat(3)));
+        assert_eq!(router.peers.keys().copied().collect::<Vec<_>>(), [2, 3]);
+
+        // 3 is removed; at 2's next URL check the router drops 3's queues.
+        state.write().unwrap().members = member_table(&[3]);
+        router.peers.get_mut(&2).unwrap().checked_at = Instant::now() - URL_RECHECK;
+        assert!(router.send(heartbeat(2)));
+        assert_eq!(router.peers.keys().copied().collect::<Vec<_>>(), [2]);
+        // The hint no longer brings it back.
+        assert!(!router.send(heartbeat(3)));
+        assert!(!router.peers.contains_key(&3));
+        router.shutdown();
     }
 
     #[test]
