@@ -158,16 +158,34 @@ async fn a_retried_write_with_a_session_is_applied_once() {
         // member, and must get the first answer back without a second apply.
         let mut kv = cluster.kv(follower).await;
         let first = kv.put(tagged(1)).await.unwrap().into_inner();
+        // Another client writes in between: the retry's answer must still report the first
+        // write's revision, not the store's current one.
         let mut kv_leader = cluster.kv(leader).await;
+        let other = kv_leader
+            .put(PutRequest {
+                key: "other".into(),
+                value: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first_revision = first.header.unwrap().revision;
+        assert_eq!(other.header.unwrap().revision, first_revision + 1);
         let retry = kv_leader.put(tagged(1)).await.unwrap().into_inner();
         assert_eq!(
-            first.header.unwrap().revision,
             retry.header.unwrap().revision,
-            "the retry is answered with the first response"
+            first_revision,
+            "the retry is answered with the first response, revision included"
         );
+        assert_eq!(retry.prev_kv, first.prev_kv);
         let status = cluster.status(leader).await.unwrap();
         let revision_after_retry = status.header.unwrap().revision;
-        assert_eq!(revision_after_retry, first.header.unwrap().revision);
+        assert_eq!(
+            revision_after_retry,
+            first_revision + 1,
+            "the retry applied nothing"
+        );
         // The next sequence is a new write; an older one is refused.
         let second = kv.put(tagged(2)).await.unwrap().into_inner();
         assert_eq!(second.header.unwrap().revision, revision_after_retry + 1);
