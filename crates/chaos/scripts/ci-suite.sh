@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The chaos suite for CI: every nemesis kind once (register and set workloads, 30 s each by
-# default), the counter under mixed faults, then the negative control: serializable reads
+# default), the counter under mixed faults, watchers under partitions on 5 members, then the negative control: serializable reads
 # under partitions must be found NOT linearizable, or the checker is not checking. Needs
 # root, iproute2 and nftables.
 #
@@ -62,6 +62,7 @@ run register-membership 0 --workload register --nemesis membership --duration "$
 run set-rolling 0 --workload set --nemesis rolling --duration "$duration"
 run counter-mixed 0 --workload counter --nemesis mixed --duration "$duration"
 run register-mixed-5 0 --members 5 --workload register --nemesis mixed --duration "$duration"
+run watch-partition-5 0 --members 5 --workload watch --nemesis partition --duration "$duration"
 # The negative control: it must FAIL (exit 1). Seed 2 fixes the fault schedule to shapes that
 # leave a member serving stale local reads (the leader isolated from 3 s for about 8 s, again
 # at 14 s, then a minority cut off at 21 s); a random seed draws only bridge and one-way-in
