@@ -747,9 +747,26 @@ pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
         Applied::Server { .. } => R::Done(true),
     };
     Ok(ForwardResponse {
+        revision: answered_revision(&result).unwrap_or(revision),
         result: Some(result),
-        revision,
     })
+}
+
+/// The revision recorded in a write's answer by the state machine. A retry answered from its
+/// session's memory keeps its original revision, while the store (and so the applied entry's
+/// revision) may have moved on since; a Put's header revision is the revision of that put.
+fn answered_revision(result: &forward_response::Result) -> Option<i64> {
+    use forward_response::Result as R;
+    let header = match result {
+        R::Put(r) => r.header.as_ref(),
+        R::DeleteRange(r) => r.header.as_ref(),
+        R::Txn(r) => r.header.as_ref(),
+        R::Compaction(r) => r.header.as_ref(),
+        R::LeaseGrant(r) => r.header.as_ref(),
+        R::LeaseRevoke(r) => r.header.as_ref(),
+        _ => None,
+    };
+    header.map(|header| header.revision)
 }
 
 fn members_of(response: ForwardResponse) -> Result<Vec<MemberInfo>, Status> {

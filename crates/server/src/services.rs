@@ -164,9 +164,7 @@ impl Lease for ClientServices {
                 forward_response::Result::LeaseGrant(granted) => Some(granted),
                 _ => None,
             })?;
-            granted.header = self
-                .frontend
-                .header(answered_revision(granted.header, revision));
+            granted.header = self.frontend.header(revision);
             Ok(granted)
         })
         .await
@@ -184,9 +182,7 @@ impl Lease for ClientServices {
                 forward_response::Result::LeaseRevoke(revoked) => Some(revoked),
                 _ => None,
             })?;
-            revoked.header = self
-                .frontend
-                .header(answered_revision(revoked.header, revision));
+            revoked.header = self.frontend.header(revision);
             Ok(revoked)
         })
         .await
@@ -319,9 +315,7 @@ impl Kv for ClientServices {
                 forward_response::Result::Put(put) => Some(put),
                 _ => None,
             })?;
-            put.header = self
-                .frontend
-                .header(answered_revision(put.header, revision));
+            put.header = self.frontend.header(revision);
             Ok(put)
         })
         .await
@@ -339,9 +333,7 @@ impl Kv for ClientServices {
                 forward_response::Result::DeleteRange(delete) => Some(delete),
                 _ => None,
             })?;
-            delete.header = self
-                .frontend
-                .header(answered_revision(delete.header, revision));
+            delete.header = self.frontend.header(revision);
             Ok(delete)
         })
         .await
@@ -371,9 +363,7 @@ impl Kv for ClientServices {
                 forward_response::Result::Txn(txn) => Some(txn),
                 _ => None,
             })?;
-            txn.header = self
-                .frontend
-                .header(answered_revision(txn.header, revision));
+            txn.header = self.frontend.header(revision);
             Ok(txn)
         })
         .await
@@ -388,9 +378,7 @@ impl Kv for ClientServices {
                 forward_response::Result::Compaction(c) => Some(c),
                 _ => None,
             })?;
-            compaction.header = self
-                .frontend
-                .header(answered_revision(compaction.header, revision));
+            compaction.header = self.frontend.header(revision);
             Ok(compaction)
         })
         .await
@@ -687,12 +675,4 @@ pub fn publish_attributes_command(id: u64, name: &str, client_urls: &[String]) -
             ..MemberInfo::default()
         })),
     })
-}
-
-/// The revision a write's answer reports: the one the state machine recorded in the answer.
-/// A retry answered from its session's memory keeps its original revision, while the store
-/// (and so the applied entry's revision) may have moved on since (etcd-api.md: a Put's header
-/// revision is the revision of that put).
-fn answered_revision(answer: Option<ResponseHeader>, applied_revision: i64) -> i64 {
-    answer.map_or(applied_revision, |header| header.revision)
 }
