@@ -646,3 +646,41 @@ async fn a_member_of_another_cluster_is_refused_with_a_clear_log_line() {
     })
     .await;
 }
+
+/// Nagle's algorithm off and TCP keepalive on, on every socket each listener accepts (client,
+/// peer, metrics): read off the real accepted sockets inside a running member. With Nagle on,
+/// etcd's Go client waited ~40 ms per request for a delayed ACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listener_accepts_sockets_with_nodelay_and_keepalive() {
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let member = &cluster.members[0];
+        let pid = member.process.as_ref().unwrap().pid();
+        for (listener, port) in [
+            ("client", member.client_port),
+            ("peer", member.peer_port),
+            ("metrics", member.metrics_port),
+        ] {
+            let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let client_end = client.local_addr().unwrap();
+            let accepted = eventually(
+                &format!("the {listener} listener to accept"),
+                Duration::from_secs(10),
+                || async move { accepted_socket(pid, client_end) },
+            )
+            .await;
+            assert!(
+                accepted.nodelay().unwrap(),
+                "TCP_NODELAY is off on a socket the {listener} listener accepted"
+            );
+            assert!(
+                rustix::net::sockopt::socket_keepalive(&accepted).unwrap(),
+                "SO_KEEPALIVE is off on a socket the {listener} listener accepted"
+            );
+            // The client end, for contrast, is a plain socket: Nagle on.
+            assert!(!client.nodelay().unwrap());
+        }
+    })
+    .await;
+}

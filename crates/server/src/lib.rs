@@ -19,6 +19,7 @@ pub mod frontend;
 pub mod http;
 pub mod identity;
 pub mod lease;
+pub mod listener;
 pub mod logging;
 pub mod members;
 pub mod metrics;

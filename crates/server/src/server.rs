@@ -15,6 +15,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use axum::serve::ListenerExt as _;
 use flotilla_kv::{Limits, RequestLimits};
 use flotilla_proto::etcdserverpb::auth_server::AuthServer;
 use flotilla_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -27,13 +28,13 @@ use flotilla_proto::mvccpb::Event;
 use flotilla_raft::{Role, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{ServerConfig, listen_addr};
 use crate::frontend::Frontend;
 use crate::http;
 use crate::identity::{Identity, load_or_create};
 use crate::lease::Lessor;
+use crate::listener::{configure_accepted, grpc_incoming};
 use crate::members::MemberTable;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
@@ -291,7 +292,6 @@ impl Servers {
         for (url, listener) in listeners.client {
             tracing::info!(%url, "serving clients");
             let router = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
                 .add_service(
                     KvServer::new(services.clone())
                         .max_decoding_message_size(receive_bytes_max)
@@ -305,7 +305,7 @@ impl Servers {
                 .add_service(SessionServer::new(services.clone()));
             let mut stop = client_stop_rx.clone();
             client.push(tokio::spawn(async move {
-                let incoming = TcpListenerStream::new(listener);
+                let incoming = grpc_incoming(listener);
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
@@ -326,12 +326,10 @@ impl Servers {
             let service = PeerServer::from_arc(peer_service.clone())
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-            let router = tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(service);
+            let router = tonic::transport::Server::builder().add_service(service);
             let mut stop = peer_stop_rx.clone();
             peer.push(tokio::spawn(async move {
-                let incoming = TcpListenerStream::new(listener);
+                let incoming = grpc_incoming(listener);
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
@@ -345,6 +343,7 @@ impl Servers {
             tracing::info!(%url, "serving metrics and health");
             let app = http::router(frontend.clone(), metrics.clone());
             http_tasks.push(tokio::spawn(async move {
+                let listener = listener.tap_io(configure_accepted);
                 if let Err(err) = axum::serve(listener, app).await {
                     tracing::error!(%url, "metrics server failed: {err}");
                 }

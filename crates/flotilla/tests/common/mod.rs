@@ -398,3 +398,35 @@ pub fn dump_logs(cluster: &TestCluster) {
         }
     }
 }
+
+/// The socket a server process accepted for the connection whose client end is `client_end`:
+/// found among the process's file descriptors by its peer address and duplicated into this
+/// process (pidfd_getfd; the test is the server's parent, so it may), so its options can be
+/// read. `None` while the server has not accepted it yet.
+pub fn accepted_socket(
+    server: Pid,
+    client_end: std::net::SocketAddr,
+) -> Option<std::net::TcpStream> {
+    use rustix::process::{PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open};
+    let pidfd = pidfd_open(server, PidfdFlags::empty()).expect("pidfd_open on a child");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", server.as_raw_nonzero())).ok()?;
+    for entry in fds.flatten() {
+        let is_socket = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        // The descriptor may have been closed since the directory was read.
+        let Ok(owned) = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()) else {
+            continue;
+        };
+        let stream = std::net::TcpStream::from(owned);
+        if stream.peer_addr().is_ok_and(|peer| peer == client_end) {
+            return Some(stream);
+        }
+    }
+    None
+}

@@ -1,0 +1,78 @@
+//! Socket options for every connection a member accepts (client, peer and metrics listeners).
+//!
+//! tonic's `Server::builder().tcp_nodelay(..)` and `.tcp_keepalive(..)` apply only to sockets
+//! tonic binds itself; a server started with `serve_with_incoming*` over a listener of ours
+//! silently keeps the kernel defaults. With Nagle's algorithm left on, a gRPC response written
+//! in two pieces (headers and data, then trailers) waits for the client's delayed ACK: about
+//! 40 ms per request for etcd's Go client. So the options are set here, on each accepted
+//! socket, by the one function every listener goes through. (The HTTP/2 settings given to
+//! the builder, such as windows and stream limits, are not dropped that way: they belong to
+//! the connection, not the socket.)
+
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt as _};
+
+/// TCP keepalive idle time on accepted connections: a client or peer that vanished without a
+/// FIN (power loss, a cut cable) is noticed and its connection's resources freed. etcd's
+/// peer listener uses the same period.
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// A gRPC listener's stream of accepted connections, each configured by
+/// [`configure_accepted`].
+pub fn grpc_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.map(|mut stream| {
+            configure_accepted(&mut stream);
+            stream
+        })
+    })
+}
+
+/// Nagle's algorithm off, TCP keepalive on. Failing to set an option is logged, not fatal:
+/// the connection still works, only slower or less watched.
+pub fn configure_accepted(stream: &mut TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::warn!("cannot set TCP_NODELAY on an accepted connection: {err}");
+    }
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    if let Err(err) = socket2::SockRef::from(&*stream).set_tcp_keepalive(&keepalive) {
+        tracing::warn!("cannot set TCP keepalive on an accepted connection: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grpc_incoming_configures_each_accepted_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = std::pin::pin!(grpc_incoming(listener));
+        for _ in 0..2 {
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let accepted = incoming.next().await.unwrap().unwrap();
+            assert!(accepted.nodelay().unwrap());
+            let socket = socket2::SockRef::from(&accepted);
+            assert!(socket.keepalive().unwrap());
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plainly_accepted_socket_has_nagle_on() {
+        // The negative space: the kernel default that `configure_accepted` must override.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        assert!(!accepted.nodelay().unwrap());
+        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+        configure_accepted(&mut accepted);
+        assert!(accepted.nodelay().unwrap());
+    }
+}
