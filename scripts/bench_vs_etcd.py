@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Flotilla against etcd, side by side in one run, through etcd's own clients and ours.
+
+Run through scripts/bench-vs-etcd.sh, which builds the binaries first. Starts a 3-member etcd
+cluster (client ports 42379, 42389, 42399) and a 3-member Flotilla cluster (52379, 52389,
+52399) on 127.0.0.1, both fsyncing with default timings, then measures, alternating the two
+systems point by point:
+
+  go        etcd's Go client (clientv3, bench/etcd-go-load): put, linearizable get and
+            serializable get, closed loop, N clients over min(N, 8) connections, to the
+            leader; throughput, p50/p90/p99/p99.9, and CPU per operation (all three members'
+            user+system CPU from /proc, divided by the operations). --runs R repeats every
+            point R times; the table shows the median run (by throughput).
+  ours      `flotilla bench` (our Rust client), puts.
+  checkperf `etcdctl check perf` at each load etcd passes (s, m, l, xl), then Flotilla at
+            those loads.
+  failover  one writer over every endpoint (1 s per attempt, retried); the leader is killed
+            -9 and restarted K times; time from each kill to the first acknowledged write
+            issued after it.
+  memory    each member's RSS after K keys of 256 bytes are written (and the Status dbSize).
+
+Every process started is stopped by PID at the end. Results also go to --out as JSON lines.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MEMBERS = 3
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+class Cluster:
+    """Three members of one system on 127.0.0.1; every process is a child of this script."""
+
+    def __init__(self, system, base_port, data, flotilla):
+        self.system = system
+        self.base_port = base_port
+        self.data = data
+        self.flotilla = flotilla
+        self.procs = [None] * MEMBERS
+        self.endpoints = [f"127.0.0.1:{base_port + 10 * i}" for i in range(MEMBERS)]
+        peers = [f"http://127.0.0.1:{base_port + 1 + 10 * i}" for i in range(MEMBERS)]
+        self.initial_cluster = ",".join(f"m{i}={p}" for i, p in enumerate(peers))
+        self.peers = peers
+
+    def command(self, i):
+        client = f"http://{self.endpoints[i]}"
+        flags = ["--name", f"m{i}", "--data-dir", f"{self.data}/{self.system}-m{i}",
+                 "--listen-client-urls", client, "--advertise-client-urls", client,
+                 "--listen-peer-urls", self.peers[i],
+                 "--initial-advertise-peer-urls", self.peers[i],
+                 "--initial-cluster", self.initial_cluster,
+                 "--initial-cluster-token", f"bench-{self.system}"]
+        if self.system == "etcd":
+            return ["etcd", *flags, "--logger", "zap", "--log-level", "error"]
+        return [self.flotilla, "serve", *flags, "--log-level", "warn"]
+
+    def start_member(self, i):
+        out = open(f"{self.data}/{self.system}-m{i}.log", "ab")
+        self.procs[i] = subprocess.Popen(self.command(i), stdout=out, stderr=out)
+
+    def start(self):
+        for i in range(MEMBERS):
+            self.start_member(i)
+        # Ready when a write succeeds (bounded: 20 s).
+        for _ in range(100):
+            ok = subprocess.run(
+                [self.flotilla, "--endpoints", ",".join(self.endpoints), "--command-timeout",
+                 "1s", "put", "bench/ready", "1"], capture_output=True).returncode == 0
+            if ok:
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"{self.system} did not accept a write within 20 s; logs in {self.data}")
+
+    def kill_member(self, i):
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+
+    def stop(self):
+        for p in self.procs:
+            if p and p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+        for p in self.procs:
+            if p:
+                p.wait()
+
+    def pids(self):
+        return [p.pid for p in self.procs if p and p.poll() is None]
+
+    def cpu_seconds(self):
+        total = 0
+        for pid in self.pids():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / CLK_TCK
+
+    def rss_mib(self):
+        out = []
+        for pid in self.pids():
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        out.append(int(line.split()[1]) / 1024)
+        return out
+
+    def index_of(self, endpoint):
+        return self.endpoints.index(endpoint)
+
+
+class Bench:
+    def __init__(self, args, clusters):
+        self.args = args
+        self.clusters = clusters
+        self.results = []
+        self.out = open(args.out, "a") if args.out else None
+
+    def record(self, row):
+        self.results.append(row)
+        if self.out:
+            self.out.write(json.dumps(row) + "\n")
+            self.out.flush()
+
+    def leader(self, cluster):
+        return subprocess.run([self.args.go_driver, "--mode", "leader", "--endpoints",
+                               ",".join(cluster.endpoints)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    def go_point(self, cluster, op, clients, run):
+        leader = self.leader(cluster)
+        conns = min(clients, 8)
+        cpu_before = cluster.cpu_seconds()
+        out = subprocess.run([self.args.go_driver, "--endpoints", leader, "--op", op,
+                              "--clients", str(clients), "--conns", str(conns),
+                              "--duration", f"{self.args.duration}s"],
+                             capture_output=True, text=True, check=True)
+        cpu = cluster.cpu_seconds() - cpu_before
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update(kind="go", system=cluster.system, run=run,
+                 cpu_us_per_op=cpu / max(r["ops"], 1) * 1e6)
+        log(f"  go {cluster.system:8} {op:16} {clients:>3} clients: {r['throughput_per_second']:>8.0f}/s"
+            f" p50 {r['latency_ms']['p50']:.2f} p99 {r['latency_ms']['p99']:.2f}"
+            f" p99.9 {r['latency_ms']['p99.9']:.2f} ms, {r['cpu_us_per_op']:.0f} µs CPU/op,"
+            f" {r['errors']} errors")
+        self.record(r)
+
+    def go(self):
+        points = [("put", c) for c in self.args.clients]
+        points += [(op, c) for op in ("get", "get-serializable") for c in self.args.read_clients]
+        for run in range(self.args.runs):
+            log(f"Go client, run {run + 1} of {self.args.runs}")
+            for op, clients in points:
+                for cluster in self.clusters:
+                    self.go_point(cluster, op, clients, run)
+
+    def ours(self):
+        log("flotilla bench (our Rust client), puts")
+        for clients in self.args.clients:
+            for cluster in self.clusters:
+                out = subprocess.run([self.args.flotilla, "bench", "--endpoints",
+                                      ",".join(cluster.endpoints), "--clients", str(clients),
+                                      "--duration", f"{self.args.duration}s", "--json"],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout)
+                w = r["writes"]
+                self.record(dict(kind="ours", system=cluster.system, clients=clients,
+                                 throughput_per_second=w["throughput_per_second"],
+                                 latency_ms=w["latency_ms"], errors=w["errors"]))
+                log(f"  ours {cluster.system:8} {clients:>3} clients: {w['throughput_per_second']:>8.0f}/s")
+
+    def checkperf(self):
+        if not shutil.which("etcdctl"):
+            log("SKIPPED: etcdctl check perf (etcdctl not installed)")
+            return
+        passed_by_etcd = []
+        for load in ("s", "m", "l", "xl"):
+            for cluster in self.clusters:
+                if cluster.system != "etcd" and load not in passed_by_etcd:
+                    continue
+                out = subprocess.run(["etcdctl", "--endpoints", ",".join(cluster.endpoints),
+                                      "check", "perf", f"--load={load}"],
+                                     capture_output=True, text=True,
+                                     env={**os.environ, "ETCDCTL_API": "3"})
+                text = out.stdout + out.stderr
+                summary = [line.strip() for line in text.splitlines()
+                           if line.startswith(("PASS", "FAIL"))]
+                ok = out.returncode == 0
+                if cluster.system == "etcd" and ok:
+                    passed_by_etcd.append(load)
+                self.record(dict(kind="checkperf", system=cluster.system, load=load, passed=ok,
+                                 summary=summary))
+                log(f"  check perf --load={load} {cluster.system:8}: {'PASS' if ok else 'FAIL'}"
+                    f" {'; '.join(summary)}")
+            if load not in passed_by_etcd:
+                break
+
+    def failover(self):
+        for cluster in self.clusters:
+            log(f"failover: {cluster.system}, {self.args.failover_kills} leader kills")
+            driver = subprocess.Popen([self.args.go_driver, "--mode", "failover", "--kills",
+                                       str(self.args.failover_kills), "--endpoints",
+                                       ",".join(cluster.endpoints)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            result = None
+            for line in driver.stdout:
+                verb, _, endpoint = line.strip().partition(" ")
+                if verb == "kill":
+                    cluster.kill_member(cluster.index_of(endpoint))
+                elif verb == "start":
+                    cluster.start_member(cluster.index_of(endpoint))
+                else:
+                    result = json.loads(line)
+                    break
+                driver.stdin.write("done\n")
+                driver.stdin.flush()
+            if driver.wait() != 0 or result is None:
+                raise SystemExit(f"the failover driver failed against {cluster.system}")
+            result.update(kind="failover", system=cluster.system)
+            self.record(result)
+            log(f"  {cluster.system}: kill to first acknowledged write p50"
+                f" {result['summary_ms']['p50']:.0f} ms, max {result['summary_ms']['max']:.0f} ms")
+
+    def memory(self):
+        keys = self.args.memory_keys
+        for cluster in self.clusters:
+            log(f"memory: {cluster.system}, {keys} keys of 256 bytes")
+            leader = self.leader(cluster)
+            before = cluster.rss_mib()
+            subprocess.run([self.args.go_driver, "--endpoints", leader, "--op", "fill",
+                            "--keys", str(keys), "--clients", "64", "--conns", "8"],
+                           capture_output=True, check=True)
+            status = subprocess.run([self.args.flotilla, "--endpoints", leader, "status",
+                                     "-w", "json"], capture_output=True, text=True)
+            self.record(dict(kind="memory", system=cluster.system, keys=keys,
+                             rss_mib_before=before, rss_mib_after=cluster.rss_mib(),
+                             status=status.stdout.strip()))
+            log(f"  {cluster.system}: RSS {['%.0f' % m for m in cluster.rss_mib()]} MiB")
+
+
+def median_run(rows):
+    rows = sorted(rows, key=lambda r: r["throughput_per_second"])
+    return rows[len(rows) // 2]
+
+
+def report(results):
+    go = [r for r in results if r["kind"] == "go"]
+    if go:
+        print("\n### etcd's Go client (clientv3), to the leader, median of"
+              f" {len({r['run'] for r in go})} runs\n")
+        print("| op | clients | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | CPU µs/op | errors |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        keys = []
+        for r in go:
+            if (r["op"], r["clients"]) not in keys:
+                keys.append((r["op"], r["clients"]))
+        for op, clients in keys:
+            by = {}
+            for system in ("etcd", "flotilla"):
+                rows = [r for r in go if (r["op"], r["clients"], r["system"]) == (op, clients, system)]
+                if not rows:
+                    continue
+                m = by[system] = median_run(rows)
+                l = m["latency_ms"]
+                print(f"| {op} | {clients} | {system} | {m['throughput_per_second']:,.0f} | {l['p50']:.2f}"
+                      f" | {l['p90']:.2f} | {l['p99']:.2f} | {l['p99.9']:.2f} | {m['cpu_us_per_op']:.0f}"
+                      f" | {m['errors']} |")
+            if len(by) == 2:
+                ratio = by["flotilla"]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
+                print(f"| {op} | {clients} | **flotilla / etcd** | **{ratio:.2f}x** | | | | | | |")
+    ours = [r for r in results if r["kind"] == "ours"]
+    if ours:
+        print("\n### `flotilla bench` (our Rust client), puts\n")
+        print("| clients | system | ops/s | p50 ms | p99 ms | p99.9 ms | errors |")
+        print("|---|---|---|---|---|---|---|")
+        for r in ours:
+            l = r["latency_ms"]
+            print(f"| {r['clients']} | {r['system']} | {r['throughput_per_second']:,.0f} | {l['p50']:.2f}"
+                  f" | {l['p99']:.2f} | {l['p99.9']:.2f} | {r['errors']} |")
+    checks = [r for r in results if r["kind"] == "checkperf"]
+    if checks:
+        print("\n### `etcdctl check perf`\n")
+        print("| load | system | result | summary |")
+        print("|---|---|---|---|")
+        for r in checks:
+            print(f"| {r['load']} | {r['system']} | {'PASS' if r['passed'] else 'FAIL'} | {'; '.join(r['summary'])} |")
+    fails = [r for r in results if r["kind"] == "failover"]
+    if fails:
+        print("\n### Failover: kill -9 of the leader to the first acknowledged write (Go client)\n")
+        print("| system | kills | p50 ms | p99 ms | max ms | failed attempts |")
+        print("|---|---|---|---|---|---|")
+        for r in fails:
+            s = r["summary_ms"]
+            p99 = statistics.quantiles(r["kill_to_first_ack_ms"], n=100)[98] if len(r["kill_to_first_ack_ms"]) > 1 else s["max"]
+            print(f"| {r['system']} | {r['kills']} | {s['p50']:.0f} | {p99:.0f} | {s['max']:.0f} | {r['write_errors']} |")
+    mem = [r for r in results if r["kind"] == "memory"]
+    if mem:
+        print("\n### Memory: RSS of each member after the keys are written\n")
+        print("| system | keys | RSS per member before (MiB) | RSS per member after (MiB) |")
+        print("|---|---|---|---|")
+        for r in mem:
+            fmt = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
+            print(f"| {r['system']} | {r['keys']:,} | {fmt(r['rss_mib_before'])} | {fmt(r['rss_mib_after'])} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--flotilla", required=True)
+    p.add_argument("--go-driver", required=True)
+    p.add_argument("--duration", type=float, default=10)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--read-clients", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--parts", nargs="+", default=["go", "ours", "checkperf", "failover"],
+                   choices=["go", "ours", "checkperf", "failover", "memory"])
+    p.add_argument("--failover-kills", type=int, default=20)
+    p.add_argument("--memory-keys", type=int, default=1_000_000)
+    p.add_argument("--systems", nargs="+", default=["etcd", "flotilla"])
+    p.add_argument("--out", help="append every result to this file as JSON lines")
+    p.add_argument("--keep-data", action="store_true")
+    args = p.parse_args()
+
+    data = tempfile.mkdtemp(prefix="flotilla-vs-etcd.")
+    bases = {"etcd": 42379, "flotilla": 52379}
+    clusters = [Cluster(s, bases[s], data, args.flotilla) for s in args.systems]
+    try:
+        for c in clusters:
+            c.start()
+        version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.split()[2]
+        log(f"etcd {version} vs flotilla, {MEMBERS} members each, {args.duration} s per point, {os.cpu_count()} cores")
+        bench = Bench(args, clusters)
+        for part in args.parts:
+            getattr(bench, part)()
+        report(bench.results)
+    finally:
+        for c in clusters:
+            c.stop()
+        if not args.keep_data:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
