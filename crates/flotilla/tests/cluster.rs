@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use flotilla_proto::etcdserverpb::{
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest,
+    RangeRequest,
 };
 use flotilla_proto::flotilla::session::v1::session_client::SessionClient;
 use flotilla_proto::flotilla::session::v1::{CloseRequest, KeepAliveRequest, RegisterRequest};
@@ -681,6 +682,63 @@ async fn every_listener_accepts_sockets_with_nodelay_and_keepalive() {
             // The client end, for contrast, is a plain socket: Nagle on.
             assert!(!client.nodelay().unwrap());
         }
+    })
+    .await;
+}
+
+/// A write sent to a follower right after the leader is killed is held until a new leader is
+/// elected and then applied, once, on the client's first attempt (etcd fails it at the
+/// deadline). Without a quorum, a held write fails at the server's deadline with etcd's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_failover_is_held_for_the_new_leader_and_applied_once() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let follower = (old + 1) % 3;
+        let mut kv = cluster.kv(follower).await;
+        // The follower's connection to the leader is open, as in a busy cluster.
+        put(&mut kv, "warm", "v").await.unwrap();
+        cluster.kill9(old);
+        let mut request = tonic::Request::new(PutRequest {
+            key: "failover".into(),
+            value: "v".into(),
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(4));
+        let revision = kv
+            .put(request)
+            .await
+            .expect("the write waits for the new leader and succeeds")
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        let found = kv
+            .range(RangeRequest {
+                key: "failover".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .kvs;
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].version, 1, "applied exactly once");
+        assert_eq!(found[0].mod_revision, revision);
+
+        // Now no quorum: the survivor (a follower) holds the write until its deadline.
+        let survivor = others.into_iter().find(|&i| i != new).unwrap();
+        let mut kv = cluster.kv(survivor).await;
+        put(&mut kv, "warm-again", "v").await.unwrap();
+        cluster.kill9(new);
+        let error = put(&mut kv, "no-quorum", "v").await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            error.message(),
+            "etcdserver: request timed out, possibly due to previous leader failure"
+        );
     })
     .await;
 }

@@ -11,6 +11,8 @@ pub const NO_LEADER: &str = "etcdserver: no leader";
 pub const NOT_LEADER: &str = "etcdserver: not leader";
 pub const LEADER_CHANGED: &str = "etcdserver: leader changed";
 pub const REQUEST_TIMED_OUT: &str = "etcdserver: request timed out";
+pub const REQUEST_TIMED_OUT_LEADER_FAIL: &str =
+    "etcdserver: request timed out, possibly due to previous leader failure";
 pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
 pub const SERVER_STOPPED: &str = "etcdserver: server stopped";
 pub const LEARNER_NOT_SUPPORTED: &str = "etcdserver: rpc not supported for learner";
@@ -27,6 +29,9 @@ pub const NOT_ENOUGH_STARTED_MEMBERS: &str =
     "etcdserver: re-configuration failed due to not enough started members";
 /// Internal to forwarding: the member asked is no longer the leader; the forwarder retries.
 pub const FORWARD_NOT_LEADER: &str = "flotilla: forwarded to a member that is not the leader";
+/// Internal to forwarding: the leader could not be reached and certainly did not get the
+/// request (or may safely get it again); the forwarder holds it for the next leader.
+pub const FORWARD_UNDELIVERED: &str = "flotilla: the leader could not be reached";
 
 pub fn kv_status(error: &KvError) -> Status {
     let code = match error.grpc_code() {

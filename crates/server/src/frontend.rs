@@ -25,9 +25,11 @@ use tonic::{Request, Status};
 
 use crate::driver::Refusal;
 use crate::errors::{
-    FORWARD_NOT_LEADER, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER, PEER_URL_EXISTS,
-    REQUEST_TIMED_OUT, node_status,
+    FORWARD_NOT_LEADER, FORWARD_UNDELIVERED, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER,
+    PEER_URL_EXISTS, REQUEST_TIMED_OUT, REQUEST_TIMED_OUT_LEADER_FAIL, TOO_MANY_REQUESTS,
+    node_status,
 };
+use crate::held::HeldRequests;
 use crate::lease::{LeaseError, Lessor};
 use crate::members::member_id;
 use crate::node::{NodeError, NodeHandle};
@@ -38,6 +40,11 @@ use crate::peer_proto::{
 };
 use crate::state_machine::Applied;
 use crate::transport::{PeerIdentity, peer_client};
+
+/// At most this many requests wait for a leader at once, holding at most this many bytes;
+/// more are refused with "too many requests".
+pub const HELD_REQUESTS_MAX: usize = 10_000;
+pub const HELD_BYTES_MAX: usize = 64 << 20;
 
 /// Shared by every service of a member.
 #[derive(Debug)]
@@ -51,6 +58,8 @@ pub struct Frontend {
     /// The lease clock (ticking only while this member leads).
     pub lessor: Arc<Lessor>,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
+    /// Requests waiting for a leader (bounded).
+    held: HeldRequests,
     /// On the leader: when each client session was last heard of.
     session_activity: Mutex<BTreeMap<u64, Instant>>,
     /// When each peer last sent Raft messages here: a member heard from recently is
@@ -77,6 +86,7 @@ impl Frontend {
             session_ttl,
             lessor,
             peers: Mutex::new(BTreeMap::new()),
+            held: HeldRequests::new(HELD_REQUESTS_MAX, HELD_BYTES_MAX),
             session_activity: Mutex::new(BTreeMap::new()),
             peer_activity: Mutex::new(BTreeMap::new()),
         }
@@ -217,7 +227,11 @@ impl Frontend {
     }
 
     /// With a leader hint, forwards the request; `None` means "not done, try again" (the
-    /// leader moved, or one was just elected). Errors at the deadline.
+    /// leader moved, or one was just elected). A request that finds no leader, or a leader
+    /// that certainly did not get it (its connection refused: killed, restarting), is held
+    /// until a leader is known again, so a client's first attempt succeeds about one election
+    /// after a leader dies; held requests are bounded in count and bytes. Errors at the
+    /// deadline with etcd's text.
     async fn forward_or_wait(
         &self,
         hint: Option<NodeId>,
@@ -229,9 +243,11 @@ impl Frontend {
             return Err(Status::unavailable(REQUEST_TIMED_OUT));
         }
         let Some(leader) = hint else {
-            self.wait_for_leader(deadline).await?;
+            self.hold(request.encoded_len(), deadline, |s| s.leader.is_some())
+                .await?;
             return Ok(None);
         };
+        let bytes = request.encoded_len();
         match self.forward(leader, request, session_id, deadline).await {
             Err(status) if status.message() == FORWARD_NOT_LEADER => {
                 // The leader we knew has moved on; wait for news, briefly.
@@ -242,7 +258,30 @@ impl Frontend {
                     .await;
                 Ok(None)
             }
+            Err(status) if status.message() == FORWARD_UNDELIVERED => {
+                self.hold(bytes, deadline, |s| s.leader != Some(leader))
+                    .await?;
+                Ok(None)
+            }
             other => other.map(Some),
+        }
+    }
+
+    /// Holds a request of `bytes` until `ready` holds of the node's status (a leader is known,
+    /// or another than the unreachable one) or the deadline passes. Refused at once with
+    /// "too many requests" when the held requests are at their bound.
+    async fn hold(
+        &self,
+        bytes: usize,
+        deadline: Instant,
+        ready: impl Fn(&crate::node::NodeStatus) -> bool,
+    ) -> Result<(), Status> {
+        let Some(_held) = self.held.take(bytes) else {
+            return Err(Status::resource_exhausted(TOO_MANY_REQUESTS));
+        };
+        match self.node.wait_for(deadline, ready).await {
+            Some(_) => Ok(()),
+            None => Err(Status::unavailable(REQUEST_TIMED_OUT_LEADER_FAIL)),
         }
     }
 
@@ -269,13 +308,24 @@ impl Frontend {
         call.set_timeout(deadline.saturating_duration_since(Instant::now()));
         match client.forward(call).await {
             Ok(response) => Ok(response.into_inner()),
+            Err(status) if never_sent(&status) => {
+                tracing::debug!(leader, "forwarding failed, nothing sent: {status}");
+                Err(Status::unavailable(FORWARD_UNDELIVERED))
+            }
+            // Our own deadline passed.
             Err(status) if status.code() == tonic::Code::Cancelled => {
                 Err(Status::unavailable(REQUEST_TIMED_OUT))
             }
             Err(status) if is_transport_failure(&status) => {
-                // The leader is unreachable: it may have done the work or not.
                 tracing::debug!(leader, "forwarding failed: {status}");
-                Err(Status::unavailable(REQUEST_TIMED_OUT))
+                if session_id != 0 {
+                    // Perhaps delivered, but under a session: the state machine answers a
+                    // retry from memory, so sending it again applies it at most once.
+                    Err(Status::unavailable(FORWARD_UNDELIVERED))
+                } else {
+                    // The leader is unreachable: it may have done the work or not.
+                    Err(Status::unavailable(REQUEST_TIMED_OUT_LEADER_FAIL))
+                }
             }
             Err(status) => Err(status),
         }
@@ -603,7 +653,8 @@ impl Frontend {
         match self.forward_or_wait(leader, request, 0, deadline).await {
             Err(status)
                 if status.code() == tonic::Code::Unavailable
-                    && status.message() == REQUEST_TIMED_OUT
+                    && [REQUEST_TIMED_OUT, REQUEST_TIMED_OUT_LEADER_FAIL]
+                        .contains(&status.message())
                     && Instant::now() < deadline =>
             {
                 let wait = (Instant::now() + self.election_timeout).min(deadline);
@@ -715,6 +766,27 @@ impl Frontend {
     }
 }
 
+/// The request certainly never reached the leader: the connection could not be opened
+/// (refused: the leader's process is gone), or the connection was found closed before the
+/// request was handed to it (hyper's "canceled": a leader killed just before, its closed
+/// connection not yet noticed).
+fn never_sent(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        let refused = error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+        let canceled = error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled);
+        if refused || canceled {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 fn is_transport_failure(status: &Status) -> bool {
     matches!(
         status.code(),
@@ -787,4 +859,42 @@ pub fn expect_result<T>(
         .result
         .and_then(pick)
         .ok_or_else(|| Status::internal("flotilla: unexpected answer from the leader"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forward over a connection that cannot be opened, and one over a connection the
+    /// other side closes before answering: both certainly never delivered.
+    #[tokio::test]
+    async fn a_refused_or_dropped_connection_is_known_never_sent() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let refused = forward_to(port).await;
+        assert!(never_sent(&refused), "{refused:?}");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let dropped = forward_to(port).await;
+        assert!(never_sent(&dropped), "{dropped:?}");
+
+        // The negative space: a status with no transport cause is not known to be unsent.
+        assert!(!never_sent(&Status::unavailable("transport error")));
+    }
+
+    async fn forward_to(port: u16) -> Status {
+        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        peer_client(endpoint.connect_lazy())
+            .forward(Request::new(ForwardRequest::default()))
+            .await
+            .unwrap_err()
+    }
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod driver;
 pub mod errors;
 pub mod frontend;
+pub mod held;
 pub mod http;
 pub mod identity;
 pub mod lease;
