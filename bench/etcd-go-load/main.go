@@ -36,6 +36,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/clientv3"
+	"go.uber.org/zap"
 	"google.golang.org/grpc/grpclog"
 )
 
@@ -86,9 +87,13 @@ func fail(format string, args ...interface{}) {
 }
 
 func newClient(eps []string) *clientv3.Client {
+	// The client's own retry warnings go nowhere: errors are counted and reported.
+	quiet := zap.NewProductionConfig()
+	quiet.Level = zap.NewAtomicLevelAt(zap.FatalLevel)
 	c, err := clientv3.New(clientv3.Config{
 		Endpoints:   eps,
 		DialTimeout: 5 * time.Second,
+		LogConfig:   &quiet,
 	})
 	if err != nil {
 		fail("cannot connect to %v: %v", eps, err)

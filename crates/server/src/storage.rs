@@ -35,7 +35,8 @@ pub trait DurableStorage: LogStorage + Send + Sync + std::fmt::Debug + 'static {
     }
     /// Makes everything durable and stops accepting work.
     fn close(&self) -> Result<(), StorageFailure>;
-    /// Bytes the storage occupies (for Status's db size); 0 if unknown.
+    /// Bytes the storage really holds, not space reserved ahead (for Status's db size); 0 if
+    /// unknown.
     fn size_bytes(&self) -> u64 {
         0
     }
@@ -203,14 +204,7 @@ impl DurableStorage for flotilla_wal::Wal {
     }
 
     fn size_bytes(&self) -> u64 {
-        std::fs::read_dir(self.dir())
-            .map(|entries| {
-                entries
-                    .filter_map(|entry| entry.ok()?.metadata().ok())
-                    .map(|metadata| metadata.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.used_bytes()
     }
 }
 

@@ -134,6 +134,15 @@ impl LogIndex {
         Some(self.first_index() + position as u64)
     }
 
+    /// Where the last live entry in segment `seq` ends (offset + record bytes); `None` if the
+    /// segment holds no live entry. Locations ascend by (segment, offset), so this is a
+    /// binary search.
+    pub fn segment_end(&self, seq: u32) -> Option<u64> {
+        let after = self.locations.partition_point(|l| l.segment_seq <= seq);
+        let last = self.locations.get(after.checked_sub(1)?)?;
+        (last.segment_seq == seq).then(|| u64::from(last.offset) + u64::from(last.record_bytes))
+    }
+
     /// The segment of the first live entry: every older segment holds nothing live.
     pub fn first_live_segment(&self) -> Option<u32> {
         self.locations.front().map(|location| location.segment_seq)

@@ -247,6 +247,36 @@ impl Wal {
         }
     }
 
+    /// Bytes the log really holds, for a Status's db size: each segment up to the end of its
+    /// last live entry (the current one up to where the next record goes), plus every other
+    /// file of the directory (snapshots, metadata). Space preallocated in segments, and the
+    /// spare segment prepared ahead, do not count: they hold nothing yet.
+    pub fn used_bytes(&self) -> u64 {
+        let (current_seq, current_end) = {
+            let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            (w.segment.seq, w.write_offset + w.buf.len() as u64)
+        };
+        let segments: u64 = {
+            let read = self.read_state.read().unwrap_or_else(|p| p.into_inner());
+            read.segments
+                .keys()
+                .map(|&seq| match u64::from(seq) == current_seq {
+                    true => current_end,
+                    false => read.log.segment_end(seq).unwrap_or(0),
+                })
+                .sum()
+        };
+        let others: u64 = self
+            .fs
+            .list(&self.dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| crate::segment::parse_file_name(name).is_none())
+            .filter_map(|name| self.fs.open(&self.dir.join(name)).ok()?.len().ok())
+            .sum();
+        segments + others
+    }
+
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir

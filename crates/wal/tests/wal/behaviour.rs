@@ -516,3 +516,37 @@ fn a_large_write_ends_on_a_page_boundary() {
     expected.extend(entries(1, 101..=101, 10));
     assert_eq!(wal.entries(1, 102, u64::MAX).unwrap(), expected);
 }
+
+/// Status's db size: what the log holds, not the space preallocated for segments.
+#[test]
+fn used_bytes_counts_what_is_written_not_what_is_preallocated() {
+    let fs = SimFs::new(11);
+    let segment_bytes = 64 << 10;
+    let options = options(Arc::new(fs.clone()), segment_bytes, voters());
+    let (wal, _) = Wal::open(dir(), options).unwrap();
+    let allocated = |fs: &SimFs| -> u64 {
+        fs.list(&dir())
+            .unwrap()
+            .into_iter()
+            .map(|name| fs.open(&dir().join(name)).unwrap().len().unwrap())
+            .sum()
+    };
+    let empty = wal.used_bytes();
+    assert!(
+        empty < segment_bytes / 4 && allocated(&fs) >= segment_bytes,
+        "a new log uses {empty} bytes of {} allocated",
+        allocated(&fs)
+    );
+    // 100 entries of 1,000 bytes: more than a segment, so one rolls over.
+    for round in 0..10 {
+        wal.write(&append_batch(round + 1, round * 10 + 1, 10, 1000))
+            .unwrap();
+        wal.sync().unwrap();
+    }
+    let used = wal.used_bytes();
+    assert!(
+        (100_000..140_000).contains(&(used - empty)),
+        "100 kB of entries made the log {used} bytes ({empty} when empty)"
+    );
+    assert!(segment_files(&fs).len() >= 2, "a segment rolled over");
+}
