@@ -17,6 +17,8 @@ systems point by point:
   failover  one writer over every endpoint (1 s per attempt, retried); the leader is killed
             -9 and restarted K times; time from each kill to the first acknowledged write
             issued after it.
+  python    the Python `etcd3` client (grpc C-core), 1 client, put and get, to the leader
+            (with --python-client, an interpreter that has etcd3; skipped visibly otherwise).
   memory    each member's RSS after K keys of 256 bytes are written (and the Status dbSize).
 
 Every process started is stopped by PID at the end. Results also go to --out as JSON lines.
@@ -179,6 +181,25 @@ class Bench:
                                  latency_ms=w["latency_ms"], errors=w["errors"]))
                 log(f"  ours {cluster.system:8} {clients:>3} clients: {w['throughput_per_second']:>8.0f}/s")
 
+    def python(self):
+        interpreter = self.args.python_client
+        probe = subprocess.run([interpreter, "-c", "import etcd3"], capture_output=True)
+        if probe.returncode != 0:
+            log(f"SKIPPED: the Python etcd3 client ({interpreter} cannot import etcd3;"
+                " pip install etcd3 'protobuf<4' and pass --python-client)")
+            return
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "etcd3_load.py")
+        for op in ("put", "get"):
+            for cluster in self.clusters:
+                out = subprocess.run([interpreter, script, self.leader(cluster), op,
+                                      str(self.args.duration)],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout)
+                r.update(kind="python", system=cluster.system)
+                self.record(r)
+                log(f"  python etcd3 {cluster.system:8} {op}: {r['throughput_per_second']:.0f}/s"
+                    f" p50 {r['latency_ms']['p50']:.2f} p99 {r['latency_ms']['p99']:.2f} ms")
+
     def checkperf(self):
         if not shutil.which("etcdctl"):
             log("SKIPPED: etcdctl check perf (etcdctl not installed)")
@@ -192,7 +213,8 @@ class Bench:
                                       "check", "perf", f"--load={load}"],
                                      capture_output=True, text=True,
                                      env={**os.environ, "ETCDCTL_API": "3"})
-                text = out.stdout + out.stderr
+                # The progress bar ends its lines with carriage returns.
+                text = (out.stdout + out.stderr).replace("\r", "\n")
                 summary = [line.strip() for line in text.splitlines()
                            if line.startswith(("PASS", "FAIL"))]
                 ok = out.returncode == 0
@@ -287,6 +309,15 @@ def report(results):
             l = r["latency_ms"]
             print(f"| {r['clients']} | {r['system']} | {r['throughput_per_second']:,.0f} | {l['p50']:.2f}"
                   f" | {l['p99']:.2f} | {l['p99.9']:.2f} | {r['errors']} |")
+    py = [r for r in results if r["kind"] == "python"]
+    if py:
+        print("\n### Python `etcd3` client (grpc C-core), 1 client, to the leader\n")
+        print("| op | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in py:
+            l = r["latency_ms"]
+            print(f"| {r['op']} | {r['system']} | {r['throughput_per_second']:,.0f} | {l['p50']:.2f}"
+                  f" | {l['p90']:.2f} | {l['p99']:.2f} | {l['p99.9']:.2f} |")
     checks = [r for r in results if r["kind"] == "checkperf"]
     if checks:
         print("\n### `etcdctl check perf`\n")
@@ -320,8 +351,10 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64, 256])
     p.add_argument("--read-clients", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--parts", nargs="+", default=["go", "ours", "checkperf", "failover"],
-                   choices=["go", "ours", "checkperf", "failover", "memory"])
+    p.add_argument("--parts", nargs="+", default=["go", "ours", "python", "checkperf", "failover"],
+                   choices=["go", "ours", "python", "checkperf", "failover", "memory"])
+    p.add_argument("--python-client", default=sys.executable,
+                   help="a Python interpreter that can import etcd3 (part 'python')")
     p.add_argument("--failover-kills", type=int, default=20)
     p.add_argument("--memory-keys", type=int, default=1_000_000)
     p.add_argument("--systems", nargs="+", default=["etcd", "flotilla"])

@@ -8,4 +8,6 @@ cd "$(dirname "$0")/../bench/etcd-go-load"
     echo "etcd's Go client is missing: apt-get install golang-etcd-server-dev" >&2
     exit 1
 }
+# Go needs a build cache; CI may run without HOME.
+export GOCACHE=${GOCACHE:-$(realpath -m ../../target/go-cache)}
 GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go build -o "$out" main.go

@@ -263,6 +263,21 @@ wait_output observe 10 "p2" "elect -l sees the new leader"
 stop_bg elect2
 stop_bg observe
 
+# ----- etcd's Go client (clientv3, the library inside etcdctl and Kubernetes) -------------
+# bench/etcd-go-load, built by scripts/build-etcd-go-load.sh and passed as ETCD_GO_LOAD:
+# every request of a short closed loop must succeed through every member.
+if [ -n "${ETCD_GO_LOAD:-}" ]; then
+    for op in put get get-serializable; do
+        out=$("$ETCD_GO_LOAD" --endpoints "$ENDPOINTS" --op "$op" --clients 8 --conns 3 --duration 2s)
+        ops=$(echo "$out" | sed -E 's/.*"ops":([0-9]+).*/\1/')
+        errors=$(echo "$out" | sed -E 's/.*"errors":([0-9]+).*/\1/')
+        [ "$errors" = 0 ] && [ "$ops" -gt 0 ] || fail "Go client $op: $out"
+        pass "Go client (clientv3) $op: $ops requests, no error"
+    done
+else
+    echo "SKIPPED: etcd's Go client checks (set ETCD_GO_LOAD to a built bench/etcd-go-load)"
+fi
+
 if [ -z "${INTEROP_SKIP_PERF:-}" ]; then
     # 150 puts/s from 50 clients for 60 s: passes with >= 90% of the target throughput, the
     # slowest request under 0.5 s and a standard deviation under 0.1 s. The progress bar is cut.

@@ -211,6 +211,8 @@ type failoverResult struct {
 	SamplesMs []float64          `json:"kill_to_first_ack_ms"`
 	Summary   map[string]float64 `json:"summary_ms"`
 	Errors    int64              `json:"write_errors"`
+	// The most frequent error texts of failed attempts, with their counts.
+	ErrorKinds map[string]int64 `json:"error_kinds"`
 }
 
 // leaderEndpoint asks each endpoint for its status; the one that is its cluster's leader.
@@ -248,6 +250,8 @@ func failover(eps []string, kills int, valueSize int) failoverResult {
 	type ack struct{ issued, acked time.Time }
 	acks := make(chan ack, 1<<16)
 	var errors int64
+	var kindsMu sync.Mutex
+	kinds := map[string]int64{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -265,6 +269,13 @@ func failover(eps []string, kills int, valueSize int) failoverResult {
 			cancel()
 			if err != nil {
 				atomic.AddInt64(&errors, 1)
+				kindsMu.Lock()
+				if len(kinds) < 20 {
+					kinds[err.Error()]++
+				} else if _, ok := kinds[err.Error()]; ok {
+					kinds[err.Error()]++
+				}
+				kindsMu.Unlock()
 				continue
 			}
 			select {
@@ -342,5 +353,5 @@ func failover(eps []string, kills int, valueSize int) failoverResult {
 	for i, s := range samples {
 		durations[i] = time.Duration(s * float64(time.Millisecond))
 	}
-	return failoverResult{Kills: kills, SamplesMs: samples, Summary: percentiles(durations), Errors: errors}
+	return failoverResult{Kills: kills, SamplesMs: samples, Summary: percentiles(durations), Errors: errors, ErrorKinds: kinds}
 }
