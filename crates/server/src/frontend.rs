@@ -228,7 +228,8 @@ impl Frontend {
 
     /// With a leader hint, forwards the request; `None` means "not done, try again" (the
     /// leader moved, or one was just elected). A request that finds no leader, or a leader
-    /// that certainly did not get it (its connection refused: killed, restarting), is held
+    /// that certainly did not get it (see [`never_sent`]; or one under a client session,
+    /// which may safely be sent again), is held
     /// until a leader is known again, so a client's first attempt succeeds about one election
     /// after a leader dies; held requests are bounded in count and bytes. Errors at the
     /// deadline with etcd's text.
