@@ -243,12 +243,11 @@ impl Frontend {
         if Instant::now() >= deadline {
             return Err(Status::unavailable(REQUEST_TIMED_OUT));
         }
+        let bytes = request.encoded_len();
         let Some(leader) = hint else {
-            self.hold(request.encoded_len(), deadline, |s| s.leader.is_some())
-                .await?;
+            self.hold(bytes, deadline, |s| s.leader.is_some()).await?;
             return Ok(None);
         };
-        let bytes = request.encoded_len();
         match self.forward(leader, request, session_id, deadline).await {
             Err(status) if status.message() == FORWARD_NOT_LEADER => {
                 // The leader we knew has moved on; wait for news, briefly.
