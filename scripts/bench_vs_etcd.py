@@ -275,72 +275,71 @@ def median_run(rows):
     return rows[len(rows) // 2]
 
 
+def table(title, headers, rows):
+    """Prints a Markdown table under a heading."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |")
+
+
+def latencies(r, quantiles):
+    return [f"{r['latency_ms'][q]:.2f}" for q in quantiles]
+
+
+def go_rows(go):
+    """The median run of each (op, clients, system), then flotilla's throughput ratio."""
+    points = []
+    for r in go:
+        if (r["op"], r["clients"]) not in points:
+            points.append((r["op"], r["clients"]))
+    for op, clients in points:
+        by = {}
+        for system in ("etcd", "flotilla"):
+            runs = [r for r in go if (r["op"], r["clients"], r["system"]) == (op, clients, system)]
+            if not runs:
+                continue
+            m = by[system] = median_run(runs)
+            yield [op, clients, system, f"{m['throughput_per_second']:,.0f}",
+                   *latencies(m, ("p50", "p90", "p99", "p99.9")), f"{m['cpu_us_per_op']:.0f}",
+                   m["errors"]]
+        if len(by) == 2:
+            ratio = by["flotilla"]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
+            yield [op, clients, "**flotilla / etcd**", f"**{ratio:.2f}x**", "", "", "", "", "", ""]
+
+
 def report(results):
-    go = [r for r in results if r["kind"] == "go"]
-    if go:
-        print("\n### etcd's Go client (clientv3), to the leader, median of"
-              f" {len({r['run'] for r in go})} runs\n")
-        print("| op | clients | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | CPU µs/op | errors |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        keys = []
-        for r in go:
-            if (r["op"], r["clients"]) not in keys:
-                keys.append((r["op"], r["clients"]))
-        for op, clients in keys:
-            by = {}
-            for system in ("etcd", "flotilla"):
-                rows = [r for r in go if (r["op"], r["clients"], r["system"]) == (op, clients, system)]
-                if not rows:
-                    continue
-                m = by[system] = median_run(rows)
-                l = m["latency_ms"]
-                print(f"| {op} | {clients} | {system} | {m['throughput_per_second']:,.0f} | {l['p50']:.2f}"
-                      f" | {l['p90']:.2f} | {l['p99']:.2f} | {l['p99.9']:.2f} | {m['cpu_us_per_op']:.0f}"
-                      f" | {m['errors']} |")
-            if len(by) == 2:
-                ratio = by["flotilla"]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
-                print(f"| {op} | {clients} | **flotilla / etcd** | **{ratio:.2f}x** | | | | | | |")
-    ours = [r for r in results if r["kind"] == "ours"]
-    if ours:
-        print("\n### `flotilla bench` (our Rust client), puts\n")
-        print("| clients | system | ops/s | p50 ms | p99 ms | p99.9 ms | errors |")
-        print("|---|---|---|---|---|---|---|")
-        for r in ours:
-            l = r["latency_ms"]
-            print(f"| {r['clients']} | {r['system']} | {r['throughput_per_second']:,.0f} | {l['p50']:.2f}"
-                  f" | {l['p99']:.2f} | {l['p99.9']:.2f} | {r['errors']} |")
-    py = [r for r in results if r["kind"] == "python"]
-    if py:
-        print("\n### Python `etcd3` client (grpc C-core), 1 client, to the leader\n")
-        print("| op | system | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms |")
-        print("|---|---|---|---|---|---|---|")
-        for r in py:
-            l = r["latency_ms"]
-            print(f"| {r['op']} | {r['system']} | {r['throughput_per_second']:,.0f} | {l['p50']:.2f}"
-                  f" | {l['p90']:.2f} | {l['p99']:.2f} | {l['p99.9']:.2f} |")
-    checks = [r for r in results if r["kind"] == "checkperf"]
-    if checks:
-        print("\n### `etcdctl check perf`\n")
-        print("| load | system | result | summary |")
-        print("|---|---|---|---|")
-        for r in checks:
-            print(f"| {r['load']} | {r['system']} | {'PASS' if r['passed'] else 'FAIL'} | {'; '.join(r['summary'])} |")
-    fails = [r for r in results if r["kind"] == "failover"]
-    if fails:
-        print("\n### Failover: kill -9 of the leader to the first acknowledged write (Go client)\n")
-        print("| system | kills | p50 ms | p99 ms | max ms | failed attempts |")
-        print("|---|---|---|---|---|---|")
-        for r in fails:
-            s = r["summary_ms"]
-            print(f"| {r['system']} | {r['kills']} | {s['p50']:.0f} | {s['p99']:.0f} | {s['max']:.0f} | {r['write_errors']} |")
-    mem = [r for r in results if r["kind"] == "memory"]
-    if mem:
-        print("\n### Memory: RSS of each member after the keys are written\n")
-        print("| system | keys | RSS per member before (MiB) | RSS per member after (MiB) |")
-        print("|---|---|---|---|")
-        for r in mem:
-            fmt = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
-            print(f"| {r['system']} | {r['keys']:,} | {fmt(r['rss_mib_before'])} | {fmt(r['rss_mib_after'])} |")
+    of = lambda kind: [r for r in results if r["kind"] == kind]
+    if go := of("go"):
+        table(f"etcd's Go client (clientv3), to the leader, median of {len({r['run'] for r in go})} runs",
+              ["op", "clients", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
+               "CPU µs/op", "errors"], go_rows(go))
+    if ours := of("ours"):
+        table("`flotilla bench` (our Rust client), puts",
+              ["clients", "system", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"],
+              ([r["clients"], r["system"], f"{r['throughput_per_second']:,.0f}",
+                *latencies(r, ("p50", "p99", "p99.9")), r["errors"]] for r in ours))
+    if py := of("python"):
+        table("Python `etcd3` client (grpc C-core), 1 client, to the leader",
+              ["op", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms"],
+              ([r["op"], r["system"], f"{r['throughput_per_second']:,.0f}",
+                *latencies(r, ("p50", "p90", "p99", "p99.9"))] for r in py))
+    if checks := of("checkperf"):
+        table("`etcdctl check perf`", ["load", "system", "result", "summary"],
+              ([r["load"], r["system"], "PASS" if r["passed"] else "FAIL", "; ".join(r["summary"])]
+               for r in checks))
+    if fails := of("failover"):
+        table("Failover: kill -9 of the leader to the first acknowledged write (Go client)",
+              ["system", "kills", "p50 ms", "p99 ms", "max ms", "failed attempts"],
+              ([r["system"], r["kills"], *(f"{r['summary_ms'][q]:.0f}" for q in ("p50", "p99", "max")),
+                r["write_errors"]] for r in fails))
+    if mem := of("memory"):
+        mib = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
+        table("Memory: RSS of each member after the keys are written",
+              ["system", "keys", "RSS per member before (MiB)", "RSS per member after (MiB)"],
+              ([r["system"], f"{r['keys']:,}", mib(r["rss_mib_before"]), mib(r["rss_mib_after"])]
+               for r in mem))
 
 
 def main():
