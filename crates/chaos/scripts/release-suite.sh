@@ -33,7 +33,7 @@ run() {
     else
         failed=$((failed + 1))
         echo "FAIL  $name ($((SECONDS - started)) s, exit $code, expected $expected): $(tail -1 "$out/$name.txt")"
-        grep -E '^ANOMALY' "$out/$name.txt" | head -20 | cut -c1-2000
+        grep -E '^ANOMALY' "$out/$name.txt" | sed -n 1,20p | cut -c1-2000
     fi
 }
 
