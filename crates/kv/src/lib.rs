@@ -70,7 +70,7 @@ pub use limits::{LEASE_TTL_MAX_SECONDS, Limits, RequestLimits, SessionLimits};
 pub use mvcc::{EVENT_SCAN_REVISIONS_MAX, EventBatch};
 pub use response::{ApplyResult, Response};
 pub use session::Session;
-pub use snapshot::{SNAPSHOT_FORMAT_V1, SNAPSHOT_MAGIC, SnapshotError};
+pub use snapshot::{SNAPSHOT_FORMAT_V1, SNAPSHOT_MAGIC, SnapshotCursor, SnapshotError};
 pub use store::KvStore;
 pub use validate::{
     validate_command, validate_delete_range, validate_put, validate_range, validate_txn,

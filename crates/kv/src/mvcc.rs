@@ -73,10 +73,6 @@ impl KeyHistory {
         Ok(KeyHistory { versions })
     }
 
-    pub fn versions(&self) -> &[KeyVersion] {
-        &self.versions
-    }
-
     /// Index of the newest version at or before `revision`.
     fn position_at(&self, revision: i64) -> Option<usize> {
         let newer_start = self
@@ -114,19 +110,27 @@ impl KeyHistory {
         self.versions.push(version);
     }
 
+    /// Where the versions a compaction at `revision` keeps begin: the version visible at
+    /// `revision` stays (reading at the compaction revision is allowed) unless it is a
+    /// tombstone, which nothing can read; everything older goes.
+    fn retained_start(&self, revision: i64) -> usize {
+        match self.position_at(revision) {
+            None => 0,
+            Some(position) if self.versions[position].is_tombstone() => position + 1,
+            Some(position) => position,
+        }
+    }
+
+    /// The versions a compaction at `revision` keeps (all of them once it has run; while a
+    /// snapshot defers it, the older ones are still here but no longer part of the state).
+    pub fn retained(&self, compacted_revision: i64) -> &[KeyVersion] {
+        &self.versions[self.retained_start(compacted_revision)..]
+    }
+
     /// Drops versions not needed to read at `revision` or later. Returns false when nothing is
     /// left (the key was deleted at or before `revision`).
     fn compact(&mut self, revision: i64) -> bool {
-        let Some(position) = self.position_at(revision) else {
-            return true;
-        };
-        // The version visible at `revision` stays (reading at the compaction revision is
-        // allowed) unless it is a tombstone, which nothing can read.
-        let keep_from = if self.versions[position].is_tombstone() {
-            position + 1
-        } else {
-            position
-        };
+        let keep_from = self.retained_start(revision);
         self.versions.drain(..keep_from);
         if self.versions.capacity() > 2 * self.versions.len() {
             self.versions.shrink_to_fit();
@@ -135,11 +139,12 @@ impl KeyHistory {
     }
 
     /// The watch event for the version at `position`, with `prev_kv` when the version before it
-    /// is kept and live.
-    fn event_at(&self, key: &Bytes, position: usize) -> Event {
+    /// is kept by the compaction at `compacted_revision` and live.
+    fn event_at(&self, key: &Bytes, position: usize, compacted_revision: i64) -> Event {
         let version = &self.versions[position];
         let prev_kv = position
             .checked_sub(1)
+            .filter(|&previous| previous >= self.retained_start(compacted_revision))
             .map(|previous| &self.versions[previous])
             .filter(|previous| !previous.is_tombstone())
             .map(|previous| previous.to_key_value(key));
@@ -225,7 +230,14 @@ pub(crate) struct Keyspace {
     changes: VecDeque<Box<[Bytes]>>,
     changes_first_revision: i64,
     current_revision: i64,
+    /// Reads below it are refused. The versions it drops leave `keys` at once, except while a
+    /// snapshot is pinned: then they stay (unseen: every reader goes through `retained`) until
+    /// the pin is released, so the snapshot can still read its revision.
     compacted_revision: i64,
+    /// The compaction the versions in `keys` have had: `compacted_revision` unless pinned.
+    versions_compacted_revision: i64,
+    /// A snapshot is reading the versions in steps: they may be added to, not removed.
+    pinned: bool,
 }
 
 impl Default for Keyspace {
@@ -236,6 +248,8 @@ impl Default for Keyspace {
             changes_first_revision: FIRST_WRITE_REVISION,
             current_revision: FIRST_WRITE_REVISION - 1,
             compacted_revision: 0,
+            versions_compacted_revision: 0,
+            pinned: false,
         }
     }
 }
@@ -249,12 +263,42 @@ impl Keyspace {
         self.compacted_revision
     }
 
+    /// Keys with any history; while a snapshot defers a compaction, also the keys it empties.
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
 
-    pub fn histories(&self) -> impl Iterator<Item = (&Bytes, &KeyHistory)> {
-        self.keys.iter()
+    /// Every key's versions kept by the compaction at `compacted_revision` (at or after the
+    /// current one), in key order from `from` (from the first key if `None`); keys with none
+    /// kept are skipped.
+    pub fn histories_from<'a>(
+        &'a self,
+        from: Option<&'a Bytes>,
+        compacted_revision: i64,
+    ) -> impl Iterator<Item = (&'a Bytes, &'a [KeyVersion])> + 'a {
+        use std::ops::Bound;
+        debug_assert!(compacted_revision >= self.versions_compacted_revision);
+        let start = from.map_or(Bound::Unbounded, Bound::Included);
+        self.keys
+            .range::<Bytes, _>((start, Bound::Unbounded))
+            .map(move |(key, history)| (key, history.retained(compacted_revision)))
+            .filter(|(_, versions)| !versions.is_empty())
+    }
+
+    /// Holds every version in place until [`Keyspace::unpin`]: a compaction meanwhile only
+    /// moves `compacted_revision`. One pin at a time.
+    pub fn pin(&mut self) {
+        assert!(!self.pinned, "the keyspace is already pinned");
+        self.pinned = true;
+    }
+
+    /// Releases the pin and drops the versions a compaction meanwhile left in place.
+    pub fn unpin(&mut self) {
+        assert!(self.pinned, "the keyspace is not pinned");
+        self.pinned = false;
+        if self.versions_compacted_revision < self.compacted_revision {
+            self.drop_compacted_versions();
+        }
     }
 
     /// Checks a requested read revision (etcd-api.md §1.4): <= 0 means `latest`; above the
@@ -391,7 +435,6 @@ impl Keyspace {
     /// Drops history before `revision`; every key's value as of `revision` stays readable.
     pub fn compact(&mut self, revision: i64) {
         assert!(revision > self.compacted_revision && revision <= self.current_revision);
-        self.keys.retain(|_, history| history.compact(revision));
         while self.changes_first_revision < revision {
             self.changes
                 .pop_front()
@@ -399,6 +442,15 @@ impl Keyspace {
             self.changes_first_revision += 1;
         }
         self.compacted_revision = revision;
+        if !self.pinned {
+            self.drop_compacted_versions();
+        }
+    }
+
+    fn drop_compacted_versions(&mut self) {
+        let revision = self.compacted_revision;
+        self.keys.retain(|_, history| history.compact(revision));
+        self.versions_compacted_revision = revision;
     }
 
     /// Events at revisions >= `start_revision` on keys in `range`, whole revisions at a time,
@@ -435,7 +487,9 @@ impl Keyspace {
                 batch.next_revision = history.versions[position].mod_revision;
                 break;
             }
-            batch.events.push(history.event_at(map_key, position));
+            batch
+                .events
+                .push(history.event_at(map_key, position, self.compacted_revision));
         }
         batch
     }
@@ -463,12 +517,14 @@ impl Keyspace {
 
     fn event_at_revision(&self, key: &[u8], revision: i64) -> Option<Event> {
         let (map_key, history) = self.keys.get_key_value(key)?;
-        // A change at the compaction revision may be gone (a compacted tombstone).
-        let position = history
-            .versions
-            .binary_search_by_key(&revision, |version| version.mod_revision)
-            .ok()?;
-        Some(history.event_at(map_key, position))
+        // A change at the compaction revision may be gone (a compacted tombstone), or still
+        // here but dropped (while a snapshot defers the compaction): the same to a reader.
+        let retained_start = history.retained_start(self.compacted_revision);
+        let position = retained_start
+            + history.versions[retained_start..]
+                .binary_search_by_key(&revision, |version| version.mod_revision)
+                .ok()?;
+        Some(history.event_at(map_key, position, self.compacted_revision))
     }
 
     /// Rebuilds a keyspace from restored parts, checking what can be checked cheaply.
@@ -524,6 +580,8 @@ impl Keyspace {
             changes_first_revision,
             current_revision,
             compacted_revision,
+            versions_compacted_revision: compacted_revision,
+            pinned: false,
         })
     }
 }
@@ -615,7 +673,7 @@ mod tests {
             !keyspace.keys.contains_key(&b"b"[..]),
             "deleted key is dropped"
         );
-        assert_eq!(keyspace.keys[&b"a"[..]].versions().len(), 2);
+        assert_eq!(keyspace.keys[&b"a"[..]].versions.len(), 2);
         assert!(keyspace.check_read_revision(4, 6).is_err());
         assert_eq!(keyspace.check_read_revision(5, 6), Ok(5));
     }

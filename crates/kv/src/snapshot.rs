@@ -65,75 +65,257 @@ pub enum SnapshotError {
 
 // ----- writing -----------------------------------------------------------------------------
 
-struct ChecksumWriter<'a, W: Write> {
-    inner: &'a mut W,
+/// A snapshot of the store as of one applied index, written in steps while the store goes on
+/// applying later entries: a point-in-time view, so apply never waits for a whole snapshot.
+///
+/// [`KvStore::begin_snapshot`] encodes the small parts at once (header, leases, sessions) and
+/// pins the keyspace: until [`KvStore::end_snapshot`], versions are only added, never removed
+/// (a compaction meanwhile is deferred), so each [`KvStore::continue_snapshot`] step can read
+/// the versions at or below the snapshot's revision where it left off. The bytes are exactly
+/// those [`KvStore::write_snapshot`] writes for the store as it was at the begin.
+#[derive(Debug)]
+pub struct SnapshotCursor {
+    /// The pin this cursor holds on its store: a store that does not hold it (replaced by a
+    /// restore meanwhile) is not the one being written. `None` when written in one go.
+    pin: Option<u64>,
+    /// The store revision at the snapshot: later versions are not part of it.
+    revision: i64,
+    /// The compaction at the snapshot: older versions are not part of it.
+    compacted_revision: i64,
+    stage: Stage,
+    /// Magic, format, header and leases: the first step writes them.
+    head: Vec<u8>,
+    /// The session records: written after the last key.
+    sessions: Vec<u8>,
+    lease_count: u64,
+    session_count: u64,
+    keys_written: u64,
+    /// CRC-32C of every byte written so far.
     crc: u32,
-    record: Vec<u8>,
 }
 
-impl<W: Write> ChecksumWriter<'_, W> {
-    fn write_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.crc = crc32c::crc32c_append(self.crc, bytes);
-        self.inner.write_all(bytes)
-    }
+#[derive(Debug)]
+enum Stage {
+    Head,
+    /// The next version to write is the `offset`-th of `key`'s (or, if `key` is `None`, the
+    /// first key's) versions in the snapshot.
+    Keys {
+        key: Option<Bytes>,
+        offset: usize,
+    },
+    Done,
+}
 
-    fn write_record(&mut self, record: Record) -> io::Result<()> {
-        let mut buffer = std::mem::take(&mut self.record);
-        buffer.clear();
-        pb::SnapshotRecord {
-            record: Some(record),
-        }
-        .encode(&mut buffer)
-        .expect("a Vec grows as needed");
-        let length = u32::try_from(buffer.len()).expect("records are split well below 4 GiB");
-        self.write_bytes(&length.to_le_bytes())?;
-        self.write_bytes(&buffer)?;
-        self.record = buffer;
-        Ok(())
-    }
+/// Where pins come from: unique per process, so a store restored meanwhile never holds one.
+static NEXT_PIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn encode_record(out: &mut Vec<u8>, record: Record) {
+    let message = pb::SnapshotRecord {
+        record: Some(record),
+    };
+    let length = u32::try_from(message.encoded_len()).expect("records are split well below 4 GiB");
+    out.extend_from_slice(&length.to_le_bytes());
+    message.encode(out).expect("a Vec grows as needed");
 }
 
 impl KvStore {
+    /// Starts a snapshot of the store as it is now, to be written in steps beside later applies
+    /// (see [`SnapshotCursor`]). Takes time in proportion to the leases and sessions only.
+    /// Panics if a snapshot is already in progress: one at a time.
+    pub fn begin_snapshot(&mut self) -> SnapshotCursor {
+        assert!(
+            self.snapshot_pin.is_none(),
+            "a snapshot is already in progress"
+        );
+        let pin = NEXT_PIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.snapshot_pin = Some(pin);
+        self.keyspace.pin();
+        let mut cursor = self.snapshot_cursor();
+        cursor.pin = Some(pin);
+        cursor
+    }
+
+    /// Ends the snapshot `cursor` belongs to, written or abandoned: releases the pin, which
+    /// drops the versions a compaction meanwhile left in place (the compaction's own cost, paid
+    /// now). Does nothing if the store was replaced since.
+    pub fn end_snapshot(&mut self, cursor: SnapshotCursor) {
+        if cursor.pin.is_some() && cursor.pin == self.snapshot_pin {
+            self.snapshot_pin = None;
+            self.keyspace.unpin();
+        }
+    }
+
+    /// Appends the next part of the snapshot to `out`: whole records until at least
+    /// `bytes_target` bytes (a step ends early at the end, and a record may take it past the
+    /// target by up to one key record, 4 MiB plus a value). Returns true once the snapshot is
+    /// complete. Fails if this is no longer the store the snapshot began on.
+    pub fn continue_snapshot(
+        &self,
+        cursor: &mut SnapshotCursor,
+        out: &mut Vec<u8>,
+        bytes_target: usize,
+    ) -> io::Result<bool> {
+        if cursor.pin.is_some() && cursor.pin != self.snapshot_pin {
+            return Err(io::Error::other(
+                "the store was replaced while the snapshot was being written",
+            ));
+        }
+        let start = out.len();
+        let done = self.write_snapshot_step(cursor, out, start + bytes_target);
+        cursor.crc = crc32c::crc32c_append(cursor.crc, &out[start..]);
+        if done {
+            out.extend_from_slice(&cursor.crc.to_le_bytes());
+            cursor.stage = Stage::Done;
+        }
+        Ok(done)
+    }
+
     /// Writes the whole state to `writer`, record by record.
     pub fn write_snapshot<W: Write>(&self, writer: &mut W) -> io::Result<()> {
-        let mut out = ChecksumWriter {
-            inner: writer,
-            crc: 0,
-            record: Vec::new(),
-        };
-        out.write_bytes(&SNAPSHOT_MAGIC)?;
-        out.write_bytes(&SNAPSHOT_FORMAT_V1.to_le_bytes())?;
-        out.write_record(Record::Header(pb::SnapshotHeader {
-            applied_index: self.applied_index,
-            current_revision: self.keyspace.current_revision(),
-            compacted_revision: self.keyspace.compacted_revision(),
-            next_lease_id: self.leases.next_id(),
-        }))?;
+        let mut cursor = self.snapshot_cursor();
+        let mut chunk = Vec::new();
+        loop {
+            chunk.clear();
+            let done = self.continue_snapshot(&mut cursor, &mut chunk, 256 << 10)?;
+            writer.write_all(&chunk)?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A cursor at the start of a snapshot of the store as it is now, unpinned.
+    fn snapshot_cursor(&self) -> SnapshotCursor {
+        let mut head = Vec::new();
+        head.extend_from_slice(&SNAPSHOT_MAGIC);
+        head.extend_from_slice(&SNAPSHOT_FORMAT_V1.to_le_bytes());
+        encode_record(
+            &mut head,
+            Record::Header(pb::SnapshotHeader {
+                applied_index: self.applied_index,
+                current_revision: self.keyspace.current_revision(),
+                compacted_revision: self.keyspace.compacted_revision(),
+                next_lease_id: self.leases.next_id(),
+            }),
+        );
         for lease in self.leases.iter() {
-            out.write_record(Record::Lease(pb::LeaseState {
-                id: lease.id(),
-                granted_ttl: lease.granted_ttl_seconds(),
-                remaining_ttl: lease.checkpointed_remaining_ttl_seconds().unwrap_or(0),
-            }))?;
+            encode_record(
+                &mut head,
+                Record::Lease(pb::LeaseState {
+                    id: lease.id(),
+                    granted_ttl: lease.granted_ttl_seconds(),
+                    remaining_ttl: lease.checkpointed_remaining_ttl_seconds().unwrap_or(0),
+                }),
+            );
         }
-        for (key, history) in self.keyspace.histories() {
-            write_key_history(&mut out, key, history)?;
-        }
+        let mut sessions = Vec::new();
         for session in self.sessions.iter() {
-            out.write_record(Record::Session(pb::SessionState {
-                id: session.id(),
-                last_sequence: session.last_sequence(),
-                last_used_index: session.last_used_index(),
-                remembered: session.remembered().cloned(),
-            }))?;
+            encode_record(
+                &mut sessions,
+                Record::Session(pb::SessionState {
+                    id: session.id(),
+                    last_sequence: session.last_sequence(),
+                    last_used_index: session.last_used_index(),
+                    remembered: session.remembered().cloned(),
+                }),
+            );
         }
-        out.write_record(Record::End(pb::SnapshotEnd {
-            key_count: self.keyspace.key_count() as u64,
+        SnapshotCursor {
+            pin: None,
+            revision: self.keyspace.current_revision(),
+            compacted_revision: self.keyspace.compacted_revision(),
+            stage: Stage::Head,
+            head,
+            sessions,
             lease_count: self.leases.iter().len() as u64,
             session_count: self.sessions.len() as u64,
-        }))?;
-        let crc = out.crc;
-        out.inner.write_all(&crc.to_le_bytes())
+            keys_written: 0,
+            crc: 0,
+        }
+    }
+
+    /// Writes records until `out` reaches `bytes_end` or the snapshot ends (true).
+    fn write_snapshot_step(
+        &self,
+        cursor: &mut SnapshotCursor,
+        out: &mut Vec<u8>,
+        bytes_end: usize,
+    ) -> bool {
+        loop {
+            match &mut cursor.stage {
+                Stage::Head => {
+                    out.append(&mut cursor.head);
+                    cursor.stage = Stage::Keys {
+                        key: None,
+                        offset: 0,
+                    };
+                }
+                Stage::Keys { key, offset } => {
+                    let (from_key, from_offset) = (key.take(), *offset);
+                    if let Some((key, offset)) =
+                        self.write_keys(cursor, from_key, from_offset, out, bytes_end)
+                    {
+                        cursor.stage = Stage::Keys {
+                            key: Some(key),
+                            offset,
+                        };
+                        return false;
+                    }
+                    out.append(&mut cursor.sessions);
+                    encode_record(
+                        out,
+                        Record::End(pb::SnapshotEnd {
+                            key_count: cursor.keys_written,
+                            lease_count: cursor.lease_count,
+                            session_count: cursor.session_count,
+                        }),
+                    );
+                    return true;
+                }
+                Stage::Done => panic!("the snapshot is already complete"),
+            }
+            if out.len() >= bytes_end {
+                return false;
+            }
+        }
+    }
+
+    /// Writes key records from `from_key`'s `from_offset`-th version on, until `out` reaches
+    /// `bytes_end` (returns where to go on) or the keys end (`None`). A key's versions are those
+    /// kept by the snapshot's compaction, up to its revision; keys with none are skipped.
+    fn write_keys(
+        &self,
+        cursor: &mut SnapshotCursor,
+        from_key: Option<Bytes>,
+        from_offset: usize,
+        out: &mut Vec<u8>,
+        bytes_end: usize,
+    ) -> Option<(Bytes, usize)> {
+        let histories = self
+            .keyspace
+            .histories_from(from_key.as_ref(), cursor.compacted_revision);
+        for (key, versions) in histories {
+            let offset = if Some(key) == from_key.as_ref() {
+                from_offset
+            } else {
+                0
+            };
+            let count = versions.partition_point(|version| version.mod_revision <= cursor.revision);
+            if offset >= count {
+                continue;
+            }
+            if offset == 0 {
+                cursor.keys_written += 1;
+            }
+            let mut next = offset;
+            while next < count {
+                next += write_key_record(out, key, &versions[next..count]);
+                if out.len() >= bytes_end {
+                    return Some((key.clone(), next));
+                }
+            }
+        }
+        None
     }
 
     /// A 64-bit digest of the whole logical state (FNV-1a over the snapshot encoding, which
@@ -147,16 +329,14 @@ impl KvStore {
     }
 }
 
-fn write_key_history<W: Write>(
-    out: &mut ChecksumWriter<'_, W>,
-    key: &Bytes,
-    history: &KeyHistory,
-) -> io::Result<()> {
-    let mut versions = Vec::new();
+/// Writes one record of `key`'s versions, from the first of `versions` up to about
+/// [`KEY_RECORD_TARGET_BYTES`] (a long history takes several). Returns how many it wrote.
+fn write_key_record(out: &mut Vec<u8>, key: &Bytes, versions: &[KeyVersion]) -> usize {
+    let mut record = Vec::new();
     let mut record_bytes = 0;
-    for version in history.versions() {
+    for version in versions {
         record_bytes += version.value.len() + 64;
-        versions.push(pb::KeyVersion {
+        record.push(pb::KeyVersion {
             mod_revision: version.mod_revision,
             sub_revision: version.sub_revision,
             create_revision: version.create_revision,
@@ -165,21 +345,18 @@ fn write_key_history<W: Write>(
             value: version.value.clone(),
         });
         if record_bytes >= KEY_RECORD_TARGET_BYTES {
-            let chunk = std::mem::take(&mut versions);
-            out.write_record(Record::Key(pb::KeyHistory {
-                key: key.clone(),
-                versions: chunk,
-            }))?;
-            record_bytes = 0;
+            break;
         }
     }
-    if !versions.is_empty() {
-        out.write_record(Record::Key(pb::KeyHistory {
+    let written = record.len();
+    encode_record(
+        out,
+        Record::Key(pb::KeyHistory {
             key: key.clone(),
-            versions,
-        }))?;
-    }
-    Ok(())
+            versions: record,
+        }),
+    );
+    written
 }
 
 #[derive(Debug)]
@@ -471,6 +648,7 @@ impl Restoring {
             leases: self.leases,
             sessions: self.sessions,
             applied_index: header.applied_index,
+            snapshot_pin: None,
         })
     }
 }

@@ -32,6 +32,9 @@ pub struct KvStore {
     pub(crate) leases: Leases,
     pub(crate) sessions: Sessions,
     pub(crate) applied_index: u64,
+    /// The pin of the snapshot being written in steps, if any (see
+    /// [`crate::SnapshotCursor`]); the keyspace is pinned exactly while this is set.
+    pub(crate) snapshot_pin: Option<u64>,
 }
 
 type Outcome = (Result<Response, KvError>, Vec<Event>);
@@ -44,6 +47,7 @@ impl KvStore {
             keyspace: Keyspace::default(),
             leases: Leases::default(),
             applied_index: 0,
+            snapshot_pin: None,
         }
     }
 
@@ -317,9 +321,11 @@ impl KvStore {
         let current = self.current_revision();
         let revision = self.keyspace.check_read_revision(revision, current)?;
         let mut crc = 0;
-        for (key, history) in self.keyspace.histories() {
-            for version in history
-                .versions()
+        for (key, versions) in self
+            .keyspace
+            .histories_from(None, self.keyspace.compacted_revision())
+        {
+            for version in versions
                 .iter()
                 .take_while(|version| version.mod_revision <= revision)
             {

@@ -132,6 +132,139 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A snapshot written in small steps while later commands (compactions included) apply is
+    /// byte for byte the snapshot of the store at its beginning, and the deferred compaction
+    /// changes nothing a reader sees, during or after.
+    #[test]
+    fn a_snapshot_written_beside_applies_is_the_state_at_its_beginning(
+        commands in prop::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>()), 2..80),
+        split in any::<prop::sample::Index>(),
+        steps in prop::collection::vec(1usize..300, 1..80),
+    ) {
+        let commands: Vec<Command> = commands.into_iter().map(|(w, a, b, c)| command(w, a, b, c)).collect();
+        let split = split.index(commands.len());
+        let mut straight = KvStore::new(limits());
+        let mut stepped = KvStore::new(limits());
+        for (position, command) in commands[..split].iter().enumerate() {
+            let bytes = command.encode();
+            let index = position as u64 + 1;
+            prop_assert_eq!(straight.apply(index, &bytes), stepped.apply(index, &bytes));
+        }
+        let image = snapshot(&straight);
+        let mut cursor = stepped.begin_snapshot();
+        let mut written = Vec::new();
+        let mut done = false;
+        let mut budgets = steps.iter().cycle();
+        for (position, command) in commands.iter().enumerate().skip(split) {
+            let bytes = command.encode();
+            let index = position as u64 + 1;
+            prop_assert_eq!(straight.apply(index, &bytes), stepped.apply(index, &bytes));
+            prop_assert_eq!(stepped.digest(), straight.digest());
+            prop_assert_eq!(stepped.hash_kv(0), straight.hash_kv(0));
+            let revision = straight.compacted_revision().max(1);
+            let history = |store: &KvStore| store.events_since(revision, b"\0", b"\0", 1_000);
+            prop_assert_eq!(history(&stepped), history(&straight));
+            if !done {
+                let budget = *budgets.next().unwrap();
+                done = stepped.continue_snapshot(&mut cursor, &mut written, budget).unwrap();
+            }
+        }
+        while !done {
+            let budget = *budgets.next().unwrap();
+            done = stepped.continue_snapshot(&mut cursor, &mut written, budget).unwrap();
+        }
+        prop_assert!(written == image, "the stepped snapshot differs from the one at its beginning");
+        stepped.end_snapshot(cursor);
+        prop_assert_eq!(&stepped, &straight, "the deferred compaction ran when the snapshot ended");
+    }
+}
+
+/// The case that needs the pin: a compaction mid-snapshot would drop versions the snapshot
+/// has yet to write.
+#[test]
+fn a_compaction_during_a_snapshot_waits_for_it_without_showing_readers() {
+    let mut store = KvStore::new(limits());
+    let mut commands = Vec::new();
+    for round in 0..3 {
+        for key in 0..50 {
+            commands.push(Command::put(put_request(
+                &format!("k{key:02}"),
+                &format!("v{round}"),
+            )));
+        }
+    }
+    commands.push(Command::delete_range(DeleteRangeRequest {
+        key: bytes("k00"),
+        ..DeleteRangeRequest::default()
+    }));
+    for (position, command) in commands.iter().enumerate() {
+        store.apply(position as u64 + 1, &command.encode());
+    }
+    let image = snapshot(&store);
+    let mut straight = store.clone();
+    let at_begin = store.current_revision();
+    let mut cursor = store.begin_snapshot();
+    let mut written = Vec::new();
+    assert!(
+        !store
+            .continue_snapshot(&mut cursor, &mut written, 1)
+            .unwrap()
+    );
+    let later = [
+        Command::compaction(CompactionRequest {
+            revision: at_begin,
+            physical: false,
+        }),
+        Command::put(put_request("k01", "after")),
+    ];
+    for (position, command) in later.iter().enumerate() {
+        let index = (commands.len() + position) as u64 + 1;
+        let result = store.apply(index, &command.encode());
+        assert!(result.outcome.is_ok(), "{:?}", result.outcome);
+        assert_eq!(result, straight.apply(index, &command.encode()));
+    }
+    // Readers see the compaction at once.
+    assert!(store.events_since(at_begin - 1, b"k", b"l", 1_000).is_err());
+    assert_eq!(store.digest(), straight.digest());
+    assert_eq!(store.key_history_count(), 50, "the compaction waits");
+    while !store
+        .continue_snapshot(&mut cursor, &mut written, 64)
+        .unwrap()
+    {}
+    assert!(
+        written == image,
+        "the snapshot lost the versions the compaction dropped"
+    );
+    store.end_snapshot(cursor);
+    // The versions really go once the snapshot ends.
+    assert_eq!(store.key_history_count(), 49);
+    assert_eq!(store, straight);
+}
+
+#[test]
+fn a_snapshot_of_a_store_replaced_meanwhile_fails_and_says_so() {
+    let mut store = sample_store();
+    let mut cursor = store.begin_snapshot();
+    let mut written = Vec::new();
+    assert!(
+        !store
+            .continue_snapshot(&mut cursor, &mut written, 1)
+            .unwrap()
+    );
+    let replaced = restore(&snapshot(&store)).unwrap();
+    let error = replaced
+        .continue_snapshot(&mut cursor, &mut written, 1)
+        .unwrap_err();
+    assert!(error.to_string().contains("replaced"), "{error}");
+    store.end_snapshot(cursor);
+    // The pin is released: the next snapshot may begin.
+    let cursor = store.begin_snapshot();
+    store.end_snapshot(cursor);
+}
+
 fn sample_store() -> KvStore {
     let mut store = KvStore::new(limits());
     let commands = [

@@ -14,7 +14,7 @@
 //! can never fill up.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::{Actions, Driver, Refusal};
 use crate::metrics::Metrics;
-use crate::state_machine::{Applied, EventSink, StateMachine};
+use crate::state_machine::{Applied, EventSink, StateMachine, StateSnapshotCursor};
 use crate::storage::{DurableStorage, SnapshotReader, StorageFailure};
 use crate::transport::{PeerRouter, TransportEvent};
 
@@ -884,10 +884,12 @@ impl ApplyContext {
 
     /// Saves a snapshot at the applied index, streamed from the state machine into storage.
     ///
-    /// One thread encodes the state machine into a bounded pipe (holding the state's read
-    /// lock) while another streams the pipe into storage: no second copy of the state in
-    /// memory. Apply waits only for the encoding, since the state must not change under it;
-    /// the storage's fsyncs and renames finish in the background. One snapshot at a time.
+    /// The state is pinned at the applied index (a point-in-time view: see
+    /// [`StateMachine::begin_snapshot`]) and a background thread encodes it in steps of
+    /// [`PIPE_CHUNK_BYTES`], each under the state's read lock, into a bounded pipe that another
+    /// thread streams into storage. Apply goes on at once: it waits at most for one step's
+    /// encoding, never for the whole state or the disk, and there is no second copy of the
+    /// state in memory. One snapshot at a time.
     fn snapshot(&self) -> Result<(), String> {
         if self.saving.load(Ordering::Acquire) {
             return Ok(());
@@ -920,43 +922,91 @@ impl ApplyContext {
             }
             Err(_) => return Ok(()),
         };
+        // Only this thread applies, so the state is still at `index`.
+        let cursor = self
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin_snapshot();
         self.saving.store(true, Ordering::Release);
-        let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(4);
-        let (encoded_tx, encoded_rx) = std::sync::mpsc::channel::<()>();
-        let state = self.state.clone();
-        let encoder = std::thread::Builder::new()
-            .name("flotilla-snapshot-encode".into())
-            .spawn(move || {
-                {
-                    let state = state.read().unwrap_or_else(|p| p.into_inner());
-                    let mut pipe = PipeWriter {
-                        chunk: Vec::with_capacity(PIPE_CHUNK_BYTES),
-                        tx: chunks_tx,
-                    };
-                    let result = state.write_snapshot(&mut pipe).and_then(|()| pipe.flush());
-                    let end = match result {
-                        Ok(()) => PipeChunk::End,
-                        Err(err) => PipeChunk::Failed(err.to_string()),
-                    };
-                    let _ = pipe.tx.send(end);
-                }
-                let _ = encoded_tx.send(());
-            })
-            .map_err(|e| format!("cannot start the snapshot encoder: {e}"))?;
         let saver = SnapshotSaver {
             storage: self.storage.clone(),
             snapshots: self.snapshots.clone(),
             metrics: self.metrics.clone(),
+        };
+        let encoder = SnapshotEncoder {
+            state: self.state.clone(),
             saving: self.saving.clone(),
         };
-        std::thread::Builder::new()
+        let started = std::thread::Builder::new()
+            .name("flotilla-snapshot-encode".into())
+            .spawn(move || encoder.run(cursor, meta, saver));
+        // Fatal: the node stops (and the state stays pinned, which nothing then notices).
+        started
+            .map(drop)
+            .map_err(|err| format!("cannot start the snapshot encoder: {err}"))
+    }
+}
+
+/// Encodes a pinned state in steps into the pipe a [`SnapshotSaver`] streams into storage, then
+/// releases the pin and, once the saver is done, lets the next snapshot begin.
+struct SnapshotEncoder {
+    state: Arc<RwLock<StateMachine>>,
+    saving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SnapshotEncoder {
+    fn run(self, mut cursor: StateSnapshotCursor, meta: SnapshotMeta, saver: SnapshotSaver) {
+        let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(4);
+        let saver = std::thread::Builder::new()
             .name("flotilla-snapshot-save".into())
-            .spawn(move || saver.save(meta, chunks_rx))
-            .map_err(|e| format!("cannot start the snapshot saver: {e}"))?;
-        // Apply resumes once the state is no longer being read.
-        let _ = encoded_rx.recv();
-        let _ = encoder.join();
-        Ok(())
+            .spawn(move || saver.save(meta, chunks_rx));
+        match saver {
+            Ok(saver) => {
+                let end = match self.encode(&mut cursor, &chunks_tx) {
+                    Ok(()) => PipeChunk::End,
+                    Err(err) => PipeChunk::Failed(err.to_string()),
+                };
+                self.release(cursor);
+                let _ = chunks_tx.send(end);
+                let _ = saver.join();
+            }
+            Err(err) => {
+                tracing::warn!("no snapshot: cannot start the snapshot saver: {err}");
+                self.release(cursor);
+            }
+        }
+        self.saving.store(false, Ordering::Release);
+    }
+
+    /// Sends the snapshot a step at a time; the read lock is held for one step's encoding
+    /// only, never while the pipe is full.
+    fn encode(
+        &self,
+        cursor: &mut StateSnapshotCursor,
+        chunks: &std::sync::mpsc::SyncSender<PipeChunk>,
+    ) -> io::Result<()> {
+        loop {
+            let mut chunk = Vec::with_capacity(PIPE_CHUNK_BYTES + (PIPE_CHUNK_BYTES >> 2));
+            let done = self
+                .state
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .continue_snapshot(cursor, &mut chunk, PIPE_CHUNK_BYTES)?;
+            chunks
+                .send(PipeChunk::Data(Bytes::from(chunk)))
+                .map_err(|_| io::Error::other("the snapshot saver stopped early"))?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    fn release(&self, cursor: StateSnapshotCursor) {
+        self.state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .end_snapshot(cursor);
     }
 }
 
@@ -965,7 +1015,6 @@ struct SnapshotSaver {
     storage: Arc<dyn DurableStorage>,
     snapshots: mpsc::Sender<SnapshotRequest>,
     metrics: Arc<Metrics>,
-    saving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SnapshotSaver {
@@ -986,7 +1035,6 @@ impl SnapshotSaver {
             // of the storage itself stops the WAL, which stops the node on its next write.
             Err(err) => tracing::warn!(snapshot = %meta.last, "snapshot not saved: {err}"),
         }
-        self.saving.store(false, Ordering::Release);
     }
 }
 
@@ -998,32 +1046,7 @@ enum PipeChunk {
     Failed(String),
 }
 
-struct PipeWriter {
-    chunk: Vec<u8>,
-    tx: std::sync::mpsc::SyncSender<PipeChunk>,
-}
-
-impl Write for PipeWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.chunk.extend_from_slice(buf);
-        if self.chunk.len() >= PIPE_CHUNK_BYTES {
-            self.flush()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(PIPE_CHUNK_BYTES));
-        self.tx
-            .send(PipeChunk::Data(Bytes::from(chunk)))
-            .map_err(|_| io::Error::other("the snapshot reader went away"))
-    }
-}
-
-/// Reads what a [`PipeWriter`] wrote; the end of data is an explicit marker, so a writer that
+/// Reads what a [`SnapshotEncoder`] sent; the end of data is an explicit marker, so a writer that
 /// dies half way is an error, never a short snapshot.
 struct PipeReader {
     rx: std::sync::mpsc::Receiver<PipeChunk>,
@@ -1047,5 +1070,194 @@ impl Read for PipeReader {
         let n = buf.len().min(self.chunk.len());
         buf[..n].copy_from_slice(&self.chunk.split_to(n));
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use flotilla_kv::Command;
+    use flotilla_proto::etcdserverpb::PutRequest;
+    use flotilla_raft::{Entry, EntryId, EntryPayload, LogStorage, MemStorage, Membership};
+
+    use super::*;
+    use crate::members::MemberTable;
+    use crate::state_machine::NoWatchers;
+    use crate::storage::MemDurable;
+
+    /// Storage whose snapshot saving waits until the test lets it go on.
+    #[derive(Debug)]
+    struct HeldSnapshots {
+        inner: MemDurable,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl LogStorage for HeldSnapshots {
+        fn initial_state(
+            &self,
+        ) -> Result<flotilla_raft::InitialState, flotilla_raft::StorageError> {
+            self.inner.initial_state()
+        }
+        fn first_index(&self) -> Index {
+            self.inner.first_index()
+        }
+        fn last_index(&self) -> Index {
+            self.inner.last_index()
+        }
+        fn term(&self, index: Index) -> Result<flotilla_raft::Term, flotilla_raft::StorageError> {
+            self.inner.term(index)
+        }
+        fn entries(
+            &self,
+            low: Index,
+            high: Index,
+            bytes_max: u64,
+        ) -> Result<Vec<Entry>, flotilla_raft::StorageError> {
+            self.inner.entries(low, high, bytes_max)
+        }
+        fn snapshot_chunk(
+            &self,
+            last: EntryId,
+            offset: u64,
+            bytes_max: u64,
+        ) -> Result<Bytes, flotilla_raft::StorageError> {
+            self.inner.snapshot_chunk(last, offset, bytes_max)
+        }
+        fn snapshot_info(&self) -> Option<flotilla_raft::SnapshotInfo> {
+            self.inner.snapshot_info()
+        }
+    }
+
+    impl DurableStorage for HeldSnapshots {
+        fn write(
+            &self,
+            batch: &flotilla_raft::PersistBatch,
+        ) -> Result<(), crate::storage::StorageFailure> {
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<Option<flotilla_raft::PersistId>, crate::storage::StorageFailure> {
+            self.inner.sync()
+        }
+        fn save_snapshot(
+            &self,
+            meta: &SnapshotMeta,
+            data: &mut dyn Read,
+        ) -> Result<(), crate::storage::StorageFailure> {
+            let _ = self.go.lock().unwrap().recv();
+            self.inner.save_snapshot(meta, data)
+        }
+        fn close(&self) -> Result<(), crate::storage::StorageFailure> {
+            self.inner.close()
+        }
+    }
+
+    fn put_entry(index: Index, key: usize) -> Apply {
+        let put = Command::put(PutRequest {
+            key: format!("key-{key:06}").into(),
+            value: vec![b'v'; 1024].into(),
+            ..Default::default()
+        });
+        Apply::Entry(Entry {
+            term: 1,
+            index,
+            payload: EntryPayload::Command(put.encode()),
+        })
+    }
+
+    /// The point-in-time view at work: while a snapshot of several megabytes cannot reach the
+    /// disk at all, entries go on applying, and the snapshot saved afterwards is the state at
+    /// the index it was taken at, not later.
+    #[test]
+    fn apply_goes_on_while_a_snapshot_is_being_saved() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        let storage = Arc::new(HeldSnapshots {
+            inner: MemDurable::new(MemStorage::new_with_membership(Membership::with_voters([
+                1,
+            ]))),
+            go: Mutex::new(go_rx),
+        });
+        let state = Arc::new(RwLock::new(StateMachine::new(
+            Limits::default(),
+            MemberTable::default(),
+        )));
+        let (applied_tx, mut applied_rx) = watch::channel(0);
+        let (snapshots_tx, mut snapshots_rx) = mpsc::channel(2);
+        let context = ApplyContext {
+            storage: storage.clone(),
+            state: state.clone(),
+            events: Arc::new(NoWatchers),
+            metrics: Arc::new(Metrics::default()),
+            limits: Limits::default(),
+            applied: applied_tx,
+            snapshots: snapshots_tx,
+            saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let (work_tx, work_rx) = mpsc::channel(8);
+        let apply_thread = std::thread::spawn(move || context.run(work_rx));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+
+        // 8 MiB of state: far more than the pipe to the blocked saver holds.
+        let before: Vec<_> = (1..=8192)
+            .map(|i| (put_entry(i, i as usize), None))
+            .collect();
+        work_tx.blocking_send(ApplyWork::Items(before)).unwrap();
+        work_tx.blocking_send(ApplyWork::Snapshot).unwrap();
+        let Some(SnapshotRequest::Meta { index, reply }) = snapshots_rx.blocking_recv() else {
+            panic!("the apply thread asked for no snapshot metadata");
+        };
+        assert_eq!(index, 8192);
+        let meta = SnapshotMeta {
+            last: EntryId { term: 1, index },
+            membership: Membership::with_voters([1]),
+        };
+        reply.send(Ok(meta.clone())).unwrap();
+
+        let after: Vec<_> = (8193..=8292).map(|i| (put_entry(i, 1), None)).collect();
+        work_tx.blocking_send(ApplyWork::Items(after)).unwrap();
+        // Bounded so that an apply thread stuck behind the snapshot fails the test, not hangs it.
+        let applied = runtime.block_on(async {
+            let wait = applied_rx.wait_for(|&applied| applied == 8292);
+            tokio::time::timeout(Duration::from_secs(60), wait).await
+        });
+        assert!(
+            matches!(applied, Ok(Ok(_))),
+            "apply waited for the snapshot to reach the disk"
+        );
+        assert!(
+            storage.snapshot_info().is_none(),
+            "the snapshot is still held back"
+        );
+
+        go_tx.send(()).unwrap();
+        let Some(SnapshotRequest::Saved(saved)) = snapshots_rx.blocking_recv() else {
+            panic!("the snapshot was not saved");
+        };
+        assert_eq!(saved, meta);
+        let mut reader = SnapshotReader::new(&*storage, meta.last);
+        let restored = StateMachine::restore(&mut reader, Limits::default()).unwrap();
+        assert_eq!(restored.applied_index(), 8192);
+        let read = |machine: &StateMachine| {
+            machine
+                .kv
+                .range(&flotilla_proto::etcdserverpb::RangeRequest {
+                    key: "key-000001".into(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .kvs[0]
+                .mod_revision
+        };
+        assert_eq!(
+            read(&restored),
+            2,
+            "the snapshot holds the state at its index"
+        );
+        assert_eq!(read(&state.read().unwrap()), 8293);
+        drop(work_tx);
+        apply_thread.join().unwrap();
     }
 }

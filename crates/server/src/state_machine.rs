@@ -70,6 +70,14 @@ impl EventSink for NoWatchers {
     fn publish(&self, _revision: i64, _events: &[Event]) {}
 }
 
+/// A snapshot being written in steps (see [`StateMachine::begin_snapshot`]).
+#[derive(Debug)]
+pub struct StateSnapshotCursor {
+    /// The magic bytes and the member table, until the first step writes them.
+    head: Option<Vec<u8>>,
+    kv: flotilla_kv::SnapshotCursor,
+}
+
 /// The key-value store and the member table.
 #[derive(Debug)]
 pub struct StateMachine {
@@ -156,13 +164,49 @@ impl StateMachine {
 
     /// Writes the whole state, streamed.
     pub fn write_snapshot(&self, out: &mut dyn Write) -> io::Result<()> {
-        out.write_all(SNAPSHOT_MAGIC)?;
-        let table = self.members.encode();
-        let length = u32::try_from(table.len()).map_err(io::Error::other)?;
-        out.write_all(&length.to_le_bytes())?;
-        out.write_all(&table)?;
+        out.write_all(&self.snapshot_head())?;
         let mut out = out;
         self.kv.write_snapshot(&mut out)
+    }
+
+    /// What a snapshot holds before the key-value state: the magic bytes and the member table.
+    fn snapshot_head(&self) -> Vec<u8> {
+        let mut head = Vec::new();
+        head.extend_from_slice(SNAPSHOT_MAGIC);
+        let table = self.members.encode();
+        let length = u32::try_from(table.len()).expect("the member table is bounded");
+        head.extend_from_slice(&length.to_le_bytes());
+        head.extend_from_slice(&table);
+        head
+    }
+
+    /// Starts a snapshot of the state as it is now, written in steps by
+    /// [`StateMachine::continue_snapshot`] while later entries apply (see
+    /// [`flotilla_kv::SnapshotCursor`]); the bytes are those `write_snapshot` writes now.
+    pub fn begin_snapshot(&mut self) -> StateSnapshotCursor {
+        StateSnapshotCursor {
+            head: Some(self.snapshot_head()),
+            kv: self.kv.begin_snapshot(),
+        }
+    }
+
+    /// Appends the next part of the snapshot to `out` (about `bytes_target` bytes); true once
+    /// it is complete. Fails if the state was replaced since the snapshot began.
+    pub fn continue_snapshot(
+        &self,
+        cursor: &mut StateSnapshotCursor,
+        out: &mut Vec<u8>,
+        bytes_target: usize,
+    ) -> io::Result<bool> {
+        if let Some(head) = cursor.head.take() {
+            out.extend_from_slice(&head);
+        }
+        self.kv.continue_snapshot(&mut cursor.kv, out, bytes_target)
+    }
+
+    /// Ends the snapshot, written or abandoned (a compaction it deferred runs now).
+    pub fn end_snapshot(&mut self, cursor: StateSnapshotCursor) {
+        self.kv.end_snapshot(cursor.kv);
     }
 
     /// Reads a state written by [`StateMachine::write_snapshot`].
