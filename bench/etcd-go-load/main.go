@@ -50,6 +50,7 @@ func main() {
 	valueSize := flag.Int("value-size", 256, "value size in bytes")
 	keys := flag.Int("keys", 10000, "size of the key space (random keys)")
 	kills := flag.Int("kills", 20, "leader kills (failover mode)")
+	flag.DurationVar(&slowLog, "slow", 0, "log each request at least this slow to stderr: its start (unix ms) and latency (load mode; 0 = off)")
 	flag.Parse()
 	grpclog.SetLoggerV2(grpclog.NewLoggerV2(devNull{}, devNull{}, os.Stderr))
 	eps := strings.Split(*endpoints, ",")
@@ -113,6 +114,9 @@ type loadResult struct {
 	LatencyMs  map[string]float64 `json:"latency_ms"`
 }
 
+// slowLog: requests at least this slow are logged to stderr, to line stalls up with member logs.
+var slowLog time.Duration
+
 func load(eps []string, op string, clients, conns int, duration time.Duration, valueSize, keys int) loadResult {
 	if conns < 1 || clients < 1 {
 		fail("--clients and --conns must be at least 1")
@@ -164,6 +168,9 @@ func load(eps []string, op string, clients, conns int, duration time.Duration, v
 				}
 				took := time.Since(began)
 				cancel()
+				if slowLog > 0 && took >= slowLog {
+					fmt.Fprintf(os.Stderr, "slow %d %.2f ms\n", began.UnixMilli(), float64(took.Microseconds())/1000)
+				}
 				if err != nil {
 					if atomic.AddInt64(&errors, 1) == 1 {
 						firstError.Store(err.Error())

@@ -730,7 +730,7 @@ impl Wal {
             w.next_snapshot_generation += 1;
             let path = self.dir.join(snapshot_file::partial_file_name(generation));
             w.staging = Some(Staging {
-                writer: SnapshotWriter::create(&*self.fs, path, generation)?,
+                writer: SnapshotWriter::create(&*self.fs, path, generation, self.sync_enabled)?,
                 meta: chunk.meta.clone(),
                 data_bytes: chunk.data_bytes,
             });
@@ -750,7 +750,7 @@ impl Wal {
         meta: &SnapshotMeta,
     ) -> Result<(SnapshotRef, Arc<dyn FsFile>), WalError> {
         let staging = w.staging.take().expect("validated: a staged snapshot");
-        let snapshot = staging.writer.finish(meta, self.sync_enabled)?;
+        let snapshot = staging.writer.finish(meta)?;
         let path = self.dir.join(snapshot_file::file_name(snapshot.generation));
         self.fs
             .rename(&staging.writer.path, &path)
@@ -1026,7 +1026,8 @@ impl Wal {
         meta: &SnapshotMeta,
         mut data: impl Read,
     ) -> Result<(SnapshotRef, Arc<dyn FsFile>), WalError> {
-        let mut writer = SnapshotWriter::create(&*self.fs, tmp.to_path_buf(), generation)?;
+        let mut writer =
+            SnapshotWriter::create(&*self.fs, tmp.to_path_buf(), generation, self.sync_enabled)?;
         let mut buf = vec![0u8; snapshot_file::READ_CHUNK_BYTES];
         loop {
             let read = match data.read(&mut buf) {
@@ -1042,7 +1043,7 @@ impl Wal {
             };
             writer.append(&buf[..read])?;
         }
-        let snapshot = writer.finish(meta, self.sync_enabled)?;
+        let snapshot = writer.finish(meta)?;
         Ok((snapshot, writer.file))
     }
 
