@@ -466,7 +466,10 @@ async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
         // Killed, not paused: a paused member's socket buffers would still take the appends.
         cluster.kill9(lagging);
         let mut kv = cluster.kv(leader).await;
-        for i in 0..200 {
+        // More entries than the leader's in-flight window (256 appends): appends sent to the
+        // dead member before the compaction may wait in the transport and reach it when it
+        // restarts, but never all of them, so it must still need the snapshot.
+        for i in 0..800 {
             put(&mut kv, &format!("snap-{i}"), &format!("{i}"))
                 .await
                 .unwrap();
@@ -485,7 +488,7 @@ async fn a_follower_behind_a_compacted_log_catches_up_by_snapshot() {
             .unwrap_or(0.0);
         assert!(restored >= 1.0, "the follower caught up by snapshot");
         let mut kv_lagging = cluster.kv(lagging).await;
-        for i in [0, 100, 199] {
+        for i in [0, 100, 799] {
             let value = get(&mut kv_lagging, &format!("snap-{i}"), true)
                 .await
                 .unwrap();
