@@ -236,8 +236,9 @@ pub(crate) struct Keyspace {
     compacted_revision: i64,
     /// The compaction the versions in `keys` have had: `compacted_revision` unless pinned.
     versions_compacted_revision: i64,
-    /// A snapshot is reading the versions in steps: they may be added to, not removed.
-    pinned: bool,
+    /// The pin of the snapshot reading the versions in steps, if any: while set, versions may
+    /// be added, not removed.
+    pin: Option<u64>,
 }
 
 impl Default for Keyspace {
@@ -249,7 +250,7 @@ impl Default for Keyspace {
             current_revision: FIRST_WRITE_REVISION - 1,
             compacted_revision: 0,
             versions_compacted_revision: 0,
-            pinned: false,
+            pin: None,
         }
     }
 }
@@ -285,17 +286,25 @@ impl Keyspace {
             .filter(|(_, versions)| !versions.is_empty())
     }
 
-    /// Holds every version in place until [`Keyspace::unpin`]: a compaction meanwhile only
-    /// moves `compacted_revision`. One pin at a time.
-    pub fn pin(&mut self) {
-        assert!(!self.pinned, "the keyspace is already pinned");
-        self.pinned = true;
+    /// Holds every version in place until [`Keyspace::unpin`] with the same `pin`: a
+    /// compaction meanwhile only moves `compacted_revision`. One pin at a time.
+    pub fn pin(&mut self, pin: u64) {
+        assert!(self.pin.is_none(), "the keyspace is already pinned");
+        self.pin = Some(pin);
     }
 
-    /// Releases the pin and drops the versions a compaction meanwhile left in place.
-    pub fn unpin(&mut self) {
-        assert!(self.pinned, "the keyspace is not pinned");
-        self.pinned = false;
+    /// Whether `pin` is the pin held (false once released, or on another keyspace).
+    pub fn is_pinned_by(&self, pin: u64) -> bool {
+        self.pin == Some(pin)
+    }
+
+    /// Releases `pin` and drops the versions a compaction meanwhile left in place. Does nothing
+    /// if `pin` is not the pin held.
+    pub fn unpin(&mut self, pin: u64) {
+        if !self.is_pinned_by(pin) {
+            return;
+        }
+        self.pin = None;
         if self.versions_compacted_revision < self.compacted_revision {
             self.drop_compacted_versions();
         }
@@ -442,7 +451,7 @@ impl Keyspace {
             self.changes_first_revision += 1;
         }
         self.compacted_revision = revision;
-        if !self.pinned {
+        if self.pin.is_none() {
             self.drop_compacted_versions();
         }
     }
@@ -581,7 +590,7 @@ impl Keyspace {
             current_revision,
             compacted_revision,
             versions_compacted_revision: compacted_revision,
-            pinned: false,
+            pin: None,
         })
     }
 }

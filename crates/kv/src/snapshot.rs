@@ -123,13 +123,8 @@ impl KvStore {
     /// (see [`SnapshotCursor`]). Takes time in proportion to the leases and sessions only.
     /// Panics if a snapshot is already in progress: one at a time.
     pub fn begin_snapshot(&mut self) -> SnapshotCursor {
-        assert!(
-            self.snapshot_pin.is_none(),
-            "a snapshot is already in progress"
-        );
         let pin = NEXT_PIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.snapshot_pin = Some(pin);
-        self.keyspace.pin();
+        self.keyspace.pin(pin);
         let mut cursor = self.snapshot_cursor();
         cursor.pin = Some(pin);
         cursor
@@ -139,9 +134,8 @@ impl KvStore {
     /// drops the versions a compaction meanwhile left in place (the compaction's own cost, paid
     /// now). Does nothing if the store was replaced since.
     pub fn end_snapshot(&mut self, cursor: SnapshotCursor) {
-        if cursor.pin.is_some() && cursor.pin == self.snapshot_pin {
-            self.snapshot_pin = None;
-            self.keyspace.unpin();
+        if let Some(pin) = cursor.pin {
+            self.keyspace.unpin(pin);
         }
     }
 
@@ -155,7 +149,10 @@ impl KvStore {
         out: &mut Vec<u8>,
         bytes_target: usize,
     ) -> io::Result<bool> {
-        if cursor.pin.is_some() && cursor.pin != self.snapshot_pin {
+        if cursor
+            .pin
+            .is_some_and(|pin| !self.keyspace.is_pinned_by(pin))
+        {
             return Err(io::Error::other(
                 "the store was replaced while the snapshot was being written",
             ));
@@ -294,11 +291,12 @@ impl KvStore {
         let histories = self
             .keyspace
             .histories_from(from_key.as_ref(), cursor.compacted_revision);
+        // Only the first key can be the one to resume: the keys start at it.
+        let mut resume = from_key.as_ref().map(|key| (key, from_offset));
         for (key, versions) in histories {
-            let offset = if Some(key) == from_key.as_ref() {
-                from_offset
-            } else {
-                0
+            let offset = match resume.take() {
+                Some((resume_key, offset)) if resume_key == key => offset,
+                _ => 0,
             };
             let count = versions.partition_point(|version| version.mod_revision <= cursor.revision);
             if offset >= count {
@@ -648,7 +646,6 @@ impl Restoring {
             leases: self.leases,
             sessions: self.sessions,
             applied_index: header.applied_index,
-            snapshot_pin: None,
         })
     }
 }

@@ -32,9 +32,6 @@ pub struct KvStore {
     pub(crate) leases: Leases,
     pub(crate) sessions: Sessions,
     pub(crate) applied_index: u64,
-    /// The pin of the snapshot being written in steps, if any (see
-    /// [`crate::SnapshotCursor`]); the keyspace is pinned exactly while this is set.
-    pub(crate) snapshot_pin: Option<u64>,
 }
 
 type Outcome = (Result<Response, KvError>, Vec<Event>);
@@ -47,7 +44,6 @@ impl KvStore {
             keyspace: Keyspace::default(),
             leases: Leases::default(),
             applied_index: 0,
-            snapshot_pin: None,
         }
     }
 
