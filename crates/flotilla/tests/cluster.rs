@@ -127,6 +127,49 @@ async fn a_paused_leader_steps_down_without_harm() {
     .await;
 }
 
+/// Lease reads: the leader answers linearizable reads from its lease. Paused past its lease
+/// while the others elect a new leader and write, on resuming it must not answer from its
+/// lease (its ticks stood still while it slept; the lease is checked on the clock): the first
+/// read it answers shows the new write, or fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_serves_no_stale_read_when_it_resumes() {
+    let cluster = TestCluster::start(3, &["--lease-reads"]);
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut kv = cluster.kv(old).await;
+        put(&mut kv, "k", "before").await.unwrap();
+        // The lease comes with the first heartbeat round a quorum acknowledges.
+        eventually("a read answered from the lease", LIMIT, || {
+            let mut kv = kv.clone();
+            let cluster = &cluster;
+            async move {
+                assert_eq!(
+                    get(&mut kv, "k", false).await.ok()?.as_deref(),
+                    Some("before")
+                );
+                let from_lease = cluster
+                    .metric(old, "flotilla_server_reads_from_lease_total")
+                    .await?;
+                (from_lease >= 1.0).then_some(())
+            }
+        })
+        .await;
+
+        cluster.signal(old, Signal::STOP);
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let new = cluster.wait_for_leader(&others).await;
+        let mut kv_new = cluster.kv(new).await;
+        put(&mut kv_new, "k", "after").await.unwrap();
+        cluster.signal(old, Signal::CONT);
+        // At once, before anything tells the old leader of the new term.
+        match get(&mut kv, "k", false).await {
+            Ok(value) => assert_eq!(value.as_deref(), Some("after"), "a stale read"),
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_write_with_a_session_is_applied_once() {
     let cluster = TestCluster::start(3, &[]);

@@ -49,6 +49,13 @@ pub struct Config {
     /// The most linearizable reads waiting at a leader (or a follower) at once; further reads
     /// are refused.
     pub read_queue_max: usize,
+    /// Leader leases for reads (thesis §6.4.1): a leader that a quorum acknowledged within the
+    /// last election timeout serves reads without a heartbeat round
+    /// ([`crate::RaftNode::lease_read_index`]). Safe only while clocks advance at about the same
+    /// rate on every member, and only if every member enables it: a node that enables it also
+    /// ignores elections for one election timeout after it starts, since a restart forgets the
+    /// leader it acknowledged. Needs `check_quorum`.
+    pub lease_reads: bool,
     /// Seeds the PRNG that randomises election timeouts.
     pub seed: u64,
 }
@@ -82,6 +89,7 @@ impl Config {
             snapshot_trailing_entries: 5_000,
             promotion_lag_entries_max: 1_000,
             read_queue_max: 4_096,
+            lease_reads: false,
             seed: id,
         }
     }
@@ -96,6 +104,14 @@ impl Config {
         }
         if self.election_timeout_ticks <= self.heartbeat_interval_ticks {
             return fail("election_timeout_ticks must exceed heartbeat_interval_ticks");
+        }
+        if self.lease_reads && !self.check_quorum {
+            return fail(
+                "lease_reads needs check_quorum: followers must ignore elections while a leader is alive",
+            );
+        }
+        if self.lease_reads && self.election_timeout_ticks < 3 {
+            return fail("lease_reads needs election_timeout_ticks of at least 3");
         }
         if self.inflight_messages_max == 0 || self.snapshot_chunks_inflight_max == 0 {
             return fail("in-flight limits must be at least 1");

@@ -47,7 +47,7 @@ pub use error::Error;
 pub use mem_storage::MemStorage;
 pub use membership::{ConfChange, ConfChangeStep, Membership, MembershipEntry, MembershipError};
 pub use message::*;
-pub use node::RaftNode;
+pub use node::{LeaseRead, RaftNode};
 pub use output::{
     Apply, Output, PersistBatch, PersistId, ReadFailure, ReadState, Role, RoleState, SnapshotChunk,
     SnapshotInstall,

@@ -83,6 +83,16 @@ pub struct ServeArgs {
         value_parser = parse_go_duration
     )]
     pub experimental_watch_progress_notify_interval: Option<Duration>,
+    /// Leader leases for linearizable reads: the leader answers them without a heartbeat round
+    /// while a quorum acknowledged it within the last election timeout, less the drift margin.
+    /// Safe only if clocks run at about the same rate on every member and every member sets
+    /// it (a member with it ignores elections for an election timeout after it starts) [default: false].
+    #[arg(long, env = "FLOTILLA_LEASE_READS", num_args = 0..=1, default_missing_value = "true")]
+    pub lease_reads: Option<bool>,
+    /// With --lease-reads: milliseconds taken off each lease for the members' clocks running at
+    /// different rates [default: a tenth of the election timeout].
+    #[arg(long, env = "FLOTILLA_LEASE_CLOCK_DRIFT")]
+    pub lease_clock_drift: Option<u64>,
     /// UNSAFE, benchmarks only: never fsync; a crash may lose acknowledged writes.
     #[arg(long, env = "FLOTILLA_UNSAFE_NO_FSYNC", num_args = 0..=1, default_missing_value = "true")]
     pub unsafe_no_fsync: Option<bool>,
@@ -135,6 +145,8 @@ struct FileConfig {
     max_txn_ops: Option<usize>,
     session_ttl: Option<u64>,
     experimental_watch_progress_notify_interval: Option<String>,
+    lease_reads: Option<bool>,
+    lease_clock_drift: Option<u64>,
     unsafe_no_fsync: Option<bool>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
@@ -163,6 +175,8 @@ pub struct ServerConfig {
     pub max_txn_ops: usize,
     pub session_ttl: Duration,
     pub watch_progress_notify_interval: Duration,
+    pub lease_reads: bool,
+    pub lease_clock_drift: Duration,
     pub unsafe_no_fsync: bool,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -284,6 +298,21 @@ impl ServeArgs {
                  --heartbeat-interval ({heartbeat_ms} ms), which must be positive"
             );
         }
+        let lease_reads = self.lease_reads.or(file.lease_reads).unwrap_or(false);
+        let lease_clock_drift_ms = self
+            .lease_clock_drift
+            .or(file.lease_clock_drift)
+            .unwrap_or(election_ms / 10);
+        // The lease lasts T - 1 ticks (whole ticks of the election timeout) less the margin.
+        let lease_ms = (election_ms / heartbeat_ms).saturating_sub(1) * heartbeat_ms;
+        if lease_reads && (election_ms / heartbeat_ms < 3 || lease_clock_drift_ms >= lease_ms) {
+            bail!(
+                "--lease-reads: the lease lasts {lease_ms} ms (the election timeout less one \
+                 heartbeat interval), which must exceed --lease-clock-drift \
+                 ({lease_clock_drift_ms} ms), and the election timeout must be at least three \
+                 heartbeat intervals"
+            );
+        }
         let config = ServerConfig {
             name,
             data_dir,
@@ -319,6 +348,8 @@ impl ServeArgs {
                 self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
             ),
             watch_progress_notify_interval,
+            lease_reads,
+            lease_clock_drift: Duration::from_millis(lease_clock_drift_ms),
             unsafe_no_fsync: self
                 .unsafe_no_fsync
                 .or(file.unsafe_no_fsync)

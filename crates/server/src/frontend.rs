@@ -9,6 +9,7 @@
 //! here, so a write without a session is applied at most once.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use flotilla_proto::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
-use flotilla_raft::{ConfChange, ConfChangeStep, NodeId};
+use flotilla_raft::{ConfChange, ConfChangeStep, Index, NodeId};
 use prost::Message as _;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -360,9 +361,17 @@ impl Frontend {
 
     // ----- Reads ---------------------------------------------------------------------------
 
-    /// Waits until the local state machine may serve a linearizable read (ReadIndex).
+    /// Waits until the local state machine may serve a linearizable read: from the leader's
+    /// lease if it holds one (lease reads on), else by ReadIndex.
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
         let deadline = self.deadline();
+        if let Some(index) = self.node.lease_read_index() {
+            self.node
+                .metrics
+                .reads_from_lease
+                .fetch_add(1, Ordering::Relaxed);
+            return self.wait_applied(index, deadline).await;
+        }
         loop {
             match self.node.read_index(deadline).await {
                 Ok(()) => return Ok(()),
@@ -382,6 +391,21 @@ impl Frontend {
                 }
                 Err(err) => return Err(node_status(err)),
             }
+        }
+    }
+
+    /// Waits until the local state machine has applied `index`.
+    async fn wait_applied(&self, index: Index, deadline: Instant) -> Result<(), Status> {
+        let applied = || {
+            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+            state.applied_index()
+        };
+        if applied() >= index {
+            return Ok(());
+        }
+        match self.node.wait_for(deadline, |s| s.applied >= index).await {
+            Some(_) => Ok(()),
+            None => Err(Status::unavailable(REQUEST_TIMED_OUT)),
         }
     }
 

@@ -26,6 +26,7 @@ pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod peer_service;
+pub mod read_lease;
 pub mod server;
 pub mod services;
 pub mod state_machine;

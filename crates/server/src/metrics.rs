@@ -75,6 +75,8 @@ pub struct Metrics {
     pub snapshots_saved: AtomicU64,
     pub snapshots_restored: AtomicU64,
     pub peer_messages_dropped: AtomicU64,
+    /// Linearizable reads answered from the leader's lease, without a heartbeat round.
+    pub reads_from_lease: AtomicU64,
     /// Watchers whose bounded queue overflowed, sent back to catch up from history.
     pub watchers_fell_behind: AtomicU64,
     pub wal_fsync: Histogram,
@@ -147,7 +149,12 @@ impl Metrics {
         for (name, help, value) in gauges {
             metric(&mut out, name, help, "gauge", value.load(Ordering::Relaxed));
         }
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            (
+                "flotilla_server_reads_from_lease_total",
+                "Linearizable reads answered from the leader's lease (--lease-reads)",
+                &self.reads_from_lease,
+            ),
             (
                 "flotilla_server_leader_changes_seen_total",
                 "Leader changes seen",

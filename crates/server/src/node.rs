@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::{Actions, Driver, Refusal};
 use crate::metrics::Metrics;
+use crate::read_lease::{self, Lease, PublishedLease, TickClock};
 use crate::state_machine::{Applied, EventSink, StateMachine, StateSnapshotCursor};
 use crate::storage::{DurableStorage, SnapshotReader, StorageFailure};
 use crate::transport::{PeerRouter, TransportEvent};
@@ -89,6 +90,9 @@ pub struct NodeOptions {
     pub apply_backlog_entries_max: u64,
     pub proposals_max: usize,
     pub limits: Limits,
+    /// With lease reads (`raft.lease_reads`): how long a lease lasts in real time from the
+    /// tick its round was sent in (see [`crate::read_lease`]).
+    pub lease_duration: Option<Duration>,
 }
 
 /// A running node, for the services: submit requests, watch the status, read the state.
@@ -99,6 +103,7 @@ pub struct NodeHandle {
     pub state: Arc<RwLock<StateMachine>>,
     pub storage: Arc<dyn DurableStorage>,
     pub metrics: Arc<Metrics>,
+    lease: Arc<PublishedLease>,
 }
 
 /// Why a request to the node failed.
@@ -177,6 +182,12 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         self.call(NodeRequest::Membership { change, reply }, rx, deadline)
             .await
+    }
+
+    /// A read index from this leader's lease, if lease reads are on and the lease holds now:
+    /// the state machine may answer a linearizable read once it has applied this far.
+    pub fn lease_read_index(&self) -> Option<Index> {
+        self.lease.read_index_at(Instant::now())
     }
 
     /// Waits until a linearizable read may be served from the local state machine.
@@ -323,8 +334,12 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
             .spawn(move || context.run(apply_rx))
             .expect("spawn the apply thread")
     };
+    let lease = Arc::new(PublishedLease::default());
+    let clock = TickClock::new(driver.node().ticks(), Instant::now());
     let raft_loop = RaftLoop {
         driver,
+        clock,
+        lease: lease.clone(),
         options: parts.options,
         router: parts.router,
         wal_tx,
@@ -353,6 +368,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         state: parts.state,
         storage: parts.storage,
         metrics: parts.metrics,
+        lease,
     };
     Ok(RunningNode {
         handle,
@@ -398,6 +414,10 @@ struct RaftInputs {
 
 struct RaftLoop {
     driver: NodeDriver,
+    /// When recent ticks began, to turn the core's lease into a deadline.
+    clock: TickClock,
+    /// The lease as the handlers see it; updated before each round's messages leave.
+    lease: Arc<PublishedLease>,
     options: NodeOptions,
     router: PeerRouter,
     wal_tx: mpsc::Sender<PersistBatch>,
@@ -481,11 +501,18 @@ impl RaftLoop {
                     self.on_transport_event(event);
                     Ok(())
                 }
-                _ = ticker.tick() => self.driver.tick(),
+                _ = ticker.tick() => {
+                    // Read the clock first: what the core sends in this tick leaves later.
+                    let now = Instant::now();
+                    let ticked = self.driver.tick();
+                    self.clock.record(self.driver.node().ticks(), now);
+                    ticked
+                }
             };
             if let Err(err) = outcome.and_then(|()| self.carry_out()) {
                 self.fail(format!("the Raft core stopped: {err}"));
             }
+            self.publish_lease();
             self.publish_status(false);
             if self.removed || self.fatal.is_some() {
                 break;
@@ -600,6 +627,8 @@ impl RaftLoop {
     }
 
     fn dispatch(&mut self, actions: Actions<ProposalWaiter, ReadWaiter>) {
+        // Before any message leaves: a TimeoutNow among them must find the lease withdrawn.
+        self.publish_lease();
         if let Some(state) = actions.role_state {
             self.on_role_state(state);
         }
@@ -710,6 +739,20 @@ impl RaftLoop {
         self.role = Some(state);
     }
 
+    /// Publishes the core's lease as a real-time deadline, or withdraws it.
+    fn publish_lease(&self) {
+        let Some(duration) = self.options.lease_duration else {
+            return;
+        };
+        let lease = self.driver.node().lease_read_index().and_then(|lease| {
+            read_lease::deadline_of(lease, &self.clock, duration).map(|deadline| Lease {
+                index: lease.index,
+                deadline,
+            })
+        });
+        self.lease.publish(lease);
+    }
+
     fn publish_status(&self, stopped: bool) {
         let status = status_of(&self.driver, self.removed, stopped, self.fatal.clone());
         self.metrics
@@ -735,6 +778,7 @@ impl RaftLoop {
         for waiter in reads {
             let _ = waiter.send(Err(Refusal::Stopped));
         }
+        self.lease.publish(None);
         self.publish_status(true);
         self.router.shutdown();
     }

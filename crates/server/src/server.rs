@@ -40,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
 use crate::peer_proto::peer_server::PeerServer;
 use crate::peer_service::PeerService;
+use crate::read_lease;
 use crate::services::{ClientServices, publish_attributes_command};
 use crate::state_machine::{EventSink, StateMachine};
 use crate::storage::DurableStorage;
@@ -198,12 +199,22 @@ fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
         bytes_max: 256 << 20,
     };
     raft.snapshot_trailing_entries = config.snapshot_catchup_entries;
+    raft.lease_reads = config.lease_reads;
+    let lease_duration = config.lease_reads.then(|| {
+        read_lease::lease_duration(
+            config.heartbeat_interval,
+            raft.election_timeout_ticks,
+            config.lease_clock_drift,
+        )
+        .expect("the configuration checked that the lease outlasts the drift margin")
+    });
     NodeOptions {
         raft,
         tick: config.heartbeat_interval,
         apply_backlog_entries_max: 5_000,
         proposals_max: 65_536,
         limits,
+        lease_duration,
     }
 }
 

@@ -79,7 +79,28 @@ impl Checker {
         for view in nodes {
             self.check_leader(view)?;
         }
+        for view in nodes {
+            self.check_lease(view)?;
+        }
         Ok(())
+    }
+
+    /// A leader's lease (thesis §6.4.1) is exclusive: while a leader of term t may answer reads
+    /// from its lease, no leader of a later term has ever existed (it could have committed
+    /// writes the lease holder has not seen). Checked after every step.
+    fn check_lease<S: LogStorage>(&self, view: &NodeView<'_, S>) -> Result<(), Violation> {
+        if view.node.lease_read_index().is_none() {
+            return Ok(());
+        }
+        let term = view.node.term();
+        match self.leaders.range(term + 1..).next() {
+            Some((later, leader)) => Err(format!(
+                "lease safety: node {} answers reads from its lease in term {term}, but node \
+                 {leader} already led term {later}",
+                view.id
+            )),
+            None => Ok(()),
+        }
     }
 
     fn check_election_safety<S: LogStorage>(

@@ -14,7 +14,7 @@ pub mod storage;
 pub mod trace;
 
 pub use options::{SimOptions, StorageKind};
-pub use simulation::{RunReport, Simulation};
+pub use simulation::{RunFailure, RunReport, Simulation};
 pub use storage::{MemDisk, SimStorage, WalDisk};
 
 /// Runs one seed, turning a panic inside the core (a failed assertion) into a failure too.
@@ -26,9 +26,9 @@ pub fn run_seed(options: SimOptions) -> Result<RunReport, String> {
     });
     match result {
         Ok(Ok(report)) => Ok(report),
-        Ok(Err((violation, report))) => Err(format!(
-            "{violation} (at time {}, digest {:016x})",
-            report.end_time, report.digest
+        Ok(Err(failure)) => Err(format!(
+            "{} (at time {}, digest {:016x})",
+            failure.violation, failure.report.end_time, failure.report.digest
         )),
         Err(panic) => {
             let message = panic

@@ -36,6 +36,10 @@ struct Args {
     /// What the nodes store their log on: memory, or the WAL over a faulty simulated disk.
     #[arg(long, value_enum, default_value_t = StorageKind::Mem)]
     storage: StorageKind,
+    /// Leaders answer reads from their lease (thesis §6.4.1) when they hold one; every
+    /// read is still checked to see every write acknowledged before it began.
+    #[arg(long)]
+    lease_reads: bool,
     /// Print every event of a replayed seed.
     #[arg(long, requires = "seed")]
     verbose: bool,
@@ -67,6 +71,7 @@ fn options(args: &Args, seed: u64) -> SimOptions {
     let mut options = SimOptions::from_seed(seed, nodes, args.membership);
     options.verbose = args.verbose;
     options.storage = args.storage;
+    options.lease_reads = args.lease_reads;
     options
 }
 
@@ -78,8 +83,13 @@ fn replay_command(args: &Args, seed: u64) -> String {
     } else {
         ""
     };
+    let lease = if args.lease_reads {
+        " --lease-reads"
+    } else {
+        ""
+    };
     format!(
-        "cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{membership}{storage}"
+        "cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{membership}{storage}{lease}"
     )
 }
 
@@ -89,7 +99,7 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
         Ok(report) => {
             println!(
                 "seed {seed}: ok: {} nodes, {} events, {} writes ok / {} failed / {} unknown, \
-                 {} reads, {} leaders elected, {} snapshots installed, {} membership changes, \
+                 {} reads ({} from a lease), {} leaders elected, {} snapshots installed, {} membership changes, \
                  ended at time {}",
                 report.nodes,
                 report.events,
@@ -97,6 +107,7 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
                 report.writes_failed,
                 report.writes_unknown,
                 report.reads_ok,
+                report.lease_reads_ok,
                 report.elections,
                 report.snapshots_installed,
                 report.membership_changes,

@@ -55,6 +55,8 @@ pub struct SimOptions {
     pub storage: StorageKind,
     /// With the WAL: one write or fsync in this many fails (0: never), which stops the node.
     pub disk_error_one_in: u64,
+    /// Leaders answer reads from their lease when they hold one (forces check-quorum on).
+    pub lease_reads: bool,
 }
 
 impl SimOptions {
@@ -92,6 +94,7 @@ impl SimOptions {
             verbose: false,
             storage: StorageKind::Mem,
             disk_error_one_in: [0, 0, 500, 3000][prng.range(0, 4) as usize],
+            lease_reads: false,
         }
     }
 }

@@ -33,10 +33,19 @@ pub struct RunReport {
     pub writes_failed: u64,
     pub writes_unknown: u64,
     pub reads_ok: u64,
+    /// Of those, reads a leader answered from its lease.
+    pub lease_reads_ok: u64,
     pub elections: u64,
     pub snapshots_installed: u64,
     pub membership_changes: u64,
     pub end_time: u64,
+}
+
+/// The first violated property of a run, with the report up to it.
+#[derive(Debug)]
+pub struct RunFailure {
+    pub violation: Violation,
+    pub report: RunReport,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -257,6 +266,9 @@ pub struct Simulation<S: SimStorage> {
     clients: Vec<Client>,
     /// The highest index of a write acknowledged so far: a read invoked later must see it.
     acked_write_index_max: Index,
+    /// Reads a leader answered from its lease, waiting for its state machine to reach their
+    /// index: (node, context, index). At most one per client.
+    lease_reads_waiting: Vec<(NodeId, u64, Index)>,
     checker: Checker,
     /// Nodes that were ever in a configuration some leader committed or proposed.
     ever_members: BTreeSet<NodeId>,
@@ -279,6 +291,7 @@ impl<S: SimStorage> Simulation<S> {
             writes_failed: 0,
             writes_unknown: 0,
             reads_ok: 0,
+            lease_reads_ok: 0,
             elections: 0,
             snapshots_installed: 0,
             membership_changes: 0,
@@ -297,6 +310,7 @@ impl<S: SimStorage> Simulation<S> {
             duplicate_per_mille: options.duplicate_per_mille,
             clients: (0..options.clients).map(|_| Client::default()).collect(),
             acked_write_index_max: 0,
+            lease_reads_waiting: Vec::new(),
             checker: Checker::default(),
             ever_members: BTreeSet::new(),
             newest_committed_membership: 0,
@@ -324,12 +338,12 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     /// Runs to the end. Returns the report, or the first violated property.
-    pub fn run(mut self) -> Result<RunReport, (Violation, RunReport)> {
+    pub fn run(mut self) -> Result<RunReport, Box<RunFailure>> {
         let fault_end = self.options.fault_phase_time;
         let deadline = fault_end + self.options.liveness_time_max;
         loop {
             let Some(Reverse((time, _, event))) = self.queue.pop() else {
-                return Err(("the event queue ran dry".into(), self.finish()));
+                return Err(self.fail("the event queue ran dry".into()));
             };
             if self.phase == Phase::Faults && time >= fault_end {
                 self.now = fault_end;
@@ -337,17 +351,16 @@ impl<S: SimStorage> Simulation<S> {
             }
             if time > deadline {
                 let detail = self.liveness_detail();
-                return Err((
-                    format!("liveness: not converged by time {deadline}: {detail}"),
-                    self.finish(),
-                ));
+                return Err(self.fail(format!(
+                    "liveness: not converged by time {deadline}: {detail}"
+                )));
             }
             self.now = time;
             if self.options.verbose {
                 self.log_event(&event);
             }
             if let Err(violation) = self.handle(event).and_then(|()| self.check()) {
-                return Err((violation, self.finish()));
+                return Err(self.fail(violation));
             }
             if self.phase == Phase::Liveness && self.converged() {
                 return Ok(self.finish());
@@ -372,6 +385,13 @@ impl<S: SimStorage> Simulation<S> {
             Event::Tick { .. } => {}
             other => println!("{:>6} {other:?}", self.now),
         }
+    }
+
+    fn fail(self, violation: Violation) -> Box<RunFailure> {
+        Box::new(RunFailure {
+            violation,
+            report: self.finish(),
+        })
     }
 
     fn finish(mut self) -> RunReport {
@@ -401,7 +421,8 @@ impl<S: SimStorage> Simulation<S> {
         config.election_timeout_ticks = 10;
         config.heartbeat_interval_ticks = 1;
         config.pre_vote = o.pre_vote;
-        config.check_quorum = o.check_quorum;
+        config.check_quorum = o.check_quorum || o.lease_reads;
+        config.lease_reads = o.lease_reads;
         config.append_bytes_max = o.append_bytes_max;
         config.inflight_messages_max = o.inflight_messages_max;
         config.inflight_bytes_max = o.append_bytes_max.max(1) * o.inflight_messages_max as u64;
@@ -580,6 +601,9 @@ impl<S: SimStorage> Simulation<S> {
         }
         if !output.apply.is_empty() {
             self.apply(id, output.apply);
+            if !self.lease_reads_waiting.is_empty() {
+                self.resolve_lease_reads(id);
+            }
         }
         for read in output.reads {
             self.resolve_read(id, read.context, Some(read.index));
@@ -1050,12 +1074,20 @@ impl<S: SimStorage> Simulation<S> {
             .get_mut(&node)
             .and_then(SimNode::running_mut)
             .expect("picked running");
+        let mut lease_index = None;
         let result = if read {
             let context = (client as u64) << 40 | op;
-            raft.read_index(context).map(|()| OpKind::Read {
+            let kind = OpKind::Read {
                 context,
                 floor_index: self.acked_write_index_max,
-            })
+            };
+            match raft.lease_read_index() {
+                Some(lease) => {
+                    lease_index = Some((context, lease.index));
+                    Ok(kind)
+                }
+                None => raft.read_index(context).map(|()| kind),
+            }
         } else {
             let data = Bytes::from(format!("c{client}-{op}"));
             raft.propose(data).map(|entry| OpKind::Write { entry })
@@ -1072,6 +1104,13 @@ impl<S: SimStorage> Simulation<S> {
                 self.trace.record(&[13, client as u64, op, node]);
                 let timeout = self.options.client_timeout_time;
                 self.schedule(timeout, Event::ClientTimeout { client, op });
+                if let Some((context, index)) = lease_index {
+                    self.trace.record(&[18, client as u64, index]);
+                    self.lease_reads_waiting
+                        .retain(|&(_, waiting, _)| (waiting >> 40) as usize != client);
+                    self.lease_reads_waiting.push((node, context, index));
+                    self.resolve_lease_reads(node);
+                }
                 self.process(node);
             }
             Err(Error::NotLeader { leader_hint }) => {
@@ -1134,6 +1173,21 @@ impl<S: SimStorage> Simulation<S> {
             }
             self.clients[client].leader_hint = Some(id);
             self.finish_op(client);
+        }
+    }
+
+    /// Answers the lease reads waiting on `id` that its state machine has reached.
+    fn resolve_lease_reads(&mut self, id: NodeId) {
+        let applied = self.nodes[&id].machine.applied_index;
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .lease_reads_waiting
+            .drain(..)
+            .partition(|&(node, _, index)| node == id && index <= applied);
+        self.lease_reads_waiting = waiting;
+        for (node, context, index) in ready {
+            let before = self.report.reads_ok;
+            self.resolve_read(node, context, Some(index));
+            self.report.lease_reads_ok += self.report.reads_ok - before;
         }
     }
 

@@ -119,6 +119,9 @@ impl<S: LogStorage> RaftNode<S> {
             term_start_index: last_index + 1,
             reads: Default::default(),
             read_round: 0,
+            lease_rounds: Default::default(),
+            lease_sent_tick: None,
+            lease_revoked: false,
         };
         for id in self.log.membership().members() {
             leader.progress.insert(id, Progress::new(last_index + 1));

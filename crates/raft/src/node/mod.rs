@@ -30,6 +30,7 @@ use crate::progress::Progress;
 use crate::storage::{LogStorage, SnapshotMeta, StorageError};
 use crate::types::{Entry, EntryId, EntryPayload, HardState, Index, NODE_NONE, NodeId, Term};
 
+pub use reads::LeaseRead;
 pub(crate) use reads::{PendingRead, ReadOrigin};
 
 /// State only a leader has.
@@ -53,6 +54,17 @@ pub(crate) struct LeaderState {
     reads: VecDeque<PendingRead>,
     /// The last read round broadcast in heartbeats.
     read_round: u64,
+    /// With lease reads: the rounds broadcast and not yet confirmed by a quorum, each with the
+    /// tick it was sent at, oldest first. At most `LEASE_ROUNDS_MAX`; the oldest are dropped.
+    lease_rounds: VecDeque<(u64, u64)>,
+    /// With lease reads: the tick at which the latest round a quorum acknowledged was sent.
+    /// Every voter of that quorum ignores elections until at least one election timeout after
+    /// it received that round, so no other leader can exist before then. Never decreases.
+    lease_sent_tick: Option<u64>,
+    /// A TimeoutNow was sent in this term: the target's election ignores leases, so this
+    /// leader serves no lease read again in its term (even if the transfer is abandoned, the
+    /// message may still arrive).
+    lease_revoked: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,6 +264,11 @@ impl<S: LogStorage> RaftNode<S> {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Ticks since this node was created: its logical clock.
+    pub fn ticks(&self) -> u64 {
+        self.ticks
     }
 
     pub fn term(&self) -> Term {
@@ -471,9 +488,14 @@ impl<S: LogStorage> RaftNode<S> {
                 // leader within the minimum election timeout, it ignores elections, so a
                 // partitioned node that rejoins cannot depose a working leader. A transfer is
                 // exempt: the leader itself asked for it.
+                // With lease reads, a node that started less than an election timeout ago
+                // counts as in lease too: it may have acknowledged a leader before a restart.
+                let timeout = self.config.election_timeout_ticks;
+                let heard_or_just_started =
+                    self.leader != NODE_NONE || (self.config.lease_reads && self.ticks < timeout);
                 let in_lease = self.config.check_quorum
-                    && self.leader != NODE_NONE
-                    && self.election_elapsed_ticks < self.config.election_timeout_ticks;
+                    && heard_or_just_started
+                    && self.election_elapsed_ticks < timeout;
                 if in_lease && !request.leadership_transfer {
                     return false;
                 }

@@ -6,6 +6,12 @@
 //! its term commits: before that its commit index may lag the true one. Reads arriving while a
 //! round is pending share it, so a burst of reads costs one heartbeat round. A follower asks
 //! the leader for a read index and waits for its own state machine to reach it.
+//!
+//! With [`crate::Config::lease_reads`], every heartbeat is a round, and a leader whose round
+//! sent at tick `s` a quorum acknowledged holds a lease until tick `s + T - 2` (thesis §6.4.1):
+//! each voter of that quorum received the round after `s` and ignores elections for at least
+//! `T - 1` tick intervals after that, so no other leader can be elected before then. Within
+//! the lease the leader's commit index is a read index without a round.
 
 use super::{RaftNode, RoleData};
 use crate::error::Error;
@@ -14,6 +20,23 @@ use crate::output::{ReadFailure, ReadState};
 use crate::quorum;
 use crate::storage::LogStorage;
 use crate::types::{Index, NodeId};
+
+/// Lease rounds remembered while awaiting their acknowledgement. One is sent per heartbeat
+/// interval (and per burst of reads); rounds older than an election timeout are useless.
+pub(crate) const LEASE_ROUNDS_MAX: usize = 64;
+
+/// What a leader's lease allows, from [`RaftNode::lease_read_index`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRead {
+    /// A read index: the state machine may answer once it has applied this far.
+    pub index: Index,
+    /// The tick (of [`RaftNode::ticks`]) at which the acknowledged round was sent. A caller
+    /// measuring real time should count the lease from when its clock read that tick, and end
+    /// it `election_timeout_ticks - 1` tick intervals later, less a margin for clock drift.
+    pub sent_tick: u64,
+    /// The last tick at which the lease holds in logical time.
+    pub expires_tick: u64,
+}
 
 /// Who asked for a read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,11 +134,36 @@ impl<S: LogStorage> RaftNode<S> {
         }
     }
 
-    /// Releases every read whose round a quorum has acknowledged.
+    /// A read index the leader may serve without a heartbeat round, if lease reads are on and
+    /// its lease holds at the current tick: it is the leader, its term's first entry has
+    /// committed, a quorum acknowledged a round sent within the last `T - 2` ticks, and it has
+    /// sent no TimeoutNow in this term.
+    pub fn lease_read_index(&self) -> Option<LeaseRead> {
+        if !self.config.lease_reads {
+            return None;
+        }
+        let RoleData::Leader(leader) = &self.role else {
+            return None;
+        };
+        let committed = self.log.committed();
+        if leader.lease_revoked || committed < leader.term_start_index {
+            return None;
+        }
+        let sent_tick = leader.lease_sent_tick?;
+        let expires_tick = sent_tick + self.config.election_timeout_ticks - 2;
+        (self.ticks <= expires_tick).then_some(LeaseRead {
+            index: committed,
+            sent_tick,
+            expires_tick,
+        })
+    }
+
+    /// Releases every read whose round a quorum has acknowledged, and extends the lease to the
+    /// latest such round.
     pub(crate) fn release_confirmed_reads(&mut self) {
         let id = self.id();
         let leader = self.leader_state();
-        if leader.reads.is_empty() {
+        if leader.reads.is_empty() && leader.lease_rounds.is_empty() {
             return;
         }
         let confirmed = quorum::committed_index(self.log.membership(), |member| {
@@ -130,6 +178,13 @@ impl<S: LogStorage> RaftNode<S> {
             }
         });
         let leader = self.leader_state_mut();
+        while let Some(&(round, sent_tick)) = leader.lease_rounds.front() {
+            if round > confirmed {
+                break;
+            }
+            leader.lease_rounds.pop_front();
+            leader.lease_sent_tick = leader.lease_sent_tick.max(Some(sent_tick));
+        }
         let (ready, waiting): (std::collections::VecDeque<PendingRead>, _) = leader
             .reads
             .drain(..)

@@ -166,6 +166,8 @@ impl<S: LogStorage> RaftNode<S> {
             return;
         }
         transfer.timeout_now_sent = true;
+        // The target's election will ignore the followers' leases: stop lease reads first.
+        leader.lease_revoked = true;
         self.send(from, MessageBody::TimeoutNow);
     }
 

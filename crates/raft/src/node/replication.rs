@@ -1,6 +1,7 @@
 //! Log replication (§5.3) and the commit rule (§5.4.2): the leader's side (proposals, appends,
 //! flow control, check-quorum) and the follower's side (the consistency check).
 
+use super::reads::LEASE_ROUNDS_MAX;
 use super::{LeaderState, RaftNode, RoleData};
 use crate::error::Error;
 use crate::message::{
@@ -180,16 +181,26 @@ impl<S: LogStorage> RaftNode<S> {
     fn broadcast_heartbeat(&mut self) {
         let committed = self.log.committed();
         let id = self.id();
+        let ticks = self.ticks;
+        let lease_reads = self.config.lease_reads;
         let leader = self.leader_state_mut();
         leader.heartbeat_pending = false;
-        if leader
-            .reads
-            .iter()
-            .any(|read| read.round == leader.read_round + 1)
+        if lease_reads
+            || leader
+                .reads
+                .iter()
+                .any(|read| read.round == leader.read_round + 1)
         {
             leader.read_round += 1;
         }
         let read_round = leader.read_round;
+        if lease_reads {
+            // Every heartbeat renews the lease once a quorum acknowledges it.
+            if leader.lease_rounds.len() == LEASE_ROUNDS_MAX {
+                leader.lease_rounds.pop_front();
+            }
+            leader.lease_rounds.push_back((read_round, ticks));
+        }
         let beats: Vec<(NodeId, Index)> = leader
             .progress
             .iter()
