@@ -38,6 +38,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MEMBERS = 3
 
 
+SYSTEMS = ["etcd", "flotilla", "flotilla-lease"]
+
+
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
@@ -66,7 +69,8 @@ class Cluster:
                  "--initial-cluster-token", f"bench-{self.system}"]
         if self.system == "etcd":
             return ["etcd", *flags, "--logger", "zap", "--log-level", "error"]
-        return [self.flotilla, "serve", *flags, "--log-level", "warn"]
+        extra = ["--lease-reads"] if self.system == "flotilla-lease" else []
+        return [self.flotilla, "serve", *flags, "--log-level", "warn", *extra]
 
     def start_member(self, i):
         out = open(f"{self.data}/{self.system}-m{i}.log", "ab")
@@ -296,7 +300,7 @@ def go_rows(go):
             points.append((r["op"], r["clients"]))
     for op, clients in points:
         by = {}
-        for system in ("etcd", "flotilla"):
+        for system in SYSTEMS:
             runs = [r for r in go if (r["op"], r["clients"], r["system"]) == (op, clients, system)]
             if not runs:
                 continue
@@ -304,9 +308,10 @@ def go_rows(go):
             yield [op, clients, system, f"{m['throughput_per_second']:,.0f}",
                    *latencies(m, ("p50", "p90", "p99", "p99.9")), f"{m['cpu_us_per_op']:.0f}",
                    m["errors"]]
-        if len(by) == 2:
-            ratio = by["flotilla"]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
-            yield [op, clients, "**flotilla / etcd**", f"**{ratio:.2f}x**", "", "", "", "", "", ""]
+        for system in SYSTEMS[1:]:
+            if "etcd" in by and system in by:
+                ratio = by[system]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
+                yield [op, clients, f"**{system} / etcd**", f"**{ratio:.2f}x**", "", "", "", "", "", ""]
 
 
 def report(results):
@@ -348,21 +353,23 @@ def main():
     p.add_argument("--go-driver", required=True)
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--read-clients", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--clients", type=int, nargs="*", default=[1, 16, 64, 256],
+                   help="put loads (none: no puts)")
+    p.add_argument("--read-clients", type=int, nargs="*", default=[1, 64])
     p.add_argument("--parts", nargs="+", default=["go", "ours", "python", "checkperf", "failover"],
                    choices=["go", "ours", "python", "checkperf", "failover", "memory"])
     p.add_argument("--python-client", default=sys.executable,
                    help="a Python interpreter that can import etcd3 (part 'python')")
     p.add_argument("--failover-kills", type=int, default=20)
     p.add_argument("--memory-keys", type=int, default=1_000_000)
-    p.add_argument("--systems", nargs="+", default=["etcd", "flotilla"])
+    p.add_argument("--systems", nargs="+", default=["etcd", "flotilla"], choices=SYSTEMS,
+                   help="flotilla-lease: Flotilla with --lease-reads (leader leases for reads)")
     p.add_argument("--out", help="append every result to this file as JSON lines")
     p.add_argument("--keep-data", action="store_true")
     args = p.parse_args()
 
     data = tempfile.mkdtemp(prefix="flotilla-vs-etcd.")
-    bases = {"etcd": 42379, "flotilla": 52379}
+    bases = {"etcd": 42379, "flotilla": 52379, "flotilla-lease": 62379}
     clusters = [Cluster(s, bases[s], data, args.flotilla) for s in args.systems]
     try:
         for c in clusters:
