@@ -9,6 +9,8 @@ const PROTO_FILES: &[&str] = &[
     "mvccpb/kv.proto",
     "authpb/auth.proto",
     "etcdserverpb/rpc.proto",
+    "v3lockpb/v3lock.proto",
+    "v3electionpb/v3election.proto",
     "flotilla/kv/v1/command.proto",
     "flotilla/kv/v1/snapshot.proto",
     "flotilla/session/v1/session.proto",

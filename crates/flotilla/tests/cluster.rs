@@ -463,10 +463,28 @@ async fn a_member_removed_while_paused_stops_when_it_resumes() {
             .header
             .unwrap()
             .member_id;
-        MaintenanceClient::new(cluster.channel(victim).await)
+        // To itself: nothing to do, and, as from etcd, no header.
+        let victim_id = cluster
+            .status(victim)
+            .await
+            .unwrap()
+            .header
+            .unwrap()
+            .member_id;
+        let to_itself = MaintenanceClient::new(cluster.channel(victim).await)
+            .move_leader(MoveLeaderRequest {
+                target_id: victim_id,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(to_itself.header, None);
+        let moved = MaintenanceClient::new(cluster.channel(victim).await)
             .move_leader(MoveLeaderRequest { target_id: next_id })
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        assert_eq!(moved.header, None);
         let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
         assert_ne!(leader, victim);
         let mut kv = cluster.kv(leader).await;

@@ -7,6 +7,7 @@
 //!   work against a Flotilla server unchanged. With the `grpc` feature (on by default) each
 //!   service also has tonic server traits (`etcdserverpb::kv_server::Kv`, ...) whose methods
 //!   answer `UNIMPLEMENTED` unless overridden, and clients (`etcdserverpb::kv_client`, ...).
+//! - [`v3lockpb`], [`v3electionpb`]: etcd's lock and election services, same wire format.
 //! - [`flotilla::kv::v1`]: Flotilla's internal messages: the command envelope of the Raft log,
 //!   and the records of a key-value snapshot.
 //!
@@ -29,6 +30,18 @@ pub mod authpb {
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+}
+
+/// etcd's lock service (`v3lockpb.Lock`), served beside the client API.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3lockpb {
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+}
+
+/// etcd's election service (`v3electionpb.Election`), served beside the client API.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3electionpb {
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
 }
 
 /// Flotilla's own protobuf packages.

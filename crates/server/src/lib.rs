@@ -21,6 +21,7 @@ pub mod http;
 pub mod identity;
 pub mod lease;
 pub mod listener;
+pub mod lock_service;
 pub mod logging;
 pub mod members;
 pub mod metrics;

@@ -35,6 +35,7 @@ use crate::http;
 use crate::identity::{Identity, load_or_create};
 use crate::lease::Lessor;
 use crate::listener::{configure_accepted, grpc_incoming};
+use crate::lock_service::LockService;
 use crate::members::MemberTable;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
@@ -46,6 +47,7 @@ use crate::state_machine::{EventSink, StateMachine};
 use crate::storage::DurableStorage;
 use crate::transport::{PEER_MESSAGE_BYTES_MAX, PeerIdentity, PeerRouter};
 use crate::watch::{QueueBounds, WatchContext, WatchHub};
+use flotilla_proto::v3lockpb::lock_server::LockServer;
 
 /// What the apply thread tells: events to the watch hub, grants to the lessor.
 #[derive(Debug)]
@@ -313,7 +315,10 @@ impl Servers {
                 .add_service(ClusterServer::new(services.clone()))
                 .add_service(MaintenanceServer::new(services.clone()))
                 .add_service(AuthServer::new(services.clone()))
-                .add_service(SessionServer::new(services.clone()));
+                .add_service(SessionServer::new(services.clone()))
+                .add_service(LockServer::new(LockService {
+                    services: services.clone(),
+                }));
             let mut stop = client_stop_rx.clone();
             client.push(tokio::spawn(async move {
                 let incoming = grpc_incoming(listener);

@@ -47,7 +47,7 @@ type Reply<T> = Result<Response<T>, Status>;
 
 impl ClientServices {
     /// Runs a handler, recording its latency and gRPC code.
-    async fn observe<T>(
+    pub(crate) async fn observe<T>(
         &self,
         service: &'static str,
         method: &'static str,
@@ -69,7 +69,10 @@ impl ClientServices {
         self.read_state(|state| state.limits().request.clone())
     }
 
-    fn read_state<T>(&self, f: impl FnOnce(&crate::state_machine::StateMachine) -> T) -> T {
+    pub(crate) fn read_state<T>(
+        &self,
+        f: impl FnOnce(&crate::state_machine::StateMachine) -> T,
+    ) -> T {
         let state = self
             .frontend
             .node
@@ -585,9 +588,8 @@ impl Maintenance for ClientServices {
                 .wait_for(deadline, |s| s.leader == Some(target))
                 .await
                 .ok_or_else(|| Status::unavailable(REQUEST_TIMED_OUT))?;
-            Ok(MoveLeaderResponse {
-                header: self.frontend.header(self.frontend.current_revision()),
-            })
+            // etcd answers MoveLeader with no header, including a move to itself.
+            Ok(MoveLeaderResponse { header: None })
         })
         .await
     }

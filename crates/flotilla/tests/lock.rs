@@ -1,0 +1,233 @@
+//! etcd's lock service (`v3lockpb.Lock`) on real `flotilla serve` processes: the keys and
+//! revisions etcd uses, waiters served in order, release by Unlock and by the lease ending,
+//! clear errors, and fencing a holder whose lease ended. Each test is bounded in time and
+//! kills its processes by PID at the end.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use flotilla_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+use flotilla_proto::etcdserverpb::request_op::Request as Op;
+use flotilla_proto::etcdserverpb::{
+    Compare, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use flotilla_proto::v3lockpb::lock_client::LockClient;
+use flotilla_proto::v3lockpb::{LockRequest, UnlockRequest};
+use tonic::transport::Channel;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn grant(channel: &Channel) -> i64 {
+    LeaseClient::new(channel.clone())
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+async fn revoke(channel: &Channel, id: i64) {
+    LeaseClient::new(channel.clone())
+        .lease_revoke(LeaseRevokeRequest { id })
+        .await
+        .unwrap();
+}
+
+fn lock_request(name: &str, lease: i64) -> LockRequest {
+    LockRequest {
+        name: Bytes::copy_from_slice(name.as_bytes()),
+        lease,
+    }
+}
+
+/// The create revision of `key`, if it exists.
+async fn created(channel: &Channel, key: &[u8]) -> Option<i64> {
+    let response = flotilla_proto::etcdserverpb::kv_client::KvClient::new(channel.clone())
+        .range(RangeRequest {
+            key: Bytes::copy_from_slice(key),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.kvs.first().map(|kv| kv.create_revision)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_get_the_lock_in_order_on_unlock_and_on_the_lease_ending() {
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let follower = (leader + 1) % 3;
+        let channel = cluster.channel(leader).await;
+        let other = cluster.channel(follower).await;
+        let (a, b, c) = (
+            grant(&channel).await,
+            grant(&channel).await,
+            grant(&channel).await,
+        );
+
+        // The first caller holds the lock at once, under the key etcd would use.
+        let held = LockClient::new(channel.clone())
+            .lock(lock_request("jobs", a))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(held.key, format!("jobs/{a:x}").as_bytes());
+        let a_created = created(&channel, &held.key).await.expect("the key exists");
+        assert_eq!(held.header.unwrap().revision, a_created);
+
+        // Two more queue, through another member too; neither gets it while it is held.
+        let mut waiter_b = LockClient::new(other.clone());
+        let b_task = tokio::spawn(async move { waiter_b.lock(lock_request("jobs", b)).await });
+        let b_key = format!("jobs/{b:x}");
+        eventually("b to queue", LIMIT, || async {
+            created(&channel, b_key.as_bytes()).await
+        })
+        .await;
+        let mut waiter_c = LockClient::new(channel.clone());
+        let c_task = tokio::spawn(async move { waiter_c.lock(lock_request("jobs", c)).await });
+        let c_key = format!("jobs/{c:x}");
+        eventually("c to queue", LIMIT, || async {
+            created(&channel, c_key.as_bytes()).await
+        })
+        .await;
+        assert!(
+            !b_task.is_finished() && !c_task.is_finished(),
+            "the lock is held"
+        );
+
+        // Unlock hands it to b, the next in order; c still waits.
+        let unlocked = LockClient::new(channel.clone())
+            .unlock(UnlockRequest {
+                key: held.key.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let b_held = b_task.await.unwrap().unwrap().into_inner();
+        assert_eq!(b_held.key, b_key.as_bytes());
+        assert!(b_held.header.unwrap().revision >= unlocked.header.unwrap().revision);
+        assert!(!c_task.is_finished(), "b holds it now");
+
+        // b's lease ends (revoked: the same as expiring, without waiting for it): c gets it.
+        revoke(&channel, b).await;
+        let c_held = c_task.await.unwrap().unwrap().into_inner();
+        assert_eq!(c_held.key, c_key.as_bytes());
+
+        // Locking again under the lease that holds it returns at once, the same key.
+        let again = LockClient::new(channel.clone())
+            .lock(lock_request("jobs", c))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.key, c_key.as_bytes());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_lease_ends_fails_and_a_missing_lease_is_refused() {
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let channel = cluster.channel(0).await;
+        let missing = LockClient::new(channel.clone())
+            .lock(lock_request("l", 0x1234))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.message(), "etcdserver: requested lease not found");
+
+        let (a, b) = (grant(&channel).await, grant(&channel).await);
+        LockClient::new(channel.clone())
+            .lock(lock_request("l", a))
+            .await
+            .unwrap();
+        let mut waiter = LockClient::new(channel.clone());
+        let task = tokio::spawn(async move { waiter.lock(lock_request("l", b)).await });
+        let b_key = format!("l/{b:x}");
+        eventually("b to queue", LIMIT, || async {
+            created(&channel, b_key.as_bytes()).await
+        })
+        .await;
+        revoke(&channel, b).await;
+        let failed = task.await.unwrap().unwrap_err();
+        assert_eq!(failed.message(), "session expired");
+    })
+    .await;
+}
+
+/// A holder that was paused until its lease ended still believes it holds the lock; a write
+/// fenced by the ownership key's create revision cannot get through, while the same write from
+/// the current holder does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_ended_cannot_write_through_a_fenced_transaction() {
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let channel = cluster.channel(0).await;
+        let mut kv = cluster.kv(0).await;
+        let (a, b) = (grant(&channel).await, grant(&channel).await);
+        let held = LockClient::new(channel.clone())
+            .lock(lock_request("fence", a))
+            .await
+            .unwrap()
+            .into_inner();
+        // The fencing token: the ownership key's create revision.
+        let token = created(&channel, &held.key).await.unwrap();
+
+        let fenced_write = |key: Bytes, token: i64, value: &'static str| TxnRequest {
+            compare: vec![Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Create as i32,
+                key,
+                range_end: Bytes::new(),
+                target_union: Some(TargetUnion::CreateRevision(token)),
+            }],
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: "protected".into(),
+                    value: value.into(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        };
+        // While it holds the lock, its fenced write goes through.
+        let ok = kv
+            .txn(fenced_write(held.key.clone(), token, "from a"))
+            .await
+            .unwrap();
+        assert!(ok.into_inner().succeeded);
+
+        // Its lease ends while it is "paused"; b takes the lock.
+        revoke(&channel, a).await;
+        let b_held = LockClient::new(channel.clone())
+            .lock(lock_request("fence", b))
+            .await
+            .unwrap()
+            .into_inner();
+        // a wakes up and writes with its old token: refused.
+        let stale = kv
+            .txn(fenced_write(held.key.clone(), token, "stale from a"))
+            .await
+            .unwrap();
+        assert!(!stale.into_inner().succeeded);
+        let b_token = created(&channel, &b_held.key).await.unwrap();
+        assert!(b_token > token);
+        let fresh = kv
+            .txn(fenced_write(b_held.key.clone(), b_token, "from b"))
+            .await
+            .unwrap();
+        assert!(fresh.into_inner().succeeded);
+        assert_eq!(
+            get(&mut kv, "protected", false).await.unwrap().as_deref(),
+            Some("from b")
+        );
+    })
+    .await;
+}
