@@ -305,12 +305,17 @@ impl ServeArgs {
             .unwrap_or(election_ms / 10);
         // The lease lasts T - 1 ticks (whole ticks of the election timeout) less the margin.
         let lease_ms = (election_ms / heartbeat_ms).saturating_sub(1) * heartbeat_ms;
-        if lease_reads && (election_ms / heartbeat_ms < 3 || lease_clock_drift_ms >= lease_ms) {
+        if lease_reads && election_ms / heartbeat_ms < 3 {
+            bail!(
+                "--lease-reads needs --election-timeout ({election_ms} ms) of at least three \
+                 --heartbeat-interval ({heartbeat_ms} ms)"
+            );
+        }
+        if lease_reads && lease_clock_drift_ms >= lease_ms {
             bail!(
                 "--lease-reads: the lease lasts {lease_ms} ms (the election timeout less one \
                  heartbeat interval), which must exceed --lease-clock-drift \
-                 ({lease_clock_drift_ms} ms), and the election timeout must be at least three \
-                 heartbeat intervals"
+                 ({lease_clock_drift_ms} ms)"
             );
         }
         let config = ServerConfig {
@@ -464,6 +469,36 @@ mod tests {
         std::fs::write(&path, "nmae = \"typo\"\n").unwrap();
         let error = args.resolve().unwrap_err();
         assert!(format!("{error:#}").contains("unknown field"), "{error:#}");
+    }
+
+    #[test]
+    fn lease_reads_are_off_by_default_and_a_margin_that_leaves_no_lease_is_refused() {
+        let config = ServeArgs::default().resolve().unwrap();
+        assert!(!config.lease_reads);
+        let on = ServeArgs {
+            lease_reads: Some(true),
+            ..ServeArgs::default()
+        };
+        let config = on.clone().resolve().unwrap();
+        assert!(config.lease_reads);
+        assert_eq!(config.lease_clock_drift, Duration::from_millis(100));
+        let error = ServeArgs {
+            lease_clock_drift: Some(900),
+            ..on.clone()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("must exceed --lease-clock-drift"),
+            "{error:#}"
+        );
+        let error = ServeArgs {
+            election_timeout: Some(200),
+            ..on
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{error:#}").contains("at least three"), "{error:#}");
     }
 
     #[test]
