@@ -44,10 +44,8 @@ fn channel(url: &str) -> Channel {
         .connect_lazy()
 }
 
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    *end.last_mut().unwrap() += 1;
-    end
+fn prefix_end(prefix: &str) -> bytes::Bytes {
+    flotilla_proto::prefix_range_end(prefix.as_bytes())
 }
 
 /// An open Watch stream: requests go in through `requests`, responses come out of `responses`.
@@ -95,7 +93,7 @@ impl WatchStream {
 fn prefix_watch(prefix: &str, start_revision: i64) -> WatchCreateRequest {
     WatchCreateRequest {
         key: prefix.to_string().into(),
-        range_end: prefix_end(prefix).into(),
+        range_end: prefix_end(prefix),
         start_revision,
         ..Default::default()
     }
@@ -444,7 +442,7 @@ async fn key_count(url: &str, prefix: &str) -> Option<i64> {
     let response = kv
         .range(RangeRequest {
             key: prefix.to_string().into(),
-            range_end: prefix_end(prefix).into(),
+            range_end: prefix_end(prefix),
             count_only: true,
             ..Default::default()
         })

@@ -70,9 +70,35 @@ pub const SESSION_METADATA_KEY: &str = "flotilla-session";
 /// gRPC metadata key carrying a write's sequence number within its session.
 pub const SEQUENCE_METADATA_KEY: &str = "flotilla-seq";
 
+/// The `range_end` that selects every key starting with `prefix`: the prefix with trailing
+/// 0xff bytes dropped and its last byte increased, or `"\0"` (every key from `prefix` on)
+/// when nothing is left, as etcd's Go client computes it.
+pub fn prefix_range_end(prefix: &[u8]) -> bytes::Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(&last) = end.last() {
+        if last < 0xff {
+            *end.last_mut().expect("not empty") += 1;
+            return end.into();
+        }
+        end.pop();
+    }
+    bytes::Bytes::from_static(b"\0")
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
+
+    use super::prefix_range_end;
+
+    #[test]
+    fn prefix_range_ends() {
+        assert_eq!(&prefix_range_end(b"f")[..], b"g");
+        assert_eq!(&prefix_range_end(b"a/")[..], b"a0");
+        assert_eq!(&prefix_range_end(b"a\xff\xff")[..], b"b");
+        assert_eq!(&prefix_range_end(b"\xff")[..], b"\0");
+        assert_eq!(&prefix_range_end(b"")[..], b"\0");
+    }
 
     use super::etcdserverpb::{Compare, PutRequest, WatchResponse, compare};
     use super::mvccpb::{Event, KeyValue, event};

@@ -11,6 +11,8 @@
 //! wakes up still believing it holds the lock. Writes that must be protected should compare the
 //! ownership key's create revision in the same transaction (a fencing token; see the README).
 
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use flotilla_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use flotilla_proto::etcdserverpb::kv_server::Kv;
@@ -18,16 +20,17 @@ use flotilla_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use flotilla_proto::etcdserverpb::request_op::Request as Op;
 use flotilla_proto::etcdserverpb::response_op::Response as OpResponse;
 use flotilla_proto::etcdserverpb::{
-    Compare, DeleteRangeRequest, RangeRequest, RequestOp, ResponseHeader, TxnRequest,
+    Compare, DeleteRangeRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use flotilla_proto::etcdserverpb::{PutRequest, TxnResponse};
+use flotilla_proto::prefix_range_end;
 use flotilla_proto::v3lockpb::lock_server::Lock;
 use flotilla_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use tonic::{Request, Response, Status};
 
 use crate::services::ClientServices;
-use crate::watch::hub::{Drained, WatchedRange, WatcherQueue};
-use std::sync::atomic::Ordering;
+use crate::watch::WatchHub;
+use crate::watch::hub::{Drained, SubscriptionId, WatchedRange, WatcherQueue};
 
 const LOCK: &str = "v3lockpb.Lock";
 
@@ -54,19 +57,6 @@ pub fn ownership_key(prefix: &[u8], lease: i64) -> Bytes {
     let mut key = BytesMut::from(prefix);
     key.put_slice(format!("{lease:x}").as_bytes());
     key.freeze()
-}
-
-/// The end of the range of keys starting with `prefix` (etcd's prefix convention).
-pub fn prefix_end(prefix: &[u8]) -> Bytes {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end.into();
-        }
-    }
-    // All 0xff: every key from the prefix on.
-    Bytes::from_static(&[0])
 }
 
 /// Where a waiter stands, from the applied state.
@@ -143,7 +133,7 @@ impl ClientServices {
                 .kv
                 .range(&RangeRequest {
                     key: prefix.clone(),
-                    range_end: prefix_end(prefix),
+                    range_end: prefix_range_end(prefix),
                     sort_target: SortTarget::Create as i32,
                     sort_order: SortOrder::Ascend as i32,
                     limit: 1,
@@ -167,21 +157,14 @@ impl ClientServices {
         key: &Bytes,
         created: i64,
     ) -> Result<i64, Status> {
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::new(tokio::sync::Notify::new());
         let queue = WatcherQueue::new(wake.clone());
-        let hub = self.watch.hub.clone();
         let range = WatchedRange {
             key: prefix.clone(),
-            range_end: prefix_end(prefix),
+            range_end: prefix_range_end(prefix),
         };
         // Subscribed before the first check, so no change between them goes unnoticed.
-        let subscription = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
-            hub.subscribe(range.clone(), queue.clone()),
-        ));
-        let _unsubscribe = {
-            let (hub, subscription) = (hub.clone(), subscription.clone());
-            scopeguard(move || hub.unsubscribe(subscription.load(Ordering::Relaxed)))
-        };
+        let mut _subscription = HubSubscription::new(&self.watch.hub, &range, &queue);
         let mut stopping = self.stopping.clone();
         loop {
             match self.turn(prefix, key, created)? {
@@ -204,17 +187,13 @@ impl ClientServices {
                     Drained::Revisions(_) => {}
                     Drained::FellBehind(_) => {
                         queue.clear();
-                        let renewed = hub.subscribe(range.clone(), queue.clone());
-                        hub.unsubscribe(subscription.swap(renewed, Ordering::Relaxed));
+                        // The new subscription is made before the old one is dropped.
+                        _subscription = HubSubscription::new(&self.watch.hub, &range, &queue);
                         break;
                     }
                 }
             }
         }
-    }
-
-    pub(crate) fn header_at(&self, revision: i64) -> Option<ResponseHeader> {
-        self.frontend.header(revision)
     }
 }
 
@@ -230,17 +209,26 @@ fn created_revision(response: &TxnResponse) -> Option<i64> {
     }
 }
 
-/// Runs `f` when dropped (the handler's future may be dropped while it waits).
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
+/// A watch-hub subscription, ended when dropped (the handler's future may be dropped while it
+/// waits).
+struct HubSubscription {
+    hub: Arc<WatchHub>,
+    id: SubscriptionId,
+}
+
+impl HubSubscription {
+    fn new(hub: &Arc<WatchHub>, range: &WatchedRange, queue: &Arc<WatcherQueue>) -> Self {
+        Self {
+            hub: hub.clone(),
+            id: hub.subscribe(range.clone(), queue.clone()),
         }
     }
-    Guard(Some(f))
+}
+
+impl Drop for HubSubscription {
+    fn drop(&mut self) {
+        self.hub.unsubscribe(self.id);
+    }
 }
 
 #[tonic::async_trait]
@@ -255,7 +243,7 @@ impl Lock for LockService {
                 let created = services.queue_key(&key, Bytes::new(), lease).await?;
                 let revision = services.wait_turn(&prefix, &key, created).await?;
                 Ok(LockResponse {
-                    header: services.header_at(revision),
+                    header: services.frontend.header(revision),
                     key,
                 })
             })
@@ -295,12 +283,5 @@ mod tests {
             &ownership_key(&prefix, 0x694d_7a1b_2c3d)[..],
             b"my-lock/694d7a1b2c3d"
         );
-    }
-
-    #[test]
-    fn the_prefix_range_ends_after_every_key_with_the_prefix() {
-        assert_eq!(&prefix_end(b"a/")[..], b"a0");
-        assert_eq!(&prefix_end(b"a\xff")[..], b"b");
-        assert_eq!(&prefix_end(b"\xff\xff")[..], b"\0");
     }
 }
