@@ -278,6 +278,37 @@ else
     echo "SKIPPED: etcd's Go client checks (set ETCD_GO_LOAD to a built bench/etcd-go-load)"
 fi
 
+# ----- etcd's Go concurrency package and the Lock and Election services (issue 19) ---------
+# interop/etcd-go-concurrency, built by scripts/build-go.sh and passed as ETCD_GO_CONCURRENCY:
+# a Go concurrency.Mutex and Election and callers of the server-side Lock and Election
+# services take part in the same locks and elections, each waiting for the other. Run against
+# a real etcd first (when installed), so what it expects is etcd's own behaviour.
+if [ -n "${ETCD_GO_CONCURRENCY:-}" ]; then
+    if command -v etcd >/dev/null; then
+        ref_client="127.0.0.1:$((BASE + 30))"
+        ref_peer="http://127.0.0.1:$((BASE + 31))"
+        etcd --name ref --data-dir "$WORK/etcd-ref" \
+            --listen-client-urls "http://$ref_client" --advertise-client-urls "http://$ref_client" \
+            --listen-peer-urls "$ref_peer" --initial-advertise-peer-urls "$ref_peer" \
+            --initial-cluster "ref=$ref_peer" >"$WORK/etcd-ref.log" 2>&1 &
+        PIDS+=($!)
+        ref_pid=$!
+        wait_for "the reference etcd to serve" 20 etcdctl --endpoints="$ref_client" endpoint health
+        out=$("$ETCD_GO_CONCURRENCY" --endpoints "$ref_client" --name interop 2>&1) ||
+            fail "Go concurrency checks against etcd itself: $out"
+        pass "Go concurrency checks against etcd itself ($(echo "$out" | grep -c '^ok:') checks)"
+        kill "$ref_pid"
+    else
+        echo "SKIPPED: running the Go concurrency checks against etcd itself (etcd is not installed)"
+    fi
+    out=$("$ETCD_GO_CONCURRENCY" --endpoints "$ENDPOINTS" --name interop 2>&1) ||
+        fail "Go concurrency checks against Flotilla: $out"
+    echo "$out"
+    pass "Go concurrency.Mutex and Election interoperate with the Lock and Election services"
+else
+    echo "SKIPPED: Go concurrency interop (set ETCD_GO_CONCURRENCY to a built interop/etcd-go-concurrency)"
+fi
+
 if [ -z "${INTEROP_SKIP_PERF:-}" ]; then
     # 150 puts/s from 50 clients for 60 s: passes with >= 90% of the target throughput, the
     # slowest request under 0.5 s and a standard deviation under 0.1 s. The progress bar is cut.

@@ -10,51 +10,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use flotilla_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
-use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
 use flotilla_proto::etcdserverpb::request_op::Request as Op;
-use flotilla_proto::etcdserverpb::{
-    Compare, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-};
+use flotilla_proto::etcdserverpb::{Compare, PutRequest, RequestOp, TxnRequest};
 use flotilla_proto::v3lockpb::lock_client::LockClient;
 use flotilla_proto::v3lockpb::{LockRequest, UnlockRequest};
-use tonic::transport::Channel;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-async fn grant(channel: &Channel) -> i64 {
-    LeaseClient::new(channel.clone())
-        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
-        .await
-        .unwrap()
-        .into_inner()
-        .id
-}
-
-async fn revoke(channel: &Channel, id: i64) {
-    LeaseClient::new(channel.clone())
-        .lease_revoke(LeaseRevokeRequest { id })
-        .await
-        .unwrap();
-}
 
 fn lock_request(name: &str, lease: i64) -> LockRequest {
     LockRequest {
         name: Bytes::copy_from_slice(name.as_bytes()),
         lease,
     }
-}
-
-/// The create revision of `key`, if it exists.
-async fn created(channel: &Channel, key: &[u8]) -> Option<i64> {
-    let response = flotilla_proto::etcdserverpb::kv_client::KvClient::new(channel.clone())
-        .range(RangeRequest {
-            key: Bytes::copy_from_slice(key),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.kvs.first().map(|kv| kv.create_revision)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,6 +195,60 @@ async fn a_holder_whose_lease_ended_cannot_write_through_a_fenced_transaction() 
             get(&mut kv, "protected", false).await.unwrap().as_deref(),
             Some("from b")
         );
+    })
+    .await;
+}
+
+/// A waiter whose deadline passes leaves the queue (etcd's Mutex deletes its key then), so the
+/// next one gets the lock when the holder lets go instead of waiting for the lease to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_leaves_the_queue() {
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let channel = cluster.channel(0).await;
+        let (a, b, c) = (
+            grant(&channel).await,
+            grant(&channel).await,
+            grant(&channel).await,
+        );
+        let held = LockClient::new(channel.clone())
+            .lock(lock_request("q", a))
+            .await
+            .unwrap()
+            .into_inner();
+        let held_at = held.header.unwrap().revision;
+
+        // b waits with a deadline (sent as grpc-timeout, as a Go context deadline is); the
+        // lock stays held, so the deadline passes.
+        let mut request = tonic::Request::new(lock_request("q", b));
+        request.set_timeout(Duration::from_secs(1));
+        let gave_up = LockClient::new(channel.clone()).lock(request).await;
+        assert!(gave_up.is_err(), "b cannot get a held lock: {gave_up:?}");
+
+        // Its key came and went.
+        let b_key = format!("q/{b:x}");
+        let events = watch_prefix_until(&channel, "q/", held_at + 1, |seen| {
+            seen.contains(&KeyEvent::Delete(b_key.clone()))
+        })
+        .await;
+        assert_eq!(
+            events,
+            [
+                KeyEvent::Put(b_key.clone()),
+                KeyEvent::Delete(b_key.clone())
+            ]
+        );
+
+        // c queues behind a alone and gets the lock when a lets go.
+        let mut waiter_c = LockClient::new(channel.clone());
+        let c_task = tokio::spawn(async move { waiter_c.lock(lock_request("q", c)).await });
+        LockClient::new(channel.clone())
+            .unlock(UnlockRequest { key: held.key })
+            .await
+            .unwrap();
+        let c_held = c_task.await.unwrap().unwrap().into_inner();
+        assert_eq!(c_held.key, format!("q/{c:x}").as_bytes());
     })
     .await;
 }

@@ -14,11 +14,13 @@
 
 pub mod config;
 pub mod driver;
+pub mod election_service;
 pub mod errors;
 pub mod frontend;
 pub mod held;
 pub mod http;
 pub mod identity;
+pub mod key_queue;
 pub mod lease;
 pub mod listener;
 pub mod lock_service;

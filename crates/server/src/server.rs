@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{ServerConfig, listen_addr};
+use crate::election_service::ElectionService;
 use crate::frontend::Frontend;
 use crate::http;
 use crate::identity::{Identity, load_or_create};
@@ -47,6 +48,7 @@ use crate::state_machine::{EventSink, StateMachine};
 use crate::storage::DurableStorage;
 use crate::transport::{PEER_MESSAGE_BYTES_MAX, PeerIdentity, PeerRouter};
 use crate::watch::{QueueBounds, WatchContext, WatchHub};
+use flotilla_proto::v3electionpb::election_server::ElectionServer;
 use flotilla_proto::v3lockpb::lock_server::LockServer;
 
 /// What the apply thread tells: events to the watch hub, grants to the lessor.
@@ -317,6 +319,9 @@ impl Servers {
                 .add_service(AuthServer::new(services.clone()))
                 .add_service(SessionServer::new(services.clone()))
                 .add_service(LockServer::new(LockService {
+                    services: services.clone(),
+                }))
+                .add_service(ElectionServer::new(ElectionService {
                     services: services.clone(),
                 }));
             let mut stop = client_stop_rx.clone();

@@ -430,3 +430,94 @@ pub fn accepted_socket(
     }
     None
 }
+
+/// One event as the tests check it: a put or a delete of a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyEvent {
+    Put(String),
+    Delete(String),
+}
+
+/// Watches the keys under `prefix` from `start_revision` on (etcd's Watch API) until `done`
+/// holds for the events seen so far, and returns them in order.
+pub async fn watch_prefix_until(
+    channel: &Channel,
+    prefix: &str,
+    start_revision: i64,
+    done: impl Fn(&[KeyEvent]) -> bool,
+) -> Vec<KeyEvent> {
+    use flotilla_proto::etcdserverpb::watch_client::WatchClient;
+    use flotilla_proto::etcdserverpb::watch_request::RequestUnion;
+    use flotilla_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
+    use flotilla_proto::mvccpb::event::EventType;
+
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: prefix.to_string().into(),
+            range_end: flotilla_proto::prefix_range_end(prefix.as_bytes()),
+            start_revision,
+            ..Default::default()
+        })),
+    };
+    // The request side stays open while the events are read: a closed side ends the watch.
+    let (requests, outbound) = tokio::sync::mpsc::channel(1);
+    requests.send(create).await.unwrap();
+    let mut responses = WatchClient::new(channel.clone())
+        .watch(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        let response = responses
+            .message()
+            .await
+            .unwrap()
+            .expect("the watch stream ended");
+        for event in response.events {
+            let key = String::from_utf8_lossy(&event.kv.unwrap().key).into_owned();
+            seen.push(if event.r#type == EventType::Delete as i32 {
+                KeyEvent::Delete(key)
+            } else {
+                KeyEvent::Put(key)
+            });
+        }
+    }
+    drop(requests);
+    seen
+}
+
+/// A lease of 60 s, granted through `channel`.
+pub async fn grant(channel: &Channel) -> i64 {
+    use flotilla_proto::etcdserverpb::LeaseGrantRequest;
+    use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+    LeaseClient::new(channel.clone())
+        .lease_grant(LeaseGrantRequest { ttl: 60, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// Ends a lease now: the same as its expiry, without waiting for it.
+pub async fn revoke(channel: &Channel, id: i64) {
+    use flotilla_proto::etcdserverpb::LeaseRevokeRequest;
+    use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+    LeaseClient::new(channel.clone())
+        .lease_revoke(LeaseRevokeRequest { id })
+        .await
+        .unwrap();
+}
+
+/// The create revision of `key`, if it exists.
+pub async fn created(channel: &Channel, key: &[u8]) -> Option<i64> {
+    let response = KvClient::new(channel.clone())
+        .range(RangeRequest {
+            key: bytes::Bytes::copy_from_slice(key),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.kvs.first().map(|kv| kv.create_revision)
+}
