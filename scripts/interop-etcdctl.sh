@@ -263,6 +263,17 @@ wait_output observe 10 "p2" "elect -l sees the new leader"
 stop_bg elect2
 stop_bg observe
 
+# ----- Backups (issue 14) -----------------------------------------------------------------
+# etcdctl snapshot save takes a backup from one member (Maintenance.Snapshot) and checks its
+# shape; flotilla snapshot status checks its digest and contents.
+expect "snapshot save" "Snapshot saved at $WORK/backup.db" \
+    etcdctl --endpoints="$(client 0)" snapshot save "$WORK/backup.db"
+expect "snapshot status reads etcdctl's file" "TOTAL KEYS" "$BIN" -w table snapshot status "$WORK/backup.db"
+byte=$(dd if="$WORK/backup.db" bs=1 skip=100 count=1 status=none | od -An -tu1 | tr -d ' ')
+printf "\\$(printf %o $(((byte + 1) % 256)))" | dd of="$WORK/backup.db" bs=1 seek=100 conv=notrunc status=none
+expect_error "snapshot status refuses a damaged file" "damaged or truncated" \
+    "$BIN" snapshot status "$WORK/backup.db"
+
 # ----- etcd's Go client (clientv3, the library inside etcdctl and Kubernetes) -------------
 # bench/etcd-go-load, built by scripts/build-etcd-go-load.sh and passed as ETCD_GO_LOAD:
 # every request of a short closed loop must succeed through every member.

@@ -3,6 +3,7 @@
 //! `chaos` from `flotilla-chaos`.
 
 mod dev;
+mod snapshot;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     /// Fault injection on a local cluster, with linearizability checking (root: namespaces
     /// and nftables). The last line printed is the verdict.
     Chaos(Box<flotilla_chaos::ChaosArgs>),
+    /// Backups: save one from a member, check one, restore one into a new cluster.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     #[command(flatten)]
     Client(flotilla_client::cli::ClientCommand),
 }
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Dev(args) => dev::run(args),
         Command::Chaos(args) => flotilla_chaos::run_blocking(*args),
+        Command::Snapshot(command) => snapshot::main(&cli.global, command),
         Command::Client(command) => client(&cli.global, command),
     }
 }

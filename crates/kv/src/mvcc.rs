@@ -10,7 +10,7 @@
 //!   without scanning every key.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use flotilla_proto::mvccpb::{Event, KeyValue, event::EventType};
@@ -236,9 +236,9 @@ pub(crate) struct Keyspace {
     compacted_revision: i64,
     /// The compaction the versions in `keys` have had: `compacted_revision` unless pinned.
     versions_compacted_revision: i64,
-    /// The pin of the snapshot reading the versions in steps, if any: while set, versions may
-    /// be added, not removed.
-    pin: Option<u64>,
+    /// The pins of the snapshots reading the versions in steps (a Raft snapshot, backups,
+    /// hashes): while any is held, versions may be added, not removed.
+    pins: BTreeSet<u64>,
 }
 
 impl Default for Keyspace {
@@ -250,7 +250,7 @@ impl Default for Keyspace {
             current_revision: FIRST_WRITE_REVISION - 1,
             compacted_revision: 0,
             versions_compacted_revision: 0,
-            pin: None,
+            pins: BTreeSet::new(),
         }
     }
 }
@@ -287,25 +287,24 @@ impl Keyspace {
     }
 
     /// Holds every version in place until [`Keyspace::unpin`] with the same `pin`: a
-    /// compaction meanwhile only moves `compacted_revision`. One pin at a time.
+    /// compaction meanwhile only moves `compacted_revision`. Several pins may be held at once.
     pub fn pin(&mut self, pin: u64) {
-        assert!(self.pin.is_none(), "the keyspace is already pinned");
-        self.pin = Some(pin);
+        let new = self.pins.insert(pin);
+        assert!(new, "pin {pin} is already held");
     }
 
-    /// Whether `pin` is the pin held (false once released, or on another keyspace).
+    /// Whether `pin` is held (false once released, or on another keyspace).
     pub fn is_pinned_by(&self, pin: u64) -> bool {
-        self.pin == Some(pin)
+        self.pins.contains(&pin)
     }
 
-    /// Releases `pin` and drops the versions a compaction meanwhile left in place. Does nothing
-    /// if `pin` is not the pin held.
+    /// Releases `pin`; once no pin is held, drops the versions a compaction meanwhile left in
+    /// place. Does nothing if `pin` is not held.
     pub fn unpin(&mut self, pin: u64) {
-        if !self.is_pinned_by(pin) {
+        if !self.pins.remove(&pin) {
             return;
         }
-        self.pin = None;
-        if self.versions_compacted_revision < self.compacted_revision {
+        if self.pins.is_empty() && self.versions_compacted_revision < self.compacted_revision {
             self.drop_compacted_versions();
         }
     }
@@ -451,7 +450,7 @@ impl Keyspace {
             self.changes_first_revision += 1;
         }
         self.compacted_revision = revision;
-        if self.pin.is_none() {
+        if self.pins.is_empty() {
             self.drop_compacted_versions();
         }
     }
@@ -590,7 +589,7 @@ impl Keyspace {
             current_revision,
             compacted_revision,
             versions_compacted_revision: compacted_revision,
-            pin: None,
+            pins: BTreeSet::new(),
         })
     }
 }

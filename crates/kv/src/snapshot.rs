@@ -121,7 +121,7 @@ fn encode_record(out: &mut Vec<u8>, record: Record) {
 impl KvStore {
     /// Starts a snapshot of the store as it is now, to be written in steps beside later applies
     /// (see [`SnapshotCursor`]). Takes time in proportion to the leases and sessions only.
-    /// Panics if a snapshot is already in progress: one at a time.
+    /// Several snapshots may be in progress at once; compactions wait for the last to end.
     pub fn begin_snapshot(&mut self) -> SnapshotCursor {
         let pin = NEXT_PIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.keyspace.pin(pin);

@@ -282,6 +282,14 @@ impl KvStore {
         self.keyspace.current_revision()
     }
 
+    /// How many keys exist now (deleted keys, whose history may remain, do not count).
+    pub fn live_key_count(&self) -> usize {
+        self.keyspace
+            .histories_from(None, self.keyspace.compacted_revision())
+            .filter(|(_, versions)| versions.last().is_some_and(|v| !v.is_tombstone()))
+            .count()
+    }
+
     /// 0 until the first compaction.
     pub fn compacted_revision(&self) -> i64 {
         self.keyspace.compacted_revision()

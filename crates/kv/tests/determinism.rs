@@ -244,6 +244,65 @@ fn a_compaction_during_a_snapshot_waits_for_it_without_showing_readers() {
     assert_eq!(store, straight);
 }
 
+/// Two snapshots overlap (a Raft snapshot and a backup): a compaction between their begins
+/// waits for both, and each writes the store as it was when it began.
+#[test]
+fn overlapping_snapshots_each_write_their_own_point_in_time() {
+    let mut store = KvStore::new(limits());
+    let mut index = 0;
+    let mut apply = |store: &mut KvStore, command: Command| {
+        index += 1;
+        let result = store.apply(index, &command.encode());
+        assert!(result.outcome.is_ok(), "{:?}", result.outcome);
+    };
+    for round in 0..2 {
+        for key in 0..20 {
+            apply(
+                &mut store,
+                Command::put(put_request(&format!("k{key:02}"), &format!("v{round}"))),
+            );
+        }
+    }
+    let first_image = snapshot(&store);
+    let mut first = store.begin_snapshot();
+    let compact_at = store.current_revision();
+    apply(&mut store, Command::put(put_request("k00", "v2")));
+    apply(
+        &mut store,
+        Command::compaction(CompactionRequest {
+            revision: compact_at,
+            physical: false,
+        }),
+    );
+    let second_image = snapshot(&store);
+    let mut second = store.begin_snapshot();
+    apply(&mut store, Command::put(put_request("k01", "v3")));
+    let versions_kept = store.key_history_count();
+
+    let write = |store: &KvStore, cursor: &mut flotilla_kv::SnapshotCursor| {
+        let mut written = Vec::new();
+        while !store.continue_snapshot(cursor, &mut written, 16).unwrap() {}
+        written
+    };
+    assert!(
+        write(&store, &mut first) == first_image,
+        "the first snapshot's point in time"
+    );
+    store.end_snapshot(first);
+    assert_eq!(
+        store.key_history_count(),
+        versions_kept,
+        "the compaction still waits for the second snapshot"
+    );
+    assert!(
+        write(&store, &mut second) == second_image,
+        "the second snapshot's point in time"
+    );
+    store.end_snapshot(second);
+    // Unpinned, the store is what a restore of its own snapshot is.
+    assert_eq!(store, restore(&snapshot(&store)).unwrap());
+}
+
 #[test]
 fn a_snapshot_of_a_store_replaced_meanwhile_fails_and_says_so() {
     let mut store = sample_store();

@@ -85,6 +85,16 @@ pub async fn load_or_create(config: &ServerConfig) -> anyhow::Result<(Identity, 
     Ok((identity, true))
 }
 
+/// Decides the identity of a member of a brand-new cluster (as `--initial-cluster-state new`
+/// does) and stores it in the data directory, for `flotilla snapshot restore`.
+pub fn create_new_cluster_member(config: &ServerConfig) -> anyhow::Result<Identity> {
+    let identity = new_cluster(config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    write(&config.data_dir.join(IDENTITY_FILE), &identity)?;
+    Ok(identity)
+}
+
 fn read(path: &Path) -> anyhow::Result<Identity> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

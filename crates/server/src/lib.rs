@@ -12,6 +12,7 @@
 //! - [`config`], [`identity`], [`server`]: flags and config file, member and cluster ids in the
 //!   data directory, wiring and graceful shutdown; [`metrics`] and [`http`]: observability.
 
+pub mod backup;
 pub mod config;
 pub mod driver;
 pub mod election_service;
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer_service;
 pub mod read_lease;
+pub mod restore;
 pub mod server;
 pub mod services;
 pub mod state_machine;

@@ -299,6 +299,10 @@ impl Servers {
             frontend: frontend.clone(),
             watch,
             stopping: client_stop_rx.clone(),
+            backup_dir: config.data_dir.as_path().into(),
+            maintenance_slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::services::MAINTENANCE_SLOTS,
+            )),
         };
         // etcd's gRPC receive limit: the request limit plus 512 KiB; the request itself is
         // checked against the limit with etcd's error text.

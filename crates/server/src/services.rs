@@ -41,6 +41,10 @@ pub struct ClientServices {
     pub watch: Arc<WatchContext>,
     /// Becomes true when the member stops: long-lived streams end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Where backups are written before they are sent (the data directory).
+    pub backup_dir: Arc<std::path::Path>,
+    /// Bounds the backups and hashes encoding the state at once ([`MAINTENANCE_SLOTS`]).
+    pub maintenance_slots: Arc<tokio::sync::Semaphore>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -508,6 +512,56 @@ impl Cluster for ClientServices {
     }
 }
 
+/// Backups and hashes encoding the whole state at once, per member: more wait their turn.
+pub const MAINTENANCE_SLOTS: usize = 2;
+
+impl ClientServices {
+    async fn maintenance_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.maintenance_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable(crate::errors::SERVER_STOPPED))
+    }
+}
+
+/// Bytes per backup message.
+const BACKUP_MESSAGE_BYTES: u64 = 64 << 10;
+
+/// Streams a backup file to the client, each message saying how many bytes remain after it;
+/// stops early if the client goes away.
+fn send_backup(
+    mut file: std::fs::File,
+    size: u64,
+    header: Option<ResponseHeader>,
+    out: &tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
+) {
+    use std::io::Read;
+    let mut remaining = size;
+    while remaining > 0 {
+        let length = remaining.min(BACKUP_MESSAGE_BYTES);
+        let mut blob = vec![0u8; length as usize];
+        let message = match file.read_exact(&mut blob) {
+            Ok(()) => {
+                remaining -= length;
+                Ok(SnapshotResponse {
+                    header,
+                    remaining_bytes: remaining,
+                    blob: blob.into(),
+                    ..Default::default()
+                })
+            }
+            Err(e) => {
+                remaining = 0;
+                Err(Status::internal(format!("cannot read the backup: {e}")))
+            }
+        };
+        if out.blocking_send(message).is_err() {
+            return;
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for ClientServices {
     async fn alarm(&self, _request: Request<AlarmRequest>) -> Reply<AlarmResponse> {
@@ -542,6 +596,54 @@ impl Maintenance for ClientServices {
                 db_size_in_use: db_size,
                 is_learner: status.is_learner,
             })
+        })
+        .await
+    }
+
+    async fn hash(&self, _request: Request<HashRequest>) -> Reply<HashResponse> {
+        self.observe(MAINTENANCE, "Hash", async {
+            let _slot = self.maintenance_slot().await?;
+            let state = self.frontend.node.state.clone();
+            let (hash, at) = tokio::task::spawn_blocking(move || crate::backup::hash_state(&state))
+                .await
+                .map_err(|e| Status::internal(format!("the hash task failed: {e}")))?
+                .map_err(|e| Status::internal(format!("cannot hash the state: {e}")))?;
+            Ok(HashResponse {
+                header: self.frontend.header(at.revision),
+                hash,
+            })
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Reply<BoxStream<SnapshotResponse>> {
+        self.observe(MAINTENANCE, "Snapshot", async {
+            let slot = self.maintenance_slot().await?;
+            let state = self.frontend.node.state.clone();
+            let dir = self.backup_dir.clone();
+            let (file, size, at) = tokio::task::spawn_blocking(move || {
+                crate::backup::backup_to_temporary_file(&state, &dir)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("the backup task failed: {e}")))?
+            .map_err(|e| Status::internal(format!("cannot write the backup: {e}")))?;
+            tracing::info!(
+                bytes = size,
+                revision = at.revision,
+                "sending a backup to a client"
+            );
+            let header = self.frontend.header(at.revision);
+            let (out, responses) = tokio::sync::mpsc::channel(4);
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                send_backup(file, size, header, &out);
+            });
+            let stream: BoxStream<SnapshotResponse> =
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(responses));
+            Ok(stream)
         })
         .await
     }

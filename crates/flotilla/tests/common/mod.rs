@@ -141,6 +141,16 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts `size` members with extra `serve` flags.
     pub fn start(size: usize, extra_args: &[&str]) -> TestCluster {
+        let mut cluster = TestCluster::reserve(size, extra_args);
+        let initial = cluster.initial_cluster();
+        for i in 0..size {
+            cluster.spawn(i, &initial, "new");
+        }
+        cluster
+    }
+
+    /// Reserves ports and directories for `size` members without starting them.
+    pub fn reserve(size: usize, extra_args: &[&str]) -> TestCluster {
         let mut cluster = TestCluster {
             dir: tempfile::tempdir().expect("a temporary directory"),
             members: Vec::new(),
@@ -149,10 +159,6 @@ impl TestCluster {
         };
         for _ in 0..size {
             cluster.add_member_slot();
-        }
-        let initial = cluster.initial_cluster();
-        for i in 0..size {
-            cluster.spawn(i, &initial, "new");
         }
         cluster
     }
