@@ -1001,7 +1001,7 @@ const SNAPSHOT_THREAD_NICE: i32 = 10;
 
 /// Lowers the calling thread's priority to [`SNAPSHOT_THREAD_NICE`] (on Linux a nice value
 /// belongs to the thread). A failure only costs latency, so it is logged, not fatal.
-fn lower_this_threads_priority() {
+pub(crate) fn lower_this_threads_priority() {
     if let Err(err) = rustix::process::nice(SNAPSHOT_THREAD_NICE) {
         tracing::debug!("the snapshot thread keeps its priority: {err}");
     }

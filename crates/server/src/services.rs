@@ -525,6 +525,30 @@ impl ClientServices {
     }
 }
 
+/// Runs `work` on a thread of its own at a lowered priority (as the Raft snapshot threads
+/// run): encoding a whole state takes a core for a while, and at the default priority on a
+/// busy machine it held up the apply and WAL threads (puts stalled for 100+ ms as a backup
+/// began). The answer comes back through the returned future.
+fn in_background<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> impl Future<Output = Result<T, Status>> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name(format!("flotilla-{name}"))
+        .spawn(move || {
+            crate::node::lower_this_threads_priority();
+            let _ = answer.send(work());
+        });
+    let name = name.to_string();
+    async move {
+        started.map_err(|e| Status::internal(format!("cannot start the {name} thread: {e}")))?;
+        answered
+            .await
+            .map_err(|_| Status::internal(format!("the {name} thread failed")))
+    }
+}
+
 /// Bytes per backup message.
 const BACKUP_MESSAGE_BYTES: u64 = 64 << 10;
 
@@ -604,9 +628,8 @@ impl Maintenance for ClientServices {
         self.observe(MAINTENANCE, "Hash", async {
             let _slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
-            let (hash, at) = tokio::task::spawn_blocking(move || crate::backup::hash_state(&state))
-                .await
-                .map_err(|e| Status::internal(format!("the hash task failed: {e}")))?
+            let (hash, at) = in_background("hash", move || crate::backup::hash_state(&state))
+                .await?
                 .map_err(|e| Status::internal(format!("cannot hash the state: {e}")))?;
             Ok(HashResponse {
                 header: self.frontend.header(at.revision),
@@ -624,11 +647,10 @@ impl Maintenance for ClientServices {
             let slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
             let dir = self.backup_dir.clone();
-            let (file, size, at) = tokio::task::spawn_blocking(move || {
+            let (file, size, at) = in_background("backup", move || {
                 crate::backup::backup_to_temporary_file(&state, &dir)
             })
-            .await
-            .map_err(|e| Status::internal(format!("the backup task failed: {e}")))?
+            .await?
             .map_err(|e| Status::internal(format!("cannot write the backup: {e}")))?;
             tracing::info!(
                 bytes = size,
@@ -637,10 +659,10 @@ impl Maintenance for ClientServices {
             );
             let header = self.frontend.header(at.revision);
             let (out, responses) = tokio::sync::mpsc::channel(4);
-            tokio::task::spawn_blocking(move || {
+            drop(in_background("backup-send", move || {
                 let _slot = slot;
                 send_backup(file, size, header, &out);
-            });
+            }));
             let stream: BoxStream<SnapshotResponse> =
                 Box::pin(tokio_stream::wrappers::ReceiverStream::new(responses));
             Ok(stream)
