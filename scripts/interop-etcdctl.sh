@@ -289,12 +289,17 @@ else
     echo "SKIPPED: etcd's Go client checks (set ETCD_GO_LOAD to a built bench/etcd-go-load)"
 fi
 
-# ----- etcd's Go concurrency package and the Lock and Election services (issue 19) ---------
-# interop/etcd-go-concurrency, built by scripts/build-go.sh and passed as ETCD_GO_CONCURRENCY:
-# a Go concurrency.Mutex and Election and callers of the server-side Lock and Election
-# services take part in the same locks and elections, each waiting for the other. Run against
-# a real etcd first (when installed), so what it expects is etcd's own behaviour.
-if [ -n "${ETCD_GO_CONCURRENCY:-}" ]; then
+# ----- Go programs on etcd's own client, run against a real etcd and then against Flotilla --
+# Each prints "ok: ..." per check and fails on the first difference. Run against a real etcd
+# first (when installed), so what they expect is etcd's own behaviour.
+# - interop/etcd-go-concurrency (ETCD_GO_CONCURRENCY, issue 19): a Go concurrency.Mutex and
+#   Election and callers of the server-side Lock and Election services take part in the same
+#   locks and elections, each waiting for the other.
+# - interop/kubernetes-contract (ETCD_GO_KUBERNETES, issue 14): the request shapes
+#   kube-apiserver's storage layer sends, each answered as etcd answers it.
+# Both are built by scripts/build-go.sh.
+ref_pid=""
+if [ -n "${ETCD_GO_CONCURRENCY:-}${ETCD_GO_KUBERNETES:-}" ]; then
     if command -v etcd >/dev/null; then
         ref_client="127.0.0.1:$((BASE + 30))"
         ref_peer="http://127.0.0.1:$((BASE + 31))"
@@ -305,20 +310,32 @@ if [ -n "${ETCD_GO_CONCURRENCY:-}" ]; then
         PIDS+=($!)
         ref_pid=$!
         wait_for "the reference etcd to serve" 20 etcdctl --endpoints="$ref_client" endpoint health
-        out=$("$ETCD_GO_CONCURRENCY" --endpoints "$ref_client" --name interop 2>&1) ||
-            fail "Go concurrency checks against etcd itself: $out"
-        pass "Go concurrency checks against etcd itself ($(echo "$out" | grep -c '^ok:') checks)"
-        kill "$ref_pid"
     else
-        echo "SKIPPED: running the Go concurrency checks against etcd itself (etcd is not installed)"
+        echo "SKIPPED: running the Go programs against etcd itself (etcd is not installed)"
     fi
-    out=$("$ETCD_GO_CONCURRENCY" --endpoints "$ENDPOINTS" --name interop 2>&1) ||
-        fail "Go concurrency checks against Flotilla: $out"
+fi
+go_checks() { # description, program, its arguments but --endpoints...
+    local what=$1 program=$2 out; shift 2
+    if [ -n "$ref_pid" ]; then
+        out=$("$program" --endpoints "$ref_client" "$@" 2>&1) || fail "$what, against etcd itself: $out"
+        pass "$what, against etcd itself ($(echo "$out" | grep -c '^ok:') checks)"
+    fi
+    out=$("$program" --endpoints "$ENDPOINTS" "$@" 2>&1) || fail "$what, against Flotilla: $out"
     echo "$out"
-    pass "Go concurrency.Mutex and Election interoperate with the Lock and Election services"
+    pass "$what, against Flotilla"
+}
+if [ -n "${ETCD_GO_CONCURRENCY:-}" ]; then
+    go_checks "Go concurrency.Mutex and Election with the Lock and Election services" \
+        "$ETCD_GO_CONCURRENCY" --name interop
 else
     echo "SKIPPED: Go concurrency interop (set ETCD_GO_CONCURRENCY to a built interop/etcd-go-concurrency)"
 fi
+if [ -n "${ETCD_GO_KUBERNETES:-}" ]; then
+    go_checks "kube-apiserver's request shapes through clientv3" "$ETCD_GO_KUBERNETES" --prefix /interop
+else
+    echo "SKIPPED: Kubernetes contract (set ETCD_GO_KUBERNETES to a built interop/kubernetes-contract)"
+fi
+[ -z "$ref_pid" ] || kill "$ref_pid"
 
 if [ -z "${INTEROP_SKIP_PERF:-}" ]; then
     # 150 puts/s from 50 clients for 60 s: passes with >= 90% of the target throughput, the
