@@ -8,6 +8,7 @@
 #   scripts/bench-vs-etcd.sh                                   # everything, 3 runs, 10 s a point
 #   scripts/bench-vs-etcd.sh --runs 1 --parts go --clients 64  # one quick point
 #   scripts/bench-vs-etcd.sh --parts memory                    # RSS with 1M keys
+#   scripts/bench-vs-etcd.sh --parts kubernetes                # kube-apiserver's traffic mix
 #
 # Needs etcd and etcdctl (apt-get install etcd-server etcd-client), Go and clientv3
 # (apt-get install golang-go golang-etcd-server-dev) and Python 3.

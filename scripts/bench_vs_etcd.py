@@ -143,13 +143,13 @@ class Bench:
                                ",".join(cluster.endpoints)], capture_output=True, text=True,
                               check=True).stdout.strip()
 
-    def go_point(self, cluster, op, clients, run):
+    def go_point(self, cluster, op, clients, run, extra=()):
         leader = self.leader(cluster)
         conns = min(clients, 8)
         cpu_before = cluster.cpu_seconds()
         out = subprocess.run([self.args.go_driver, "--endpoints", leader, "--op", op,
                               "--clients", str(clients), "--conns", str(conns),
-                              "--duration", f"{self.args.duration}s"],
+                              "--duration", f"{self.args.duration}s", *extra],
                              capture_output=True, text=True, check=True)
         cpu = cluster.cpu_seconds() - cpu_before
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -169,6 +169,15 @@ class Bench:
             for op, clients in points:
                 for cluster in self.clusters:
                     self.go_point(cluster, op, clients, run)
+
+    def kubernetes(self):
+        """kube-apiserver's mix for one resource type (bench/etcd-go-load/kubernetes.go)."""
+        extra = ("--keys", str(self.args.kubernetes_objects), "--value-size", "1024")
+        for run in range(self.args.runs):
+            log(f"Kubernetes mix through the Go client, run {run + 1} of {self.args.runs}")
+            for clients in self.args.kubernetes_clients:
+                for cluster in self.clusters:
+                    self.go_point(cluster, "kubernetes", clients, run, extra)
 
     def ours(self):
         log("flotilla bench (our Rust client), puts")
@@ -316,10 +325,26 @@ def go_rows(go):
 
 def report(results):
     of = lambda kind: [r for r in results if r["kind"] == kind]
-    if go := of("go"):
+    if go := [r for r in of("go") if r["op"] != "kubernetes"]:
         table(f"etcd's Go client (clientv3), to the leader, median of {len({r['run'] for r in go})} runs",
               ["op", "clients", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
                "CPU µs/op", "errors"], go_rows(go))
+    if k8s := [r for r in of("go") if r["op"] == "kubernetes"]:
+        rows = []
+        for clients in sorted({r["clients"] for r in k8s}):
+            for system in SYSTEMS:
+                runs = [r for r in k8s if (r["clients"], r["system"]) == (clients, system)]
+                if runs:
+                    m = median_run(runs)
+                    rows.append([clients, system, f"{m['throughput_per_second']:,.0f}",
+                                 f"{m['lists'] / m['seconds']:,.0f}", f"{m['writes'] / m['seconds']:,.0f}",
+                                 f"{m['list_latency_ms']['p50']:.1f}", f"{m['list_latency_ms']['p99']:.1f}",
+                                 f"{m['write_latency_ms']['p50']:.1f}", f"{m['write_latency_ms']['p99']:.1f}",
+                                 m["conflicts"], m["errors"]])
+        table(f"Kubernetes mix (80% lists of 500 of 1 KiB objects, 20% guarded writes, a prefix watch per"
+              f" connection), median of {len({r['run'] for r in k8s})} runs",
+              ["clients", "system", "requests/s", "lists/s", "writes/s", "list p50 ms", "list p99 ms",
+               "write p50 ms", "write p99 ms", "conflicts", "errors"], rows)
     if ours := of("ours"):
         table("`flotilla bench` (our Rust client), puts",
               ["clients", "system", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"],
@@ -356,8 +381,13 @@ def main():
     p.add_argument("--clients", type=int, nargs="*", default=[1, 16, 64, 256],
                    help="put loads (none: no puts)")
     p.add_argument("--read-clients", type=int, nargs="*", default=[1, 64])
-    p.add_argument("--parts", nargs="+", default=["go", "ours", "python", "checkperf", "failover"],
-                   choices=["go", "ours", "python", "checkperf", "failover", "memory"])
+    p.add_argument("--parts", nargs="+",
+                   default=["go", "kubernetes", "ours", "python", "checkperf", "failover"],
+                   choices=["go", "kubernetes", "ours", "python", "checkperf", "failover", "memory"])
+    p.add_argument("--kubernetes-clients", type=int, nargs="+", default=[64],
+                   help="API-server-like clients of the Kubernetes mix (part 'kubernetes')")
+    p.add_argument("--kubernetes-objects", type=int, default=5000,
+                   help="objects of 1 KiB in the Kubernetes mix (10 namespaces)")
     p.add_argument("--python-client", default=sys.executable,
                    help="a Python interpreter that can import etcd3 (part 'python')")
     p.add_argument("--failover-kills", type=int, default=20)

@@ -16,4 +16,4 @@ out=$(realpath -m "$2")
 # Go needs a build cache; CI may run without HOME.
 export GOCACHE=${GOCACHE:-$root/target/go-cache}
 cd "$src"
-GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go build -o "$out" main.go
+GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= go build -o "$out" .

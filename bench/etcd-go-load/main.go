@@ -4,7 +4,7 @@
 //
 // Built in GOPATH mode against Debian's golang-etcd-server-dev (no module download):
 //
-//	GO111MODULE=off GOPATH=/usr/share/gocode go build -o etcd-go-load main.go
+//	GO111MODULE=off GOPATH=/usr/share/gocode go build -o etcd-go-load .
 //
 // Load mode: N clients (goroutines, one request outstanding each) share M connections
 // (clientv3.Client instances), all pointed at one endpoint (the leader, chosen by the
@@ -17,6 +17,8 @@
 // that is acknowledged. The caller is driven over stdin/stdout: the driver prints
 // "kill ENDPOINT" or "start ENDPOINT" and waits for a line "done"; the last line it prints
 // is the JSON result.
+//
+// Kubernetes op: kube-apiserver's traffic mix for one resource type (kubernetes.go).
 //
 // Leader mode: prints the endpoint of the current leader.
 package main
@@ -43,7 +45,7 @@ import (
 func main() {
 	endpoints := flag.String("endpoints", "127.0.0.1:2379", "comma-separated endpoints")
 	mode := flag.String("mode", "load", "load | failover")
-	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration)")
+	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration) | kubernetes (kube-apiserver's mix over --keys objects: see kubernetes.go)")
 	clients := flag.Int("clients", 1, "concurrent clients (one request outstanding each)")
 	conns := flag.Int("conns", 1, "connections (clientv3.Client instances) shared by the clients")
 	duration := flag.Duration("duration", 10*time.Second, "how long to run (load mode)")
@@ -57,7 +59,11 @@ func main() {
 	var out interface{}
 	switch *mode {
 	case "load":
-		out = load(eps, *op, *clients, *conns, *duration, *valueSize, *keys)
+		if *op == "kubernetes" {
+			out = kubernetesLoad(eps, *clients, *conns, *duration, *valueSize, *keys)
+		} else {
+			out = load(eps, *op, *clients, *conns, *duration, *valueSize, *keys)
+		}
 	case "failover":
 		out = failover(eps, *kills, *valueSize)
 	case "leader":
