@@ -626,11 +626,15 @@ impl Maintenance for ClientServices {
 
     async fn hash(&self, _request: Request<HashRequest>) -> Reply<HashResponse> {
         self.observe(MAINTENANCE, "Hash", async {
-            let _slot = self.maintenance_slot().await?;
+            // The slot goes with the work: an abandoned request's encoding still holds it.
+            let slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
-            let (hash, at) = in_background("hash", move || crate::backup::hash_state(&state))
-                .await?
-                .map_err(|e| Status::internal(format!("cannot hash the state: {e}")))?;
+            let (hash, at) = in_background("hash", move || {
+                let _slot = slot;
+                crate::backup::hash_state(&state)
+            })
+            .await?
+            .map_err(|e| Status::internal(format!("cannot hash the state: {e}")))?;
             Ok(HashResponse {
                 header: self.frontend.header(at.revision),
                 hash,
@@ -647,11 +651,14 @@ impl Maintenance for ClientServices {
             let slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
             let dir = self.backup_dir.clone();
-            let (file, size, at) = in_background("backup", move || {
-                crate::backup::backup_to_temporary_file(&state, &dir)
+            // The slot goes with the work, encoding then sending: an abandoned request's
+            // encoding still holds it.
+            let (written, slot) = in_background("backup", move || {
+                (crate::backup::backup_to_temporary_file(&state, &dir), slot)
             })
-            .await?
-            .map_err(|e| Status::internal(format!("cannot write the backup: {e}")))?;
+            .await?;
+            let (file, size, at) =
+                written.map_err(|e| Status::internal(format!("cannot write the backup: {e}")))?;
             tracing::info!(
                 bytes = size,
                 revision = at.revision,
