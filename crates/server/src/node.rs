@@ -787,12 +787,47 @@ impl RaftLoop {
 // ----- The WAL thread --------------------------------------------------------------------
 
 /// Writes every batch waiting, then makes them all durable with one fsync (group commit).
+/// Obsolete files are unlinked by a reaper thread beside it: unlinking a large snapshot or a
+/// preallocated segment took 40–60 ms, and on this thread every write waited for it.
 fn wal_thread(
     storage: &dyn DurableStorage,
-    mut batches: mpsc::Receiver<PersistBatch>,
+    batches: mpsc::Receiver<PersistBatch>,
     persisted: watch::Sender<Option<PersistId>>,
     fatal: mpsc::Sender<SnapshotRequest>,
     metrics: &Metrics,
+) -> Result<(), StorageFailure> {
+    std::thread::scope(|scope| {
+        let (reap_tx, reap_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let reaper = std::thread::Builder::new()
+            .name("flotilla-wal-reap".into())
+            .spawn_scoped(scope, move || {
+                lower_this_threads_priority();
+                while reap_rx.recv().is_ok() {
+                    if let Err(err) = storage.reap() {
+                        // The log is marked failed: the WAL thread stops at its next step.
+                        tracing::error!("cannot remove obsolete log files: {err}");
+                        return;
+                    }
+                }
+            });
+        if let Err(err) = reaper {
+            return Err(StorageFailure(format!(
+                "cannot start the reaper thread: {err}"
+            )));
+        }
+        write_and_sync(storage, batches, &persisted, &fatal, metrics, &reap_tx)
+        // The reaper sees its channel closed and finishes before the scope ends.
+    })?;
+    storage.close()
+}
+
+fn write_and_sync(
+    storage: &dyn DurableStorage,
+    mut batches: mpsc::Receiver<PersistBatch>,
+    persisted: &watch::Sender<Option<PersistId>>,
+    fatal: &mpsc::Sender<SnapshotRequest>,
+    metrics: &Metrics,
+    reap: &std::sync::mpsc::SyncSender<()>,
 ) -> Result<(), StorageFailure> {
     let result = (|| {
         while let Some(batch) = batches.blocking_recv() {
@@ -809,6 +844,10 @@ fn wal_thread(
             // Only now, with the writers acknowledged: the next segment's creation has an
             // fsync of its own.
             storage.prepare_ahead()?;
+            if storage.has_reapable() {
+                // Full means the reaper is already asked: it takes everything queued.
+                let _ = reap.try_send(());
+            }
         }
         Ok(())
     })();
@@ -816,9 +855,8 @@ fn wal_thread(
         let _ = fatal.blocking_send(SnapshotRequest::Fatal(format!(
             "the write-ahead log failed: {err}"
         )));
-        return result;
     }
-    storage.close()
+    result
 }
 
 // ----- The apply thread ------------------------------------------------------------------

@@ -33,6 +33,14 @@ pub trait DurableStorage: LogStorage + Send + Sync + std::fmt::Debug + 'static {
     fn prepare_ahead(&self) -> Result<(), StorageFailure> {
         Ok(())
     }
+    /// True if obsolete files wait for [`Self::reap`].
+    fn has_reapable(&self) -> bool {
+        false
+    }
+    /// Unlinks obsolete files (slow for large ones): called from a thread of its own.
+    fn reap(&self) -> Result<(), StorageFailure> {
+        Ok(())
+    }
     /// Makes everything durable and stops accepting work.
     fn close(&self) -> Result<(), StorageFailure>;
     /// Bytes the storage really holds, not space reserved ahead (for Status's db size); 0 if
@@ -195,6 +203,16 @@ impl DurableStorage for flotilla_wal::Wal {
         data: &mut dyn Read,
     ) -> Result<(), StorageFailure> {
         flotilla_wal::Wal::save_snapshot(self, meta, data)
+            .map(drop)
+            .map_err(|e| StorageFailure(e.to_string()))
+    }
+
+    fn has_reapable(&self) -> bool {
+        flotilla_wal::Wal::has_reapable(self)
+    }
+
+    fn reap(&self) -> Result<(), StorageFailure> {
+        flotilla_wal::Wal::reap(self)
             .map(drop)
             .map_err(|e| StorageFailure(e.to_string()))
     }

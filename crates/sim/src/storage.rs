@@ -185,6 +185,7 @@ impl SimStorage for WalDisk {
     fn sync(&mut self) -> Result<Option<PersistId>, String> {
         let durable = self.wal.sync().map_err(|err| err.to_string())?;
         self.wal.prepare_ahead().map_err(|err| err.to_string())?;
+        self.wal.reap().map_err(|err| err.to_string())?;
         Ok(durable)
     }
 

@@ -56,7 +56,7 @@ fn list(fs: &dyn Fs, dir: &Path) -> Result<Listing, WalError> {
             } else {
                 listing.snapshots.push(generation);
             }
-        } else if metadata::is_tmp_file(&name) {
+        } else if metadata::is_tmp_file(&name) || name.ends_with(crate::wal::REAP_SUFFIX) {
             listing.temporary.push(name);
         }
     }

@@ -107,6 +107,9 @@ pub struct Wal {
     pub(crate) read_state: RwLock<ReadState>,
     pub(crate) writer: Mutex<Writer>,
     pub(crate) spare: Mutex<Spare>,
+    /// Obsolete files (renamed to `<name>.reap`) to unlink, oldest first, by [`Wal::reap`]: unlinking a large file took
+    /// tens of milliseconds, too long for the WAL's own thread or its writer lock.
+    reapable: Mutex<VecDeque<PathBuf>>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
 }
@@ -119,6 +122,9 @@ pub(crate) struct ReadState {
     pub segments: BTreeMap<u32, Arc<dyn FsFile>>,
     pub snapshot_file: Option<Arc<dyn FsFile>>,
 }
+
+/// The suffix of an obsolete file waiting to be unlinked (see [`Wal::reap`]).
+pub(crate) const REAP_SUFFIX: &str = ".reap";
 
 /// A point in the log: a segment number and an offset in it.
 type LogPosition = (u64, u64);
@@ -242,6 +248,7 @@ impl Wal {
                 prepared: None,
                 recycled: false,
             }),
+            reapable: Mutex::new(VecDeque::new()),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
         }
@@ -842,8 +849,9 @@ impl Wal {
         self.remove_files(&obsolete)
     }
 
-    /// Recycles or removes obsolete files, oldest first (so that a crash part way leaves the
-    /// remaining segments without a gap), then makes that durable. Returns the paths gone.
+    /// Recycles obsolete segments (a rename) and queues the other obsolete files for
+    /// [`Wal::reap`], oldest first (so that a crash part way leaves the remaining segments
+    /// without a gap: the reaper unlinks in the same order). Returns the paths dealt with.
     fn remove_files(&self, obsolete: &[Obsolete]) -> Result<Vec<PathBuf>, WalError> {
         if obsolete.is_empty() {
             return Ok(Vec::new());
@@ -853,12 +861,10 @@ impl Wal {
             let (path, result) = match file {
                 Obsolete::Segment(seq) => {
                     let path = self.dir.join(segment::file_name(*seq));
-                    let result = self.recycle_or_remove(&path);
+                    let result = self.recycle_or_reap(&path);
                     (path, result)
                 }
-                Obsolete::Snapshot(path) => {
-                    (path.clone(), self.fs.remove_file(path).ctx("remove", path))
-                }
+                Obsolete::Snapshot(path) => (path.clone(), self.queue_reapable(path)),
             };
             if let Err(err) = result {
                 return Err(self.fail(err));
@@ -873,16 +879,68 @@ impl Wal {
         Ok(gone)
     }
 
+    /// Renames an obsolete file out of the log's way (`<name>.reap`, which the next open
+    /// removes, so order and gaps no longer matter for it) and queues it for [`Wal::reap`].
+    /// A rename is cheap whatever the file's size; the unlink is what takes time.
+    fn queue_reapable(&self, path: &Path) -> Result<(), WalError> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(REAP_SUFFIX);
+        let renamed = PathBuf::from(name);
+        self.fs.rename(path, &renamed).ctx("rename", path)?;
+        self.reapable
+            .lock()
+            .map_err(|_| WalError::Failed {
+                cause: "a panic while reaping files".into(),
+            })?
+            .push_back(renamed);
+        Ok(())
+    }
+
+    /// True if obsolete files wait for [`Wal::reap`].
+    pub fn has_reapable(&self) -> bool {
+        self.reapable.lock().is_ok_and(|queue| !queue.is_empty())
+    }
+
+    /// Unlinks the obsolete files queued so far, oldest first, then syncs the directory.
+    /// Meant for a thread of its own (the files may be large); the simulator calls it in
+    /// line. Files a crash leaves behind are removed when the log is next opened.
+    pub fn reap(&self) -> Result<usize, WalError> {
+        let mut reaped = 0;
+        loop {
+            let next = self
+                .reapable
+                .lock()
+                .map_err(|_| WalError::Failed {
+                    cause: "a panic while reaping files".into(),
+                })?
+                .pop_front();
+            let Some(path) = next else { break };
+            if let Err(err) = self.fs.remove_file(&path).ctx("remove", &path) {
+                return Err(self.fail(err));
+            }
+            reaped += 1;
+        }
+        if reaped > 0
+            && self.sync_enabled
+            && let Err(err) = self.fs.sync_dir(&self.dir)
+        {
+            return Err(self.fail(WalError::io("fsync directory", &self.dir, err)));
+        }
+        Ok(reaped)
+    }
+
     /// Renames a dead segment to be the next one, unless a recycled spare is ready already
-    /// (then it is removed). A fresh spare is replaced: a recycled segment's blocks are
-    /// allocated and written, the cheapest to overwrite. The records left in it carry the old
-    /// segment number, so recovery never takes them for the new segment's.
-    fn recycle_or_remove(&self, path: &Path) -> Result<(), WalError> {
+    /// (then it is queued for [`Wal::reap`]). A fresh spare is replaced: a
+    /// recycled segment's blocks are allocated and written, the cheapest to overwrite. The
+    /// records left in it carry the old segment number, so recovery never takes them for the
+    /// new segment's.
+    fn recycle_or_reap(&self, path: &Path) -> Result<(), WalError> {
         let mut spare = self.spare.lock().map_err(|_| WalError::Failed {
             cause: "a panic while preparing a segment".into(),
         })?;
         if spare.prepared.is_some() && spare.recycled {
-            return self.fs.remove_file(path).ctx("remove", path);
+            drop(spare);
+            return self.queue_reapable(path);
         }
         let seq = spare.next_seq;
         let target = self.dir.join(segment::file_name(seq));

@@ -284,6 +284,13 @@ fn compaction_deletes_old_segments_and_snapshots_once_durable() {
         "not before the compaction is durable"
     );
     wal.sync().unwrap();
+    assert!(
+        segment_files(&fs)
+            .iter()
+            .any(|name| name.ends_with(".reap")),
+        "the dead segments are out of the log's way, to be unlinked by reap"
+    );
+    wal.reap().unwrap();
     let after = segment_files(&fs).len();
     assert!(
         after < before - 2,
@@ -291,6 +298,7 @@ fn compaction_deletes_old_segments_and_snapshots_once_durable() {
     );
     wal.save_snapshot(&snapshot_meta(1, 180), &b"newer"[..])
         .unwrap();
+    wal.reap().unwrap();
     let snapshots: Vec<String> = fs
         .list(&dir())
         .unwrap()

@@ -144,6 +144,11 @@ impl CrashRun {
         if synced.is_ok() && self.generator.prng.chance(1, 2) {
             self.wal.prepare_ahead()?;
         }
+        // Likewise the obsolete files (the server unlinks them on a thread of its own): a
+        // crash may leave them renamed, not yet unlinked.
+        if synced.is_ok() && self.generator.prng.chance(1, 2) {
+            self.wal.reap()?;
+        }
         let Some(id) = synced? else {
             return Ok(());
         };

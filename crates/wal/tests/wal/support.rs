@@ -164,6 +164,7 @@ impl WritableStorage for WalUnderTest {
         self.wal.write(batch).map_err(|err| err.to_string())?;
         let durable = self.wal.sync().map_err(|err| err.to_string())?;
         self.wal.prepare_ahead().map_err(|err| err.to_string())?;
+        self.wal.reap().map_err(|err| err.to_string())?;
         assert_eq!(
             durable,
             Some(batch.id),
