@@ -65,7 +65,7 @@ impl Endpoint {
 }
 
 /// `host:port` becomes `http://host:port`; a trailing slash is dropped. TLS is not supported.
-pub(crate) fn normalize_url(endpoint: &str) -> Result<String, ClientError> {
+pub fn normalize_url(endpoint: &str) -> Result<String, ClientError> {
     let invalid = |reason: &str| ClientError::InvalidEndpoint {
         endpoint: endpoint.to_string(),
         reason: reason.to_string(),

@@ -63,6 +63,7 @@ mod session;
 
 pub use client::{Client, EndpointStatus, LeaderInfo};
 pub use config::{ClientConfig, RetryPolicy, SessionPolicy};
+pub use endpoint::normalize_url;
 pub use error::{ClientError, Outcome};
 pub use session::{SessionMode, SessionTag};
 

@@ -69,11 +69,7 @@ fn save(global: &GlobalArgs, file: &Path) -> anyhow::Result<()> {
             global.endpoints
         );
     };
-    let url = if endpoint.contains("://") {
-        endpoint.clone()
-    } else {
-        format!("http://{endpoint}")
-    };
+    let url = flotilla_client::normalize_url(endpoint)?;
     let partial = file.with_extension("part");
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     let bytes = runtime.block_on(async {

@@ -15,7 +15,6 @@
 //! Errors carry etcd's texts. Unlike etcd 3.4, a campaign whose own key disappears while it
 //! waits fails with "session expired" instead of reporting a leadership it does not have.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -28,8 +27,8 @@ use flotilla_proto::v3electionpb::{
     ProclaimResponse, ResignRequest, ResignResponse,
 };
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::key_queue::{participant_key, queue_prefix};
@@ -53,8 +52,6 @@ const OBSERVED_RESPONSES: usize = 16;
 pub struct ElectionService {
     pub services: ClientServices,
 }
-
-type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Election for ElectionService {
@@ -116,7 +113,7 @@ impl Election for ElectionService {
     async fn observe(
         &self,
         request: Request<LeaderRequest>,
-    ) -> Result<Response<ObserveStream>, Status> {
+    ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
         let prefix = queue_prefix(&request.into_inner().name);
         let (out, responses) = mpsc::channel(OBSERVED_RESPONSES);
         let services = self.services.clone();

@@ -107,8 +107,9 @@ pub struct Wal {
     pub(crate) read_state: RwLock<ReadState>,
     pub(crate) writer: Mutex<Writer>,
     pub(crate) spare: Mutex<Spare>,
-    /// Obsolete files (renamed to `<name>.reap`) to unlink, oldest first, by [`Wal::reap`]: unlinking a large file took
-    /// tens of milliseconds, too long for the WAL's own thread or its writer lock.
+    /// Obsolete files (renamed to `<name>.reap`) to unlink, oldest first, by [`Wal::reap`]:
+    /// unlinking a large file took tens of milliseconds, too long for the WAL's own thread or
+    /// its writer lock.
     reapable: Mutex<VecDeque<PathBuf>>,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
@@ -849,9 +850,9 @@ impl Wal {
         self.remove_files(&obsolete)
     }
 
-    /// Recycles obsolete segments (a rename) and queues the other obsolete files for
-    /// [`Wal::reap`], oldest first (so that a crash part way leaves the remaining segments
-    /// without a gap: the reaper unlinks in the same order). Returns the paths dealt with.
+    /// Recycles obsolete segments or renames them out of the log's way for [`Wal::reap`],
+    /// oldest first (so that a crash part way leaves the remaining segments without a gap),
+    /// likewise obsolete snapshots, then makes that durable. Returns the paths dealt with.
     fn remove_files(&self, obsolete: &[Obsolete]) -> Result<Vec<PathBuf>, WalError> {
         if obsolete.is_empty() {
             return Ok(Vec::new());
@@ -887,13 +888,14 @@ impl Wal {
         name.push(REAP_SUFFIX);
         let renamed = PathBuf::from(name);
         self.fs.rename(path, &renamed).ctx("rename", path)?;
-        self.reapable
-            .lock()
-            .map_err(|_| WalError::Failed {
-                cause: "a panic while reaping files".into(),
-            })?
-            .push_back(renamed);
+        self.lock_reapable()?.push_back(renamed);
         Ok(())
+    }
+
+    fn lock_reapable(&self) -> Result<MutexGuard<'_, VecDeque<PathBuf>>, WalError> {
+        self.reapable.lock().map_err(|_| WalError::Failed {
+            cause: "a panic while reaping files".into(),
+        })
     }
 
     /// True if obsolete files wait for [`Wal::reap`].
@@ -907,13 +909,7 @@ impl Wal {
     pub fn reap(&self) -> Result<usize, WalError> {
         let mut reaped = 0;
         loop {
-            let next = self
-                .reapable
-                .lock()
-                .map_err(|_| WalError::Failed {
-                    cause: "a panic while reaping files".into(),
-                })?
-                .pop_front();
+            let next = self.lock_reapable()?.pop_front();
             let Some(path) = next else { break };
             if let Err(err) = self.fs.remove_file(&path).ctx("remove", &path) {
                 return Err(self.fail(err));
