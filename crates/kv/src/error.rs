@@ -12,7 +12,9 @@ pub enum GrpcCode {
     InvalidArgument = 3,
     NotFound = 5,
     FailedPrecondition = 9,
+    ResourceExhausted = 8,
     OutOfRange = 11,
+    DataLoss = 15,
 }
 
 /// What went wrong. The discriminant is stable: it is stored in snapshots (inside remembered
@@ -38,10 +40,12 @@ pub enum ErrorKind {
     ResponseNotRetained = 16,
     MalformedCommand = 17,
     NotReadOnly = 18,
+    NoSpace = 19,
+    Corrupt = 20,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 18] = [
+    const ALL: [ErrorKind; 20] = [
         ErrorKind::EmptyKey,
         ErrorKind::KeyNotFound,
         ErrorKind::ValueProvided,
@@ -60,6 +64,8 @@ impl ErrorKind {
         ErrorKind::ResponseNotRetained,
         ErrorKind::MalformedCommand,
         ErrorKind::NotReadOnly,
+        ErrorKind::NoSpace,
+        ErrorKind::Corrupt,
     ];
 
     /// The stable number stored in snapshots.
@@ -86,6 +92,8 @@ impl ErrorKind {
             LeaseExists | SessionNotFound | StaleSequence | ResponseNotRetained => {
                 GrpcCode::FailedPrecondition
             }
+            NoSpace => GrpcCode::ResourceExhausted,
+            Corrupt => GrpcCode::DataLoss,
         }
     }
 
@@ -117,6 +125,8 @@ impl ErrorKind {
             }
             MalformedCommand => "flotilla: malformed command",
             NotReadOnly => "flotilla: transaction writes, so it must go through the log",
+            NoSpace => "etcdserver: mvcc: database space exceeded",
+            Corrupt => "etcdserver: corrupt cluster",
         }
     }
 

@@ -21,6 +21,15 @@ use crate::key_range::KeyRange;
 /// The first revision any write gets: the store starts at revision 1 (etcd-api.md §1.3).
 const FIRST_WRITE_REVISION: i64 = 2;
 
+/// What one stored version costs beyond its key and value bytes, for [`Keyspace::size_bytes`]:
+/// the version's fixed fields, its place in the key's history and in the change log.
+pub const VERSION_OVERHEAD_BYTES: u64 = 64;
+
+/// The bytes one version of `key` with `value` counts for in [`Keyspace::size_bytes`].
+pub fn version_cost_bytes(key_bytes: usize, value_bytes: usize) -> u64 {
+    key_bytes as u64 + value_bytes as u64 + VERSION_OVERHEAD_BYTES
+}
+
 /// One version of one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct KeyVersion {
@@ -127,15 +136,28 @@ impl KeyHistory {
         &self.versions[self.retained_start(compacted_revision)..]
     }
 
+    /// What this key's versions count for in [`Keyspace::size_bytes`].
+    fn cost_bytes(&self, key: &[u8]) -> u64 {
+        self.versions
+            .iter()
+            .map(|version| version_cost_bytes(key.len(), version.value.len()))
+            .sum()
+    }
+
     /// Drops versions not needed to read at `revision` or later. Returns false when nothing is
-    /// left (the key was deleted at or before `revision`).
-    fn compact(&mut self, revision: i64) -> bool {
+    /// left (the key was deleted at or before `revision`), and the bytes dropped (as
+    /// [`Keyspace::size_bytes`] counts them).
+    fn compact(&mut self, key: &[u8], revision: i64) -> (bool, u64) {
         let keep_from = self.retained_start(revision);
-        self.versions.drain(..keep_from);
+        let dropped_bytes = self
+            .versions
+            .drain(..keep_from)
+            .map(|version| version_cost_bytes(key.len(), version.value.len()))
+            .sum();
         if self.versions.capacity() > 2 * self.versions.len() {
             self.versions.shrink_to_fit();
         }
-        !self.versions.is_empty()
+        (!self.versions.is_empty(), dropped_bytes)
     }
 
     /// The watch event for the version at `position`, with `prev_kv` when the version before it
@@ -239,6 +261,9 @@ pub(crate) struct Keyspace {
     /// The pins of the snapshots reading the versions in steps (a Raft snapshot, backups,
     /// hashes): while any is held, versions may be added, not removed.
     pins: BTreeSet<u64>,
+    /// The sum of [`version_cost_bytes`] over every version in `keys` (what the space quota
+    /// measures): it grows with each write and shrinks only when a compaction drops versions.
+    size_bytes: u64,
 }
 
 impl Default for Keyspace {
@@ -251,6 +276,7 @@ impl Default for Keyspace {
             compacted_revision: 0,
             versions_compacted_revision: 0,
             pins: BTreeSet::new(),
+            size_bytes: 0,
         }
     }
 }
@@ -262,6 +288,11 @@ impl Keyspace {
 
     pub fn compacted_revision(&self) -> i64 {
         self.compacted_revision
+    }
+
+    /// The bytes the stored versions count for (see [`Keyspace::size_bytes`] on the field).
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
     }
 
     /// Keys with any history; while a snapshot defers a compaction, also the keys it empties.
@@ -391,6 +422,7 @@ impl Keyspace {
             value,
         };
         let event = put_event(new_version.to_key_value(&map_key), prev_kv.clone());
+        self.size_bytes += version_cost_bytes(map_key.len(), new_version.value.len());
         history.push(new_version);
         write.events.push(event);
         write.changed_keys.push(map_key.clone());
@@ -411,6 +443,7 @@ impl Keyspace {
             sub_revision: write.next_sub_revision(),
             value: Bytes::new(),
         };
+        self.size_bytes += version_cost_bytes(map_key.len(), 0);
         self.keys
             .get_mut(key)
             .expect("key found just above")
@@ -457,7 +490,16 @@ impl Keyspace {
 
     fn drop_compacted_versions(&mut self) {
         let revision = self.compacted_revision;
-        self.keys.retain(|_, history| history.compact(revision));
+        let mut dropped_bytes = 0;
+        self.keys.retain(|key, history| {
+            let (kept, dropped) = history.compact(key, revision);
+            dropped_bytes += dropped;
+            kept
+        });
+        self.size_bytes = self
+            .size_bytes
+            .checked_sub(dropped_bytes)
+            .expect("a compaction drops only counted versions");
         self.versions_compacted_revision = revision;
     }
 
@@ -582,6 +624,10 @@ impl Keyspace {
                 revision_changes.into_iter().map(|(_, key)| key).collect()
             })
             .collect();
+        let size_bytes = keys
+            .iter()
+            .map(|(key, history)| history.cost_bytes(key))
+            .sum();
         Ok(Keyspace {
             keys,
             changes,
@@ -590,6 +636,7 @@ impl Keyspace {
             compacted_revision,
             versions_compacted_revision: compacted_revision,
             pins: BTreeSet::new(),
+            size_bytes,
         })
     }
 }
@@ -710,6 +757,37 @@ mod tests {
             .unwrap();
         assert_eq!(single.events.len(), 2);
         assert_eq!(single.next_revision, 5);
+    }
+
+    /// The running size equals the size recounted from the versions, through writes,
+    /// deletes, a pinned compaction and its release, and a restore.
+    #[test]
+    fn size_counts_every_stored_version_until_compaction_drops_it() {
+        let recount = |keyspace: &Keyspace| -> u64 {
+            keyspace
+                .keys
+                .iter()
+                .map(|(key, history)| history.cost_bytes(key))
+                .sum()
+        };
+        let mut keyspace = Keyspace::default();
+        assert_eq!(keyspace.size_bytes(), 0);
+        put(&mut keyspace, "a", "1234"); // 2
+        assert_eq!(keyspace.size_bytes(), version_cost_bytes(1, 4));
+        put(&mut keyspace, "a", "12"); // 3
+        put(&mut keyspace, "bb", "1"); // 4
+        delete(&mut keyspace, "bb"); // 5
+        let before = version_cost_bytes(1, 4) + version_cost_bytes(1, 2);
+        let before = before + version_cost_bytes(2, 1) + version_cost_bytes(2, 0);
+        assert_eq!(keyspace.size_bytes(), before);
+        keyspace.pin(7);
+        keyspace.compact(5);
+        assert_eq!(keyspace.size_bytes(), before, "a pin holds the versions");
+        keyspace.unpin(7);
+        assert_eq!(keyspace.size_bytes(), version_cost_bytes(1, 2));
+        assert_eq!(keyspace.size_bytes(), recount(&keyspace));
+        let restored = Keyspace::from_parts(keyspace.keys.clone(), 5, 5).unwrap();
+        assert_eq!(restored.size_bytes(), keyspace.size_bytes());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::key_range::KeyRange;
 use crate::lease::{Lease, Leases};
 use crate::limits::Limits;
 use crate::mvcc::{EventBatch, Keyspace};
+use crate::quota::Admission;
 use crate::range::{range, revision_header};
 use crate::response::{ApplyResult, Response, recall, remember};
 use crate::session::{Session, SessionCheck, Sessions};
@@ -56,8 +57,20 @@ impl KvStore {
     ///
     /// Bytes that do not decode give a `MalformedCommand` error, the same on every member.
     pub fn apply(&mut self, index: u64, command_bytes: &[u8]) -> ApplyResult {
+        self.apply_admitted(index, command_bytes, Admission::All)
+    }
+
+    /// [`KvStore::apply`] under the cluster's alarms: a command `admission` refuses is
+    /// answered with its error and changes nothing (a retry under a session still gets the
+    /// answer it got first).
+    pub fn apply_admitted(
+        &mut self,
+        index: u64,
+        command_bytes: &[u8],
+        admission: Admission,
+    ) -> ApplyResult {
         match Command::decode(command_bytes) {
-            Ok(command) => self.apply_command(index, &command),
+            Ok(command) => self.apply_command_admitted(index, &command, admission),
             Err(error) => {
                 self.advance_applied_index(index);
                 let error = KvError::with_detail(ErrorKind::MalformedCommand, error.to_string());
@@ -68,6 +81,15 @@ impl KvStore {
 
     /// Applies an already decoded command (the same as [`KvStore::apply`] on its encoding).
     pub fn apply_command(&mut self, index: u64, command: &Command) -> ApplyResult {
+        self.apply_command_admitted(index, command, Admission::All)
+    }
+
+    fn apply_command_admitted(
+        &mut self,
+        index: u64,
+        command: &Command,
+        admission: Admission,
+    ) -> ApplyResult {
         self.advance_applied_index(index);
         // Decoding refuses these; a command built in process could still carry them.
         if let Some(request) = command.client_request
@@ -91,7 +113,10 @@ impl KvStore {
                 Ok(SessionCheck::Apply) => {}
             }
         }
-        let (outcome, events) = self.execute(index, &command.operation);
+        let (outcome, events) = match admission.refusal(&command.operation) {
+            Some(refusal) => (Err(refusal), Vec::new()),
+            None => self.execute(index, &command.operation),
+        };
         if let Some(request) = client_request {
             self.sessions.remember(request, remember(&outcome));
         }
@@ -280,6 +305,12 @@ impl KvStore {
 
     pub fn current_revision(&self) -> i64 {
         self.keyspace.current_revision()
+    }
+
+    /// The bytes the store counts for against the space quota: every stored version (see
+    /// [`crate::version_cost_bytes`]) and every lease. History counts until compacted.
+    pub fn size_bytes(&self) -> u64 {
+        self.keyspace.size_bytes() + self.leases.iter().len() as u64 * crate::LEASE_COST_BYTES
     }
 
     /// How many keys exist now (deleted keys, whose history may remain, do not count).

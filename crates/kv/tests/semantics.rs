@@ -1140,3 +1140,40 @@ fn in_process_commands_with_zero_session_fields_are_malformed() {
     }
     assert!(h.get("k").is_none());
 }
+
+/// Under a NOSPACE alarm puts and grants are refused and change nothing, deletes still apply;
+/// under CORRUPT every client command is refused.
+#[test]
+fn alarms_refuse_what_they_cap_and_nothing_else() {
+    use flotilla_kv::{Admission, ErrorKind};
+    let mut store = KvStore::new(Limits::default());
+    let put = |key: &'static str| {
+        Command::put(PutRequest {
+            key: key.into(),
+            value: "v".into(),
+            ..Default::default()
+        })
+        .encode()
+    };
+    assert!(store.apply(1, &put("a")).outcome.is_ok());
+    let size = store.size_bytes();
+    let refused = store.apply_admitted(2, &put("b"), Admission::NoNewSpace);
+    assert_eq!(refused.outcome.unwrap_err().kind(), ErrorKind::NoSpace);
+    assert_eq!((refused.revision, store.size_bytes()), (2, size));
+    let grant = Command::lease_grant(flotilla_proto::etcdserverpb::LeaseGrantRequest {
+        ttl: 10,
+        ..Default::default()
+    });
+    let refused = store.apply_admitted(3, &grant.encode(), Admission::NoNewSpace);
+    assert_eq!(refused.outcome.unwrap_err().kind(), ErrorKind::NoSpace);
+    assert_eq!(store.leases().len(), 0);
+    let delete = Command::delete_range(flotilla_proto::etcdserverpb::DeleteRangeRequest {
+        key: "a".into(),
+        ..Default::default()
+    });
+    let corrupt = store.apply_admitted(4, &delete.encode(), Admission::Nothing);
+    assert_eq!(corrupt.outcome.unwrap_err().kind(), ErrorKind::Corrupt);
+    let deleted = store.apply_admitted(5, &delete.encode(), Admission::NoNewSpace);
+    assert!(deleted.outcome.is_ok());
+    assert_eq!(deleted.revision, 3);
+}

@@ -71,6 +71,16 @@ pub struct ServeArgs {
     /// Most operations in one txn [default: 128].
     #[arg(long, env = "FLOTILLA_MAX_TXN_OPS")]
     pub max_txn_ops: Option<usize>,
+    /// Space quota in bytes: a write that would take the store past it raises the NOSPACE
+    /// alarm and fails, as in etcd. 0 means the default; negative means no quota. Unlike
+    /// etcd there is no 8 GiB ceiling: the store is in memory, so the limit is memory
+    /// [default: 2147483648].
+    #[arg(
+        long,
+        env = "FLOTILLA_QUOTA_BACKEND_BYTES",
+        allow_negative_numbers = true
+    )]
+    pub quota_backend_bytes: Option<i64>,
     /// Seconds a client session lives without a request [default: 60].
     #[arg(long, env = "FLOTILLA_SESSION_TTL")]
     pub session_ttl: Option<u64>,
@@ -143,6 +153,7 @@ struct FileConfig {
     snapshot_catchup_entries: Option<u64>,
     max_request_bytes: Option<usize>,
     max_txn_ops: Option<usize>,
+    quota_backend_bytes: Option<i64>,
     session_ttl: Option<u64>,
     experimental_watch_progress_notify_interval: Option<String>,
     lease_reads: Option<bool>,
@@ -173,6 +184,8 @@ pub struct ServerConfig {
     pub snapshot_catchup_entries: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    /// The space quota in bytes, `None` for none.
+    pub quota_backend_bytes: Option<u64>,
     pub session_ttl: Duration,
     pub watch_progress_notify_interval: Duration,
     pub lease_reads: bool,
@@ -183,6 +196,8 @@ pub struct ServerConfig {
 }
 
 pub const DEFAULT_CLUSTER_TOKEN: &str = "flotilla-cluster";
+/// etcd's default space quota, 2 GiB.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 << 30;
 /// etcd's default.
 pub const DEFAULT_WATCH_PROGRESS_NOTIFY_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -349,6 +364,15 @@ impl ServeArgs {
                 .or(file.max_request_bytes)
                 .unwrap_or(3 * 1024 * 1024 / 2),
             max_txn_ops: self.max_txn_ops.or(file.max_txn_ops).unwrap_or(128),
+            quota_backend_bytes: match self
+                .quota_backend_bytes
+                .or(file.quota_backend_bytes)
+                .unwrap_or(0)
+            {
+                0 => Some(DEFAULT_QUOTA_BACKEND_BYTES),
+                bytes if bytes < 0 => None,
+                bytes => Some(bytes as u64),
+            },
             session_ttl: Duration::from_secs(
                 self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
             ),

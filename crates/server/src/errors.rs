@@ -39,6 +39,8 @@ pub fn kv_status(error: &KvError) -> Status {
         GrpcCode::NotFound => Code::NotFound,
         GrpcCode::FailedPrecondition => Code::FailedPrecondition,
         GrpcCode::OutOfRange => Code::OutOfRange,
+        GrpcCode::ResourceExhausted => Code::ResourceExhausted,
+        GrpcCode::DataLoss => Code::DataLoss,
     };
     Status::new(code, error.client_message())
 }

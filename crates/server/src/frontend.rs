@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_kv::{Command, Response};
+use flotilla_kv::{Operation, space_cost_bytes};
+use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
 use flotilla_proto::etcdserverpb::{
-    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
+    AlarmRequest, AlarmResponse, AlarmType, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    ResponseHeader,
 };
 use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
 use flotilla_raft::{ConfChange, ConfChangeStep, Index, NodeId};
@@ -28,16 +31,16 @@ use crate::driver::Refusal;
 use crate::errors::{
     FORWARD_NOT_LEADER, FORWARD_UNDELIVERED, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER,
     PEER_URL_EXISTS, REQUEST_TIMED_OUT, REQUEST_TIMED_OUT_LEADER_FAIL, TOO_MANY_REQUESTS,
-    node_status,
+    kv_status, node_status,
 };
 use crate::held::HeldRequests;
 use crate::lease::{LeaseError, Lessor};
-use crate::members::member_id;
+use crate::members::{encode_server_command, member_id};
 use crate::node::{NodeError, NodeHandle};
 use crate::peer_proto::peer_client::PeerClient;
 use crate::peer_proto::{
-    ForwardRequest, ForwardResponse, MemberChange, MemberInfo, Members, forward_request,
-    forward_response, member_change,
+    ForwardRequest, ForwardResponse, MemberChange, MemberInfo, Members, ServerCommand,
+    forward_request, forward_response, member_change, server_command,
 };
 use crate::state_machine::Applied;
 use crate::transport::{PeerIdentity, peer_client};
@@ -58,6 +61,10 @@ pub struct Frontend {
     pub session_ttl: Duration,
     /// The lease clock (ticking only while this member leads).
     pub lessor: Arc<Lessor>,
+    /// The space quota (`--quota-backend-bytes`), `None` for none.
+    pub quota_bytes: Option<u64>,
+    /// This member is proposing its NOSPACE alarm: others refused meanwhile need not.
+    raising_nospace: std::sync::atomic::AtomicBool,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
     /// Requests waiting for a leader (bounded).
     held: HeldRequests,
@@ -86,11 +93,19 @@ impl Frontend {
             election_timeout,
             session_ttl,
             lessor,
+            quota_bytes: None,
+            raising_nospace: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::new(BTreeMap::new()),
             held: HeldRequests::new(HELD_REQUESTS_MAX, HELD_BYTES_MAX),
             session_activity: Mutex::new(BTreeMap::new()),
             peer_activity: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Sets the space quota (none by default).
+    pub fn with_quota(mut self, quota_bytes: Option<u64>) -> Frontend {
+        self.quota_bytes = quota_bytes;
+        self
     }
 
     pub fn deadline(&self) -> Instant {
@@ -174,6 +189,62 @@ impl Frontend {
     }
 
     // ----- Writes --------------------------------------------------------------------------
+
+    /// etcd's quota check before proposing. A request that takes space is refused with
+    /// "database space exceeded" while a NOSPACE alarm is active (apply would refuse it
+    /// anyway), or when it would take the store past the quota: then this member first raises
+    /// NOSPACE through the log, as etcd's quota alarmer does, so that every member stops
+    /// admitting writes. Requests that take no space (reads, deletes, compactions,
+    /// revocations) always pass: they are how an operator gets back under the quota.
+    pub async fn check_space(&self, operation: &Operation) -> Result<(), Status> {
+        let cost = space_cost_bytes(operation);
+        if cost == 0 {
+            return Ok(());
+        }
+        let (size, alarmed) = {
+            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+            (
+                state.kv.size_bytes(),
+                state.alarms.is_active(AlarmType::Nospace),
+            )
+        };
+        let no_space = || kv_status(&flotilla_kv::KvError::new(flotilla_kv::ErrorKind::NoSpace));
+        if alarmed {
+            return Err(no_space());
+        }
+        match self.quota_bytes {
+            Some(quota) if size.saturating_add(cost) > quota => {
+                self.raise_nospace(size, cost, quota).await;
+                Err(no_space())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn raise_nospace(&self, size: u64, cost: u64, quota: u64) {
+        if self.raising_nospace.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(
+            size_bytes = size,
+            request_bytes = cost,
+            quota_bytes = quota,
+            "the space quota is exhausted: raising the NOSPACE alarm (writes that take space \
+             fail until an operator compacts, defragments and disarms it)"
+        );
+        let request = AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: self.identity.member_id,
+            alarm: AlarmType::Nospace as i32,
+        };
+        let command = ServerCommand {
+            command: Some(server_command::Command::Alarm(request)),
+        };
+        if let Err(status) = self.write(encode_server_command(&command), 0).await {
+            tracing::warn!("could not raise the NOSPACE alarm: {status}");
+        }
+        self.raising_nospace.store(false, Ordering::Release);
+    }
 
     /// Proposes an encoded command, here or at the leader, and returns its result.
     pub async fn write(&self, data: Bytes, session_id: u64) -> Result<ForwardResponse, Status> {
@@ -840,6 +911,10 @@ pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
             Err(error) => return Err(crate::errors::kv_status(&error)),
         },
         Applied::Members { members, .. } => R::Members(Members { members }),
+        Applied::Alarm { changed, .. } => R::Alarm(AlarmResponse {
+            header: None,
+            alarms: changed,
+        }),
         Applied::Server { .. } => R::Done(true),
     };
     Ok(ForwardResponse {

@@ -49,11 +49,23 @@ fn health_json(
     (code, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
-/// Healthy when a leader is known and a linearizable read (a read index) succeeds.
+/// Healthy when a leader is known, no alarm is active (etcd's rule: a NOSPACE or CORRUPT
+/// cluster is unhealthy) and a linearizable read (a read index) succeeds.
 async fn health(State(state): State<HttpState>) -> impl IntoResponse {
     let node = &state.frontend.node;
     if node.status().leader.is_none() {
         return health_json(false, "RAFT NO LEADER");
+    }
+    let alarms = node
+        .state
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .alarms
+        .to_members();
+    if let Some(alarm) = alarms.first() {
+        let name = flotilla_proto::etcdserverpb::AlarmType::try_from(alarm.alarm)
+            .map_or("UNKNOWN", |a| a.as_str_name());
+        return health_json(false, &format!("ALARM {name}"));
     }
     let deadline = Instant::now() + Duration::from_secs(2);
     match node.read_index(deadline).await {

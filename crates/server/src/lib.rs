@@ -12,6 +12,7 @@
 //! - [`config`], [`identity`], [`server`]: flags and config file, member and cluster ids in the
 //!   data directory, wiring and graceful shutdown; [`metrics`] and [`http`]: observability.
 
+pub mod alarms;
 pub mod backup;
 pub mod config;
 pub mod driver;

@@ -109,6 +109,12 @@ pub struct MemberTable {
 #[error("the member table in the snapshot does not decode: {0}")]
 pub struct MemberTableDecodeError(String);
 
+impl MemberTableDecodeError {
+    pub fn new(reason: String) -> MemberTableDecodeError {
+        MemberTableDecodeError(reason)
+    }
+}
+
 impl MemberTable {
     pub fn from_members(members: impl IntoIterator<Item = Member>) -> MemberTable {
         MemberTable {
@@ -185,29 +191,39 @@ impl MemberTable {
                     member.peer_urls = info.peer_urls.clone();
                 }
             }
-            None => {}
+            // Alarms are the state machine's, beside the table.
+            Some(server_command::Command::Alarm(_)) | None => {}
         }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    /// The table as the snapshot carries it (the state machine adds the alarms).
+    pub fn to_state(&self) -> MemberTableState {
         MemberTableState {
             members: self.infos(),
             removed: self.removed.iter().copied().collect(),
+            alarms: Vec::new(),
         }
-        .encode_to_vec()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<MemberTable, MemberTableDecodeError> {
-        let state =
-            MemberTableState::decode(bytes).map_err(|e| MemberTableDecodeError(e.to_string()))?;
-        Ok(MemberTable {
+    pub fn from_state(state: &MemberTableState) -> MemberTable {
+        MemberTable {
             members: state
                 .members
                 .iter()
                 .map(|info| (info.id, Member::from_info(info)))
                 .collect(),
-            removed: state.removed.into_iter().collect(),
-        })
+            removed: state.removed.iter().copied().collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        self.to_state().encode_to_vec()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<MemberTable, MemberTableDecodeError> {
+        let state =
+            MemberTableState::decode(bytes).map_err(|e| MemberTableDecodeError(e.to_string()))?;
+        Ok(MemberTable::from_state(&state))
     }
 }
 

@@ -58,6 +58,9 @@ pub enum NodeRequest {
         among: Vec<NodeId>,
         reply: oneshot::Sender<Result<NodeId, Refusal>>,
     },
+    /// Save a snapshot at the applied index now (the policy's deferrals do not apply); the
+    /// status's `snapshot_index` moves when it is saved.
+    SaveSnapshot,
 }
 
 /// What the raft task publishes after each round.
@@ -70,6 +73,8 @@ pub struct NodeStatus {
     pub commit: Index,
     pub applied: Index,
     pub last_index: Index,
+    /// The index of the newest snapshot the core holds (0 before the first).
+    pub snapshot_index: Index,
     pub is_learner: bool,
     /// This member was removed from the cluster; it is stopping.
     pub removed: bool,
@@ -207,6 +212,14 @@ impl NodeHandle {
         let (reply, rx) = oneshot::channel();
         let request = NodeRequest::TransferLeader { to, among, reply };
         self.call(request, rx, deadline).await
+    }
+
+    /// Asks for a snapshot at the applied index now (see [`NodeRequest::SaveSnapshot`]).
+    pub async fn save_snapshot(&self) -> Result<(), NodeError> {
+        self.requests
+            .send(NodeRequest::SaveSnapshot)
+            .await
+            .map_err(|_| NodeError::Stopped)
     }
 
     /// Waits until the status satisfies `ready`, or the deadline passes.
@@ -393,6 +406,7 @@ fn status_of(
         commit: node.committed(),
         applied: node.applied(),
         last_index: node.last_id().index,
+        snapshot_index: node.snapshot_id().index,
         is_learner: node.membership().is_learner(node.id()),
         removed,
         stopped,
@@ -572,6 +586,10 @@ impl RaftLoop {
                     Some(target) => self.driver.transfer_leader(target).map(|()| target),
                 };
                 let _ = reply.send(result);
+            }
+            NodeRequest::SaveSnapshot => {
+                self.snapshots_deferred = 0;
+                self.queue_apply(ApplyWork::Snapshot);
             }
         }
     }

@@ -149,15 +149,18 @@ pub async fn run(
         shutdown: stop_node_rx,
     })
     .map_err(|e| anyhow::anyhow!("cannot start the Raft node: {e}"))?;
-    let frontend = Arc::new(Frontend::new(
-        running.handle.clone(),
-        Arc::new(peer_identity),
-        identity.cluster_token.clone(),
-        request_timeout(&config),
-        config.election_timeout,
-        config.session_ttl,
-        lessor,
-    ));
+    let frontend = Arc::new(
+        Frontend::new(
+            running.handle.clone(),
+            Arc::new(peer_identity),
+            identity.cluster_token.clone(),
+            request_timeout(&config),
+            config.election_timeout,
+            config.session_ttl,
+            lessor,
+        )
+        .with_quota(config.quota_backend_bytes),
+    );
     let servers = Servers::start(
         listeners,
         &config,

@@ -97,6 +97,7 @@ impl ClientServices {
         let (command, session_id) = self.frontend.tag_session(request, command)?;
         let encoded = command.encode();
         validate_command(&command, encoded.len(), &self.limits()).map_err(|e| kv_status(&e))?;
+        self.frontend.check_space(&command.operation).await?;
         self.frontend.write(encoded, session_id).await
     }
 
@@ -549,6 +550,11 @@ fn in_background<T: Send + 'static>(
     }
 }
 
+/// The longest a Defragment waits for its snapshot (etcd's takes as long as the rewrite).
+const DEFRAGMENT_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+/// How many snapshots a Defragment asks for before it gives up (see `defragment`).
+const DEFRAGMENT_SNAPSHOT_ATTEMPTS: usize = 3;
+
 /// Bytes per backup message.
 const BACKUP_MESSAGE_BYTES: u64 = 64 << 10;
 
@@ -588,12 +594,43 @@ fn send_backup(
 
 #[tonic::async_trait]
 impl Maintenance for ClientServices {
-    async fn alarm(&self, _request: Request<AlarmRequest>) -> Reply<AlarmResponse> {
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Reply<AlarmResponse> {
         self.observe(MAINTENANCE, "Alarm", async {
-            // No alarms exist: GET lists none, and there is nothing to activate or clear.
+            let request = request.into_inner();
+            crate::alarms::check_alarm_change(&request)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if request.action == alarm_request::AlarmAction::Get as i32 {
+                // etcd reads alarms through the log; a barrier is as linearizable.
+                self.frontend.linearizable_barrier().await?;
+                let (alarms, revision) = self.read_state(|s| {
+                    let alarm = AlarmType::try_from(request.alarm).unwrap_or(AlarmType::None);
+                    (s.alarms.get(alarm), s.kv.current_revision())
+                });
+                return Ok(AlarmResponse {
+                    header: self.frontend.header(revision),
+                    alarms,
+                });
+            }
+            self.frontend.refuse_learner()?;
+            let activate = request.action == alarm_request::AlarmAction::Activate as i32;
+            if activate && self.read_state(|s| s.members.get(request.member_id).is_none()) {
+                return Err(Status::not_found(MEMBER_NOT_FOUND));
+            }
+            let command = ServerCommand {
+                command: Some(server_command::Command::Alarm(request)),
+            };
+            let response = self
+                .frontend
+                .write(encode_server_command(&command), 0)
+                .await?;
+            let revision = response.revision;
+            let changed = expect_result(response, |r| match r {
+                forward_response::Result::Alarm(changed) => Some(changed),
+                _ => None,
+            })?;
             Ok(AlarmResponse {
-                header: self.frontend.header(self.frontend.current_revision()),
-                alarms: Vec::new(),
+                header: self.frontend.header(revision),
+                alarms: changed.alarms,
             })
         })
         .await
@@ -603,11 +640,14 @@ impl Maintenance for ClientServices {
         self.observe(MAINTENANCE, "Status", async {
             let status = self.frontend.node.status();
             let db_size = self.frontend.node.storage.size_bytes() as i64;
-            let errors = if status.leader.is_none() {
+            let mut errors = if status.leader.is_none() {
                 vec![NO_LEADER.to_string()]
             } else {
                 Vec::new()
             };
+            let (alarms, size_in_use) =
+                self.read_state(|s| (s.alarms.to_members(), s.kv.size_bytes()));
+            errors.extend(alarms.iter().map(crate::alarms::describe));
             Ok(StatusResponse {
                 header: self.frontend.header(self.frontend.current_revision()),
                 version: REPORTED_VERSION.to_string(),
@@ -617,8 +657,10 @@ impl Maintenance for ClientServices {
                 raft_term: status.term,
                 raft_applied_index: status.applied,
                 errors,
-                db_size_in_use: db_size,
+                // What the space quota measures: the store's versions and leases.
+                db_size_in_use: size_in_use as i64,
                 is_learner: status.is_learner,
+                db_size_quota: self.frontend.quota_bytes.unwrap_or(0) as i64,
             })
         })
         .await
@@ -691,6 +733,55 @@ impl Maintenance for ClientServices {
                 hash,
                 compact_revision: compacted,
                 hash_revision: revision,
+            })
+        })
+        .await
+    }
+
+    /// etcd rewrites its database file here and blocks every request meanwhile. Flotilla's
+    /// store lives in memory and compaction already frees its space, so what is left to
+    /// reclaim is on disk: the member saves a snapshot of its state now (a point-in-time view,
+    /// encoded beside apply: requests go on), the log before it is truncated, and the WAL
+    /// segments and the older snapshot file are unlinked. Answers once the snapshot is saved.
+    async fn defragment(&self, _request: Request<DefragmentRequest>) -> Reply<DefragmentResponse> {
+        self.observe(MAINTENANCE, "Defragment", async {
+            let node = &self.frontend.node;
+            let started = Instant::now();
+            let bytes_before = node.storage.size_bytes();
+            let target = node.status().applied;
+            let deadline = started + DEFRAGMENT_TIME_MAX;
+            // A snapshot already being saved (for an older index) makes the request a no-op
+            // until it is done: ask again, a bounded number of times.
+            for _ in 0..DEFRAGMENT_SNAPSHOT_ATTEMPTS {
+                let seen = node.status().snapshot_index;
+                if seen >= target {
+                    break;
+                }
+                node.save_snapshot().await.map_err(node_status)?;
+                node.wait_for(deadline, |s| s.snapshot_index > seen || s.stopped)
+                    .await
+                    .ok_or_else(|| Status::unavailable(REQUEST_TIMED_OUT))?;
+            }
+            let status = node.status();
+            if status.stopped {
+                return Err(Status::unavailable(crate::errors::SERVER_STOPPED));
+            }
+            if status.snapshot_index < target {
+                return Err(Status::unavailable(format!(
+                    "flotilla: defragment: no snapshot reached index {target} after \
+                     {DEFRAGMENT_SNAPSHOT_ATTEMPTS} attempts (the newest is at {})",
+                    status.snapshot_index
+                )));
+            }
+            tracing::info!(
+                snapshot_index = status.snapshot_index,
+                disk_bytes_before = bytes_before,
+                disk_bytes_after = node.storage.size_bytes(),
+                elapsed = ?started.elapsed(),
+                "defragmented: saved a snapshot and truncated the log"
+            );
+            Ok(DefragmentResponse {
+                header: self.frontend.header(self.frontend.current_revision()),
             })
         })
         .await

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! magic            8 bytes  "FLSRVSN1"
-//! member table     u32 LE length, then a flotilla.peer.v1.MemberTableState
+//! member table     u32 LE length, then a flotilla.peer.v1.MemberTableState (with the alarms)
 //! key-value store  the rest: flotilla-kv's own snapshot format (with its own checksum)
 //! ```
 
@@ -15,8 +15,12 @@ use flotilla_kv::{ApplyResult, KvStore, Limits};
 use flotilla_proto::mvccpb::Event;
 use flotilla_raft::{Entry, EntryPayload, Index};
 
-use crate::members::{MemberTable, decode_server_command};
-use crate::peer_proto::MemberInfo;
+use flotilla_proto::etcdserverpb::AlarmMember;
+use prost::Message;
+
+use crate::alarms::Alarms;
+use crate::members::{MemberTable, MemberTableDecodeError, decode_server_command};
+use crate::peer_proto::{MemberInfo, MemberTableState, server_command};
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"FLSRVSN1";
 /// A member table is small; refuse absurd lengths from a corrupt snapshot.
@@ -32,6 +36,11 @@ pub enum Applied {
         members: Vec<MemberInfo>,
         revision: i64,
     },
+    /// An alarm change: the alarms it changed (none if it changed nothing).
+    Alarm {
+        changed: Vec<AlarmMember>,
+        revision: i64,
+    },
     /// A server command, a blank entry, or an entry that failed to decode.
     Server { revision: i64 },
 }
@@ -40,7 +49,9 @@ impl Applied {
     pub fn revision(&self) -> i64 {
         match self {
             Applied::Kv(result) => result.revision,
-            Applied::Members { revision, .. } | Applied::Server { revision } => *revision,
+            Applied::Members { revision, .. }
+            | Applied::Alarm { revision, .. }
+            | Applied::Server { revision } => *revision,
         }
     }
 }
@@ -78,11 +89,13 @@ pub struct StateSnapshotCursor {
     kv: flotilla_kv::SnapshotCursor,
 }
 
-/// The key-value store and the member table.
+/// The key-value store, the member table and the alarms.
 #[derive(Debug)]
 pub struct StateMachine {
     pub kv: KvStore,
     pub members: MemberTable,
+    /// Decide what the store admits (see [`Alarms::admission`]).
+    pub alarms: Alarms,
     limits: Limits,
 }
 
@@ -105,6 +118,7 @@ impl StateMachine {
         StateMachine {
             kv: KvStore::new(limits.clone()),
             members,
+            alarms: Alarms::default(),
             limits,
         }
     }
@@ -117,10 +131,24 @@ impl StateMachine {
     pub fn apply_entry(&mut self, entry: &Entry) -> Applied {
         match &entry.payload {
             EntryPayload::Command(data) => match decode_server_command(data) {
-                None => Applied::Kv(self.kv.apply(entry.index, data)),
+                None => Applied::Kv(self.kv.apply_admitted(
+                    entry.index,
+                    data,
+                    self.alarms.admission(),
+                )),
                 Some(decoded) => {
                     self.kv.skip_index(entry.index);
+                    let revision = self.kv.current_revision();
                     match decoded {
+                        Ok(crate::peer_proto::ServerCommand {
+                            command: Some(server_command::Command::Alarm(request)),
+                        }) => {
+                            let changed = self.alarms.apply(&request);
+                            if !changed.is_empty() {
+                                tracing::warn!(index = entry.index, ?request, "alarms changed");
+                            }
+                            return Applied::Alarm { changed, revision };
+                        }
                         Ok(command) => self.members.apply_command(&command),
                         // Every member reads the same bytes the same way: ignore alike.
                         Err(err) => tracing::warn!(
@@ -128,9 +156,7 @@ impl StateMachine {
                             "ignoring a server command that does not decode: {err}"
                         ),
                     }
-                    Applied::Server {
-                        revision: self.kv.current_revision(),
-                    }
+                    Applied::Server { revision }
                 }
             },
             EntryPayload::Blank => {
@@ -169,11 +195,16 @@ impl StateMachine {
         self.kv.write_snapshot(&mut out)
     }
 
-    /// What a snapshot holds before the key-value state: the magic bytes and the member table.
+    /// What a snapshot holds before the key-value state: the magic bytes, the member table
+    /// and the alarms.
     fn snapshot_head(&self) -> Vec<u8> {
         let mut head = Vec::new();
         head.extend_from_slice(SNAPSHOT_MAGIC);
-        let table = self.members.encode();
+        let table = MemberTableState {
+            alarms: self.alarms.to_members(),
+            ..self.members.to_state()
+        }
+        .encode_to_vec();
         let length = u32::try_from(table.len()).expect("the member table is bounded");
         head.extend_from_slice(&length.to_le_bytes());
         head.extend_from_slice(&table);
@@ -224,12 +255,16 @@ impl StateMachine {
         }
         let mut table = vec![0u8; length as usize];
         input.read_exact(&mut table)?;
-        let members = MemberTable::decode(&table)?;
+        let table = MemberTableState::decode(&table[..])
+            .map_err(|e| MemberTableDecodeError::new(e.to_string()))?;
+        let members = MemberTable::from_state(&table);
+        let alarms = Alarms::from_members(&table.alarms);
         let mut input = input;
         let kv = KvStore::restore(&mut input, limits.clone())?;
         Ok(StateMachine {
             kv,
             members,
+            alarms,
             limits,
         })
     }
@@ -284,12 +319,32 @@ mod tests {
             }),
         ));
 
+        let raise = crate::peer_proto::ServerCommand {
+            command: Some(server_command::Command::Alarm(
+                flotilla_proto::etcdserverpb::AlarmRequest {
+                    action: 1,
+                    member_id: 1,
+                    alarm: 1,
+                },
+            )),
+        };
+        let raise = crate::members::encode_server_command(&raise);
+        let applied = machine.apply_entry(&entry(4, EntryPayload::Command(raise)));
+        assert!(matches!(applied, Applied::Alarm { ref changed, .. } if changed.len() == 1));
+        let refused = machine.apply_entry(&entry(5, EntryPayload::Command(put.encode())));
+        assert!(matches!(refused, Applied::Kv(ref r) if r.outcome.is_err()));
+
         let mut bytes = Vec::new();
         machine.write_snapshot(&mut bytes).unwrap();
         let restored = StateMachine::restore(&mut &bytes[..], Limits::default()).unwrap();
+        assert_eq!(restored.alarms, machine.alarms);
+        assert_eq!(
+            restored.alarms.admission(),
+            flotilla_kv::Admission::NoNewSpace
+        );
         assert_eq!(restored.members, machine.members);
         assert_eq!(restored.kv.digest(), machine.kv.digest());
-        assert_eq!(restored.applied_index(), 3);
+        assert_eq!(restored.applied_index(), 5);
         let read = restored
             .kv
             .range(&RangeRequest {

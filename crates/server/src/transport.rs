@@ -435,6 +435,7 @@ mod tests {
         let state = crate::peer_proto::MemberTableState {
             members: vec![member(1, 9), member(2, 9)],
             removed: removed.to_vec(),
+            alarms: Vec::new(),
         };
         crate::members::MemberTable::decode(&state.encode_to_vec()).unwrap()
     }

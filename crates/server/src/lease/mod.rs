@@ -404,6 +404,7 @@ mod tests {
             commit: applied,
             applied,
             last_index,
+            snapshot_index: 0,
             is_learner: false,
             removed: false,
             stopped: false,
