@@ -55,6 +55,11 @@ impl Alarms {
             .collect()
     }
 
+    /// Whether `alarm` is active for `member_id`.
+    pub fn names(&self, member_id: NodeId, alarm: AlarmType) -> bool {
+        self.active.contains(&(member_id, alarm))
+    }
+
     pub fn is_active(&self, alarm: AlarmType) -> bool {
         self.active.iter().any(|(_, active)| *active == alarm)
     }

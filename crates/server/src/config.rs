@@ -93,6 +93,15 @@ pub struct ServeArgs {
         value_parser = parse_go_duration
     )]
     pub experimental_watch_progress_notify_interval: Option<Duration>,
+    /// Before serving clients, compare this member's key-value hash with its peers' at the
+    /// same revision, and refuse to start if one differs (etcd's flag) [default: false].
+    #[arg(long, env = "FLOTILLA_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_initial_corrupt_check: Option<bool>,
+    /// How often the leader compares its key-value hash with every member's and raises the
+    /// CORRUPT alarm for one that differs, as a Go duration; 0 turns it off (etcd's flag)
+    /// [default: 0].
+    #[arg(long, env = "FLOTILLA_EXPERIMENTAL_CORRUPT_CHECK_TIME", value_parser = parse_go_duration)]
+    pub experimental_corrupt_check_time: Option<Duration>,
     /// Leader leases for linearizable reads: the leader answers them without a heartbeat round
     /// while a quorum acknowledged it within the last election timeout, less the drift margin.
     /// Safe only if clocks run at about the same rate on every member and every member sets
@@ -156,6 +165,8 @@ struct FileConfig {
     quota_backend_bytes: Option<i64>,
     session_ttl: Option<u64>,
     experimental_watch_progress_notify_interval: Option<String>,
+    experimental_initial_corrupt_check: Option<bool>,
+    experimental_corrupt_check_time: Option<String>,
     lease_reads: Option<bool>,
     lease_clock_drift: Option<u64>,
     unsafe_no_fsync: Option<bool>,
@@ -188,6 +199,9 @@ pub struct ServerConfig {
     pub quota_backend_bytes: Option<u64>,
     pub session_ttl: Duration,
     pub watch_progress_notify_interval: Duration,
+    pub initial_corrupt_check: bool,
+    /// `None`: no periodic corruption check.
+    pub corrupt_check_interval: Option<Duration>,
     pub lease_reads: bool,
     pub lease_clock_drift: Duration,
     pub unsafe_no_fsync: bool,
@@ -313,6 +327,14 @@ impl ServeArgs {
                  --heartbeat-interval ({heartbeat_ms} ms), which must be positive"
             );
         }
+        let corrupt_check_interval = match &self.experimental_corrupt_check_time {
+            Some(interval) => *interval,
+            None => match &file.experimental_corrupt_check_time {
+                Some(text) => parse_go_duration(text)
+                    .map_err(|e| anyhow::anyhow!("experimental-corrupt-check-time: {e}"))?,
+                None => Duration::ZERO,
+            },
+        };
         let lease_reads = self.lease_reads.or(file.lease_reads).unwrap_or(false);
         let lease_clock_drift_ms = self
             .lease_clock_drift
@@ -377,6 +399,12 @@ impl ServeArgs {
                 self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
             ),
             watch_progress_notify_interval,
+            initial_corrupt_check: self
+                .experimental_initial_corrupt_check
+                .or(file.experimental_initial_corrupt_check)
+                .unwrap_or(false),
+            corrupt_check_interval: (!corrupt_check_interval.is_zero())
+                .then_some(corrupt_check_interval),
             lease_reads,
             lease_clock_drift: Duration::from_millis(lease_clock_drift_ms),
             unsafe_no_fsync: self

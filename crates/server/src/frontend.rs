@@ -141,6 +141,22 @@ impl Frontend {
         Ok(())
     }
 
+    /// A member the CORRUPT alarm names serves no reads: its state differs from the others'.
+    /// (etcd keeps serving reads under CORRUPT; the other members still do here.)
+    pub fn refuse_if_corrupt(&self) -> Result<(), Status> {
+        let me = self.identity.member_id;
+        let corrupt = {
+            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+            state.alarms.names(me, AlarmType::Corrupt)
+        };
+        if corrupt {
+            return Err(kv_status(&flotilla_kv::KvError::new(
+                flotilla_kv::ErrorKind::Corrupt,
+            )));
+        }
+        Ok(())
+    }
+
     /// etcd's "require leader" metadata (`hasleader: true`).
     pub fn check_require_leader<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let required = request

@@ -15,6 +15,7 @@
 pub mod alarms;
 pub mod backup;
 pub mod config;
+pub mod corruption;
 pub mod driver;
 pub mod election_service;
 pub mod errors;

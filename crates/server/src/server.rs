@@ -161,6 +161,13 @@ pub async fn run(
         )
         .with_quota(config.quota_backend_bytes),
     );
+    if config.initial_corrupt_check
+        && let Err(err) = crate::corruption::initial_check(&frontend).await
+    {
+        let _ = stop_node_tx.send(true);
+        let _ = running.join().await;
+        return Err(err);
+    }
     let servers = Servers::start(
         listeners,
         &config,
@@ -405,8 +412,15 @@ fn spawn_background(
         frontend.node.clone(),
         frontend.request_timeout,
     ));
-    let expire = tokio::spawn(async move { expire_sessions(frontend).await });
-    vec![publish, expire, leases]
+    let mut tasks = vec![publish, leases];
+    if let Some(interval) = config.corrupt_check_interval {
+        let frontend = frontend.clone();
+        tasks.push(tokio::spawn(crate::corruption::run_periodic_check(
+            frontend, interval,
+        )));
+    }
+    tasks.push(tokio::spawn(async move { expire_sessions(frontend).await }));
+    tasks
 }
 
 /// Makes sure the member table has this member's name and client URLs (etcd's publish).

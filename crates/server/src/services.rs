@@ -296,6 +296,7 @@ impl Kv for ClientServices {
     async fn range(&self, request: Request<RangeRequest>) -> Reply<RangeResponse> {
         self.observe(KV, "Range", async {
             self.frontend.check_require_leader(&request)?;
+            self.frontend.refuse_if_corrupt()?;
             let range = request.into_inner();
             if !range.serializable {
                 self.frontend.refuse_learner()?;
@@ -350,6 +351,7 @@ impl Kv for ClientServices {
     async fn txn(&self, request: Request<TxnRequest>) -> Reply<TxnResponse> {
         self.observe(KV, "Txn", async {
             if KvStore::is_read_only_txn(request.get_ref()) {
+                self.frontend.refuse_if_corrupt()?;
                 self.frontend.refuse_learner()?;
                 self.frontend.check_require_leader(&request)?;
                 let txn = request.into_inner();

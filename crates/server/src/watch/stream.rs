@@ -159,6 +159,8 @@ impl Session {
             Some(DUPLICATE_WATCH_ID)
         } else if WatchSpec::from_request(request, 0).is_empty_range() {
             Some(EMPTY_WATCHER_RANGE)
+        } else if self.context.frontend.refuse_if_corrupt().is_err() {
+            Some("etcdserver: corrupt cluster")
         } else {
             None
         };
