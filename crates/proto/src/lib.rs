@@ -11,6 +11,10 @@
 //! - [`flotilla::kv::v1`]: Flotilla's internal messages: the command envelope of the Raft log,
 //!   and the records of a key-value snapshot.
 //!
+//! With the `json` feature, the messages of etcd's packages also implement serde's
+//! `Serialize` and `Deserialize` in the protobuf JSON mapping with etcd's JSON field names,
+//! for the JSON gateway.
+//!
 //! Byte fields are [`bytes::Bytes`]. Names are snake_case (etcd spells a few in camelCase,
 //! such as `peerURLs`); names never reach the protobuf wire.
 
@@ -18,30 +22,40 @@
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// Users, roles and permissions (etcd's `authpb` package).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod authpb {
     include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// The etcd v3 client API (etcd's `etcdserverpb` package).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// etcd's lock service (`v3lockpb.Lock`), served beside the client API.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v3lockpb {
     include!(concat!(env!("OUT_DIR"), "/v3lockpb.rs"));
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 /// etcd's election service (`v3electionpb.Election`), served beside the client API.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v3electionpb {
     include!(concat!(env!("OUT_DIR"), "/v3electionpb.rs"));
+    #[cfg(feature = "json")]
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }
 
 /// Flotilla's own protobuf packages.
@@ -175,5 +189,58 @@ mod grpc_tests {
             "etcdserverpb.Maintenance"
         );
         assert_eq!(<AuthServer<()> as NamedService>::NAME, "etcdserverpb.Auth");
+    }
+}
+
+#[cfg(all(test, feature = "json"))]
+mod json_tests {
+    use super::etcdserverpb::{LeaseGrantRequest, Member, RangeResponse, ResponseHeader};
+    use super::mvccpb::KeyValue;
+
+    /// The protobuf JSON mapping as etcd's gateway writes it: .proto names (etcd's spelling),
+    /// 64-bit integers as strings, bytes as base64, zero values left out.
+    #[test]
+    fn writes_etcds_json() {
+        let response = RangeResponse {
+            header: Some(ResponseHeader {
+                cluster_id: 1,
+                member_id: 2,
+                revision: 3,
+                raft_term: 4,
+            }),
+            kvs: vec![KeyValue {
+                key: "foo".into(),
+                value: "bar".into(),
+                create_revision: 2,
+                mod_revision: 3,
+                version: 2,
+                lease: 0,
+            }],
+            more: false,
+            count: 1,
+        };
+        assert_eq!(
+            serde_json::to_string(&response).unwrap(),
+            r#"{"header":{"cluster_id":"1","member_id":"2","revision":"3","raft_term":"4"},"kvs":[{"key":"Zm9v","create_revision":"2","mod_revision":"3","version":"2","value":"YmFy"}],"count":"1"}"#
+        );
+        let member = Member {
+            id: 10,
+            name: "n".into(),
+            peer_urls: vec!["http://a".into()],
+            client_urls: vec![],
+            is_learner: true,
+        };
+        assert_eq!(
+            serde_json::to_string(&member).unwrap(),
+            r#"{"ID":"10","name":"n","peerURLs":["http://a"],"isLearner":true}"#
+        );
+    }
+
+    #[test]
+    fn reads_etcds_names_and_the_proto_names() {
+        let etcd: LeaseGrantRequest = serde_json::from_str(r#"{"TTL": 30, "ID": "7"}"#).unwrap();
+        let proto: LeaseGrantRequest = serde_json::from_str(r#"{"ttl": "30", "id": 7}"#).unwrap();
+        assert_eq!((etcd.ttl, etcd.id), (30, 7));
+        assert_eq!(etcd, proto);
     }
 }

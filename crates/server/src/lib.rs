@@ -20,6 +20,7 @@ pub mod driver;
 pub mod election_service;
 pub mod errors;
 pub mod frontend;
+pub mod gateway;
 pub mod held;
 pub mod http;
 pub mod identity;

@@ -320,24 +320,45 @@ impl Servers {
         let mut client = Vec::new();
         for (url, listener) in listeners.client {
             tracing::info!(%url, "serving clients");
+            let mut grpc = tonic::service::Routes::builder();
+            grpc.add_service(
+                KvServer::new(services.clone())
+                    .max_decoding_message_size(receive_bytes_max)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .add_service(WatchServer::new(services.clone()))
+            .add_service(LeaseServer::new(services.clone()))
+            .add_service(ClusterServer::new(services.clone()))
+            .add_service(MaintenanceServer::new(services.clone()))
+            .add_service(AuthServer::new(services.clone()))
+            .add_service(SessionServer::new(services.clone()))
+            .add_service(LockServer::new(LockService {
+                services: services.clone(),
+            }))
+            .add_service(ElectionServer::new(ElectionService {
+                services: services.clone(),
+            }));
+            // gRPC and the JSON gateway on one listener, told apart by path (gRPC's are
+            // /<package>.<Service>/<Method>, the gateway's /v3/...): HTTP/2 and HTTP/1.1.
+            let gateway = crate::gateway::router(crate::gateway::Gateway {
+                services: services.clone(),
+                lock: LockService {
+                    services: services.clone(),
+                },
+                election: ElectionService {
+                    services: services.clone(),
+                },
+            })
+            .layer(axum::extract::DefaultBodyLimit::max(receive_bytes_max));
+            let routes = tonic::service::Routes::from(
+                grpc.routes()
+                    .into_axum_router()
+                    .merge(gateway)
+                    .fallback(crate::gateway::not_found),
+            );
             let router = tonic::transport::Server::builder()
-                .add_service(
-                    KvServer::new(services.clone())
-                        .max_decoding_message_size(receive_bytes_max)
-                        .max_encoding_message_size(usize::MAX),
-                )
-                .add_service(WatchServer::new(services.clone()))
-                .add_service(LeaseServer::new(services.clone()))
-                .add_service(ClusterServer::new(services.clone()))
-                .add_service(MaintenanceServer::new(services.clone()))
-                .add_service(AuthServer::new(services.clone()))
-                .add_service(SessionServer::new(services.clone()))
-                .add_service(LockServer::new(LockService {
-                    services: services.clone(),
-                }))
-                .add_service(ElectionServer::new(ElectionService {
-                    services: services.clone(),
-                }));
+                .accept_http1(true)
+                .add_routes(routes);
             let mut stop = client_stop_rx.clone();
             client.push(tokio::spawn(async move {
                 let incoming = grpc_incoming(listener);

@@ -142,20 +142,49 @@ impl Watch for ClientServices {
         request: Request<Streaming<WatchRequest>>,
     ) -> Reply<BoxStream<WatchResponse>> {
         self.observe(WATCH, "Watch", async {
-            // Learners refuse every stream (etcd-api.md §3.3).
-            self.frontend.refuse_learner()?;
             self.frontend.check_require_leader(&request)?;
             let require_leader = requires_leader(&request);
-            let responses = crate::watch::stream::serve(
-                self.watch.clone(),
-                request.into_inner(),
-                require_leader,
-            );
-            Ok(Box::pin(responses) as BoxStream<WatchResponse>)
+            self.open_watch(Box::pin(request.into_inner()), require_leader)
         })
         .await
     }
 }
+
+impl ClientServices {
+    /// Serves one Watch stream of requests (from gRPC or the JSON gateway).
+    pub(crate) fn open_watch(
+        &self,
+        inbound: crate::watch::stream::Inbound,
+        require_leader: bool,
+    ) -> Result<BoxStream<WatchResponse>, Status> {
+        // Learners refuse every stream (etcd-api.md §3.3).
+        self.frontend.refuse_learner()?;
+        let responses = crate::watch::stream::serve(self.watch.clone(), inbound, require_leader);
+        Ok(Box::pin(responses) as BoxStream<WatchResponse>)
+    }
+
+    /// Serves one LeaseKeepAlive stream of requests (from gRPC or the JSON gateway).
+    pub(crate) fn open_keep_alive(
+        &self,
+        inbound: KeepAliveInbound,
+    ) -> Result<BoxStream<LeaseKeepAliveResponse>, Status> {
+        self.frontend.refuse_learner()?;
+        let (out, responses) = tokio::sync::mpsc::channel(KEEP_ALIVE_RESPONSES);
+        tokio::spawn(keep_alive_stream(
+            self.frontend.clone(),
+            inbound,
+            out,
+            self.stopping.clone(),
+        ));
+        let responses = tokio_stream::wrappers::ReceiverStream::new(responses);
+        Ok(Box::pin(responses) as BoxStream<LeaseKeepAliveResponse>)
+    }
+}
+
+/// The client's side of a LeaseKeepAlive stream.
+pub(crate) type KeepAliveInbound = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<LeaseKeepAliveRequest, Status>> + Send>,
+>;
 
 #[tonic::async_trait]
 impl Lease for ClientServices {
@@ -201,17 +230,8 @@ impl Lease for ClientServices {
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Reply<BoxStream<LeaseKeepAliveResponse>> {
         self.observe(LEASE, "LeaseKeepAlive", async {
-            self.frontend.refuse_learner()?;
             self.frontend.check_require_leader(&request)?;
-            let (out, responses) = tokio::sync::mpsc::channel(KEEP_ALIVE_RESPONSES);
-            tokio::spawn(keep_alive_stream(
-                self.frontend.clone(),
-                request.into_inner(),
-                out,
-                self.stopping.clone(),
-            ));
-            let responses = tokio_stream::wrappers::ReceiverStream::new(responses);
-            Ok(Box::pin(responses) as BoxStream<LeaseKeepAliveResponse>)
+            self.open_keep_alive(Box::pin(request.into_inner()))
         })
         .await
     }
@@ -259,15 +279,15 @@ impl Lease for ClientServices {
 /// that is gone). An error ends the stream, as in etcd; the client opens another.
 async fn keep_alive_stream(
     frontend: Arc<Frontend>,
-    mut inbound: Streaming<LeaseKeepAliveRequest>,
+    mut inbound: KeepAliveInbound,
     out: tokio::sync::mpsc::Sender<Result<LeaseKeepAliveResponse, Status>>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
         let request = tokio::select! {
-            message = inbound.message() => match message {
-                Ok(Some(request)) => request,
-                Ok(None) | Err(_) => return,
+            message = tokio_stream::StreamExt::next(&mut inbound) => match message {
+                Some(Ok(request)) => request,
+                None | Some(Err(_)) => return,
             },
             () = crate::watch::stream::stopped(&mut stopping) => {
                 let _ = out.send(Err(Status::unavailable(crate::errors::SERVER_STOPPED))).await;

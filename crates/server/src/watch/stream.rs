@@ -13,7 +13,8 @@ use flotilla_proto::etcdserverpb::{
 use prost::Message as _;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
 
 use super::hub::WatchHub;
 use super::watcher::{Batch, Sources, Step, WatchSpec, Watcher};
@@ -47,12 +48,11 @@ pub struct WatchContext {
 
 pub type ResponseStream = ReceiverStream<Result<WatchResponse, Status>>;
 
+/// The client's side of a Watch stream: the gRPC stream, or the JSON gateway's requests.
+pub type Inbound = std::pin::Pin<Box<dyn Stream<Item = Result<WatchRequest, Status>> + Send>>;
+
 /// Starts serving one Watch stream.
-pub fn serve(
-    context: Arc<WatchContext>,
-    inbound: Streaming<WatchRequest>,
-    require_leader: bool,
-) -> ResponseStream {
+pub fn serve(context: Arc<WatchContext>, inbound: Inbound, require_leader: bool) -> ResponseStream {
     let (out, responses) = mpsc::channel(OUTBOUND_RESPONSES);
     let session = Session {
         wake: Arc::new(Notify::new()),
@@ -85,7 +85,7 @@ impl Session {
         }
     }
 
-    async fn run(mut self, mut inbound: Streaming<WatchRequest>, require_leader: bool) {
+    async fn run(mut self, mut inbound: Inbound, require_leader: bool) {
         let interval = self.context.progress_interval;
         let mut progress =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -102,11 +102,11 @@ impl Session {
         loop {
             let Ok(busy) = self.pump().await else { break };
             let outcome = tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(request)) => self.handle(request).await,
+                message = inbound.next() => match message {
+                    Some(Ok(request)) => self.handle(request).await,
                     // The client closed its side, or the connection broke: etcd drops every
                     // watcher of the stream.
-                    Ok(None) | Err(_) => Err(Gone),
+                    None | Some(Err(_)) => Err(Gone),
                 },
                 () = self.wake.notified(), if !busy => Ok(()),
                 () = std::future::ready(()), if busy => Ok(()),
