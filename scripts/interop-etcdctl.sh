@@ -330,6 +330,39 @@ wait_for "the Flotilla member with a quota to serve" 20 etcdctl --endpoints="$qu
 quota_checks "quota (Flotilla)" "$quota_client"
 kill "$quota_pid"
 
+# ----- TLS (issue 14) -----------------------------------------------------------------------
+# flotilla dev --tls: TLS with client certificates on every port; etcdctl with the flags it
+# prints works, etcdctl without a certificate is refused. Then --auto-tls, which etcdctl
+# reaches with --insecure-skip-tls-verify, as it reaches etcd's.
+"$BIN" dev --tls --fresh --data-dir "$WORK/devtls" >"$WORK/devtls.out" 2>&1 &
+PIDS+=($!)
+devtls_pid=$!
+tls_flags=(--cacert="$WORK/devtls/tls/ca.pem" --cert="$WORK/devtls/tls/client.pem" --key="$WORK/devtls/tls/client-key.pem")
+tls_eps=https://127.0.0.1:2379,https://127.0.0.1:22379,https://127.0.0.1:32379
+wait_for "flotilla dev --tls to serve" 30 etcdctl --endpoints="$tls_eps" "${tls_flags[@]}" put tls-key tls-value
+grep -q -- "--cacert=$WORK/devtls/tls/ca.pem" "$WORK/devtls.out" || fail "dev --tls prints the etcdctl flags: $(cat "$WORK/devtls.out")"
+pass "dev --tls prints the etcdctl flags to use"
+expect "TLS: etcdctl with the CA and a client certificate" "tls-value" \
+    etcdctl --endpoints="$tls_eps" "${tls_flags[@]}" get tls-key
+expect "TLS: endpoint status over TLS" "https://127.0.0.1:22379" \
+    etcdctl --endpoints="$tls_eps" "${tls_flags[@]}" endpoint status
+expect_error "TLS: etcdctl without a client certificate is refused" "deadline exceeded" \
+    etcdctl --endpoints=https://127.0.0.1:2379 --cacert="$WORK/devtls/tls/ca.pem" --command-timeout=3s get tls-key
+expect "TLS: flotilla's CLI takes etcdctl's flags" "tls-value" \
+    "$BIN" --endpoints 127.0.0.1:22379 "${tls_flags[@]}" get tls-key
+kill -INT "$devtls_pid"
+wait "$devtls_pid" || true
+auto_client="127.0.0.1:$((BASE + 44))"
+"$BIN" serve --name auto --data-dir "$WORK/auto" --listen-client-urls "https://$auto_client" \
+    --listen-peer-urls "https://127.0.0.1:$((BASE + 45))" --auto-tls --peer-auto-tls \
+    >"$WORK/auto.log" 2>&1 &
+PIDS+=($!)
+auto_pid=$!
+auto_ctl=(etcdctl --endpoints="https://$auto_client" --insecure-skip-tls-verify --insecure-transport=false)
+wait_for "the --auto-tls member to serve" 20 "${auto_ctl[@]}" put auto yes
+expect "TLS: --auto-tls with etcdctl --insecure-skip-tls-verify" "yes" "${auto_ctl[@]}" get auto
+kill "$auto_pid"
+
 # ----- etcd's Go client (clientv3, the library inside etcdctl and Kubernetes) -------------
 # bench/etcd-go-load, built by scripts/build-etcd-go-load.sh and passed as ETCD_GO_LOAD:
 # every request of a short closed loop must succeed through every member.

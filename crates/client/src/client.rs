@@ -123,11 +123,19 @@ impl Client {
     /// Sets up connections (lazily: no request is made until the first call, as etcd's own
     /// clients do).
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let endpoints = Endpoints::new(
-            &config.endpoints,
-            config.dial_timeout,
-            config.connections_per_endpoint,
-        )?;
+        let tls = match &config.tls {
+            None => None,
+            Some(tls) => Some(
+                tls.config()
+                    .map_err(|e| ClientError::Tls(format!("{e:#}")))?,
+            ),
+        };
+        let dialer = crate::endpoint::Dialer {
+            dial_timeout: config.dial_timeout,
+            connections_per_endpoint: config.connections_per_endpoint,
+            tls,
+        };
+        let endpoints = Endpoints::new(&config.endpoints, dialer)?;
         let sessions = SessionPool::new(config.sessions);
         Ok(Client {
             inner: Arc::new(Inner {

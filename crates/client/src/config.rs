@@ -56,6 +56,9 @@ pub struct ClientConfig {
     /// Send writes to the leader (found with Status and MemberList) to save the forwarding
     /// hop. Off, writes go to whichever endpoint is preferred.
     pub route_writes_to_leader: bool,
+    /// TLS settings (etcdctl's `--cacert`, `--cert`, `--key`, `--insecure-skip-tls-verify`);
+    /// with them, endpoints without a scheme are dialed over https.
+    pub tls: Option<flotilla_tls::ClientTls>,
 }
 
 impl ClientConfig {
@@ -71,6 +74,7 @@ impl ClientConfig {
             connections_per_endpoint: 1,
             sessions: SessionPolicy::Sessions { pool_size: 4 },
             route_writes_to_leader: true,
+            tls: None,
         }
     }
 
@@ -97,6 +101,11 @@ impl ClientConfig {
 
     pub fn with_connections_per_endpoint(mut self, connections: usize) -> Self {
         self.connections_per_endpoint = connections.max(1);
+        self
+    }
+
+    pub fn with_tls(mut self, tls: Option<flotilla_tls::ClientTls>) -> Self {
+        self.tls = tls;
         self
     }
 

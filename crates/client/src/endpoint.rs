@@ -27,28 +27,36 @@ pub(crate) struct Endpoint {
     next_channel: AtomicUsize,
 }
 
+/// How the client dials an endpoint.
+#[derive(Clone, Debug)]
+pub(crate) struct Dialer {
+    pub(crate) dial_timeout: Duration,
+    pub(crate) connections_per_endpoint: usize,
+    /// TLS for https endpoints (and scheme-less ones, when given).
+    pub(crate) tls: Option<Arc<flotilla_tls::ClientConfig>>,
+}
+
 impl Endpoint {
-    fn connect_lazy(
-        name: &str,
-        dial_timeout: Duration,
-        connections: usize,
-    ) -> Result<Self, ClientError> {
-        let url = normalize_url(name)?;
+    fn connect_lazy(name: &str, dialer: &Dialer) -> Result<Self, ClientError> {
+        let url = normalize_url(name, dialer.tls.is_some())?;
         let invalid = |reason: String| ClientError::InvalidEndpoint {
             endpoint: name.to_string(),
             reason,
         };
         let builder = TonicEndpoint::from_shared(url.clone())
             .map_err(|error| invalid(error.to_string()))?
-            .connect_timeout(dial_timeout)
+            .connect_timeout(dialer.dial_timeout)
             .tcp_nodelay(true)
             // etcdctl's keepalive defaults: a peer that stops answering (SIGSTOP, partition)
             // fails in-flight requests instead of hanging them.
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(6));
-        let channels = (0..connections.max(1))
-            .map(|_| builder.connect_lazy())
-            .collect();
+        let channels = (0..dialer.connections_per_endpoint.max(1))
+            .map(|_| {
+                flotilla_tls::channel(builder.clone(), dialer.tls.as_ref())
+                    .map_err(|error| invalid(error.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Endpoint {
             name: name.to_string(),
             url,
@@ -64,21 +72,35 @@ impl Endpoint {
     }
 }
 
-/// `host:port` becomes `http://host:port`; a trailing slash is dropped. TLS is not supported.
-pub fn normalize_url(endpoint: &str) -> Result<String, ClientError> {
+/// `host:port` becomes `http://host:port`, or `https://host:port` when the client has TLS
+/// settings (as etcdctl does with `--cacert`); a trailing slash is dropped. An `https://`
+/// endpoint without TLS settings is refused, saying which flags are missing.
+pub fn normalize_url(endpoint: &str, tls: bool) -> Result<String, ClientError> {
     let invalid = |reason: &str| ClientError::InvalidEndpoint {
         endpoint: endpoint.to_string(),
         reason: reason.to_string(),
     };
     let trimmed = endpoint.trim().trim_end_matches('/');
-    if trimmed.starts_with("https://") {
-        return Err(invalid("TLS (https) is not supported"));
-    }
-    let authority = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    let (scheme, authority) = if let Some(rest) = trimmed.strip_prefix("https://") {
+        if !tls {
+            return Err(invalid(
+                "an https endpoint needs TLS settings: --cacert (and --cert/--key if the server asks for a client certificate), or --insecure-skip-tls-verify",
+            ));
+        }
+        ("https", rest)
+    } else if let Some(rest) = trimmed.strip_prefix("http://") {
+        ("http", rest)
+    } else if tls {
+        ("https", trimmed)
+    } else {
+        ("http", trimmed)
+    };
     if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
-        return Err(invalid("expected host:port or http://host:port"));
+        return Err(invalid(
+            "expected host:port, http://host:port or https://host:port",
+        ));
     }
-    Ok(format!("http://{authority}"))
+    Ok(format!("{scheme}://{authority}"))
 }
 
 /// The client's endpoints, with the one to try first and the leader if known.
@@ -89,31 +111,23 @@ pub(crate) struct Endpoints {
     preferred: AtomicUsize,
     /// Index of the leader's endpoint, or [`NO_LEADER`].
     leader: AtomicUsize,
-    dial_timeout: Duration,
-    connections_per_endpoint: usize,
+    dialer: Dialer,
 }
 
 impl Endpoints {
-    pub(crate) fn new(
-        names: &[String],
-        dial_timeout: Duration,
-        connections_per_endpoint: usize,
-    ) -> Result<Endpoints, ClientError> {
+    pub(crate) fn new(names: &[String], dialer: Dialer) -> Result<Endpoints, ClientError> {
         if names.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let list = names
             .iter()
-            .map(|name| {
-                Endpoint::connect_lazy(name, dial_timeout, connections_per_endpoint).map(Arc::new)
-            })
+            .map(|name| Endpoint::connect_lazy(name, &dialer).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Endpoints {
             list: RwLock::new(list),
             preferred: AtomicUsize::new(0),
             leader: AtomicUsize::new(NO_LEADER),
-            dial_timeout,
-            connections_per_endpoint,
+            dialer,
         })
     }
 
@@ -167,16 +181,12 @@ impl Endpoints {
     /// Records the leader's endpoint by client URL, adding it if the user did not list it
     /// (members advertise their client URLs in MemberList). Returns its index.
     pub(crate) fn set_leader_url(&self, client_url: &str) -> Result<usize, ClientError> {
-        let url = normalize_url(client_url)?;
+        let url = normalize_url(client_url, self.dialer.tls.is_some())?;
         let mut list = self.list.write().expect("endpoint list lock");
         let index = match list.iter().position(|endpoint| endpoint.url == url) {
             Some(index) => index,
             None => {
-                let endpoint = Endpoint::connect_lazy(
-                    client_url,
-                    self.dial_timeout,
-                    self.connections_per_endpoint,
-                )?;
+                let endpoint = Endpoint::connect_lazy(client_url, &self.dialer)?;
                 list.push(Arc::new(endpoint));
                 list.len() - 1
             }
@@ -197,22 +207,39 @@ mod tests {
     #[test]
     fn urls_are_normalised() {
         assert_eq!(
-            normalize_url("127.0.0.1:2379").unwrap(),
+            normalize_url("127.0.0.1:2379", false).unwrap(),
             "http://127.0.0.1:2379"
         );
         assert_eq!(
-            normalize_url("http://localhost:2379/").unwrap(),
+            normalize_url("http://localhost:2379/", false).unwrap(),
             "http://localhost:2379"
         );
-        assert!(normalize_url("https://127.0.0.1:2379").is_err());
-        assert!(normalize_url("127.0.0.1").is_err());
-        assert!(normalize_url("").is_err());
+        let error = normalize_url("https://127.0.0.1:2379", false).unwrap_err();
+        assert!(error.to_string().contains("--cacert"), "{error}");
+        assert_eq!(
+            normalize_url("https://127.0.0.1:2379", true).unwrap(),
+            "https://127.0.0.1:2379"
+        );
+        assert_eq!(
+            normalize_url("127.0.0.1:2379", true).unwrap(),
+            "https://127.0.0.1:2379"
+        );
+        assert!(normalize_url("127.0.0.1", false).is_err());
+        assert!(normalize_url("", false).is_err());
+    }
+
+    fn dialer() -> Dialer {
+        Dialer {
+            dial_timeout: Duration::from_secs(1),
+            connections_per_endpoint: 1,
+            tls: None,
+        }
     }
 
     #[tokio::test]
     async fn failures_move_the_preferred_endpoint_and_forget_the_leader() {
         let names = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
-        let endpoints = Endpoints::new(&names, Duration::from_secs(1), 1).unwrap();
+        let endpoints = Endpoints::new(&names, dialer()).unwrap();
         assert_eq!(endpoints.pick(0, false).0, 0);
         assert_eq!(endpoints.pick(1, false).0, 1);
         endpoints.set_leader_index(1);
@@ -227,7 +254,7 @@ mod tests {
     #[tokio::test]
     async fn an_unlisted_leader_url_is_added() {
         let names = vec!["127.0.0.1:1".to_string()];
-        let endpoints = Endpoints::new(&names, Duration::from_secs(1), 1).unwrap();
+        let endpoints = Endpoints::new(&names, dialer()).unwrap();
         assert_eq!(endpoints.set_leader_url("http://127.0.0.1:1").unwrap(), 0);
         assert_eq!(endpoints.set_leader_url("http://127.0.0.1:3").unwrap(), 1);
         assert_eq!(endpoints.len(), 2);

@@ -48,6 +48,9 @@ pub enum ClientError {
     /// The client was configured without endpoints.
     #[error("no endpoints given")]
     NoEndpoints,
+    /// The TLS settings do not load (a missing file, a key that does not match).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// No member reported a leader (for calls that must reach it, like move-leader).
     #[error("no leader found among the endpoints: {0}")]
     NoLeader(String),
@@ -63,6 +66,7 @@ impl ClientError {
             ClientError::Rejected(_)
             | ClientError::Unavailable { .. }
             | ClientError::InvalidEndpoint { .. }
+            | ClientError::Tls(_)
             | ClientError::NoEndpoints
             | ClientError::NoLeader(_) => Outcome::NotApplied,
         }

@@ -5,6 +5,10 @@
 //! metrics 2381, 22381, 32381, ...), each logging to `<data-dir>/<name>.log`, and shows a
 //! status table every second. Ctrl-C (or SIGTERM) stops every member gracefully, by PID. The
 //! data stays for the next run unless `--fresh`.
+//!
+//! With `--tls` every port speaks TLS with client certificate authentication: a throwaway CA
+//! and certificates are made in `<data-dir>/tls` (kept for later runs), and the etcdctl flags
+//! to use them are printed.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +33,86 @@ pub struct DevArgs {
     /// Extra flags passed to every `flotilla serve`, e.g. `--serve-arg=--snapshot-count=1000`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// TLS on every port, clients and peers authenticated by certificates from a throwaway
+    /// CA made in `<data-dir>/tls`.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The throwaway PKI of `--tls`, in `<data-dir>/tls`.
+struct DevTls {
+    dir: PathBuf,
+}
+
+impl DevTls {
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    fn member(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("member.pem"), self.dir.join("member-key.pem"))
+    }
+    fn client(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("client.pem"), self.dir.join("client-key.pem"))
+    }
+
+    /// Makes the CA, one certificate for the members (127.0.0.1 and localhost, server and
+    /// client use) and one for clients, unless an earlier run made them.
+    fn make_or_reuse(data_dir: &Path) -> anyhow::Result<DevTls> {
+        use flotilla_tls::generate::CertificateAuthority;
+        let tls = DevTls {
+            dir: data_dir.join("tls"),
+        };
+        if tls.ca().exists() {
+            return Ok(tls);
+        }
+        let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let ca = CertificateAuthority::new("flotilla dev CA")?;
+        ca.issue("flotilla dev member", &hosts)?
+            .write(&tls.dir, "member")?;
+        ca.issue("root", &hosts)?.write(&tls.dir, "client")?;
+        std::fs::write(tls.ca(), &ca.pem.cert)?;
+        Ok(tls)
+    }
+
+    fn serve_flags(&self) -> Vec<String> {
+        let (cert, key) = self.member();
+        let ca = self.ca();
+        let path = |p: &Path| p.display().to_string();
+        [
+            ("--cert-file", path(&cert)),
+            ("--key-file", path(&key)),
+            ("--trusted-ca-file", path(&ca)),
+            ("--client-cert-auth", "true".into()),
+            ("--peer-cert-file", path(&cert)),
+            ("--peer-key-file", path(&key)),
+            ("--peer-trusted-ca-file", path(&ca)),
+            ("--peer-client-cert-auth", "true".into()),
+        ]
+        .into_iter()
+        .map(|(flag, value)| format!("{flag}={value}"))
+        .collect()
+    }
+
+    /// The flags etcdctl (and `flotilla`) need.
+    fn client_flags(&self) -> String {
+        let (cert, key) = self.client();
+        format!(
+            "--cacert={} --cert={} --key={}",
+            self.ca().display(),
+            cert.display(),
+            key.display()
+        )
+    }
+
+    fn client_tls(&self) -> flotilla_tls::ClientTls {
+        let (cert, key) = self.client();
+        flotilla_tls::ClientTls {
+            trusted_ca: Some(self.ca()),
+            cert: Some(cert),
+            key: Some(key),
+            insecure_skip_verify: false,
+        }
+    }
 }
 
 const MEMBERS_MAX: usize = 6;
@@ -85,14 +169,29 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", args.data_dir.display()))?;
+    let made_with_tls = args.data_dir.join("tls").exists();
+    if args.data_dir.join("node1").exists() && made_with_tls != args.tls {
+        anyhow::bail!(
+            "the cluster in {} was made {} --tls, and its members know each other by those URLs; \
+             run with --fresh to start over",
+            args.data_dir.display(),
+            if made_with_tls { "with" } else { "without" }
+        );
+    }
+    let tls = args
+        .tls
+        .then(|| DevTls::make_or_reuse(&args.data_dir))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("cannot make the TLS certificates: {e:#}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut members: Vec<Member> = (0..args.nodes)
         .map(|i| {
             let port = client_port(i);
             Member {
                 name: format!("node{}", i + 1),
                 log: args.data_dir.join(format!("node{}.log", i + 1)),
-                client_url: format!("http://127.0.0.1:{port}"),
-                peer_url: format!("http://127.0.0.1:{}", port + 1),
+                client_url: format!("{scheme}://127.0.0.1:{port}"),
+                peer_url: format!("{scheme}://127.0.0.1:{}", port + 1),
                 metrics_url: format!("http://127.0.0.1:{}", port + 2),
                 child: None,
                 exited: None,
@@ -105,7 +204,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(",");
     for i in 0..members.len() {
-        match spawn_member(&members[i], &args, &initial_cluster) {
+        match spawn_member(&members[i], &args, &initial_cluster, tls.as_ref()) {
             Ok(child) => members[i].child = Some(child),
             Err(err) => {
                 stop_all(&mut members).await;
@@ -113,15 +212,24 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
             }
         }
     }
-    print_endpoints(&members, &args.data_dir);
-    let result = show_status_until_stopped(&mut members).await;
+    print_endpoints(&members, &args.data_dir, tls.as_ref());
+    let status_tls = match &tls {
+        Some(tls) => Some(tls.client_tls().config()?),
+        None => None,
+    };
+    let result = show_status_until_stopped(&mut members, status_tls).await;
     println!("\nstopping {} members...", members.len());
     stop_all(&mut members).await;
     println!("stopped; data kept in {}", args.data_dir.display());
     result
 }
 
-fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyhow::Result<Child> {
+fn spawn_member(
+    member: &Member,
+    args: &DevArgs,
+    initial_cluster: &str,
+    tls: Option<&DevTls>,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let log_path = &member.log;
     let log = std::fs::OpenOptions::new()
@@ -142,6 +250,7 @@ fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyho
         .args(["--listen-metrics-urls", &member.metrics_url])
         .args(["--initial-cluster", initial_cluster])
         .args(["--initial-cluster-token", "flotilla-dev"])
+        .args(tls.map(DevTls::serve_flags).unwrap_or_default())
         .args(&args.serve_args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -154,7 +263,7 @@ fn spawn_member(member: &Member, args: &DevArgs, initial_cluster: &str) -> anyho
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", member.name))
 }
 
-fn print_endpoints(members: &[Member], data_dir: &Path) {
+fn print_endpoints(members: &[Member], data_dir: &Path, tls: Option<&DevTls>) {
     println!("flotilla dev: {} members", members.len());
     for m in members {
         println!(
@@ -167,10 +276,20 @@ fn print_endpoints(members: &[Member], data_dir: &Path) {
         .map(|m| m.client_url.trim_start_matches("http://"))
         .collect();
     println!("  data and logs in {}", data_dir.display());
-    println!(
-        "  try: etcdctl --endpoints={} put hello world",
-        endpoints.join(",")
-    );
+    match tls {
+        None => println!(
+            "  try: etcdctl --endpoints={} put hello world",
+            endpoints.join(",")
+        ),
+        Some(tls) => {
+            println!("  TLS everywhere, certificates in {}", tls.dir.display());
+            println!(
+                "  try: etcdctl --endpoints={} {} put hello world",
+                endpoints.join(","),
+                tls.client_flags()
+            );
+        }
+    }
     println!("  Ctrl-C stops every member.\n");
 }
 
@@ -185,7 +304,10 @@ struct Row {
     leader: u64,
 }
 
-async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()> {
+async fn show_status_until_stopped(
+    members: &mut [Member],
+    tls: Option<std::sync::Arc<flotilla_tls::ClientConfig>>,
+) -> anyhow::Result<()> {
     let tty = std::io::stdout().is_terminal();
     // Created once: a signal that arrives while the table is being queried is kept for the
     // next `recv`, not lost (a fresh `ctrl_c()` per iteration would miss it).
@@ -211,7 +333,7 @@ async fn show_status_until_stopped(members: &mut [Member]) -> anyhow::Result<()>
         }
         let mut rows = Vec::new();
         for m in members.iter() {
-            rows.push(status_row(m).await);
+            rows.push(status_row(m, tls.as_ref()).await);
         }
         let table = render_table(members, &rows);
         if tty {
@@ -256,7 +378,10 @@ fn reap_exited(members: &mut [Member]) {
     }
 }
 
-async fn status_row(member: &Member) -> Row {
+async fn status_row(
+    member: &Member,
+    tls: Option<&std::sync::Arc<flotilla_tls::ClientConfig>>,
+) -> Row {
     let unknown = |role: &str| Row {
         name: member.name.clone(),
         id: 0,
@@ -270,11 +395,8 @@ async fn status_row(member: &Member) -> Row {
         return unknown(exited);
     }
     let query = async {
-        let channel = tonic::transport::Endpoint::from_shared(member.client_url.clone())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
+        let endpoint = tonic::transport::Endpoint::from_shared(member.client_url.clone()).ok()?;
+        let channel = flotilla_tls::channel(endpoint, tls).ok()?;
         let mut client = MaintenanceClient::new(channel);
         client
             .status(StatusRequest {})

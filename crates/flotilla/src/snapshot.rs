@@ -69,16 +69,10 @@ fn save(global: &GlobalArgs, file: &Path) -> anyhow::Result<()> {
             global.endpoints
         );
     };
-    let url = flotilla_client::normalize_url(endpoint)?;
     let partial = file.with_extension("part");
     let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
     let bytes = runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("invalid endpoint {endpoint:?}"))?
-            .connect_timeout(global.dial_timeout)
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {endpoint}"))?;
+        let channel = global.connect_one(endpoint).await?;
         let mut stream = MaintenanceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .snapshot(SnapshotRequest {})

@@ -689,6 +689,7 @@ async fn a_member_of_another_cluster_is_refused_with_a_clear_log_line() {
             members: Vec::new(),
             extra_args: Vec::new(),
             token: "second-cluster".into(),
+            client_tls: None,
         };
         second.add_member_slot();
         let stranger = format!("stranger={}", first.members[0].peer_url());

@@ -121,6 +121,45 @@ pub struct ServeArgs {
     /// Log level or filter, e.g. `info` or `flotilla_server=debug` [default: info].
     #[arg(long, env = "FLOTILLA_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// TLS: the client port's certificate (PEM), for https:// client URLs.
+    #[arg(long, env = "FLOTILLA_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// TLS: the key of --cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// TLS: the CA that signs client certificates (PEM).
+    #[arg(long, env = "FLOTILLA_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// TLS: refuse clients without a certificate signed by --trusted-ca-file [default: false].
+    #[arg(long, env = "FLOTILLA_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// TLS: serve https:// client URLs with a self-signed certificate made at start (kept in
+    /// the data directory); clients must skip verification. Development only [default: false].
+    #[arg(long, env = "FLOTILLA_AUTO_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub auto_tls: Option<bool>,
+    /// TLS: the peer port's certificate (PEM), also presented when dialing peers.
+    #[arg(long, env = "FLOTILLA_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// TLS: the key of --peer-cert-file (PEM).
+    #[arg(long, env = "FLOTILLA_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// TLS: the CA that signs the peers' certificates (PEM), both ways.
+    #[arg(long, env = "FLOTILLA_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// TLS: refuse peers without a certificate signed by --peer-trusted-ca-file [default: false].
+    #[arg(long, env = "FLOTILLA_PEER_CLIENT_CERT_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub peer_client_cert_auth: Option<bool>,
+    /// TLS: peers talk over self-signed certificates made at start, unverified. Development
+    /// only [default: false].
+    #[arg(long, env = "FLOTILLA_PEER_AUTO_TLS", num_args = 0..=1, default_missing_value = "true")]
+    pub peer_auto_tls: Option<bool>,
+    /// TLS: the TLS 1.2 cipher suites to accept, comma-separated, in Go's names (TLS 1.3's are
+    /// always on) [default: rustls' choice].
+    #[arg(long, env = "FLOTILLA_CIPHER_SUITES")]
+    pub cipher_suites: Option<String>,
+    /// TLS: the lowest version accepted, TLS1.2 or TLS1.3 [default: TLS1.2].
+    #[arg(long, env = "FLOTILLA_TLS_MIN_VERSION")]
+    pub tls_min_version: Option<String>,
     /// Print the effective configuration (after file, environment and flags) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -172,6 +211,18 @@ struct FileConfig {
     unsafe_no_fsync: Option<bool>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    trusted_ca_file: Option<PathBuf>,
+    client_cert_auth: Option<bool>,
+    auto_tls: Option<bool>,
+    peer_cert_file: Option<PathBuf>,
+    peer_key_file: Option<PathBuf>,
+    peer_trusted_ca_file: Option<PathBuf>,
+    peer_client_cert_auth: Option<bool>,
+    peer_auto_tls: Option<bool>,
+    cipher_suites: Option<String>,
+    tls_min_version: Option<String>,
 }
 
 /// The effective configuration.
@@ -207,6 +258,45 @@ pub struct ServerConfig {
     pub unsafe_no_fsync: bool,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// TLS of the client port (used for https:// client URLs).
+    pub client_tls: TlsSide,
+    /// TLS of the peer port (https:// peer URLs), also used to dial peers.
+    pub peer_tls: TlsSide,
+    pub tls_policy: flotilla_tls::TlsPolicy,
+}
+
+/// One port's TLS settings, as etcd's flags give them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSide {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub trusted_ca: Option<PathBuf>,
+    pub client_cert_auth: bool,
+    /// A self-signed certificate made at start instead of `cert` and `key`.
+    pub auto_tls: bool,
+}
+
+impl TlsSide {
+    /// Checks the combination; `what` is the flag prefix ("" or "peer-") and `urls` the URLs
+    /// this side listens on.
+    fn check(&self, what: &str, urls: &[String]) -> anyhow::Result<()> {
+        if self.cert.is_some() != self.key.is_some() {
+            bail!("--{what}cert-file and --{what}key-file go together");
+        }
+        if self.client_cert_auth && self.trusted_ca.is_none() {
+            bail!(
+                "--{what}client-cert-auth needs --{what}trusted-ca-file (the CA that signs the certificates to accept)"
+            );
+        }
+        let https = urls.iter().any(|url| url.starts_with("https://"));
+        if https && self.cert.is_none() && !self.auto_tls {
+            bail!(
+                "https:// URLs need --{what}cert-file and --{what}key-file (or --{what}auto-tls): {}",
+                urls.join(",")
+            );
+        }
+        Ok(())
+    }
 }
 
 pub const DEFAULT_CLUSTER_TOKEN: &str = "flotilla-cluster";
@@ -355,6 +445,49 @@ impl ServeArgs {
                  ({lease_clock_drift_ms} ms)"
             );
         }
+        let pick_path =
+            |flag: &Option<PathBuf>, file: &Option<PathBuf>| flag.clone().or(file.clone());
+        let client_tls = TlsSide {
+            cert: pick_path(&self.cert_file, &file.cert_file),
+            key: pick_path(&self.key_file, &file.key_file),
+            trusted_ca: pick_path(&self.trusted_ca_file, &file.trusted_ca_file),
+            client_cert_auth: self
+                .client_cert_auth
+                .or(file.client_cert_auth)
+                .unwrap_or(false),
+            auto_tls: self.auto_tls.or(file.auto_tls).unwrap_or(false),
+        };
+        let peer_tls = TlsSide {
+            cert: pick_path(&self.peer_cert_file, &file.peer_cert_file),
+            key: pick_path(&self.peer_key_file, &file.peer_key_file),
+            trusted_ca: pick_path(&self.peer_trusted_ca_file, &file.peer_trusted_ca_file),
+            client_cert_auth: self
+                .peer_client_cert_auth
+                .or(file.peer_client_cert_auth)
+                .unwrap_or(false),
+            auto_tls: self.peer_auto_tls.or(file.peer_auto_tls).unwrap_or(false),
+        };
+        client_tls.check("", &listen_client_urls)?;
+        peer_tls.check("peer-", &listen_peer_urls)?;
+        if let Some(url) = listen_metrics_urls
+            .iter()
+            .find(|u| u.starts_with("https://"))
+        {
+            bail!("--listen-metrics-urls: {url}: the metrics listener serves http:// only");
+        }
+        let tls_policy = flotilla_tls::TlsPolicy {
+            cipher_suites: pick(&self.cipher_suites, &file.cipher_suites)
+                .map(|list| {
+                    list.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            min_version: pick(&self.tls_min_version, &file.tls_min_version),
+        };
+        tls_policy.provider()?;
+        tls_policy.versions()?;
         let config = ServerConfig {
             name,
             data_dir,
@@ -413,6 +546,9 @@ impl ServeArgs {
                 .unwrap_or(false),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             log_level: pick(&self.log_level, &file.log_level).unwrap_or_else(|| "info".into()),
+            client_tls,
+            peer_tls,
+            tls_policy,
         };
         Ok(config)
     }
@@ -450,13 +586,13 @@ pub fn parse_initial_cluster(text: &str) -> anyhow::Result<Vec<(String, String)>
     Ok(members)
 }
 
-/// Checks an `http://host:port` URL; returns host and port.
+/// Checks an `http://host:port` or `https://host:port` URL; returns host and port.
 pub fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let Some(rest) = url.strip_prefix("http://") else {
-        if url.starts_with("https://") {
-            bail!("{url}: TLS is not supported yet; use http://");
-        }
-        bail!("{url}: not an http:// URL");
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        bail!("{url}: not an http:// or https:// URL");
     };
     let rest = rest.trim_end_matches('/');
     let Some((host, port)) = rest.rsplit_once(':') else {
@@ -573,7 +709,8 @@ mod tests {
     fn bad_urls_and_clusters_are_named() {
         assert!(parse_url("http://127.0.0.1:2379").is_ok());
         let err = parse_url("127.0.0.1:2379").unwrap_err().to_string();
-        assert!(err.contains("not an http:// URL"), "{err}");
+        assert!(err.contains("not an http:// or https:// URL"), "{err}");
+        assert!(parse_url("https://127.0.0.1:2379").is_ok());
         let err = parse_url("http://host").unwrap_err().to_string();
         assert!(err.contains("port is missing"), "{err}");
         let err = parse_initial_cluster("a=http://x:1,b")
@@ -586,5 +723,59 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(args.resolve().is_err());
+    }
+
+    #[test]
+    fn tls_flags_are_checked_together() {
+        let https = |extra: ServeArgs| ServeArgs {
+            listen_client_urls: Some("https://127.0.0.1:2379".into()),
+            ..extra
+        };
+        let err = https(ServeArgs::default())
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("need --cert-file and --key-file (or --auto-tls)"),
+            "{err}"
+        );
+        assert!(
+            https(ServeArgs {
+                auto_tls: Some(true),
+                ..ServeArgs::default()
+            })
+            .resolve()
+            .is_ok()
+        );
+        let err = ServeArgs {
+            cert_file: Some("c.pem".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--cert-file and --key-file go together"),
+            "{err}"
+        );
+        let err = ServeArgs {
+            peer_client_cert_auth: Some(true),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--peer-client-cert-auth needs --peer-trusted-ca-file"),
+            "{err}"
+        );
+        let err = ServeArgs {
+            tls_min_version: Some("TLS0.9".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--tls-min-version"), "{err}");
     }
 }

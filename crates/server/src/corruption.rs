@@ -105,7 +105,8 @@ async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)
     };
     let mut asks = tokio::task::JoinSet::new();
     for (id, url) in peers {
-        asks.spawn(async move { (id, ask_hash(&url, revision).await) });
+        let tls = frontend.dial_clients_tls.clone();
+        asks.spawn(async move { (id, ask_hash(&url, tls, revision).await) });
     }
     let mut hashes = Vec::new();
     while let Some(answer) = asks.join_next().await {
@@ -124,12 +125,16 @@ async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)
     hashes
 }
 
-async fn ask_hash(url: &str, revision: i64) -> Result<KvHash, String> {
+async fn ask_hash(
+    url: &str,
+    tls: Option<Arc<flotilla_tls::ClientConfig>>,
+    revision: i64,
+) -> Result<KvHash, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(PEER_HASH_TIMEOUT)
         .timeout(PEER_HASH_TIMEOUT);
-    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let channel = flotilla_tls::channel(endpoint, tls.as_ref()).map_err(|e| e.to_string())?;
     let response = MaintenanceClient::new(channel)
         .hash_kv(HashKvRequest { revision })
         .await

@@ -63,6 +63,8 @@ pub struct Frontend {
     pub lessor: Arc<Lessor>,
     /// The space quota (`--quota-backend-bytes`), `None` for none.
     pub quota_bytes: Option<u64>,
+    /// What this member presents and trusts when it dials a peer's https:// client URL.
+    pub dial_clients_tls: Option<Arc<flotilla_tls::ClientConfig>>,
     /// This member is proposing its NOSPACE alarm: others refused meanwhile need not.
     raising_nospace: std::sync::atomic::AtomicBool,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
@@ -94,6 +96,7 @@ impl Frontend {
             session_ttl,
             lessor,
             quota_bytes: None,
+            dial_clients_tls: None,
             raising_nospace: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::new(BTreeMap::new()),
             held: HeldRequests::new(HELD_REQUESTS_MAX, HELD_BYTES_MAX),
@@ -105,6 +108,15 @@ impl Frontend {
     /// Sets the space quota (none by default).
     pub fn with_quota(mut self, quota_bytes: Option<u64>) -> Frontend {
         self.quota_bytes = quota_bytes;
+        self
+    }
+
+    /// Sets how peers' https:// client URLs are dialed (none by default).
+    pub fn with_dial_clients_tls(
+        mut self,
+        tls: Option<Arc<flotilla_tls::ClientConfig>>,
+    ) -> Frontend {
+        self.dial_clients_tls = tls;
         self
     }
 
@@ -441,7 +453,11 @@ impl Frontend {
             .map_err(|e| Status::internal(format!("invalid peer URL {url}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
-        let client = peer_client(endpoint.connect_lazy());
+        let channel = self
+            .identity
+            .channel(endpoint)
+            .map_err(|e| Status::unavailable(format!("cannot dial the leader at {url}: {e}")))?;
+        let client = peer_client(channel);
         peers.insert(id, (url, client.clone()));
         Ok(client)
     }

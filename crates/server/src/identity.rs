@@ -227,12 +227,16 @@ fn new_cluster(config: &ServerConfig) -> anyhow::Result<Identity> {
 /// earlier with `member add`) by its peer URLs.
 async fn join_existing(config: &ServerConfig) -> anyhow::Result<Identity> {
     let mut failures = Vec::new();
+    let tls = crate::tls::dial_peers(config)?;
     for (name, url) in &config.initial_cluster {
         if config.initial_advertise_peer_urls.contains(url) {
             continue;
         }
-        let endpoint = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(2));
-        let info = match endpoint.connect().await {
+        let endpoint = Endpoint::from_shared(url.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5));
+        let channel = flotilla_tls::channel(endpoint, tls.as_ref());
+        let info = match channel {
             Ok(channel) => peer_client(channel)
                 .cluster_info(ClusterInfoRequest {})
                 .await

@@ -39,6 +39,7 @@ pub mod server;
 pub mod services;
 pub mod state_machine;
 pub mod storage;
+pub mod tls;
 pub mod transport;
 pub mod watch;
 

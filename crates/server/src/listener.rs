@@ -31,6 +31,56 @@ pub fn grpc_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Resul
     })
 }
 
+/// How long a client gets to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections whose handshake finished, waiting for the server to take them.
+const HANDSHAKEN_QUEUE: usize = 64;
+
+/// An https listener's stream of connections, each configured by [`configure_accepted`] and
+/// then through its TLS handshake. Handshakes run each on a task of its own (a slow or silent
+/// client holds up no other), bounded by [`TLS_HANDSHAKE_TIMEOUT`]; a failed one is logged
+/// with the reason (a client without a certificate the trusted CA signed, a wrong CA, plain
+/// HTTP on an https port) and the connection closed. The listener is closed once the stream
+/// is dropped.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: std::sync::Arc<flotilla_tls::ServerTls>,
+) -> impl Stream<Item = std::io::Result<flotilla_tls::TlsStream<TcpStream>>> {
+    let (handshaken, incoming) = tokio::sync::mpsc::channel(HANDSHAKEN_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = handshaken.closed() => return,
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, usually: pause rather than spin.
+                    tracing::warn!("accepting a connection failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            configure_accepted(&mut stream);
+            let acceptor = tls.acceptor();
+            let handshaken = handshaken.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = handshaken.send(Ok(stream)).await;
+                    }
+                    Ok(Err(err)) => tracing::warn!(%peer, "rejected a TLS connection: {err}"),
+                    Err(_) => {
+                        tracing::warn!(%peer, "rejected a TLS connection: no handshake within {TLS_HANDSHAKE_TIMEOUT:?}")
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(incoming)
+}
+
 /// Nagle's algorithm off, TCP keepalive on. Failing to set an option is logged, not fatal:
 /// the connection still works, only slower or less watched.
 pub fn configure_accepted(stream: &mut TcpStream) {

@@ -35,7 +35,7 @@ use crate::frontend::Frontend;
 use crate::http;
 use crate::identity::{Identity, load_or_create};
 use crate::lease::Lessor;
-use crate::listener::{configure_accepted, grpc_incoming};
+use crate::listener::{configure_accepted, grpc_incoming, tls_incoming};
 use crate::lock_service::LockService;
 use crate::members::MemberTable;
 use crate::metrics::Metrics;
@@ -102,6 +102,7 @@ pub async fn run(
         created,
         "starting member"
     );
+    let tls = crate::tls::member_tls(&config)?;
     let storage = open_storage(&config, &identity)?;
     let limits = Limits {
         request: RequestLimits {
@@ -118,6 +119,7 @@ pub async fn run(
     let peer_identity = PeerIdentity {
         cluster_id: identity.cluster_id,
         member_id: identity.member_id,
+        dial_tls: tls.dial_peers.clone(),
     };
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MESSAGES);
     let (events_tx, events_rx) = mpsc::channel(1024);
@@ -159,7 +161,8 @@ pub async fn run(
             config.session_ttl,
             lessor,
         )
-        .with_quota(config.quota_backend_bytes),
+        .with_quota(config.quota_backend_bytes)
+        .with_dial_clients_tls(tls.dial_clients.clone()),
     );
     if config.initial_corrupt_check
         && let Err(err) = crate::corruption::initial_check(&frontend).await
@@ -170,6 +173,7 @@ pub async fn run(
     }
     let servers = Servers::start(
         listeners,
+        &tls,
         &config,
         &identity,
         (frontend.clone(), hub),
@@ -291,6 +295,7 @@ struct Servers {
 impl Servers {
     fn start(
         listeners: Listeners,
+        tls: &crate::tls::MemberTls,
         config: &ServerConfig,
         identity: &Identity,
         (frontend, hub): (Arc<Frontend>, Arc<WatchHub>),
@@ -360,12 +365,24 @@ impl Servers {
                 .accept_http1(true)
                 .add_routes(routes);
             let mut stop = client_stop_rx.clone();
+            let tls = url
+                .starts_with("https://")
+                .then(|| tls.client.clone().expect("https client URLs have TLS"));
             client.push(tokio::spawn(async move {
-                let incoming = grpc_incoming(listener);
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(err) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                let served = match tls {
+                    Some(tls) => {
+                        let incoming = tls_incoming(listener, tls);
+                        router.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
+                    None => {
+                        let incoming = grpc_incoming(listener);
+                        router.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
+                };
+                if let Err(err) = served {
                     tracing::error!(%url, "client server failed: {err}");
                 }
             }));
@@ -384,12 +401,24 @@ impl Servers {
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
             let router = tonic::transport::Server::builder().add_service(service);
             let mut stop = peer_stop_rx.clone();
+            let tls = url
+                .starts_with("https://")
+                .then(|| tls.peer.clone().expect("https peer URLs have TLS"));
             peer.push(tokio::spawn(async move {
-                let incoming = grpc_incoming(listener);
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                if let Err(err) = router.serve_with_incoming_shutdown(incoming, stopped).await {
+                let served = match tls {
+                    Some(tls) => {
+                        let incoming = tls_incoming(listener, tls);
+                        router.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
+                    None => {
+                        let incoming = grpc_incoming(listener);
+                        router.serve_with_incoming_shutdown(incoming, stopped).await
+                    }
+                };
+                if let Err(err) = served {
                     tracing::error!(%url, "peer server failed: {err}");
                 }
             }));

@@ -85,9 +85,16 @@ pub struct PeerRouter {
 pub struct PeerIdentity {
     pub cluster_id: u64,
     pub member_id: NodeId,
+    /// What this member presents and trusts when it dials a peer's https:// URL.
+    pub dial_tls: Option<Arc<flotilla_tls::ClientConfig>>,
 }
 
 impl PeerIdentity {
+    /// A lazily connecting channel to a peer (over TLS for an https:// URL).
+    pub fn channel(&self, endpoint: Endpoint) -> Result<Channel, String> {
+        flotilla_tls::channel(endpoint, self.dial_tls.as_ref()).map_err(|e| e.to_string())
+    }
+
     /// Adds the identity headers to a peer request.
     pub fn stamp(&self, metadata: &mut MetadataMap, to: NodeId) {
         let insert = |metadata: &mut MetadataMap, key: &'static str, value: u64| {
@@ -267,15 +274,21 @@ impl PeerSender {
 
     /// One connection: opens the stream and pumps batches into it until it breaks.
     async fn connection(&self, queue: &mut mpsc::Receiver<Message>) -> Ended {
-        let channel = match Endpoint::from_shared(self.url.clone()) {
-            Ok(endpoint) => endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_lazy(),
+        let channel = Endpoint::from_shared(self.url.clone())
+            .map_err(|err| err.to_string())
+            .and_then(|endpoint| {
+                self.identity.channel(
+                    endpoint
+                        .connect_timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5)),
+                )
+            });
+        let channel = match channel {
+            Ok(channel) => channel,
             Err(err) => {
-                tracing::error!(peer = self.to, url = %self.url, "invalid peer URL: {err}");
+                tracing::error!(peer = self.to, url = %self.url, "cannot dial the peer: {err}");
                 return Ended::Broken { sent_batches: 0 };
             }
         };
@@ -455,6 +468,7 @@ mod tests {
         let identity = PeerIdentity {
             cluster_id: 7,
             member_id: 1,
+            dial_tls: None,
         };
         let mut router = PeerRouter::new(identity, state.clone(), hints, events);
         assert!(router.send(heartbeat(2)));
@@ -477,6 +491,7 @@ mod tests {
         let identity = PeerIdentity {
             cluster_id: u64::MAX,
             member_id: 7,
+            dial_tls: None,
         };
         let mut metadata = MetadataMap::new();
         identity.stamp(&mut metadata, 9);

@@ -23,7 +23,10 @@ mod server;
 pub use client::{ClientTls, TlsConnector, channel};
 pub use pem::{load_certificates, load_private_key};
 pub use policy::TlsPolicy;
+/// The rustls types in this crate's signatures.
+pub use rustls::ClientConfig;
 pub use server::{ServerTls, ServerTlsFiles};
+pub use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// ALPN protocols, in preference order: gRPC needs HTTP/2.
 pub(crate) fn alpn_protocols() -> Vec<Vec<u8>> {

@@ -20,10 +20,9 @@ use flotilla_proto::etcdserverpb::{PutRequest, RangeRequest, kv_client::KvClient
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::Channel;
 
 use super::{Consistency, GlobalArgs, OutputFormat, parse_duration};
-use crate::endpoint::normalize_url;
 use crate::{Client, SessionPolicy};
 
 /// Latencies are recorded in microseconds, from 1 µs to 10 minutes, to 3 significant digits.
@@ -209,7 +208,7 @@ pub async fn bench(global: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<Benc
         .connections
         .unwrap_or((args.clients / 8).clamp(1, 16))
         .max(1);
-    let channels = connect_all(&endpoints, connections_per_endpoint, global.dial_timeout).await?;
+    let channels = connect_all(global, &endpoints, connections_per_endpoint).await?;
     let session_client = if args.sessions {
         let config = crate::ClientConfig::new(endpoints.clone())
             .with_dial_timeout(global.dial_timeout)
@@ -289,21 +288,14 @@ async fn target_endpoints(global: &GlobalArgs, target: BenchTarget) -> anyhow::R
 /// Connects eagerly, so the clock does not include connection setup and a wrong endpoint
 /// fails at once.
 async fn connect_all(
+    global: &GlobalArgs,
     endpoints: &[String],
     connections_per_endpoint: usize,
-    dial_timeout: Duration,
 ) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::new();
     for endpoint in endpoints {
-        let url = normalize_url(endpoint)?;
         for _ in 0..connections_per_endpoint {
-            let channel = TonicEndpoint::from_shared(url.clone())?
-                .connect_timeout(dial_timeout)
-                .tcp_nodelay(true)
-                .connect()
-                .await
-                .with_context(|| format!("connecting to {endpoint}"))?;
-            channels.push(channel);
+            channels.push(global.connect_one(endpoint).await?);
         }
     }
     Ok(channels)

@@ -81,6 +81,21 @@ pub struct GlobalArgs {
     /// Timeout of a command, retries included.
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     pub command_timeout: Duration,
+    /// TLS: the CA that signed the servers' certificates (PEM); endpoints without a scheme
+    /// are then dialed over https.
+    #[arg(long, id = "tls_cacert", global = true, env = "FLOTILLA_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
+    /// TLS: a client certificate (PEM), for servers with client certificate authentication.
+    #[arg(long, id = "tls_cert", global = true, env = "FLOTILLA_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// TLS: the key of --cert (PEM).
+    // Its own id: subcommands have a `key` argument of their own.
+    #[arg(long = "key", id = "tls_key", global = true, env = "FLOTILLA_KEY")]
+    pub key: Option<std::path::PathBuf>,
+    /// TLS: accept any server certificate (servers started with --auto-tls). Encrypts, but
+    /// does not authenticate the server.
+    #[arg(long, global = true, env = "FLOTILLA_INSECURE_SKIP_TLS_VERIFY")]
+    pub insecure_skip_tls_verify: bool,
 }
 
 impl GlobalArgs {
@@ -92,6 +107,42 @@ impl GlobalArgs {
             .with_call_timeout(self.command_timeout)
             .with_sessions(SessionPolicy::Sessions { pool_size: 1 })
             .with_leader_routing(false)
+            .with_tls(self.tls())
+    }
+
+    /// The TLS settings, if any TLS flag was given.
+    pub fn tls(&self) -> Option<flotilla_tls::ClientTls> {
+        let given = self.cacert.is_some()
+            || self.cert.is_some()
+            || self.key.is_some()
+            || self.insecure_skip_tls_verify;
+        given.then(|| flotilla_tls::ClientTls {
+            trusted_ca: self.cacert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            insecure_skip_verify: self.insecure_skip_tls_verify,
+        })
+    }
+
+    /// One eagerly connected channel to `endpoint` (TLS as the flags say), for commands that
+    /// talk to one member directly.
+    pub async fn connect_one(&self, endpoint: &str) -> anyhow::Result<tonic::transport::Channel> {
+        use anyhow::Context;
+        let tls = self.tls().map(|tls| tls.config()).transpose()?;
+        let url = crate::normalize_url(endpoint, tls.is_some())?;
+        let builder = tonic::transport::Endpoint::from_shared(url)
+            .with_context(|| format!("invalid endpoint {endpoint:?}"))?
+            .connect_timeout(self.dial_timeout)
+            .tcp_nodelay(true);
+        let channel = match tls {
+            Some(config) => {
+                builder
+                    .connect_with_connector(flotilla_tls::TlsConnector { config })
+                    .await
+            }
+            None => builder.connect().await,
+        };
+        channel.with_context(|| format!("cannot connect to {endpoint}"))
     }
 }
 

@@ -108,6 +108,8 @@ impl Drop for Process {
 #[derive(Debug)]
 pub struct TestMember {
     pub name: String,
+    /// "http", or "https" for a member serving TLS on both ports.
+    pub scheme: &'static str,
     pub client_port: u16,
     pub peer_port: u16,
     pub metrics_port: u16,
@@ -118,11 +120,11 @@ pub struct TestMember {
 
 impl TestMember {
     pub fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
     }
 
     pub fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.peer_port)
     }
 
     pub fn log_text(&self) -> String {
@@ -136,6 +138,8 @@ pub struct TestCluster {
     pub members: Vec<TestMember>,
     pub extra_args: Vec<String>,
     pub token: String,
+    /// How the test dials https:// members.
+    pub client_tls: Option<std::sync::Arc<flotilla_tls::ClientConfig>>,
 }
 
 impl TestCluster {
@@ -156,6 +160,7 @@ impl TestCluster {
             members: Vec::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             token: "test-cluster".into(),
+            client_tls: None,
         };
         for _ in 0..size {
             cluster.add_member_slot();
@@ -174,6 +179,7 @@ impl TestCluster {
         let index = self.members.len();
         let name = format!("m{}", index + 1);
         self.members.push(TestMember {
+            scheme: "http",
             data_dir: self.dir.path().join(&name),
             log: self.dir.path().join(format!("{name}.log")),
             name,
@@ -269,11 +275,11 @@ impl TestCluster {
     }
 
     pub async fn channel(&self, i: usize) -> Channel {
-        Endpoint::from_shared(self.members[i].client_url())
+        let endpoint = Endpoint::from_shared(self.members[i].client_url())
             .unwrap()
             .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy()
+            .timeout(Duration::from_secs(10));
+        flotilla_tls::channel(endpoint, self.client_tls.as_ref()).unwrap()
     }
 
     pub async fn kv(&self, i: usize) -> KvClient<Channel> {
