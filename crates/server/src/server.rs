@@ -364,28 +364,16 @@ impl Servers {
             let router = tonic::transport::Server::builder()
                 .accept_http1(true)
                 .add_routes(routes);
-            let mut stop = client_stop_rx.clone();
             let tls = url
                 .starts_with("https://")
                 .then(|| tls.client.clone().expect("https client URLs have TLS"));
-            client.push(tokio::spawn(async move {
-                let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                let served = match tls {
-                    Some(tls) => {
-                        let incoming = tls_incoming(listener, tls);
-                        router.serve_with_incoming_shutdown(incoming, stopped).await
-                    }
-                    None => {
-                        let incoming = grpc_incoming(listener);
-                        router.serve_with_incoming_shutdown(incoming, stopped).await
-                    }
-                };
-                if let Err(err) = served {
-                    tracing::error!(%url, "client server failed: {err}");
-                }
-            }));
+            client.push(tokio::spawn(serve_listener(
+                router,
+                listener,
+                tls,
+                client_stop_rx.clone(),
+                format!("client server at {url}"),
+            )));
         }
         let (peer_stop, peer_stop_rx) = watch::channel(false);
         let peer_service = Arc::new(PeerService {
@@ -400,28 +388,16 @@ impl Servers {
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
             let router = tonic::transport::Server::builder().add_service(service);
-            let mut stop = peer_stop_rx.clone();
             let tls = url
                 .starts_with("https://")
                 .then(|| tls.peer.clone().expect("https peer URLs have TLS"));
-            peer.push(tokio::spawn(async move {
-                let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                let served = match tls {
-                    Some(tls) => {
-                        let incoming = tls_incoming(listener, tls);
-                        router.serve_with_incoming_shutdown(incoming, stopped).await
-                    }
-                    None => {
-                        let incoming = grpc_incoming(listener);
-                        router.serve_with_incoming_shutdown(incoming, stopped).await
-                    }
-                };
-                if let Err(err) = served {
-                    tracing::error!(%url, "peer server failed: {err}");
-                }
-            }));
+            peer.push(tokio::spawn(serve_listener(
+                router,
+                listener,
+                tls,
+                peer_stop_rx.clone(),
+                format!("peer server at {url}"),
+            )));
         }
         let mut http_tasks = Vec::new();
         for (url, listener) in listeners.metrics {
@@ -441,6 +417,34 @@ impl Servers {
             peer,
             http: http_tasks,
         }
+    }
+}
+
+/// Serves a gRPC router on a listener, over TLS when given, until `stop` turns true.
+async fn serve_listener(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<Arc<flotilla_tls::ServerTls>>,
+    mut stop: watch::Receiver<bool>,
+    what: String,
+) {
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let served = match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(grpc_incoming(listener), stopped)
+                .await
+        }
+    };
+    if let Err(err) = served {
+        tracing::error!("the {what} failed: {err}");
     }
 }
 
