@@ -141,10 +141,14 @@ fn alarm_member((member_id, alarm): (NodeId, AlarmType)) -> AlarmMember {
     }
 }
 
+/// An alarm type's name as etcd prints it (`NOSPACE`, `CORRUPT`).
+pub fn name(alarm: i32) -> &'static str {
+    AlarmType::try_from(alarm).map_or("UNKNOWN", |a| a.as_str_name())
+}
+
 /// How etcd prints an active alarm in Status's errors.
 pub fn describe(alarm: &AlarmMember) -> String {
-    let name = AlarmType::try_from(alarm.alarm).map_or("UNKNOWN", |a| a.as_str_name());
-    format!("memberID:{} alarm:{name} ", alarm.member_id)
+    format!("memberID:{} alarm:{} ", alarm.member_id, name(alarm.alarm))
 }
 
 #[cfg(test)]

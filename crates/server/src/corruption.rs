@@ -172,7 +172,8 @@ pub async fn initial_check(frontend: &Frontend) -> anyhow::Result<()> {
         return Ok(());
     }
     let disagreeing = diverged(&local, &peers);
-    if !disagreeing.is_empty() && may_start(&local, &peers) {
+    let starting = may_start(&local, &peers);
+    if !disagreeing.is_empty() && starting {
         tracing::error!(
             revision = local.revision,
             "the initial corruption check: members {} hash differently from this member and \
@@ -184,7 +185,7 @@ pub async fn initial_check(frontend: &Frontend) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    if let Some(peer) = disagreeing.first().filter(|_| !may_start(&local, &peers)) {
+    if let Some(peer) = disagreeing.first().filter(|_| !starting) {
         let theirs = peers.iter().find(|(id, _)| id == peer).map(|(_, h)| h.hash);
         anyhow::bail!(
             "{me:x} found data inconsistency with peers: at revision {} (compacted at {}) \

@@ -50,6 +50,22 @@ use crate::transport::{PeerIdentity, peer_client};
 pub const HELD_REQUESTS_MAX: usize = 10_000;
 pub const HELD_BYTES_MAX: usize = 64 << 20;
 
+/// What the space quota check needs of the state, read with the request limits (one lock).
+#[derive(Clone, Copy, Debug)]
+pub struct SpaceInUse {
+    pub size_bytes: u64,
+    pub nospace_active: bool,
+}
+
+impl SpaceInUse {
+    pub fn of(state: &crate::state_machine::StateMachine) -> SpaceInUse {
+        SpaceInUse {
+            size_bytes: state.kv.size_bytes(),
+            nospace_active: state.alarms.is_active(AlarmType::Nospace),
+        }
+    }
+}
+
 /// Shared by every service of a member.
 #[derive(Debug)]
 pub struct Frontend {
@@ -224,25 +240,22 @@ impl Frontend {
     /// NOSPACE through the log, as etcd's quota alarmer does, so that every member stops
     /// admitting writes. Requests that take no space (reads, deletes, compactions,
     /// revocations) always pass: they are how an operator gets back under the quota.
-    pub async fn check_space(&self, operation: &Operation) -> Result<(), Status> {
+    pub async fn check_space(
+        &self,
+        operation: &Operation,
+        space: SpaceInUse,
+    ) -> Result<(), Status> {
         let cost = space_cost_bytes(operation);
         if cost == 0 {
             return Ok(());
         }
-        let (size, alarmed) = {
-            let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
-            (
-                state.kv.size_bytes(),
-                state.alarms.is_active(AlarmType::Nospace),
-            )
-        };
         let no_space = || kv_status(&flotilla_kv::KvError::new(flotilla_kv::ErrorKind::NoSpace));
-        if alarmed {
+        if space.nospace_active {
             return Err(no_space());
         }
         match self.quota_bytes {
-            Some(quota) if size.saturating_add(cost) > quota => {
-                self.raise_nospace(size, cost, quota).await;
+            Some(quota) if space.size_bytes.saturating_add(cost) > quota => {
+                self.raise_nospace(space.size_bytes, cost, quota).await;
                 Err(no_space())
             }
             _ => Ok(()),

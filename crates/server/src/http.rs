@@ -63,8 +63,7 @@ async fn health(State(state): State<HttpState>) -> impl IntoResponse {
         .alarms
         .to_members();
     if let Some(alarm) = alarms.first() {
-        let name = flotilla_proto::etcdserverpb::AlarmType::try_from(alarm.alarm)
-            .map_or("UNKNOWN", |a| a.as_str_name());
+        let name = crate::alarms::name(alarm.alarm);
         return health_json(false, &format!("ALARM {name}"));
     }
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -96,8 +96,14 @@ impl ClientServices {
         self.frontend.check_require_leader(request)?;
         let (command, session_id) = self.frontend.tag_session(request, command)?;
         let encoded = command.encode();
-        validate_command(&command, encoded.len(), &self.limits()).map_err(|e| kv_status(&e))?;
-        self.frontend.check_space(&command.operation).await?;
+        let (limits, space) = self.read_state(|state| {
+            (
+                state.limits().request.clone(),
+                crate::frontend::SpaceInUse::of(state),
+            )
+        });
+        validate_command(&command, encoded.len(), &limits).map_err(|e| kv_status(&e))?;
+        self.frontend.check_space(&command.operation, space).await?;
         self.frontend.write(encoded, session_id).await
     }
 
