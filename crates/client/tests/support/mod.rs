@@ -1,7 +1,10 @@
-//! Real etcd clusters on loopback for integration tests: ephemeral ports, a temporary data
-//! directory, readiness awaited by polling Status, every process killed by PID on drop.
+//! Real etcd clusters on loopback for integration tests: reserved ports (shared with the
+//! flotilla crate's test clusters, so concurrent test processes never collide), a temporary
+//! data directory, readiness awaited by polling Status, every process killed by PID on drop.
 
-use std::net::TcpListener;
+#[path = "../../../flotilla/tests/common/ports.rs"]
+mod ports;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -73,18 +76,6 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// Ports the OS just handed out; they are released (all at once) right before etcd binds
-/// them.
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|listener| listener.local_addr().unwrap().port())
-        .collect()
-}
-
 fn temporary_directory() -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let directory = std::env::temp_dir().join(format!(
@@ -100,7 +91,7 @@ impl EtcdCluster {
     /// Starts `size` members and waits until they agree on a leader.
     pub async fn start(size: usize) -> EtcdCluster {
         let directory = temporary_directory();
-        let ports = free_ports(2 * size);
+        let ports = ports::reserve_ports(2 * size);
         let mut members: Vec<Member> = (0..size)
             .map(|index| Member {
                 name: format!("m{index}"),

@@ -1,11 +1,12 @@
-//! A cluster of real `flotilla serve` processes on 127.0.0.1 for integration tests: ephemeral
-//! ports, a temporary data directory, every process killed by PID when the test ends (even on
+//! A cluster of real `flotilla serve` processes on 127.0.0.1 for integration tests: reserved
+//! ports (see `ports`), a temporary data directory, every process killed by PID when the test ends (even on
 //! panic), and helpers that wait for events with a deadline instead of sleeping.
 
 #![allow(dead_code)]
 
+pub mod ports;
+
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,33 +44,6 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-/// Free loopback ports, distinct from each other and from `taken` (bound and released; the OS
-/// does not hand them out again at once, but it may hand out a port released earlier, such as
-/// one reserved for a member that has not started yet, hence `taken`).
-pub fn free_ports(count: usize, taken: &[u16]) -> Vec<u16> {
-    const ATTEMPTS_MAX: usize = 64;
-    // Every listener stays bound until the end, so the OS never repeats a port within a call.
-    let mut listeners = Vec::new();
-    let mut ports = Vec::with_capacity(count);
-    for _ in 0..ATTEMPTS_MAX {
-        if ports.len() == count {
-            break;
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let port = listener.local_addr().unwrap().port();
-        if !taken.contains(&port) {
-            ports.push(port);
-        }
-        listeners.push(listener);
-    }
-    assert_eq!(
-        ports.len(),
-        count,
-        "no {count} free ports in {ATTEMPTS_MAX} attempts"
-    );
-    ports
 }
 
 /// A child process killed (SIGKILL, by PID) when dropped.
@@ -170,12 +144,7 @@ impl TestCluster {
 
     /// Reserves ports and a directory for one more member; returns its index.
     pub fn add_member_slot(&mut self) -> usize {
-        let taken: Vec<u16> = self
-            .members
-            .iter()
-            .flat_map(|m| [m.client_port, m.peer_port, m.metrics_port])
-            .collect();
-        let ports = free_ports(3, &taken);
+        let ports = ports::reserve_ports(3);
         let index = self.members.len();
         let name = format!("m{}", index + 1);
         self.members.push(TestMember {
