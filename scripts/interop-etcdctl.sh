@@ -363,6 +363,66 @@ wait_for "the --auto-tls member to serve" 20 "${auto_ctl[@]}" put auto yes
 expect "TLS: --auto-tls with etcdctl --insecure-skip-tls-verify" "yes" "${auto_ctl[@]}" get auto
 kill "$auto_pid"
 
+# ----- Authentication and roles (issue 14) ------------------------------------------------
+# The runbook from etcd's documentation, against a real etcd (when installed) and then a
+# Flotilla member: users and a role with a prefix permission, auth enable (etcdctl creates
+# the root role itself), then etcdctl --user for each kind of request.
+auth_checks() { # label endpoint
+    local what=$1 ep=$2
+    local c=(etcdctl --endpoints="$ep" --command-timeout=10s)
+    expect "$what: user add root" "User root created" "${c[@]}" user add root:rootpw
+    expect "$what: role add" "Role app created" "${c[@]}" role add app
+    expect "$what: role grant-permission --prefix" "Role app updated" \
+        "${c[@]}" role grant-permission app readwrite --prefix app/
+    expect "$what: user add" "User alice created" "${c[@]}" user add alice:alicepw
+    expect "$what: user grant-role" "Role app is granted to user alice" "${c[@]}" user grant-role alice app
+    expect "$what: auth enable" "Authentication Enabled" "${c[@]}" auth enable
+    expect "$what: a permitted put" "OK" "${c[@]}" --user alice:alicepw put app/1 one
+    expect "$what: a permitted prefix read" "app/1" "${c[@]}" --user alice:alicepw get --prefix app/
+    expect_error "$what: a put outside the permission" "permission denied" \
+        "${c[@]}" --user alice:alicepw put etc/1 x
+    expect_error "$what: a read outside the permission" "permission denied" \
+        "${c[@]}" --user alice:alicepw get etc/1
+    expect_error "$what: no credentials" "user name is empty" "${c[@]}" put app/2 x
+    expect_error "$what: a wrong password" "authentication failed, invalid user ID or password" \
+        "${c[@]}" --user alice:nope get app/1
+    expect_error "$what: users are root's to list" "permission denied" \
+        "${c[@]}" --user alice:alicepw user list
+    expect "$what: root lists users" "alice" "${c[@]}" --user root:rootpw user list
+    expect "$what: root reads a role" "[app/, app0)" "${c[@]}" --user root:rootpw role get app
+    expect "$what: root writes anywhere" "OK" "${c[@]}" --user root:rootpw put etc/1 x
+    expect "$what: role revoke-permission" "Permission of range [app/, app0) is revoked from role app" \
+        "${c[@]}" --user root:rootpw role revoke-permission app --prefix app/
+    expect_error "$what: the revoked permission is gone" "permission denied" \
+        "${c[@]}" --user alice:alicepw put app/1 two
+    expect "$what: auth disable" "Authentication Disabled" "${c[@]}" --user root:rootpw auth disable
+    expect "$what: anyone writes again" "OK" "${c[@]}" put app/3 x
+}
+auth_client="127.0.0.1:$((BASE + 46))"
+"$BIN" serve --name auth --data-dir "$WORK/auth" --listen-client-urls "http://$auth_client" \
+    --listen-peer-urls "http://127.0.0.1:$((BASE + 47))" --bcrypt-cost 4 \
+    >"$WORK/auth.log" 2>&1 &
+PIDS+=($!)
+auth_pid=$!
+if command -v etcd >/dev/null; then
+    etcd_auth_client="127.0.0.1:$((BASE + 48))"
+    etcd_auth_peer="http://127.0.0.1:$((BASE + 49))"
+    etcd --name auth --data-dir "$WORK/etcd-auth" \
+        --listen-client-urls "http://$etcd_auth_client" --advertise-client-urls "http://$etcd_auth_client" \
+        --listen-peer-urls "$etcd_auth_peer" --initial-advertise-peer-urls "$etcd_auth_peer" \
+        --initial-cluster "auth=$etcd_auth_peer" >"$WORK/etcd-auth.log" 2>&1 &
+    PIDS+=($!)
+    etcd_auth_pid=$!
+    wait_for "etcd for the auth runbook to serve" 20 etcdctl --endpoints="$etcd_auth_client" endpoint health
+    auth_checks "auth (etcd itself)" "$etcd_auth_client"
+    kill "$etcd_auth_pid"
+else
+    echo "SKIPPED: the auth runbook against etcd itself (etcd is not installed)"
+fi
+wait_for "the Flotilla member for the auth runbook to serve" 20 etcdctl --endpoints="$auth_client" endpoint health
+auth_checks "auth (Flotilla)" "$auth_client"
+kill "$auth_pid"
+
 # ----- etcd's Go client (clientv3, the library inside etcdctl and Kubernetes) -------------
 # bench/etcd-go-load, built by scripts/build-etcd-go-load.sh and passed as ETCD_GO_LOAD:
 # every request of a short closed loop must succeed through every member.

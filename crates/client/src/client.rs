@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use flotilla_proto::etcdserverpb::{AuthenticateRequest, auth_client::AuthClient};
 use flotilla_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
     MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
@@ -59,6 +60,9 @@ struct Inner {
     sessions: SessionPool,
     /// When the leader was last looked for; held while looking.
     last_leader_discovery: tokio::sync::Mutex<Option<Instant>>,
+    /// With credentials: the token to send, once authenticated (`Some(None)`: the cluster
+    /// has auth off, so no token). Held while authenticating.
+    token: tokio::sync::Mutex<Option<Option<String>>>,
 }
 
 /// How a call may be retried.
@@ -80,6 +84,7 @@ pub(crate) struct Attempt {
     pub(crate) channel: Channel,
     tag: Option<SessionTag>,
     timeout: Duration,
+    token: Option<String>,
 }
 
 impl Attempt {
@@ -92,6 +97,7 @@ impl Attempt {
             metadata.insert(SESSION_METADATA_KEY, tag.session_id.into());
             metadata.insert(SEQUENCE_METADATA_KEY, tag.sequence.into());
         }
+        insert_token(request.metadata_mut(), self.token.as_deref());
         (self.channel, request)
     }
 }
@@ -143,6 +149,7 @@ impl Client {
                 endpoints,
                 sessions,
                 last_leader_discovery: tokio::sync::Mutex::new(None),
+                token: tokio::sync::Mutex::new(None),
             }),
         })
     }
@@ -347,6 +354,8 @@ impl Client {
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
+        let deadline = Instant::now() + self.inner.config.retry.call_timeout;
+        insert_token(call.metadata_mut(), self.token(deadline).await?.as_deref());
         let (index, endpoint) = self.inner.endpoints.pick(attempt, false);
         let responses = WatchClient::new(endpoint.channel())
             .max_decoding_message_size(RESPONSE_BYTES_MAX)
@@ -550,6 +559,7 @@ impl Client {
                 channel: endpoint.channel(),
                 tag: None,
                 timeout: deadline.saturating_duration_since(Instant::now()),
+                token: self.token(deadline).await?,
             };
             let (channel, request) = attempt.into_parts(MoveLeaderRequest { target_id });
             match maintenance(channel).move_leader(request).await {
@@ -647,6 +657,8 @@ impl Client {
             self.ensure_leader_known().await;
         }
         let retry_is_safe = kind == CallKind::Read || lent.is_some();
+        let mut token = self.token(deadline).await.map_err(LoopExit::Failed)?;
+        let mut reauthenticated = false;
         let mut maybe_applied = false;
         let mut last_error = String::from("no attempt made");
         let mut attempts = 0;
@@ -663,6 +675,7 @@ impl Client {
                 channel: endpoint.channel(),
                 tag: lent.as_ref().map(|lent| lent.tag),
                 timeout,
+                token: token.clone(),
             };
             let failure = match tokio::time::timeout(timeout, send(attempt)).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
@@ -704,6 +717,21 @@ impl Client {
                 AttemptFailure::ResponseNotRetained => {
                     return Err(LoopExit::Failed(ClientError::AppliedResponseLost));
                 }
+                // Once per call, as etcd's clients do: a second refusal is the answer.
+                AttemptFailure::CredentialsStale if !reauthenticated => {
+                    reauthenticated = true;
+                    token = self
+                        .reauthenticate(token.as_deref(), deadline)
+                        .await
+                        .map_err(LoopExit::Failed)?;
+                    continue;
+                }
+                AttemptFailure::CredentialsStale => {
+                    return Err(LoopExit::Failed(ClientError::Unavailable {
+                        message: format!("authenticated again and still refused: {last_error}"),
+                        attempts,
+                    }));
+                }
                 AttemptFailure::Final => unreachable!("final answers return above"),
             }
             // Go round the endpoints at once; back off between rounds.
@@ -727,6 +755,77 @@ impl Client {
                 attempts,
             }
         }))
+    }
+
+    /// The token to send: none without credentials or when the cluster has auth off;
+    /// authenticates first if this client has not yet.
+    pub(crate) async fn token(&self, deadline: Instant) -> Result<Option<String>, ClientError> {
+        if self.inner.config.credentials.is_none() {
+            return Ok(None);
+        }
+        let mut token = self.inner.token.lock().await;
+        if let Some(known) = &*token {
+            return Ok(known.clone());
+        }
+        let fresh = self.authenticate(deadline).await?;
+        *token = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// A new token in place of `stale` (unless another call already replaced it).
+    async fn reauthenticate(
+        &self,
+        stale: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Option<String>, ClientError> {
+        let mut token = self.inner.token.lock().await;
+        if let Some(known) = &*token
+            && known.as_deref() != stale
+        {
+            return Ok(known.clone());
+        }
+        let fresh = self.authenticate(deadline).await?;
+        *token = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Authenticate on the endpoints in turn; `None` when the cluster has auth off (etcd's
+    /// clients then go on without a token).
+    async fn authenticate(&self, deadline: Instant) -> Result<Option<String>, ClientError> {
+        let credentials = self
+            .inner
+            .config
+            .credentials
+            .clone()
+            .expect("authenticate is called with credentials");
+        let mut last_error = ClientError::NoEndpoints;
+        for endpoint in self.inner.endpoints.all() {
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            if timeout.is_zero() {
+                break;
+            }
+            let mut request = tonic::Request::new(AuthenticateRequest {
+                name: credentials.user.clone(),
+                password: credentials.password.clone(),
+            });
+            request.set_timeout(timeout);
+            let mut auth = AuthClient::new(endpoint.channel());
+            match tokio::time::timeout(timeout, auth.authenticate(request)).await {
+                Ok(Ok(response)) => return Ok(Some(response.into_inner().token)),
+                Ok(Err(status)) if status.message() == AUTH_NOT_ENABLED => return Ok(None),
+                Ok(Err(status)) if classify(&status) == AttemptFailure::Final => {
+                    return Err(ClientError::Rejected(status));
+                }
+                Ok(Err(status)) => last_error = ClientError::Rejected(status),
+                Err(_elapsed) => {
+                    last_error = ClientError::Unavailable {
+                        message: format!("{}: no answer to Authenticate", endpoint.name),
+                        attempts: 1,
+                    }
+                }
+            }
+        }
+        Err(last_error)
     }
 
     /// The server does not know the write's session. If no attempt may have been applied,
@@ -887,6 +986,17 @@ async fn status_of_each(
 }
 
 /// A status for messages: its text, or its code when the text is empty.
+/// etcd's metadata key for the token.
+const TOKEN_METADATA_KEY: &str = "token";
+/// What Authenticate answers a cluster with auth off.
+const AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
+
+fn insert_token(metadata: &mut tonic::metadata::MetadataMap, token: Option<&str>) {
+    if let Some(value) = token.and_then(|t| tonic::metadata::MetadataValue::try_from(t).ok()) {
+        metadata.insert(TOKEN_METADATA_KEY, value);
+    }
+}
+
 fn describe(status: &Status) -> String {
     if status.message().is_empty() {
         format!("{:?}", status.code())

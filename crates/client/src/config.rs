@@ -59,6 +59,26 @@ pub struct ClientConfig {
     /// TLS settings (etcdctl's `--cacert`, `--cert`, `--key`, `--insecure-skip-tls-verify`);
     /// with them, endpoints without a scheme are dialed over https.
     pub tls: Option<flotilla_tls::ClientTls>,
+    /// A user and password (etcdctl's `--user`): the client authenticates before its first
+    /// call, sends the token with every call, and authenticates again when the server says
+    /// the token is void or stale, as etcd's clients do.
+    pub credentials: Option<Credentials>,
+}
+
+/// A user name and its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password, in logs or panics.
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {
@@ -75,7 +95,13 @@ impl ClientConfig {
             sessions: SessionPolicy::Sessions { pool_size: 4 },
             route_writes_to_leader: true,
             tls: None,
+            credentials: None,
         }
+    }
+
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     pub fn with_dial_timeout(mut self, dial_timeout: Duration) -> Self {

@@ -112,7 +112,14 @@ pub(crate) enum AttemptFailure {
     StaleSequence,
     /// Applied before, response not kept.
     ResponseNotRetained,
+    /// The token is void ("invalid auth token") or older than the server's auth store
+    /// ("revision of auth store is old"): nothing was applied; authenticate again and retry.
+    CredentialsStale,
 }
+
+/// etcd's texts on which its clients authenticate again.
+pub(crate) const INVALID_AUTH_TOKEN: &str = "etcdserver: invalid auth token";
+pub(crate) const AUTH_OLD_REVISION: &str = "etcdserver: revision of auth store is old";
 
 /// Reads one failed attempt's status. Pure, so every rule is unit-tested.
 pub(crate) fn classify(status: &Status) -> AttemptFailure {
@@ -129,6 +136,8 @@ pub(crate) fn classify(status: &Status) -> AttemptFailure {
         // "request timed out", "leader changed", "server stopped", a connection that broke
         // mid-request: the proposal may still commit.
         Code::Unavailable => AttemptFailure::MaybeApplied,
+        Code::Unauthenticated if message == INVALID_AUTH_TOKEN => AttemptFailure::CredentialsStale,
+        Code::InvalidArgument if message == AUTH_OLD_REVISION => AttemptFailure::CredentialsStale,
         Code::FailedPrecondition if message.starts_with(SESSION_NOT_FOUND_PREFIX) => {
             AttemptFailure::SessionNotFound
         }
@@ -204,6 +213,23 @@ mod tests {
             Status::failed_precondition("etcdserver: member not found"),
             Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
             Status::unimplemented("unknown service"),
+        ] {
+            assert_eq!(classify(&status), AttemptFailure::Final, "{status:?}");
+        }
+    }
+
+    /// etcd's clients authenticate again on exactly these two answers; other auth errors
+    /// (permission denied, user name is empty) are the answer.
+    #[test]
+    fn a_void_or_stale_token_means_authenticate_again() {
+        let invalid = Status::unauthenticated(INVALID_AUTH_TOKEN);
+        assert_eq!(classify(&invalid), AttemptFailure::CredentialsStale);
+        let stale = Status::invalid_argument(AUTH_OLD_REVISION);
+        assert_eq!(classify(&stale), AttemptFailure::CredentialsStale);
+        for status in [
+            Status::permission_denied("etcdserver: permission denied"),
+            Status::invalid_argument("etcdserver: user name is empty"),
+            Status::unauthenticated("something else"),
         ] {
             assert_eq!(classify(&status), AttemptFailure::Final, "{status:?}");
         }

@@ -62,7 +62,7 @@ mod error;
 mod session;
 
 pub use client::{Client, EndpointStatus, LeaderInfo};
-pub use config::{ClientConfig, RetryPolicy, SessionPolicy};
+pub use config::{ClientConfig, Credentials, RetryPolicy, SessionPolicy};
 pub use endpoint::normalize_url;
 pub use error::{ClientError, Outcome};
 pub use session::{SessionMode, SessionTag};

@@ -31,21 +31,31 @@ fn b64(text: &str) -> String {
 }
 
 fn request_text(port: u16, path: &str, body: &str) -> String {
+    request_text_as(port, path, body, None)
+}
+
+/// With a token, in the `Authorization` header as etcd's gateway takes it.
+fn request_text_as(port: u16, path: &str, body: &str, token: Option<&str>) -> String {
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
     format!(
         "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
 
 /// One POST; the HTTP status and the body.
 async fn post(port: u16, path: &str, body: Value) -> (u16, String) {
+    post_as(port, path, body, None).await
+}
+
+async fn post_as(port: u16, path: &str, body: Value, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     let body = body.to_string();
     stream
-        .write_all(request_text(port, path, &body).as_bytes())
+        .write_all(request_text_as(port, path, &body, token).as_bytes())
         .await
         .unwrap();
     let mut response = String::new();
@@ -183,6 +193,83 @@ async fn a_watch_streams_one_json_object_per_line_until_the_client_goes() {
             }
         }
         assert_eq!(values, vec![b64("one"), b64("two")]);
+    })
+    .await;
+}
+
+/// The auth endpoints of etcd's gateway, then KV requests with the token in the
+/// `Authorization` header (what `curl -H "Authorization: $TOKEN"` sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_through_the_gateway_with_the_token_in_the_authorization_header() {
+    let cluster = TestCluster::start(1, &["--bcrypt-cost", "4"]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let port = cluster.members[0].client_port;
+        post_json(
+            port,
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "pw"}),
+        )
+        .await;
+        post_json(
+            port,
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        )
+        .await;
+        post_json(
+            port,
+            "/v3/auth/user/add",
+            json!({"name": "bob", "password": "bobpw"}),
+        )
+        .await;
+        post_json(port, "/v3/auth/enable", json!({})).await;
+        let status = post_json(port, "/v3/auth/status", json!({})).await;
+        assert_eq!(status["enabled"], true, "{status}");
+
+        let (code, text) = post(
+            port,
+            "/v3/kv/put",
+            json!({"key": b64("k"), "value": b64("v")}),
+        )
+        .await;
+        assert_eq!(code, 400, "{text}");
+        assert!(text.contains("etcdserver: user name is empty"), "{text}");
+        let login = post_json(
+            port,
+            "/v3/auth/authenticate",
+            json!({"name": "root", "password": "pw"}),
+        )
+        .await;
+        let root = login["token"].as_str().unwrap().to_string();
+        let (code, text) = post_as(
+            port,
+            "/v3/kv/put",
+            json!({"key": b64("k"), "value": b64("v")}),
+            Some(&root),
+        )
+        .await;
+        assert_eq!(code, 200, "{text}");
+        let login = post_json(
+            port,
+            "/v3/auth/authenticate",
+            json!({"name": "bob", "password": "bobpw"}),
+        )
+        .await;
+        let bob = login["token"].as_str().unwrap().to_string();
+        let (code, text) =
+            post_as(port, "/v3/kv/range", json!({"key": b64("k")}), Some(&bob)).await;
+        assert_eq!(code, 403, "bob has no role: {text}");
+        assert!(text.contains("etcdserver: permission denied"), "{text}");
+        let (code, text) = post_as(
+            port,
+            "/v3/kv/range",
+            json!({"key": b64("k")}),
+            Some("not-a-token"),
+        )
+        .await;
+        assert_eq!(code, 401, "{text}");
+        assert!(text.contains("etcdserver: invalid auth token"), "{text}");
     })
     .await;
 }

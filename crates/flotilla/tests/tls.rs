@@ -220,3 +220,81 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     })
     .await;
 }
+
+/// With --client-cert-auth and auth on, a request without a token is its certificate's
+/// common name's (etcd's rule): each user's permissions apply, no password needed, and a
+/// name that is no user gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_on_a_client_certificate_names_the_user() {
+    use flotilla_proto::authpb::{Permission, permission::Type};
+    use flotilla_proto::etcdserverpb::auth_client::AuthClient;
+    use flotilla_proto::etcdserverpb::kv_client::KvClient;
+    use flotilla_proto::etcdserverpb::*;
+
+    bounded(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        let mut cluster = start_tls_cluster(3, &pki);
+        cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut auth = AuthClient::new(cluster.channel(0).await);
+        for name in ["root", "alice"] {
+            auth.user_add(AuthUserAddRequest {
+                name: name.into(),
+                options: Some(flotilla_proto::authpb::UserAddOptions { no_password: true }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        auth.role_add(AuthRoleAddRequest { name: "app".into() })
+            .await
+            .unwrap();
+        auth.role_grant_permission(AuthRoleGrantPermissionRequest {
+            name: "app".into(),
+            perm: Some(Permission {
+                perm_type: Type::Readwrite as i32,
+                key: b"app/".to_vec().into(),
+                range_end: b"app0".to_vec().into(),
+            }),
+        })
+        .await
+        .unwrap();
+        for (user, role) in [("alice", "app"), ("root", "root")] {
+            auth.user_grant_role(AuthUserGrantRoleRequest {
+                user: user.into(),
+                role: role.into(),
+            })
+            .await
+            .unwrap();
+        }
+        auth.auth_enable(AuthEnableRequest {}).await.unwrap();
+
+        // The cluster's own client certificate says "root".
+        let mut as_root = KvClient::new(cluster.channel(1).await);
+        put(&mut as_root, "etc/1", "x").await.unwrap();
+        let as_user = |name: &str| pki.client(name).config().unwrap();
+        cluster.client_tls = Some(as_user("alice"));
+        let alice_channel = cluster.channel(2).await;
+        let mut as_alice = KvClient::new(alice_channel.clone());
+        put(&mut as_alice, "app/1", "x").await.unwrap();
+        let denied = put(&mut as_alice, "etc/2", "x").await.unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        // A user added with no_password cannot log in with one.
+        let login = AuthClient::new(alice_channel)
+            .authenticate(AuthenticateRequest {
+                name: "alice".into(),
+                password: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            login.message(),
+            "etcdserver: authentication failed, invalid user ID or password"
+        );
+        cluster.client_tls = Some(as_user("stranger"));
+        let mut as_stranger = KvClient::new(cluster.channel(0).await);
+        let denied = put(&mut as_stranger, "app/2", "x").await.unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    })
+    .await;
+}

@@ -29,7 +29,9 @@ use flotilla_proto::flotilla::kv::v1 as pb;
 use prost::Message;
 
 pub use flotilla_proto::flotilla::kv::v1::command::Operation;
-pub use flotilla_proto::flotilla::kv::v1::{ExpireSessions, LeaseCheckpoint, LeaseRemaining};
+pub use flotilla_proto::flotilla::kv::v1::{
+    Author, ExpireSessions, LeaseCheckpoint, LeaseRemaining,
+};
 
 /// The only command format so far.
 pub const COMMAND_FORMAT_V1: u8 = 1;
@@ -47,6 +49,8 @@ pub struct ClientRequestId {
 pub struct Command {
     pub client_request: Option<ClientRequestId>,
     pub operation: Operation,
+    /// Who sent it, when authentication is on (see [`crate::Authorizer`]).
+    pub author: Option<Author>,
 }
 
 /// Why command bytes could not be decoded.
@@ -71,7 +75,14 @@ impl Command {
         Command {
             client_request: None,
             operation,
+            author: None,
         }
+    }
+
+    /// Records who sent the command, for the permission check at apply.
+    pub fn with_author(mut self, author: Option<Author>) -> Command {
+        self.author = author;
+        self
     }
 
     /// Attaches a session and sequence number (see [`crate::KvStore`] on duplicates).
@@ -122,6 +133,7 @@ impl Command {
     /// Field numbers of flotilla.kv.v1.Command.
     const SESSION_ID_FIELD: u32 = 1;
     const SEQUENCE_FIELD: u32 = 2;
+    const AUTHOR_FIELD: u32 = 12;
 
     /// The format byte, then the protobuf body. Encodes in place, without copying the request.
     pub fn encode(&self) -> Bytes {
@@ -130,7 +142,10 @@ impl Command {
             .map_or((0, 0), |id| (id.session_id, id.sequence));
         let body_bytes = self.operation.encoded_len()
             + uint64_field_len(Self::SESSION_ID_FIELD, session_id)
-            + uint64_field_len(Self::SEQUENCE_FIELD, sequence);
+            + uint64_field_len(Self::SEQUENCE_FIELD, sequence)
+            + self.author.as_ref().map_or(0, |author| {
+                prost::encoding::message::encoded_len(Self::AUTHOR_FIELD, author)
+            });
         let mut buf = Vec::with_capacity(1 + body_bytes);
         buf.put_u8(COMMAND_FORMAT_V1);
         if session_id != 0 {
@@ -140,6 +155,9 @@ impl Command {
             prost::encoding::uint64::encode(Self::SEQUENCE_FIELD, &sequence, &mut buf);
         }
         self.operation.encode(&mut buf);
+        if let Some(author) = &self.author {
+            prost::encoding::message::encode(Self::AUTHOR_FIELD, author, &mut buf);
+        }
         debug_assert_eq!(buf.len(), 1 + body_bytes);
         Bytes::from(buf)
     }
@@ -165,6 +183,7 @@ impl Command {
         Ok(Command {
             client_request,
             operation,
+            author: message.author,
         })
     }
 }
@@ -196,6 +215,13 @@ mod tests {
         for command in [
             sample_put(),
             sample_put().with_client_request(9, 1),
+            sample_put().with_author(Some(Author {
+                user: "alice".into(),
+                auth_revision: 7,
+            })),
+            sample_put()
+                .with_client_request(9, 2)
+                .with_author(Some(Author::default())),
             Command::register_session(),
             Command::expire_sessions(vec![4, 5]),
         ] {
@@ -207,13 +233,20 @@ mod tests {
     /// reader that only knows the .proto file reads it.
     #[test]
     fn body_is_the_protobuf_command_message() {
-        let command = sample_put().with_client_request(7, 2);
+        let author = Author {
+            user: "alice".into(),
+            auth_revision: 3,
+        };
+        let command = sample_put()
+            .with_client_request(7, 2)
+            .with_author(Some(author.clone()));
         let encoded = command.encode();
         assert_eq!(encoded[0], COMMAND_FORMAT_V1);
         let message = pb::Command {
             session_id: 7,
             sequence: 2,
             operation: Some(command.operation.clone()),
+            author: Some(author),
         };
         assert_eq!(&encoded[1..], message.encode_to_vec().as_slice());
     }

@@ -11,6 +11,7 @@ use std::fmt;
 pub enum GrpcCode {
     InvalidArgument = 3,
     NotFound = 5,
+    PermissionDenied = 7,
     FailedPrecondition = 9,
     ResourceExhausted = 8,
     OutOfRange = 11,
@@ -42,10 +43,13 @@ pub enum ErrorKind {
     NotReadOnly = 18,
     NoSpace = 19,
     Corrupt = 20,
+    PermissionDenied = 21,
+    AuthOldRevision = 22,
+    UserEmpty = 23,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 20] = [
+    const ALL: [ErrorKind; 23] = [
         ErrorKind::EmptyKey,
         ErrorKind::KeyNotFound,
         ErrorKind::ValueProvided,
@@ -66,6 +70,9 @@ impl ErrorKind {
         ErrorKind::NotReadOnly,
         ErrorKind::NoSpace,
         ErrorKind::Corrupt,
+        ErrorKind::PermissionDenied,
+        ErrorKind::AuthOldRevision,
+        ErrorKind::UserEmpty,
     ];
 
     /// The stable number stored in snapshots.
@@ -84,9 +91,8 @@ impl ErrorKind {
         use ErrorKind::*;
         match self {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | RequestTooLarge | InvalidSortOption | MalformedCommand | NotReadOnly => {
-                GrpcCode::InvalidArgument
-            }
+            | RequestTooLarge | InvalidSortOption | MalformedCommand | NotReadOnly
+            | AuthOldRevision | UserEmpty => GrpcCode::InvalidArgument,
             Compacted | FutureRevision | LeaseTtlTooLarge => GrpcCode::OutOfRange,
             LeaseNotFound => GrpcCode::NotFound,
             LeaseExists | SessionNotFound | StaleSequence | ResponseNotRetained => {
@@ -94,6 +100,7 @@ impl ErrorKind {
             }
             NoSpace => GrpcCode::ResourceExhausted,
             Corrupt => GrpcCode::DataLoss,
+            PermissionDenied => GrpcCode::PermissionDenied,
         }
     }
 
@@ -127,6 +134,9 @@ impl ErrorKind {
             NotReadOnly => "flotilla: transaction writes, so it must go through the log",
             NoSpace => "etcdserver: mvcc: database space exceeded",
             Corrupt => "etcdserver: corrupt cluster",
+            PermissionDenied => "etcdserver: permission denied",
+            AuthOldRevision => "etcdserver: revision of auth store is old",
+            UserEmpty => "etcdserver: user name is empty",
         }
     }
 

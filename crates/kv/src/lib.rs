@@ -44,6 +44,7 @@
 //! assert_eq!(read.kvs[0].value, "hello");
 //! ```
 
+mod authorize;
 mod command;
 mod error;
 mod key_range;
@@ -60,9 +61,10 @@ mod txn;
 mod validate;
 mod write;
 
+pub use authorize::{AllowAll, Authorizer};
 pub use command::{
-    COMMAND_FORMAT_V1, ClientRequestId, Command, DecodeError, ExpireSessions, LeaseCheckpoint,
-    LeaseRemaining, Operation,
+    Author, COMMAND_FORMAT_V1, ClientRequestId, Command, DecodeError, ExpireSessions,
+    LeaseCheckpoint, LeaseRemaining, Operation,
 };
 pub use error::{ErrorKind, GrpcCode, KvError};
 pub use key_range::KeyRange;

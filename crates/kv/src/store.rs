@@ -8,6 +8,7 @@ use flotilla_proto::etcdserverpb::{
 };
 use flotilla_proto::mvccpb::Event;
 
+use crate::authorize::{AllowAll, Authorizer};
 use crate::command::{Command, Operation};
 use crate::error::{ErrorKind, KvError};
 use crate::key_range::KeyRange;
@@ -57,20 +58,23 @@ impl KvStore {
     ///
     /// Bytes that do not decode give a `MalformedCommand` error, the same on every member.
     pub fn apply(&mut self, index: u64, command_bytes: &[u8]) -> ApplyResult {
-        self.apply_admitted(index, command_bytes, Admission::All)
+        self.apply_admitted(index, command_bytes, Admission::All, &AllowAll)
     }
 
-    /// [`KvStore::apply`] under the cluster's alarms: a command `admission` refuses is
-    /// answered with its error and changes nothing (a retry under a session still gets the
-    /// answer it got first).
+    /// [`KvStore::apply`] under the cluster's alarms and access control: a command
+    /// `admission` refuses is answered with its error and changes nothing (a retry under a
+    /// session still gets the answer it got first); one `authorizer` refuses likewise, except
+    /// that the refusal is not remembered by the session (nothing was applied, so a retry
+    /// with fresh credentials is decided again).
     pub fn apply_admitted(
         &mut self,
         index: u64,
         command_bytes: &[u8],
         admission: Admission,
+        authorizer: &dyn Authorizer,
     ) -> ApplyResult {
         match Command::decode(command_bytes) {
-            Ok(command) => self.apply_command_admitted(index, &command, admission),
+            Ok(command) => self.apply_command_admitted(index, &command, admission, authorizer),
             Err(error) => {
                 self.advance_applied_index(index);
                 let error = KvError::with_detail(ErrorKind::MalformedCommand, error.to_string());
@@ -81,7 +85,7 @@ impl KvStore {
 
     /// Applies an already decoded command (the same as [`KvStore::apply`] on its encoding).
     pub fn apply_command(&mut self, index: u64, command: &Command) -> ApplyResult {
-        self.apply_command_admitted(index, command, Admission::All)
+        self.apply_command_admitted(index, command, Admission::All, &AllowAll)
     }
 
     fn apply_command_admitted(
@@ -89,6 +93,7 @@ impl KvStore {
         index: u64,
         command: &Command,
         admission: Admission,
+        authorizer: &dyn Authorizer,
     ) -> ApplyResult {
         self.advance_applied_index(index);
         // Decoding refuses these; a command built in process could still carry them.
@@ -112,6 +117,11 @@ impl KvStore {
                 }
                 Ok(SessionCheck::Apply) => {}
             }
+        }
+        if let Err(refusal) =
+            authorizer.authorize(command.author.as_ref(), &command.operation, self)
+        {
+            return self.result(index, Err(refusal), Vec::new(), false);
         }
         let (outcome, events) = match admission.refusal(&command.operation) {
             Some(refusal) => (Err(refusal), Vec::new()),

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use flotilla_kv::{Command, ErrorKind, KvStore, Limits, Response, SessionLimits};
+use flotilla_kv::{
+    Admission, AllowAll, Author, Authorizer, Command, ErrorKind, KvStore, Limits, Response,
+    SessionLimits,
+};
 use flotilla_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use flotilla_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use flotilla_proto::etcdserverpb::response_op::Response as OpResponse;
@@ -1145,7 +1148,7 @@ fn in_process_commands_with_zero_session_fields_are_malformed() {
 /// under CORRUPT every client command is refused.
 #[test]
 fn alarms_refuse_what_they_cap_and_nothing_else() {
-    use flotilla_kv::{Admission, ErrorKind};
+    use flotilla_kv::ErrorKind;
     let mut store = KvStore::new(Limits::default());
     let put = |key: &'static str| {
         Command::put(PutRequest {
@@ -1157,23 +1160,88 @@ fn alarms_refuse_what_they_cap_and_nothing_else() {
     };
     assert!(store.apply(1, &put("a")).outcome.is_ok());
     let size = store.size_bytes();
-    let refused = store.apply_admitted(2, &put("b"), Admission::NoNewSpace);
+    let refused = store.apply_admitted(2, &put("b"), Admission::NoNewSpace, &AllowAll);
     assert_eq!(refused.outcome.unwrap_err().kind(), ErrorKind::NoSpace);
     assert_eq!((refused.revision, store.size_bytes()), (2, size));
     let grant = Command::lease_grant(flotilla_proto::etcdserverpb::LeaseGrantRequest {
         ttl: 10,
         ..Default::default()
     });
-    let refused = store.apply_admitted(3, &grant.encode(), Admission::NoNewSpace);
+    let refused = store.apply_admitted(3, &grant.encode(), Admission::NoNewSpace, &AllowAll);
     assert_eq!(refused.outcome.unwrap_err().kind(), ErrorKind::NoSpace);
     assert_eq!(store.leases().len(), 0);
     let delete = Command::delete_range(flotilla_proto::etcdserverpb::DeleteRangeRequest {
         key: "a".into(),
         ..Default::default()
     });
-    let corrupt = store.apply_admitted(4, &delete.encode(), Admission::Nothing);
+    let corrupt = store.apply_admitted(4, &delete.encode(), Admission::Nothing, &AllowAll);
     assert_eq!(corrupt.outcome.unwrap_err().kind(), ErrorKind::Corrupt);
-    let deleted = store.apply_admitted(5, &delete.encode(), Admission::NoNewSpace);
+    let deleted = store.apply_admitted(5, &delete.encode(), Admission::NoNewSpace, &AllowAll);
     assert!(deleted.outcome.is_ok());
     assert_eq!(deleted.revision, 3);
+}
+
+/// Refuses every command of one author, lets everything else run.
+struct RefuseAuthor(&'static str);
+
+impl Authorizer for RefuseAuthor {
+    fn authorize(
+        &self,
+        author: Option<&Author>,
+        _: &flotilla_kv::Operation,
+        _: &KvStore,
+    ) -> Result<(), flotilla_kv::KvError> {
+        match author {
+            Some(author) if author.user == self.0 => {
+                Err(flotilla_kv::KvError::new(ErrorKind::PermissionDenied))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A command its author may not run changes nothing, and its session does not remember the
+/// refusal: the same request, retried with credentials that pass, applies once.
+#[test]
+fn an_authorizer_refusal_changes_nothing_and_is_decided_again_on_retry() {
+    let mut store = KvStore::new(Limits::default());
+    let registered = store.apply(1, &Command::register_session().encode());
+    let session = registered.index;
+    let put = |user: &str| {
+        Command::put(PutRequest {
+            key: "k".into(),
+            value: "v".into(),
+            ..Default::default()
+        })
+        .with_client_request(session, 1)
+        .with_author(Some(Author {
+            user: user.into(),
+            auth_revision: 1,
+        }))
+        .encode()
+    };
+    let refused =
+        store.apply_admitted(2, &put("mallory"), Admission::All, &RefuseAuthor("mallory"));
+    assert_eq!(
+        refused.outcome.unwrap_err().kind(),
+        ErrorKind::PermissionDenied
+    );
+    assert_eq!(refused.revision, 1, "nothing was written");
+    let applied = store.apply_admitted(3, &put("alice"), Admission::All, &RefuseAuthor("mallory"));
+    assert!(applied.outcome.is_ok());
+    assert!(
+        !applied.duplicate,
+        "the refusal was not remembered as the answer"
+    );
+    assert_eq!(applied.revision, 2);
+    let retried = store.apply_admitted(4, &put("alice"), Admission::All, &RefuseAuthor("mallory"));
+    assert!(retried.duplicate, "the applied request is remembered");
+    assert_eq!(retried.revision, 2);
+    // A command without an author is the server's own: never refused.
+    let internal = Command::lease_grant(flotilla_proto::etcdserverpb::LeaseGrantRequest {
+        ttl: 10,
+        ..Default::default()
+    });
+    let granted = store.apply_admitted(5, &internal.encode(), Admission::All, &RefuseAuthor(""));
+    assert!(granted.outcome.is_ok());
 }

@@ -84,6 +84,17 @@ pub struct ServeArgs {
     /// Seconds a client session lives without a request [default: 60].
     #[arg(long, env = "FLOTILLA_SESSION_TTL")]
     pub session_ttl: Option<u64>,
+    /// The tokens Authenticate issues, as etcd's flag: `simple`, or
+    /// `jwt,sign-method=<RS256|ES256|HS256|...>,pub-key=<PEM file>,priv-key=<file>[,ttl=5m]`
+    /// (HS* take the secret's file as priv-key) [default: simple].
+    #[arg(long, env = "FLOTILLA_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Seconds a simple token lives after its last use [default: 300].
+    #[arg(long, env = "FLOTILLA_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<u64>,
+    /// bcrypt cost of stored passwords, 4 to 31; lower is faster and weaker (tests) [default: 10].
+    #[arg(long, env = "FLOTILLA_BCRYPT_COST")]
+    pub bcrypt_cost: Option<u32>,
     /// How often a quiet watcher that asked for progress notifications gets one, as a Go
     /// duration (`10m`, `5s`, `1m30s`) [default: 10m].
     #[arg(
@@ -203,6 +214,9 @@ struct FileConfig {
     max_txn_ops: Option<usize>,
     quota_backend_bytes: Option<i64>,
     session_ttl: Option<u64>,
+    auth_token: Option<String>,
+    auth_token_ttl: Option<u64>,
+    bcrypt_cost: Option<u32>,
     experimental_watch_progress_notify_interval: Option<String>,
     experimental_initial_corrupt_check: Option<bool>,
     experimental_corrupt_check_time: Option<String>,
@@ -249,6 +263,10 @@ pub struct ServerConfig {
     /// The space quota in bytes, `None` for none.
     pub quota_backend_bytes: Option<u64>,
     pub session_ttl: Duration,
+    /// `--auth-token` as given (checked at start: see [`crate::auth::TokenKind::parse`]).
+    pub auth_token: String,
+    pub auth_token_ttl: Duration,
+    pub bcrypt_cost: u32,
     pub watch_progress_notify_interval: Duration,
     pub initial_corrupt_check: bool,
     /// `None`: no periodic corruption check.
@@ -425,6 +443,21 @@ impl ServeArgs {
                 None => Duration::ZERO,
             },
         };
+        let auth_token =
+            pick(&self.auth_token, &file.auth_token).unwrap_or_else(|| "simple".into());
+        crate::auth::TokenKind::parse(&auth_token)?;
+        let auth_token_ttl = self.auth_token_ttl.or(file.auth_token_ttl).unwrap_or(300);
+        if auth_token_ttl == 0 {
+            bail!("--auth-token-ttl must be positive");
+        }
+        let bcrypt_cost = self
+            .bcrypt_cost
+            .or(file.bcrypt_cost)
+            .unwrap_or(crate::auth::password::DEFAULT_BCRYPT_COST);
+        let costs = crate::auth::password::BCRYPT_COST_MIN..=crate::auth::password::BCRYPT_COST_MAX;
+        if !costs.contains(&bcrypt_cost) {
+            bail!("--bcrypt-cost {bcrypt_cost} is outside bcrypt's range {costs:?}");
+        }
         let lease_reads = self.lease_reads.or(file.lease_reads).unwrap_or(false);
         let lease_clock_drift_ms = self
             .lease_clock_drift
@@ -531,6 +564,9 @@ impl ServeArgs {
             session_ttl: Duration::from_secs(
                 self.session_ttl.or(file.session_ttl).unwrap_or(60).max(1),
             ),
+            auth_token,
+            auth_token_ttl: Duration::from_secs(auth_token_ttl),
+            bcrypt_cost,
             watch_progress_notify_interval,
             initial_corrupt_check: self
                 .experimental_initial_corrupt_check

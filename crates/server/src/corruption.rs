@@ -19,12 +19,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::peer_proto::peer_client::PeerClient;
 use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
-use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use flotilla_proto::etcdserverpb::{AlarmRequest, AlarmType, HashKvRequest};
 use flotilla_raft::NodeId;
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
+use tonic::transport::Channel;
 
 use crate::frontend::Frontend;
 use crate::members::encode_server_command;
@@ -90,7 +90,7 @@ fn local_hash(frontend: &Frontend, revision: i64) -> Option<KvHash> {
 /// Every other member's hash at `revision`, from those that answer.
 async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)> {
     let me = frontend.identity.member_id;
-    let peers: Vec<(NodeId, String)> = {
+    let peers: Vec<NodeId> = {
         let state = frontend
             .node
             .state
@@ -100,13 +100,15 @@ async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)
             .members
             .members()
             .filter(|m| m.id != me)
-            .filter_map(|m| Some((m.id, m.client_urls.first()?.clone())))
+            .map(|m| m.id)
             .collect()
     };
     let mut asks = tokio::task::JoinSet::new();
-    for (id, url) in peers {
-        let tls = frontend.dial_clients_tls.clone();
-        asks.spawn(async move { (id, ask_hash(&url, tls, revision).await) });
+    for id in peers {
+        let client = frontend.peer_client(id);
+        let mut request = tonic::Request::new(HashKvRequest { revision });
+        frontend.identity.stamp(request.metadata_mut(), id);
+        asks.spawn(async move { (id, ask_hash(client, request).await) });
     }
     let mut hashes = Vec::new();
     while let Some(answer) = asks.join_next().await {
@@ -125,19 +127,17 @@ async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)
     hashes
 }
 
+/// A peer's hash, asked on its peer URL (with the peer TLS and the cluster's identity, so
+/// no client credentials are needed when auth is on).
 async fn ask_hash(
-    url: &str,
-    tls: Option<Arc<flotilla_tls::ClientConfig>>,
-    revision: i64,
+    client: Result<PeerClient<Channel>, tonic::Status>,
+    request: tonic::Request<HashKvRequest>,
 ) -> Result<KvHash, String> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(PEER_HASH_TIMEOUT)
-        .timeout(PEER_HASH_TIMEOUT);
-    let channel = flotilla_tls::channel(endpoint, tls.as_ref()).map_err(|e| e.to_string())?;
-    let response = MaintenanceClient::new(channel)
-        .hash_kv(HashKvRequest { revision })
+    let mut client = client.map_err(|status| status.message().to_string())?;
+    let asked = client.hash_kv(request);
+    let response = tokio::time::timeout(PEER_HASH_TIMEOUT, asked)
         .await
+        .map_err(|_| format!("no answer within {PEER_HASH_TIMEOUT:?}"))?
         .map_err(|status| status.message().to_string())?
         .into_inner();
     Ok(KvHash {

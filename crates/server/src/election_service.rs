@@ -59,7 +59,9 @@ impl Election for ElectionService {
         &self,
         request: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(
                 ELECTION,
@@ -73,7 +75,9 @@ impl Election for ElectionService {
         &self,
         request: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(ELECTION, "Proclaim", async {
                 let ProclaimRequest { leader, value } = request.into_inner();
@@ -95,7 +99,9 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(ELECTION, "Leader", async {
                 let prefix = queue_prefix(&request.into_inner().name);
@@ -114,9 +120,11 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<BoxStream<LeaderResponse>>, Status> {
+        let services = self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         let prefix = queue_prefix(&request.into_inner().name);
         let (out, responses) = mpsc::channel(OBSERVED_RESPONSES);
-        let services = self.services.clone();
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 outcome = follow_leaders(&services, &prefix, &out) => outcome,
@@ -133,7 +141,9 @@ impl Election for ElectionService {
         &self,
         request: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(ELECTION, "Resign", async {
                 let leader = request.into_inner().leader;

@@ -41,6 +41,7 @@ pub fn kv_status(error: &KvError) -> Status {
         GrpcCode::OutOfRange => Code::OutOfRange,
         GrpcCode::ResourceExhausted => Code::ResourceExhausted,
         GrpcCode::DataLoss => Code::DataLoss,
+        GrpcCode::PermissionDenied => Code::PermissionDenied,
     };
     Status::new(code, error.client_message())
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_kv::{Command, Response};
+use flotilla_kv::{Author, Command, Response};
 use flotilla_kv::{Operation, space_cost_bytes};
 use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
 use flotilla_proto::etcdserverpb::{
@@ -44,6 +44,15 @@ use crate::peer_proto::{
 };
 use crate::state_machine::Applied;
 use crate::transport::{PeerIdentity, peer_client};
+
+/// What a request presented to say who sent it.
+#[derive(Clone, Debug)]
+pub enum Credentials {
+    None,
+    Token(String),
+    /// The common name of a verified client certificate (with --client-cert-auth).
+    Certificate(String),
+}
 
 /// At most this many requests wait for a leader at once, holding at most this many bytes;
 /// more are refused with "too many requests".
@@ -79,8 +88,12 @@ pub struct Frontend {
     pub lessor: Arc<Lessor>,
     /// The space quota (`--quota-backend-bytes`), `None` for none.
     pub quota_bytes: Option<u64>,
-    /// What this member presents and trusts when it dials a peer's https:// client URL.
-    pub dial_clients_tls: Option<Arc<flotilla_tls::ClientConfig>>,
+    /// The tokens this member accepts and issues.
+    pub tokens: Arc<crate::auth::Tokens>,
+    /// `--bcrypt-cost` for passwords hashed here.
+    pub bcrypt_cost: u32,
+    /// `--client-cert-auth`: a verified client certificate's common name is the user.
+    pub client_cert_auth: bool,
     /// This member is proposing its NOSPACE alarm: others refused meanwhile need not.
     raising_nospace: std::sync::atomic::AtomicBool,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
@@ -112,7 +125,12 @@ impl Frontend {
             session_ttl,
             lessor,
             quota_bytes: None,
-            dial_clients_tls: None,
+            tokens: Arc::new(crate::auth::Tokens::new(
+                crate::auth::TokenKind::Simple,
+                crate::auth::tokens::DEFAULT_TOKEN_TTL,
+            )),
+            bcrypt_cost: crate::auth::password::DEFAULT_BCRYPT_COST,
+            client_cert_auth: false,
             raising_nospace: std::sync::atomic::AtomicBool::new(false),
             peers: Mutex::new(BTreeMap::new()),
             held: HeldRequests::new(HELD_REQUESTS_MAX, HELD_BYTES_MAX),
@@ -127,13 +145,101 @@ impl Frontend {
         self
     }
 
-    /// Sets how peers' https:// client URLs are dialed (none by default).
-    pub fn with_dial_clients_tls(
+    /// Sets the token table (shared with the apply thread's observers), the bcrypt cost and
+    /// whether client certificates name users.
+    pub fn with_auth(
         mut self,
-        tls: Option<Arc<flotilla_tls::ClientConfig>>,
+        tokens: Arc<crate::auth::Tokens>,
+        bcrypt_cost: u32,
+        client_cert_auth: bool,
     ) -> Frontend {
-        self.dial_clients_tls = tls;
+        self.tokens = tokens;
+        self.bcrypt_cost = bcrypt_cost;
+        self.client_cert_auth = client_cert_auth;
         self
+    }
+
+    // ----- Credentials -----------------------------------------------------------------------
+
+    /// Reads the applied auth store.
+    pub fn read_auth<T>(&self, f: impl FnOnce(&crate::auth::AuthStore) -> T) -> T {
+        let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&state.auth)
+    }
+
+    /// Who sent `request`: the user its token names, or (with --client-cert-auth) its
+    /// certificate's common name, with the auth revision to judge it at; an empty user for
+    /// a request without credentials, which auth refuses once it is on ("user name is
+    /// empty"). A token that is not valid here is refused at once ("invalid auth token":
+    /// the client authenticates again). With auth off, credentials are not looked at.
+    pub fn caller<T>(&self, request: &Request<T>) -> Result<Author, Status> {
+        if !self.read_auth(|auth| auth.enabled()) {
+            return Ok(Author::default());
+        }
+        self.resolve(&self.credentials(request))
+    }
+
+    /// What `request` presents, kept by a long-lived stream (Watch) to resolve at each of
+    /// its requests.
+    pub fn credentials<T>(&self, request: &Request<T>) -> Credentials {
+        if let Some(token) = crate::auth::credentials::token_of(request.metadata()) {
+            return Credentials::Token(token.to_string());
+        }
+        // Parsing the certificate costs a few microseconds: only when auth is on (if it comes
+        // on during the request, the request counts as anonymous and is refused, never let
+        // through).
+        if self.client_cert_auth
+            && self.read_auth(|auth| auth.enabled())
+            && let Some(user) = crate::auth::credentials::common_name(request.extensions())
+        {
+            return Credentials::Certificate(user);
+        }
+        Credentials::None
+    }
+
+    /// The caller `credentials` stand for now (see [`Frontend::caller`]).
+    pub fn resolve(&self, credentials: &Credentials) -> Result<Author, Status> {
+        let (enabled, revision) = self.read_auth(|auth| (auth.enabled(), auth.revision()));
+        if !enabled {
+            return Ok(Author::default());
+        }
+        let (user, auth_revision) = match credentials {
+            Credentials::Token(token) => {
+                let info = self
+                    .tokens
+                    .lookup(token)
+                    .ok_or(crate::auth::AuthError::InvalidAuthToken)?;
+                (info.user, info.revision.unwrap_or(revision))
+            }
+            Credentials::Certificate(user) => (user.clone(), revision),
+            Credentials::None => (String::new(), revision),
+        };
+        Ok(Author {
+            user,
+            auth_revision,
+        })
+    }
+
+    /// etcd's IsAdminPermitted for `request`'s caller: the root role, once auth is on.
+    pub fn require_root<T>(&self, request: &Request<T>) -> Result<Author, Status> {
+        let caller = self.caller(request)?;
+        self.read_auth(|auth| auth.check_admin(&caller.user))?;
+        Ok(caller)
+    }
+
+    /// A read's permission, checked by the member serving it after its read barrier, so
+    /// against an auth state at least as new as the barrier (etcd's doSerialize).
+    pub fn check_read(&self, caller: &Author, key: &[u8], range_end: &[u8]) -> Result<(), Status> {
+        self.read_auth(|auth| {
+            auth.check_keys(
+                &caller.user,
+                caller.auth_revision,
+                crate::auth::Access::Read,
+                key,
+                range_end,
+            )
+        })
+        .map_err(Status::from)
     }
 
     pub fn deadline(&self) -> Instant {
@@ -476,6 +582,26 @@ impl Frontend {
     }
 
     // ----- Reads ---------------------------------------------------------------------------
+
+    /// The hash of the store at `revision` (0: the current one), as HashKV answers it.
+    pub fn hash_kv(
+        &self,
+        revision: i64,
+    ) -> Result<flotilla_proto::etcdserverpb::HashKvResponse, Status> {
+        let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
+        let (hash, hash_revision) = state.kv.hash_kv(revision).map_err(|e| kv_status(&e))?;
+        Ok(flotilla_proto::etcdserverpb::HashKvResponse {
+            header: self.header(state.kv.current_revision()),
+            hash,
+            compact_revision: state.kv.compacted_revision(),
+            hash_revision,
+        })
+    }
+
+    /// A client for member `id`'s peer service.
+    pub fn peer_client(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
+        self.peer(id)
+    }
 
     /// Waits until the local state machine may serve a linearizable read: from the leader's
     /// lease if it holds one (lease reads on), else by ReadIndex.
@@ -960,6 +1086,14 @@ pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
             header: None,
             alarms: changed,
         }),
+        Applied::Auth { outcome, .. } => match outcome {
+            Ok(crate::auth::AuthApplied {
+                token: Some((token, _)),
+                ..
+            }) => R::AuthToken(token),
+            Ok(_) => R::Done(true),
+            Err(error) => return Err(error.into()),
+        },
         Applied::Server { .. } => R::Done(true),
     };
     Ok(ForwardResponse {

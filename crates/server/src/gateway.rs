@@ -231,6 +231,18 @@ fn request<T: DeserializeOwned + Default>(
     Ok(request)
 }
 
+/// A stream's credentials: the `Authorization` header's token, if any.
+fn token_credentials(headers: &HeaderMap) -> crate::frontend::Credentials {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.strip_prefix("Bearer ").unwrap_or(value))
+        .filter(|value| !value.is_empty())
+        .map_or(crate::frontend::Credentials::None, |token| {
+            crate::frontend::Credentials::Token(token.to_string())
+        })
+}
+
 /// An empty body (or `null`) is the empty message, as in etcd's gateway.
 fn parse<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, Status> {
     if body.trim_ascii().is_empty() || body.trim_ascii() == b"null" {
@@ -362,13 +374,13 @@ fn requests_then_wait<T: Send + 'static>(
     Box::pin(tokio_stream::iter(requests.into_iter().map(Ok)).chain(tokio_stream::pending()))
 }
 
-async fn watch(State(gateway): State<Arc<Gateway>>, body: Bytes) -> Response {
+async fn watch(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     match parse_all::<WatchRequest>(&body) {
-        Ok(requests) => answer_stream(
-            gateway
-                .services
-                .open_watch(requests_then_wait(requests), false),
-        ),
+        Ok(requests) => answer_stream(gateway.services.open_watch(
+            requests_then_wait(requests),
+            false,
+            token_credentials(&headers),
+        )),
         Err(status) => error_response(&status),
     }
 }

@@ -13,6 +13,8 @@
 //!   data directory, wiring and graceful shutdown; [`metrics`] and [`http`]: observability.
 
 pub mod alarms;
+pub mod auth;
+pub mod auth_service;
 pub mod backup;
 pub mod config;
 pub mod corruption;

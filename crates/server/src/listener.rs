@@ -45,7 +45,7 @@ const HANDSHAKEN_QUEUE: usize = 64;
 pub fn tls_incoming(
     listener: TcpListener,
     tls: std::sync::Arc<flotilla_tls::ServerTls>,
-) -> impl Stream<Item = std::io::Result<flotilla_tls::TlsStream<TcpStream>>> {
+) -> impl Stream<Item = std::io::Result<TlsConnection>> {
     let (handshaken, incoming) = tokio::sync::mpsc::channel(HANDSHAKEN_QUEUE);
     tokio::spawn(async move {
         loop {
@@ -68,7 +68,7 @@ pub fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = handshaken.send(Ok(stream)).await;
+                        let _ = handshaken.send(Ok(TlsConnection(stream))).await;
                     }
                     Ok(Err(err)) => tracing::warn!(%peer, "rejected a TLS connection: {err}"),
                     Err(_) => {
@@ -79,6 +79,76 @@ pub fn tls_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(incoming)
+}
+
+/// An accepted TLS connection. tonic puts its [`ClientCertificates`] in every request's
+/// extensions, so a handler can name the user by the certificate (--client-cert-auth).
+#[derive(Debug)]
+pub struct TlsConnection(flotilla_tls::TlsStream<TcpStream>);
+
+/// The certificate chain a client presented (verified by the handshake), if any.
+#[derive(Clone, Debug, Default)]
+pub struct ClientCertificates(
+    pub Option<std::sync::Arc<Vec<flotilla_tls::CertificateDer<'static>>>>,
+);
+
+impl tonic::transport::server::Connected for TlsConnection {
+    type ConnectInfo = ClientCertificates;
+
+    fn connect_info(&self) -> ClientCertificates {
+        let (_, session) = self.0.get_ref();
+        ClientCertificates(
+            session
+                .peer_certificates()
+                .map(|certificates| std::sync::Arc::new(certificates.to_vec())),
+        )
+    }
+}
+
+impl tokio::io::AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Nagle's algorithm off, TCP keepalive on. Failing to set an option is logged, not fatal:

@@ -33,7 +33,9 @@ pub struct LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(LOCK, "Lock", async {
                 let LockRequest { name, lease } = request.into_inner();
@@ -57,7 +59,9 @@ impl Lock for LockService {
         &self,
         request: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let services = &self.services;
+        let services = &self
+            .services
+            .on_behalf_of(self.services.frontend.caller(&request)?);
         services
             .observe(LOCK, "Unlock", async {
                 let key = request.into_inner().key;

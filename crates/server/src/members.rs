@@ -191,8 +191,8 @@ impl MemberTable {
                     member.peer_urls = info.peer_urls.clone();
                 }
             }
-            // Alarms are the state machine's, beside the table.
-            Some(server_command::Command::Alarm(_)) | None => {}
+            // Alarms and auth are the state machine's, beside the table.
+            Some(server_command::Command::Alarm(_) | server_command::Command::Auth(_)) | None => {}
         }
     }
 
@@ -202,6 +202,7 @@ impl MemberTable {
             members: self.infos(),
             removed: self.removed.iter().copied().collect(),
             alarms: Vec::new(),
+            auth: None,
         }
     }
 

@@ -917,8 +917,12 @@ impl ApplyContext {
                         self.state.write().unwrap_or_else(|p| p.into_inner())
                     });
                     let applied = state.apply_entry(&entry);
-                    if let Applied::Kv(result) = &applied {
-                        self.observe(result);
+                    match &applied {
+                        Applied::Kv(result) => self.observe(result),
+                        Applied::Auth {
+                            outcome: Ok(auth), ..
+                        } => self.events.auth_applied(auth),
+                        _ => {}
                     }
                     if let Some(waiter) = waiter {
                         replies.push((waiter, applied));

@@ -186,6 +186,16 @@ impl Peer for PeerService {
         Ok(Response::new(response))
     }
 
+    async fn hash_kv(
+        &self,
+        request: Request<flotilla_proto::etcdserverpb::HashKvRequest>,
+    ) -> Result<Response<flotilla_proto::etcdserverpb::HashKvResponse>, Status> {
+        self.check_peer(&request)?;
+        Ok(Response::new(
+            self.frontend.hash_kv(request.get_ref().revision)?,
+        ))
+    }
+
     async fn cluster_info(
         &self,
         request: Request<ClusterInfoRequest>,

@@ -56,6 +56,7 @@ use flotilla_proto::v3lockpb::lock_server::LockServer;
 struct ApplyObservers {
     hub: Arc<WatchHub>,
     lessor: Arc<Lessor>,
+    tokens: Arc<crate::auth::Tokens>,
 }
 
 impl EventSink for ApplyObservers {
@@ -69,6 +70,18 @@ impl EventSink for ApplyObservers {
 
     fn lease_granted(&self, id: i64, ttl_seconds: i64) {
         self.lessor.granted(id, ttl_seconds);
+    }
+
+    fn auth_applied(&self, applied: &crate::auth::AuthApplied) {
+        if let Some((token, user)) = &applied.token {
+            self.tokens.register(token.clone(), user.clone());
+        }
+        if let Some(user) = &applied.revoke_tokens_of {
+            self.tokens.revoke_user(user);
+        }
+        if applied.disabled {
+            self.tokens.revoke_all();
+        }
     }
 }
 
@@ -135,9 +148,14 @@ pub async fn run(
         metrics.clone(),
     ));
     let lessor = Lessor::new(config.election_timeout);
+    let tokens = Arc::new(crate::auth::Tokens::new(
+        crate::auth::TokenKind::parse(&config.auth_token)?,
+        config.auth_token_ttl,
+    ));
     let observers = ApplyObservers {
         hub: hub.clone(),
         lessor: lessor.clone(),
+        tokens: tokens.clone(),
     };
     let running = node::start(NodeParts {
         options: node_options(&config, identity.member_id, limits),
@@ -162,7 +180,11 @@ pub async fn run(
             lessor,
         )
         .with_quota(config.quota_backend_bytes)
-        .with_dial_clients_tls(tls.dial_clients.clone()),
+        .with_auth(
+            tokens,
+            config.bcrypt_cost,
+            config.client_tls.client_cert_auth,
+        ),
     );
     if config.initial_corrupt_check
         && let Err(err) = crate::corruption::initial_check(&frontend).await
@@ -318,6 +340,7 @@ impl Servers {
             maintenance_slots: Arc::new(tokio::sync::Semaphore::new(
                 crate::services::MAINTENANCE_SLOTS,
             )),
+            acting_for: None,
         };
         // etcd's gRPC receive limit: the request limit plus 512 KiB; the request itself is
         // checked against the limit with etcd's error text.

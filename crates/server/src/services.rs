@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use flotilla_kv::{Command, KvStore, validate_command, validate_range};
-use flotilla_proto::etcdserverpb::auth_server::Auth;
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::kv_server::Kv;
 use flotilla_proto::etcdserverpb::lease_server::Lease;
@@ -45,6 +44,9 @@ pub struct ClientServices {
     pub backup_dir: Arc<std::path::Path>,
     /// Bounds the backups and hashes encoding the state at once ([`MAINTENANCE_SLOTS`]).
     pub maintenance_slots: Arc<tokio::sync::Semaphore>,
+    /// Set on the copy the Lock and Election services use for one call: the KV requests
+    /// they make are their caller's, with its permissions.
+    pub acting_for: Option<flotilla_kv::Author>,
 }
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -67,6 +69,38 @@ impl ClientServices {
             .metrics
             .grpc_handled(service, method, code, started.elapsed());
         result.map(Response::new)
+    }
+
+    /// These services acting for `caller` (see [`ClientServices::acting_for`]).
+    pub(crate) fn on_behalf_of(&self, caller: flotilla_kv::Author) -> ClientServices {
+        ClientServices {
+            acting_for: Some(caller),
+            ..self.clone()
+        }
+    }
+
+    /// Who sent `request`: the caller acted for, or its own credentials.
+    pub(crate) fn caller<T>(&self, request: &Request<T>) -> Result<flotilla_kv::Author, Status> {
+        match &self.acting_for {
+            Some(caller) => Ok(caller.clone()),
+            None => self.frontend.caller(request),
+        }
+    }
+
+    /// What `request` presents, to resolve later (after a read barrier, as etcd does: a
+    /// token voided before the read is void for it).
+    fn credentials<T>(&self, request: &Request<T>) -> Credentials {
+        match &self.acting_for {
+            Some(caller) => Credentials::ActingFor(caller.clone()),
+            None => Credentials::Presented(self.frontend.credentials(request)),
+        }
+    }
+
+    fn resolve(&self, credentials: &Credentials) -> Result<flotilla_kv::Author, Status> {
+        match credentials {
+            Credentials::ActingFor(caller) => Ok(caller.clone()),
+            Credentials::Presented(presented) => self.frontend.resolve(presented),
+        }
     }
 
     fn limits(&self) -> flotilla_kv::RequestLimits {
@@ -94,6 +128,8 @@ impl ClientServices {
     ) -> Result<crate::peer_proto::ForwardResponse, Status> {
         self.frontend.refuse_learner()?;
         self.frontend.check_require_leader(request)?;
+        let author = self.caller(request)?;
+        let command = command.with_author(Some(author));
         let (command, session_id) = self.frontend.tag_session(request, command)?;
         let encoded = command.encode();
         let (limits, space) = self.read_state(|state| {
@@ -112,6 +148,12 @@ impl ClientServices {
     }
 }
 
+/// A request's credentials, or the caller these services act for.
+enum Credentials {
+    Presented(crate::frontend::Credentials),
+    ActingFor(flotilla_kv::Author),
+}
+
 fn member_of(info: MemberInfo) -> Member {
     Member {
         id: info.id,
@@ -125,7 +167,7 @@ fn member_of(info: MemberInfo) -> Member {
 const KV: &str = "etcdserverpb.KV";
 const CLUSTER: &str = "etcdserverpb.Cluster";
 const MAINTENANCE: &str = "etcdserverpb.Maintenance";
-const AUTH: &str = "etcdserverpb.Auth";
+pub(crate) const AUTH: &str = "etcdserverpb.Auth";
 const SESSION: &str = "flotilla.session.v1.Session";
 const WATCH: &str = "etcdserverpb.Watch";
 const LEASE: &str = "etcdserverpb.Lease";
@@ -150,7 +192,8 @@ impl Watch for ClientServices {
         self.observe(WATCH, "Watch", async {
             self.frontend.check_require_leader(&request)?;
             let require_leader = requires_leader(&request);
-            self.open_watch(Box::pin(request.into_inner()), require_leader)
+            let credentials = self.frontend.credentials(&request);
+            self.open_watch(Box::pin(request.into_inner()), require_leader, credentials)
         })
         .await
     }
@@ -162,10 +205,12 @@ impl ClientServices {
         &self,
         inbound: crate::watch::stream::Inbound,
         require_leader: bool,
+        credentials: crate::frontend::Credentials,
     ) -> Result<BoxStream<WatchResponse>, Status> {
         // Learners refuse every stream (etcd-api.md §3.3).
         self.frontend.refuse_learner()?;
-        let responses = crate::watch::stream::serve(self.watch.clone(), inbound, require_leader);
+        let responses =
+            crate::watch::stream::serve(self.watch.clone(), inbound, require_leader, credentials);
         Ok(Box::pin(responses) as BoxStream<WatchResponse>)
     }
 
@@ -323,6 +368,7 @@ impl Kv for ClientServices {
         self.observe(KV, "Range", async {
             self.frontend.check_require_leader(&request)?;
             self.frontend.refuse_if_corrupt()?;
+            let credentials = self.credentials(&request);
             let range = request.into_inner();
             if !range.serializable {
                 self.frontend.refuse_learner()?;
@@ -331,9 +377,22 @@ impl Kv for ClientServices {
             if !range.serializable {
                 self.frontend.linearizable_barrier().await?;
             }
-            let mut response = self
-                .read_state(|state| state.kv.range(&range))
-                .map_err(|e| kv_status(&e))?;
+            // After the barrier, as etcd does: a token voided before the read is void here.
+            let caller = self.resolve(&credentials)?;
+            // The permission and the read under one lock: both at the same applied index.
+            let mut response = self.read_state(|state| {
+                state
+                    .auth
+                    .check_keys(
+                        &caller.user,
+                        caller.auth_revision,
+                        crate::auth::Access::Read,
+                        &range.key,
+                        &range.range_end,
+                    )
+                    .map_err(Status::from)?;
+                state.kv.range(&range).map_err(|e| kv_status(&e))
+            })?;
             let revision = response.header.map_or(0, |h| h.revision);
             response.header = self.frontend.header(revision);
             Ok(response)
@@ -380,12 +439,18 @@ impl Kv for ClientServices {
                 self.frontend.refuse_if_corrupt()?;
                 self.frontend.refuse_learner()?;
                 self.frontend.check_require_leader(&request)?;
+                let credentials = self.credentials(&request);
                 let txn = request.into_inner();
                 flotilla_kv::validate_txn(&txn, &self.limits()).map_err(|e| kv_status(&e))?;
                 self.frontend.linearizable_barrier().await?;
-                let mut response = self
-                    .read_state(|state| state.kv.read_only_txn(&txn))
-                    .map_err(|e| kv_status(&e))?;
+                let caller = self.resolve(&credentials)?;
+                let mut response = self.read_state(|state| {
+                    state
+                        .auth
+                        .check_txn(&caller.user, caller.auth_revision, &txn)
+                        .map_err(Status::from)?;
+                    state.kv.read_only_txn(&txn).map_err(|e| kv_status(&e))
+                })?;
                 let revision = response
                     .header
                     .map_or_else(|| self.frontend.current_revision(), |h| h.revision);
@@ -426,6 +491,7 @@ impl Cluster for ClientServices {
     async fn member_add(&self, request: Request<MemberAddRequest>) -> Reply<MemberAddResponse> {
         self.observe(CLUSTER, "MemberAdd", async {
             self.frontend.refuse_learner()?;
+            self.frontend.require_root(&request)?;
             let add = request.into_inner();
             let change = MemberChange {
                 kind: member_change::Kind::Add as i32,
@@ -453,6 +519,7 @@ impl Cluster for ClientServices {
         request: Request<MemberRemoveRequest>,
     ) -> Reply<MemberRemoveResponse> {
         self.observe(CLUSTER, "MemberRemove", async {
+            self.frontend.require_root(&request)?;
             self.frontend.refuse_learner()?;
             let change = MemberChange {
                 kind: member_change::Kind::Remove as i32,
@@ -473,6 +540,7 @@ impl Cluster for ClientServices {
         request: Request<MemberUpdateRequest>,
     ) -> Reply<MemberUpdateResponse> {
         self.observe(CLUSTER, "MemberUpdate", async {
+            self.frontend.require_root(&request)?;
             self.frontend.refuse_learner()?;
             let update = request.into_inner();
             if self.read_state(|s| s.members.get(update.id).is_none()) {
@@ -525,6 +593,7 @@ impl Cluster for ClientServices {
         request: Request<MemberPromoteRequest>,
     ) -> Reply<MemberPromoteResponse> {
         self.observe(CLUSTER, "MemberPromote", async {
+            self.frontend.require_root(&request)?;
             self.frontend.refuse_learner()?;
             let change = MemberChange {
                 kind: member_change::Kind::Promote as i32,
@@ -624,6 +693,10 @@ fn send_backup(
 impl Maintenance for ClientServices {
     async fn alarm(&self, request: Request<AlarmRequest>) -> Reply<AlarmResponse> {
         self.observe(MAINTENANCE, "Alarm", async {
+            // Reading alarms is anyone's; raising or clearing one is root's.
+            if request.get_ref().action != alarm_request::AlarmAction::Get as i32 {
+                self.frontend.require_root(&request)?;
+            }
             let request = request.into_inner();
             crate::alarms::check_alarm_change(&request)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -694,8 +767,9 @@ impl Maintenance for ClientServices {
         .await
     }
 
-    async fn hash(&self, _request: Request<HashRequest>) -> Reply<HashResponse> {
+    async fn hash(&self, request: Request<HashRequest>) -> Reply<HashResponse> {
         self.observe(MAINTENANCE, "Hash", async {
+            self.frontend.require_root(&request)?;
             // The slot goes with the work: an abandoned request's encoding still holds it.
             let slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
@@ -715,9 +789,10 @@ impl Maintenance for ClientServices {
 
     async fn snapshot(
         &self,
-        _request: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Reply<BoxStream<SnapshotResponse>> {
         self.observe(MAINTENANCE, "Snapshot", async {
+            self.frontend.require_root(&request)?;
             let slot = self.maintenance_slot().await?;
             let state = self.frontend.node.state.clone();
             let dir = self.backup_dir.clone();
@@ -749,19 +824,9 @@ impl Maintenance for ClientServices {
 
     async fn hash_kv(&self, request: Request<HashKvRequest>) -> Reply<HashKvResponse> {
         self.observe(MAINTENANCE, "HashKV", async {
+            self.frontend.require_root(&request)?;
             self.frontend.refuse_learner()?;
-            let (hash, revision, compacted) = self
-                .read_state(|s| {
-                    s.kv.hash_kv(request.get_ref().revision)
-                        .map(|(hash, revision)| (hash, revision, s.kv.compacted_revision()))
-                })
-                .map_err(|e| kv_status(&e))?;
-            Ok(HashKvResponse {
-                header: self.frontend.header(self.frontend.current_revision()),
-                hash,
-                compact_revision: compacted,
-                hash_revision: revision,
-            })
+            self.frontend.hash_kv(request.get_ref().revision)
         })
         .await
     }
@@ -771,8 +836,9 @@ impl Maintenance for ClientServices {
     /// reclaim is on disk: the member saves a snapshot of its state now (a point-in-time view,
     /// encoded beside apply: requests go on), the log before it is truncated, and the WAL
     /// segments and the older snapshot file are unlinked. Answers once the snapshot is saved.
-    async fn defragment(&self, _request: Request<DefragmentRequest>) -> Reply<DefragmentResponse> {
+    async fn defragment(&self, request: Request<DefragmentRequest>) -> Reply<DefragmentResponse> {
         self.observe(MAINTENANCE, "Defragment", async {
+            self.frontend.require_root(&request)?;
             let node = &self.frontend.node;
             let started = Instant::now();
             let bytes_before = node.storage.size_bytes();
@@ -817,6 +883,7 @@ impl Maintenance for ClientServices {
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Reply<MoveLeaderResponse> {
         self.observe(MAINTENANCE, "MoveLeader", async {
+            self.frontend.require_root(&request)?;
             let target = request.get_ref().target_id;
             let me = self.frontend.identity.member_id;
             if self.frontend.node.status().leader != Some(me) {
@@ -840,19 +907,6 @@ impl Maintenance for ClientServices {
                 .ok_or_else(|| Status::unavailable(REQUEST_TIMED_OUT))?;
             // etcd answers MoveLeader with no header, including a move to itself.
             Ok(MoveLeaderResponse { header: None })
-        })
-        .await
-    }
-}
-
-#[tonic::async_trait]
-impl Auth for ClientServices {
-    async fn authenticate(
-        &self,
-        _request: Request<AuthenticateRequest>,
-    ) -> Reply<AuthenticateResponse> {
-        self.observe(AUTH, "Authenticate", async {
-            Err(Status::failed_precondition(crate::errors::AUTH_NOT_ENABLED))
         })
         .await
     }

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! magic            8 bytes  "FLSRVSN1"
-//! member table     u32 LE length, then a flotilla.peer.v1.MemberTableState (with the alarms)
+//! member table     u32 LE length, then a flotilla.peer.v1.MemberTableState (with the alarms
+//!                  and the auth store)
 //! key-value store  the rest: flotilla-kv's own snapshot format (with its own checksum)
 //! ```
 
@@ -19,6 +20,7 @@ use flotilla_proto::etcdserverpb::AlarmMember;
 use prost::Message;
 
 use crate::alarms::Alarms;
+use crate::auth::{AuthApplied, AuthError, AuthStore};
 use crate::members::{MemberTable, MemberTableDecodeError, decode_server_command};
 use crate::peer_proto::{MemberInfo, MemberTableState, server_command};
 
@@ -41,6 +43,11 @@ pub enum Applied {
         changed: Vec<AlarmMember>,
         revision: i64,
     },
+    /// An auth command: what the member's tokens must learn, or why it was refused.
+    Auth {
+        outcome: Result<AuthApplied, AuthError>,
+        revision: i64,
+    },
     /// A server command, a blank entry, or an entry that failed to decode.
     Server { revision: i64 },
 }
@@ -51,6 +58,7 @@ impl Applied {
             Applied::Kv(result) => result.revision,
             Applied::Members { revision, .. }
             | Applied::Alarm { revision, .. }
+            | Applied::Auth { revision, .. }
             | Applied::Server { revision } => *revision,
         }
     }
@@ -71,6 +79,9 @@ pub trait EventSink: Send + Sync + std::fmt::Debug {
 
     /// A lease was granted with this TTL.
     fn lease_granted(&self, _id: i64, _ttl_seconds: i64) {}
+
+    /// An auth command applied: tokens to register or revoke.
+    fn auth_applied(&self, _applied: &AuthApplied) {}
 }
 
 /// Drops everything (a member without watchers or leases, in tests).
@@ -89,13 +100,15 @@ pub struct StateSnapshotCursor {
     kv: flotilla_kv::SnapshotCursor,
 }
 
-/// The key-value store, the member table and the alarms.
+/// The key-value store, the member table, the alarms and the auth store.
 #[derive(Debug)]
 pub struct StateMachine {
     pub kv: KvStore,
     pub members: MemberTable,
     /// Decide what the store admits (see [`Alarms::admission`]).
     pub alarms: Alarms,
+    /// Users, roles, and who may run which command (see [`crate::auth`]).
+    pub auth: AuthStore,
     limits: Limits,
 }
 
@@ -119,6 +132,7 @@ impl StateMachine {
             kv: KvStore::new(limits.clone()),
             members,
             alarms: Alarms::default(),
+            auth: AuthStore::default(),
             limits,
         }
     }
@@ -135,6 +149,7 @@ impl StateMachine {
                     entry.index,
                     data,
                     self.alarms.admission(),
+                    &self.auth,
                 )),
                 Some(decoded) => {
                     self.kv.skip_index(entry.index);
@@ -148,6 +163,18 @@ impl StateMachine {
                                 tracing::warn!(index = entry.index, ?request, "alarms changed");
                             }
                             return Applied::Alarm { changed, revision };
+                        }
+                        Ok(crate::peer_proto::ServerCommand {
+                            command: Some(server_command::Command::Auth(command)),
+                        }) => {
+                            let outcome = self.auth.apply(entry.index, &command);
+                            if let Err(error) = &outcome {
+                                tracing::debug!(
+                                    index = entry.index,
+                                    "auth command refused: {error}"
+                                );
+                            }
+                            return Applied::Auth { outcome, revision };
                         }
                         Ok(command) => self.members.apply_command(&command),
                         // Every member reads the same bytes the same way: ignore alike.
@@ -202,6 +229,7 @@ impl StateMachine {
         head.extend_from_slice(SNAPSHOT_MAGIC);
         let table = MemberTableState {
             alarms: self.alarms.to_members(),
+            auth: Some(self.auth.to_state()),
             ..self.members.to_state()
         }
         .encode_to_vec();
@@ -259,12 +287,14 @@ impl StateMachine {
             .map_err(|e| MemberTableDecodeError::new(e.to_string()))?;
         let members = MemberTable::from_state(&table);
         let alarms = Alarms::from_members(&table.alarms);
+        let auth = AuthStore::from_state(table.auth.as_ref());
         let mut input = input;
         let kv = KvStore::restore(&mut input, limits.clone())?;
         Ok(StateMachine {
             kv,
             members,
             alarms,
+            auth,
             limits,
         })
     }

@@ -21,8 +21,6 @@ pub struct MemberTls {
     pub peer: Option<Arc<ServerTls>>,
     /// For dialing peers' https:// peer URLs.
     pub dial_peers: Option<Arc<ClientConfig>>,
-    /// For dialing peers' https:// client URLs.
-    pub dial_clients: Option<Arc<ClientConfig>>,
 }
 
 /// Reads (or, for auto-TLS, makes) everything; an error names the flag or file at fault.
@@ -50,13 +48,10 @@ pub fn member_tls(config: &ServerConfig) -> anyhow::Result<MemberTls> {
         .context("the peer port's TLS")?;
     let dial_peers = dialing(&peer_side)
         .context("dialing peers over TLS (--peer-trusted-ca-file, --peer-cert-file)")?;
-    let dial_clients = dialing(&client_side)
-        .context("dialing peers' client URLs over TLS (--trusted-ca-file, --cert-file)")?;
     Ok(MemberTls {
         client,
         peer,
         dial_peers,
-        dial_clients,
     })
 }
 

@@ -449,6 +449,7 @@ mod tests {
             members: vec![member(1, 9), member(2, 9)],
             removed: removed.to_vec(),
             alarms: Vec::new(),
+            auth: None,
         };
         crate::members::MemberTable::decode(&state.encode_to_vec()).unwrap()
     }

@@ -25,6 +25,7 @@ pub use pem::{load_certificates, load_private_key};
 pub use policy::TlsPolicy;
 /// The rustls types in this crate's signatures.
 pub use rustls::ClientConfig;
+pub use rustls::pki_types::CertificateDer;
 pub use server::{ServerTls, ServerTlsFiles};
 pub use tokio_rustls::{TlsAcceptor, server::TlsStream};
 

@@ -44,7 +44,7 @@ pub use lease::LeaseCommand;
 pub use output::OutputFormat;
 pub use watch::WatchArgs;
 
-use crate::{Client, ClientConfig, ClientError, SessionPolicy, prefix_range_end};
+use crate::{Client, ClientConfig, ClientError, Credentials, SessionPolicy, prefix_range_end};
 
 /// etcd's local-cluster convention, which `flotilla dev` follows.
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379";
@@ -96,6 +96,13 @@ pub struct GlobalArgs {
     /// does not authenticate the server.
     #[arg(long, global = true, env = "FLOTILLA_INSECURE_SKIP_TLS_VERIFY")]
     pub insecure_skip_tls_verify: bool,
+    /// Authentication: `user:password`, or `user` with --password (etcdctl's flag). The
+    /// client authenticates first and sends the token with every request.
+    #[arg(long, global = true, env = "FLOTILLA_USER")]
+    pub user: Option<String>,
+    /// The password of --user, when it is not given as `user:password`.
+    #[arg(long, global = true, env = "FLOTILLA_PASSWORD")]
+    pub password: Option<String>,
 }
 
 impl GlobalArgs {
@@ -108,6 +115,21 @@ impl GlobalArgs {
             .with_sessions(SessionPolicy::Sessions { pool_size: 1 })
             .with_leader_routing(false)
             .with_tls(self.tls())
+            .with_credentials(self.credentials())
+    }
+
+    /// The user and password of --user (and --password), if given.
+    pub fn credentials(&self) -> Option<Credentials> {
+        let user = self.user.as_ref()?;
+        let (user, password) = match (user.split_once(':'), &self.password) {
+            (Some((user, password)), _) => (user, password),
+            (None, Some(password)) => (user.as_str(), password.as_str()),
+            (None, None) => (user.as_str(), ""),
+        };
+        Some(Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+        })
     }
 
     /// The TLS settings, if any TLS flag was given.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::frontend::Credentials;
 use flotilla_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
 };
@@ -55,9 +56,15 @@ pub type Inbound = std::pin::Pin<Box<dyn Stream<Item = Result<WatchRequest, Stat
 const PROGRESS_PUMPS_MAX: usize = 64;
 
 /// Starts serving one Watch stream.
-pub fn serve(context: Arc<WatchContext>, inbound: Inbound, require_leader: bool) -> ResponseStream {
+pub fn serve(
+    context: Arc<WatchContext>,
+    inbound: Inbound,
+    require_leader: bool,
+    credentials: Credentials,
+) -> ResponseStream {
     let (out, responses) = mpsc::channel(OUTBOUND_RESPONSES);
     let session = Session {
+        credentials,
         wake: Arc::new(Notify::new()),
         context,
         watchers: BTreeMap::new(),
@@ -73,6 +80,9 @@ struct Gone;
 
 struct Session {
     context: Arc<WatchContext>,
+    /// What the stream presented: each create is checked against it (etcd's rule: at
+    /// creation only; a running watcher is not re-checked when a permission is revoked).
+    credentials: Credentials,
     watchers: BTreeMap<i64, Watcher>,
     next_watch_id: i64,
     /// Every watcher's queue wakes the task through this.
@@ -159,19 +169,19 @@ impl Session {
     /// One `created` response per create request, in order, before any event of the watcher.
     async fn create(&mut self, request: &WatchCreateRequest) -> Result<(), Gone> {
         let refusal = if request.watch_id != 0 && self.watchers.contains_key(&request.watch_id) {
-            Some(DUPLICATE_WATCH_ID)
+            Some(DUPLICATE_WATCH_ID.to_string())
         } else if WatchSpec::from_request(request, 0).is_empty_range() {
-            Some(EMPTY_WATCHER_RANGE)
+            Some(EMPTY_WATCHER_RANGE.to_string())
         } else if self.context.frontend.refuse_if_corrupt().is_err() {
-            Some("etcdserver: corrupt cluster")
+            Some("etcdserver: corrupt cluster".to_string())
         } else {
-            None
+            self.permission_refusal(request)
         };
         if let Some(reason) = refusal {
             let mut response = self.response(-1, self.current_revision());
             response.created = true;
             response.canceled = true;
-            response.cancel_reason = reason.to_string();
+            response.cancel_reason = reason;
             return self.send(response).await;
         }
         let watch_id = self.assign_watch_id(request.watch_id);
@@ -186,6 +196,22 @@ impl Session {
         let mut response = self.response(watch_id, current);
         response.created = true;
         self.send(response).await
+    }
+
+    /// Why the stream's caller may not watch the request's keys, in etcd's words (the gRPC
+    /// error's full text, as etcd puts it in the cancel reason).
+    fn permission_refusal(&self, request: &WatchCreateRequest) -> Option<String> {
+        let frontend = &self.context.frontend;
+        let checked = frontend
+            .resolve(&self.credentials)
+            .and_then(|caller| frontend.check_read(&caller, &request.key, &request.range_end));
+        checked.err().map(|status| {
+            format!(
+                "rpc error: code = {:?} desc = {}",
+                status.code(),
+                status.message()
+            )
+        })
     }
 
     /// The client's id, or the lowest free one from where the last assignment stopped (etcd's
