@@ -486,6 +486,41 @@ else
 fi
 [ -z "$ref_pid" ] || kill "$ref_pid"
 
+# ----- Rust programs on the etcd-client crate (issue 19) ---------------------------------
+# interop/rust-etcd-client (RUST_ETCD_CLIENT, built by scripts/build-rust-etcd-client.sh):
+# every call of the crate a Rust program makes (KV, leases, Lock, Election, Maintenance,
+# Cluster, Auth), against a fresh single etcd member and then a fresh Flotilla member.
+if [ -n "${RUST_ETCD_CLIENT:-}" ]; then
+    if command -v etcd >/dev/null; then
+        rust_ref="127.0.0.1:$((BASE + 50))"
+        etcd --name rustref --data-dir "$WORK/etcd-rust" \
+            --listen-client-urls "http://$rust_ref" --advertise-client-urls "http://$rust_ref" \
+            --listen-peer-urls "http://127.0.0.1:$((BASE + 51))" \
+            --initial-advertise-peer-urls "http://127.0.0.1:$((BASE + 51))" \
+            --initial-cluster "rustref=http://127.0.0.1:$((BASE + 51))" >"$WORK/etcd-rust.log" 2>&1 &
+        PIDS+=($!)
+        rust_ref_pid=$!
+        wait_for "etcd for the etcd-client checks to serve" 20 etcdctl --endpoints="$rust_ref" endpoint health
+        out=$("$RUST_ETCD_CLIENT" "$rust_ref" 2>&1) || fail "the etcd-client crate's calls, against etcd itself: $out"
+        pass "the etcd-client crate's calls, against etcd itself ($(echo "$out" | grep -c '^ok:') checks)"
+        kill "$rust_ref_pid"
+    else
+        echo "SKIPPED: the etcd-client crate's calls against etcd itself (etcd is not installed)"
+    fi
+    rust_flotilla="127.0.0.1:$((BASE + 52))"
+    "$BIN" serve --name rust --data-dir "$WORK/rust" --listen-client-urls "http://$rust_flotilla" \
+        --listen-peer-urls "http://127.0.0.1:$((BASE + 53))" --bcrypt-cost 4 >"$WORK/rust.log" 2>&1 &
+    PIDS+=($!)
+    rust_pid=$!
+    wait_for "Flotilla for the etcd-client checks to serve" 20 etcdctl --endpoints="$rust_flotilla" endpoint health
+    out=$("$RUST_ETCD_CLIENT" "$rust_flotilla" 2>&1) || fail "the etcd-client crate's calls, against Flotilla: $out"
+    echo "$out"
+    pass "the etcd-client crate's calls, against Flotilla"
+    kill "$rust_pid"
+else
+    echo "SKIPPED: the Rust etcd-client crate's calls (set RUST_ETCD_CLIENT to a built interop/rust-etcd-client)"
+fi
+
 if [ -z "${INTEROP_SKIP_PERF:-}" ]; then
     # 150 puts/s from 50 clients for 60 s: passes with >= 90% of the target throughput, the
     # slowest request under 0.5 s and a standard deviation under 0.1 s. The progress bar is cut.
