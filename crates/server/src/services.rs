@@ -447,7 +447,7 @@ impl Kv for ClientServices {
                 let mut response = self.read_state(|state| {
                     state
                         .auth
-                        .check_txn(&caller.user, caller.auth_revision, &txn)
+                        .check_txn(&caller.user, caller.auth_revision, &txn, None)
                         .map_err(Status::from)?;
                     state.kv.read_only_txn(&txn).map_err(|e| kv_status(&e))
                 })?;

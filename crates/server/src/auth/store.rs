@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use flotilla_kv::{Author, Authorizer, ErrorKind, KvError, KvStore, Operation};
 use flotilla_proto::authpb::{Permission, Role, User, UserAddOptions};
 use flotilla_proto::etcdserverpb::request_op::Request as Op;
-use flotilla_proto::etcdserverpb::{RequestOp, TxnRequest};
+use flotilla_proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
 
 use super::AuthError;
 use super::permissions::{Access, covers};
@@ -145,7 +145,15 @@ impl AuthStore {
     }
 
     /// A transaction's compares (read), and each branch's operations, nested ones included.
-    pub fn check_txn(&self, user: &str, revision: u64, txn: &TxnRequest) -> Result<(), AuthError> {
+    /// `store` shows the keys attached to leases (for a put under a lease); a read-only txn
+    /// checked before it is served has no puts and passes none.
+    pub fn check_txn(
+        &self,
+        user: &str,
+        revision: u64,
+        txn: &TxnRequest,
+        store: Option<&KvStore>,
+    ) -> Result<(), AuthError> {
         for compare in &txn.compare {
             self.check_keys(
                 user,
@@ -158,7 +166,7 @@ impl AuthStore {
         txn.success
             .iter()
             .chain(&txn.failure)
-            .try_for_each(|op| self.check_op(user, revision, op, &|_| Vec::new()))
+            .try_for_each(|op| self.check_op(user, revision, op, store))
     }
 
     fn check_op(
@@ -166,49 +174,52 @@ impl AuthStore {
         user: &str,
         revision: u64,
         op: &RequestOp,
-        lease_keys: &dyn Fn(i64) -> Vec<Vec<u8>>,
+        store: Option<&KvStore>,
     ) -> Result<(), AuthError> {
         match &op.request {
             None => Ok(()),
             Some(Op::RequestRange(range)) => {
                 self.check_keys(user, revision, Access::Read, &range.key, &range.range_end)
             }
-            Some(Op::RequestPut(put)) => {
-                self.check_keys(user, revision, Access::Write, &put.key, &[])?;
-                if put.prev_kv {
-                    self.check_keys(user, revision, Access::Read, &put.key, &[])?;
-                }
-                self.check_lease_keys(user, revision, &lease_keys(put.lease))
-            }
-            Some(Op::RequestDeleteRange(delete)) => {
-                self.check_keys(
-                    user,
-                    revision,
-                    Access::Write,
-                    &delete.key,
-                    &delete.range_end,
-                )?;
-                if delete.prev_kv {
-                    self.check_keys(user, revision, Access::Read, &delete.key, &delete.range_end)?;
-                }
-                Ok(())
-            }
-            Some(Op::RequestTxn(txn)) => {
-                for compare in &txn.compare {
-                    self.check_keys(
-                        user,
-                        revision,
-                        Access::Read,
-                        &compare.key,
-                        &compare.range_end,
-                    )?;
-                }
-                txn.success
-                    .iter()
-                    .chain(&txn.failure)
-                    .try_for_each(|op| self.check_op(user, revision, op, lease_keys))
-            }
+            Some(Op::RequestPut(put)) => self.check_put(user, revision, put, store),
+            Some(Op::RequestDeleteRange(delete)) => self.check_delete(user, revision, delete),
+            Some(Op::RequestTxn(txn)) => self.check_txn(user, revision, txn, store),
         }
+    }
+
+    /// Write on the key; read too with `prev_kv`; write on every key of its lease.
+    fn check_put(
+        &self,
+        user: &str,
+        revision: u64,
+        put: &PutRequest,
+        store: Option<&KvStore>,
+    ) -> Result<(), AuthError> {
+        self.check_keys(user, revision, Access::Write, &put.key, &[])?;
+        if put.prev_kv {
+            self.check_keys(user, revision, Access::Read, &put.key, &[])?;
+        }
+        self.check_lease_keys(user, revision, put.lease, store)
+    }
+
+    /// Write on the range; read too with `prev_kv`.
+    fn check_delete(
+        &self,
+        user: &str,
+        revision: u64,
+        delete: &DeleteRangeRequest,
+    ) -> Result<(), AuthError> {
+        self.check_keys(
+            user,
+            revision,
+            Access::Write,
+            &delete.key,
+            &delete.range_end,
+        )?;
+        if delete.prev_kv {
+            self.check_keys(user, revision, Access::Read, &delete.key, &delete.range_end)?;
+        }
+        Ok(())
     }
 
     /// Writing under a lease, or revoking it, touches every key attached to it (etcd's
@@ -217,9 +228,14 @@ impl AuthStore {
         &self,
         user: &str,
         revision: u64,
-        keys: &[Vec<u8>],
+        lease: i64,
+        store: Option<&KvStore>,
     ) -> Result<(), AuthError> {
-        keys.iter()
+        let Some(lease) = store.and_then(|store| store.lease(lease)) else {
+            return Ok(());
+        };
+        lease
+            .keys()
             .try_for_each(|key| self.check_keys(user, revision, Access::Write, key, &[]))
     }
 
@@ -537,52 +553,17 @@ impl Authorizer for AuthStore {
             return Ok(());
         }
         let (user, revision) = (author.user.as_str(), author.auth_revision);
-        let lease_keys = |id: i64| -> Vec<Vec<u8>> {
-            store
-                .lease(id)
-                .map(|lease| lease.keys().map(|key| key.to_vec()).collect())
-                .unwrap_or_default()
-        };
         let checked = match operation {
-            Operation::Put(put) => self.check_op(
-                user,
-                revision,
-                &RequestOp {
-                    request: Some(Op::RequestPut(put.clone())),
-                },
-                &lease_keys,
-            ),
-            Operation::DeleteRange(delete) => self.check_op(
-                user,
-                revision,
-                &RequestOp {
-                    request: Some(Op::RequestDeleteRange(delete.clone())),
-                },
-                &lease_keys,
-            ),
-            Operation::Txn(txn) => {
-                for compare in &txn.compare {
-                    self.check_keys(
-                        user,
-                        revision,
-                        Access::Read,
-                        &compare.key,
-                        &compare.range_end,
-                    )
-                    .map_err(kv_error)?;
-                }
-                txn.success
-                    .iter()
-                    .chain(&txn.failure)
-                    .try_for_each(|op| self.check_op(user, revision, op, &lease_keys))
-            }
+            Operation::Put(put) => self.check_put(user, revision, put, Some(store)),
+            Operation::DeleteRange(delete) => self.check_delete(user, revision, delete),
+            Operation::Txn(txn) => self.check_txn(user, revision, txn, Some(store)),
             // Compaction drops history every user reads: root only.
             Operation::Compaction(_) => self.check_admin(user).map_err(|error| match error {
                 AuthError::UserNotFound => AuthError::PermissionDenied,
                 other => other,
             }),
             Operation::LeaseRevoke(revoke) => {
-                self.check_lease_keys(user, revision, &lease_keys(revoke.id))
+                self.check_lease_keys(user, revision, revoke.id, Some(store))
             }
             Operation::LeaseGrant(_)
             | Operation::LeaseCheckpoint(_)
