@@ -247,6 +247,21 @@ async fn roles_and_permissions_gate_every_kind_of_request_on_every_member() {
                 .await
                 .map(drop),
         );
+        // Both branches are checked, whichever would run.
+        let mut forbidden_branch = txn("app/1");
+        forbidden_branch.failure.push(RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: b"etc/1".to_vec().into(),
+                    ..Default::default()
+                },
+            )),
+        });
+        denied(
+            kv.txn(with_token(forbidden_branch, Some(&alice)))
+                .await
+                .map(drop),
+        );
         assert_eq!(
             range(&at_leader, Some(&root), "app/2", "")
                 .await
@@ -332,6 +347,18 @@ async fn roles_and_permissions_gate_every_kind_of_request_on_every_member() {
             alice_wide.canceled,
             "app/..\\xff is wider than app/..app0: {alice_wide:?}"
         );
+        let create = |key: &[u8], end: &[u8]| WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    key: key.to_vec().into(),
+                    range_end: end.to_vec().into(),
+                    ..Default::default()
+                },
+            )),
+        };
+        requests.send(create(b"app/", b"app0")).await.unwrap();
+        let watching = responses.message().await.unwrap().unwrap();
+        assert!(watching.created && !watching.canceled, "{watching:?}");
 
         // Whole-store operations are root's.
         let mut maintenance = MaintenanceClient::new(at_follower.clone());
@@ -398,6 +425,29 @@ async fn roles_and_permissions_gate_every_kind_of_request_on_every_member() {
         .unwrap();
         denied(put(&at_leader, Some(&alice), "app/3").await);
         denied(put(&at_follower, Some(&alice), "app/3").await);
+        // As in etcd, a watch is checked only when created: the one alice opened before the
+        // revocation keeps its events; a new one is refused.
+        put(&at_leader, Some(&root), "app/after-revoke")
+            .await
+            .unwrap();
+        let event = loop {
+            let response = responses.message().await.unwrap().unwrap();
+            if let Some(event) = response.events.into_iter().find(|e| {
+                e.kv.as_ref()
+                    .is_some_and(|kv| kv.key.as_ref() == b"app/after-revoke")
+            }) {
+                break event;
+            }
+        };
+        assert!(event.kv.is_some());
+        requests.send(create(b"app/", b"app0")).await.unwrap();
+        let refused = loop {
+            let response = responses.message().await.unwrap().unwrap();
+            if response.created {
+                break response;
+            }
+        };
+        assert!(refused.canceled, "{refused:?}");
 
         // A new password voids the user's tokens.
         auth.user_change_password(with_token(
@@ -441,6 +491,14 @@ async fn roles_and_permissions_gate_every_kind_of_request_on_every_member() {
             .await
             .unwrap();
         put(&at_follower, None, "etc/2").await.unwrap();
+
+        // Passwords and tokens never reach the logs.
+        for member in &cluster.members {
+            let log = member.log_text();
+            for secret in ["alicepw", "rootpw", root.as_str(), alice.as_str()] {
+                assert!(!log.contains(secret), "{} logged {secret:?}", member.name);
+            }
+        }
     })
     .await;
 }
