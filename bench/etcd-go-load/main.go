@@ -52,6 +52,7 @@ func main() {
 	valueSize := flag.Int("value-size", 256, "value size in bytes")
 	keys := flag.Int("keys", 10000, "size of the key space (random keys)")
 	kills := flag.Int("kills", 20, "leader kills (failover mode)")
+	flag.StringVar(&user, "user", "", "authenticate as user:password (the server must have a user with read-write on the keys)")
 	flag.DurationVar(&slowLog, "slow", 0, "log each request at least this slow to stderr: its start (unix ms) and latency (load mode; 0 = off)")
 	flag.Parse()
 	grpclog.SetLoggerV2(grpclog.NewLoggerV2(devNull{}, devNull{}, os.Stderr))
@@ -93,15 +94,22 @@ func fail(format string, args ...interface{}) {
 	os.Exit(1)
 }
 
+// user is --user: "name:password", or empty for no authentication.
+var user string
+
 func newClient(eps []string) *clientv3.Client {
 	// The client's own retry warnings go nowhere: errors are counted and reported.
 	quiet := zap.NewProductionConfig()
 	quiet.Level = zap.NewAtomicLevelAt(zap.FatalLevel)
-	c, err := clientv3.New(clientv3.Config{
+	config := clientv3.Config{
 		Endpoints:   eps,
 		DialTimeout: 5 * time.Second,
 		LogConfig:   &quiet,
-	})
+	}
+	if name, password, given := strings.Cut(user, ":"); given {
+		config.Username, config.Password = name, password
+	}
+	c, err := clientv3.New(config)
 	if err != nil {
 		fail("cannot connect to %v: %v", eps, err)
 	}
