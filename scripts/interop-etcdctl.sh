@@ -263,6 +263,45 @@ wait_output observe 10 "p2" "elect -l sees the new leader"
 stop_bg elect2
 stop_bg observe
 
+# etcdctl lock and elect (etcd's client-side recipe) race flotilla lock and elect (the
+# server's Lock and Election services, issue 19): one lock, one election, either side first.
+FLO=("$BIN" --endpoints "$ENDPOINTS")
+queued() { # prefix count: that many keys wait under prefix
+    [ "$(etcdctl --endpoints="$ENDPOINTS" get --prefix "$1" --keys-only | grep -c "$1")" -eq "$2" ]
+}
+bg race_e "${CTL[@]}" lock racelock
+wait_output race_e 10 "racelock/" "etcdctl lock holds the lock"
+bg race_f "${FLO[@]}" lock racelock echo flotilla-holder
+wait_for "flotilla lock to queue behind etcdctl's" 10 queued racelock/ 2
+has_output race_f flotilla-holder && fail "lock: etcdctl and flotilla held it at once"
+pass "flotilla lock waits for etcdctl's lock"
+stop_bg race_e INT
+wait_output race_f 10 "flotilla-holder" "flotilla lock gets the lock once etcdctl lets go"
+wait_for "flotilla lock to finish" 10 bash -c "! kill -0 $BG_race_f"
+bg race_f2 "${FLO[@]}" lock racelock
+wait_output race_f2 10 "racelock/" "flotilla lock holds the lock"
+bg race_e2 "${CTL[@]}" lock racelock echo etcdctl-holder
+wait_for "etcdctl lock to queue behind flotilla's" 10 queued racelock/ 2
+has_output race_e2 etcdctl-holder && fail "lock: flotilla and etcdctl held it at once"
+pass "etcdctl lock waits for flotilla's lock"
+stop_bg race_f2 INT
+wait_output race_e2 10 "etcdctl-holder" "etcdctl lock gets the lock once flotilla lets go"
+wait_for "etcdctl lock to finish" 10 bash -c "! kill -0 $BG_race_e2"
+expect "lock race: nothing left behind" "" ctl get --prefix racelock/
+bg relect_e "${CTL[@]}" elect raceelection from-etcdctl
+wait_output relect_e 10 "from-etcdctl" "etcdctl elect leads"
+bg relect_f "${FLO[@]}" elect raceelection from-flotilla
+bg relect_l "${FLO[@]}" elect -l raceelection
+wait_output relect_l 10 "from-etcdctl" "flotilla elect -l sees etcdctl's leader"
+wait_for "flotilla elect to queue behind etcdctl's" 10 queued raceelection/ 2
+has_output relect_f from-flotilla && fail "elect: two leaders at once"
+stop_bg relect_e INT
+wait_output relect_f 10 "from-flotilla" "flotilla elect leads once etcdctl resigns"
+wait_output relect_l 10 "from-flotilla" "flotilla elect -l sees the new leader"
+stop_bg relect_f INT
+stop_bg relect_l
+expect "election race: nothing left behind" "" ctl get --prefix raceelection/
+
 # ----- Backups (issue 14) -----------------------------------------------------------------
 # etcdctl snapshot save takes a backup from one member (Maintenance.Snapshot) and checks its
 # shape; flotilla snapshot status checks its digest and contents.

@@ -24,6 +24,13 @@ use flotilla_proto::etcdserverpb::{
 use flotilla_proto::flotilla::session::v1::{
     CloseRequest, RegisterRequest, session_client::SessionClient,
 };
+use flotilla_proto::v3electionpb::election_client::ElectionClient;
+use flotilla_proto::v3electionpb::{
+    CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ResignRequest,
+    ResignResponse,
+};
+use flotilla_proto::v3lockpb::lock_client::LockClient;
+use flotilla_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
 use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -434,6 +441,87 @@ impl Client {
             async move { cluster(channel).member_update(request).await }
         })
         .await
+    }
+
+    // --- Lock and Election services ---------------------------------------------------------
+    // These calls wait (for the lock, for leadership) as long as it takes, so they are made
+    // once, on the preferred endpoint, without the retry loop's attempt timeouts.
+
+    /// A request carrying this client's token.
+    async fn authenticated<T>(&self, message: T) -> Result<tonic::Request<T>, ClientError> {
+        let mut request = tonic::Request::new(message);
+        let deadline = Instant::now() + self.inner.config.retry.call_timeout;
+        insert_token(
+            request.metadata_mut(),
+            self.token(deadline).await?.as_deref(),
+        );
+        Ok(request)
+    }
+
+    /// Waits for the lock `name` under `lease` (the Lock service); the ownership key.
+    pub async fn lock(
+        &self,
+        name: impl Into<Bytes>,
+        lease: i64,
+    ) -> Result<LockResponse, ClientError> {
+        let request = self
+            .authenticated(LockRequest {
+                name: name.into(),
+                lease,
+            })
+            .await?;
+        let response = LockClient::new(self.channel()).lock(request).await;
+        Ok(response.map_err(ClientError::Rejected)?.into_inner())
+    }
+
+    /// Releases the lock held through `key`.
+    pub async fn unlock(&self, key: impl Into<Bytes>) -> Result<UnlockResponse, ClientError> {
+        let request = self
+            .authenticated(UnlockRequest { key: key.into() })
+            .await?;
+        let response = LockClient::new(self.channel()).unlock(request).await;
+        Ok(response.map_err(ClientError::Rejected)?.into_inner())
+    }
+
+    /// Waits to lead the election `name` with `value` under `lease`.
+    pub async fn campaign(
+        &self,
+        name: impl Into<Bytes>,
+        lease: i64,
+        value: impl Into<Bytes>,
+    ) -> Result<CampaignResponse, ClientError> {
+        let request = self
+            .authenticated(CampaignRequest {
+                name: name.into(),
+                lease,
+                value: value.into(),
+            })
+            .await?;
+        let response = ElectionClient::new(self.channel()).campaign(request).await;
+        Ok(response.map_err(ClientError::Rejected)?.into_inner())
+    }
+
+    /// Gives up leadership.
+    pub async fn resign(&self, leader: LeaderKey) -> Result<ResignResponse, ClientError> {
+        let request = self
+            .authenticated(ResignRequest {
+                leader: Some(leader),
+            })
+            .await?;
+        let response = ElectionClient::new(self.channel()).resign(request).await;
+        Ok(response.map_err(ClientError::Rejected)?.into_inner())
+    }
+
+    /// The election's leaders as they change, starting with the current one.
+    pub async fn observe(
+        &self,
+        name: impl Into<Bytes>,
+    ) -> Result<tonic::Streaming<LeaderResponse>, ClientError> {
+        let request = self
+            .authenticated(LeaderRequest { name: name.into() })
+            .await?;
+        let response = ElectionClient::new(self.channel()).observe(request).await;
+        Ok(response.map_err(ClientError::Rejected)?.into_inner())
     }
 
     // --- Maintenance ----------------------------------------------------------------------

@@ -268,3 +268,61 @@ async fn a_campaigner_that_gives_up_leaves_the_queue() {
     })
     .await;
 }
+
+/// A campaign waiting on a follower outlives a change of Raft leader: the old leader is
+/// killed while b waits behind a; once a resigns (through another member), b's campaign
+/// returns with b as the election's leader, and a Leader call on any member agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_outlives_a_raft_leader_change() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let raft_leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let waiting_on = (raft_leader + 1) % 3;
+        let resigning_on = (raft_leader + 2) % 3;
+        let (at_waiter, at_resigner) = (
+            cluster.channel(waiting_on).await,
+            cluster.channel(resigning_on).await,
+        );
+        let (a, b) = (grant(&at_resigner).await, grant(&at_resigner).await);
+        let won = ElectionClient::new(at_resigner.clone())
+            .campaign(campaign_request("term", a, "a"))
+            .await
+            .unwrap()
+            .into_inner();
+        let a_leader = won.leader.unwrap();
+
+        let mut waiter = ElectionClient::new(at_waiter.clone());
+        let campaign =
+            tokio::spawn(async move { waiter.campaign(campaign_request("term", b, "b")).await });
+        // b is queued (its key exists) before the leader dies.
+        let b_key = format!("term/{b:x}");
+        eventually("b's campaign key", LIMIT, || {
+            let channel = at_waiter.clone();
+            let key = b_key.clone();
+            async move { created(&channel, key.as_bytes()).await }
+        })
+        .await;
+        cluster.kill9(raft_leader);
+        cluster.wait_for_leader(&[waiting_on, resigning_on]).await;
+        assert!(!campaign.is_finished(), "b cannot lead while a does");
+
+        ElectionClient::new(at_resigner.clone())
+            .resign(ResignRequest {
+                leader: Some(a_leader),
+            })
+            .await
+            .unwrap();
+        let b_won = campaign.await.unwrap().unwrap().into_inner();
+        let b_leader = b_won.leader.unwrap();
+        assert_eq!(b_leader.key.as_ref(), b_key.as_bytes());
+        for channel in [&at_waiter, &at_resigner] {
+            let now = ElectionClient::new(channel.clone())
+                .leader(leader_request("term"))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(key_value(&now), (b_key.clone(), "b".to_string()));
+        }
+    })
+    .await;
+}

@@ -252,3 +252,216 @@ async fn a_waiter_that_gives_up_leaves_the_queue() {
     })
     .await;
 }
+
+/// What one racing client saw.
+#[derive(Debug, Default)]
+struct RaceTally {
+    /// Fenced increments that certainly applied.
+    increments: u64,
+    /// Fenced writes whose outcome is unknown (a member died under them).
+    unknown: u64,
+    /// Fenced writes refused because the holder's lock was gone (its lease ended): the fence
+    /// doing its job.
+    fenced: u64,
+    /// Increments made after the killed leader was back.
+    after_restart: u64,
+    /// Fenced writes that found the counter changed while this client held the lock: two
+    /// holders at once.
+    violations: Vec<String>,
+}
+
+/// One racing client: take the lock (3 s leases, so a lock lost with a dying member frees
+/// itself), read the counter, and increment it through a transaction fenced by the ownership
+/// key's create revision and the counter's mod revision. While a client holds the lock no
+/// one else may write the counter; the fence refuses a holder whose lease ended.
+async fn race_for_the_lock(
+    id: usize,
+    channels: Vec<tonic::transport::Channel>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    restarted: tokio::sync::watch::Receiver<bool>,
+) -> RaceTally {
+    use flotilla_proto::etcdserverpb::kv_client::KvClient;
+    use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+    use flotilla_proto::etcdserverpb::{LeaseGrantRequest, RangeRequest};
+    let mut tally = RaceTally::default();
+    let call_limit = Duration::from_secs(5);
+    for round in 0.. {
+        if *stop.borrow() {
+            break;
+        }
+        let channel = channels[(id + round) % channels.len()].clone();
+        let restarted_before = *restarted.borrow();
+        let mut leases = LeaseClient::new(channel.clone());
+        let grant = leases.lease_grant(LeaseGrantRequest { ttl: 3, id: 0 });
+        let Ok(Ok(lease)) = tokio::time::timeout(call_limit, grant).await else {
+            continue;
+        };
+        let lease = lease.into_inner().id;
+        let mut locks = LockClient::new(channel.clone());
+        let lock = locks.lock(lock_request("race", lease));
+        let Ok(Ok(held)) = tokio::time::timeout(call_limit, lock).await else {
+            continue;
+        };
+        let key = held.into_inner().key;
+        let mut kv = KvClient::new(channel.clone());
+        let read = |key: &'static str| RangeRequest {
+            key: key.into(),
+            ..Default::default()
+        };
+        let (Ok(Ok(owner)), Ok(Ok(counter))) = (
+            tokio::time::timeout(
+                call_limit,
+                kv.clone().range(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                }),
+            )
+            .await,
+            tokio::time::timeout(call_limit, kv.clone().range(read("counter"))).await,
+        ) else {
+            continue;
+        };
+        let Some(token) = owner.into_inner().kvs.first().map(|kv| kv.create_revision) else {
+            tally.fenced += 1; // the lease ended between Lock and the read
+            continue;
+        };
+        let counter = counter.into_inner();
+        let (value, mod_revision) = counter.kvs.first().map_or((0, 0), |kv| {
+            let text = String::from_utf8_lossy(&kv.value).into_owned();
+            (text.parse::<u64>().unwrap(), kv.mod_revision)
+        });
+        let compare = |key: Bytes, target: CompareTarget, union: TargetUnion| Compare {
+            result: CompareResult::Equal as i32,
+            target: target as i32,
+            key,
+            range_end: Bytes::new(),
+            target_union: Some(union),
+        };
+        let increment = TxnRequest {
+            compare: vec![
+                compare(
+                    key.clone(),
+                    CompareTarget::Create,
+                    TargetUnion::CreateRevision(token),
+                ),
+                compare(
+                    "counter".into(),
+                    CompareTarget::Mod,
+                    TargetUnion::ModRevision(mod_revision),
+                ),
+            ],
+            success: vec![RequestOp {
+                request: Some(Op::RequestPut(PutRequest {
+                    key: "counter".into(),
+                    value: (value + 1).to_string().into(),
+                    ..Default::default()
+                })),
+            }],
+            failure: vec![],
+        };
+        match tokio::time::timeout(call_limit, kv.txn(increment)).await {
+            Ok(Ok(answer)) if answer.get_ref().succeeded => {
+                tally.increments += 1;
+                if restarted_before {
+                    tally.after_restart += 1;
+                }
+            }
+            Ok(Ok(_)) => {
+                // Which compare failed? If the ownership key is gone, the fence worked.
+                let owner = RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                };
+                match tokio::time::timeout(call_limit, kv.range(owner)).await {
+                    Ok(Ok(owner))
+                        if owner.get_ref().kvs.first().map(|kv| kv.create_revision)
+                            == Some(token) =>
+                    {
+                        tally.violations.push(format!(
+                            "client {id} held the lock (key {key:?} at {token}) and the \
+                             counter moved from revision {mod_revision}"
+                        ))
+                    }
+                    Ok(Ok(_)) => tally.fenced += 1,
+                    _ => tally.unknown += 1,
+                }
+            }
+            _ => tally.unknown += 1,
+        }
+        let mut locks = LockClient::new(channel);
+        let _ = tokio::time::timeout(call_limit, locks.unlock(UnlockRequest { key })).await;
+    }
+    tally
+}
+
+/// Ten clients race for one lock, on all three members, while the Raft leader is killed and
+/// later restarted: every increment of the shared counter goes through the fence, none
+/// finds the counter changed under it (at most one holder at a time), the race makes
+/// progress after the leader comes back, and the counter counts every increment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_clients_racing_for_one_lock_under_a_leader_kill_hold_it_one_at_a_time() {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(Duration::from_secs(120), async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut channels = Vec::new();
+        for i in 0..3 {
+            channels.push(cluster.channel(i).await);
+        }
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let (restarted_tx, restarted) = tokio::sync::watch::channel(false);
+        let racers: Vec<_> = (0..10)
+            .map(|id| {
+                tokio::spawn(race_for_the_lock(
+                    id,
+                    channels.clone(),
+                    stop.clone(),
+                    restarted.clone(),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.kill9(leader);
+        let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        cluster.wait_for_leader(&survivors).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.restart(leader);
+        cluster.wait_for_leader(&[0, 1, 2]).await;
+        restarted_tx.send_replace(true);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop_tx.send_replace(true);
+        let mut total = RaceTally::default();
+        for racer in racers {
+            let tally = racer.await.unwrap();
+            total.increments += tally.increments;
+            total.unknown += tally.unknown;
+            total.fenced += tally.fenced;
+            total.after_restart += tally.after_restart;
+            total.violations.extend(tally.violations);
+        }
+        assert!(
+            total.violations.is_empty(),
+            "two holders at once: {:?}",
+            total.violations
+        );
+        assert!(
+            total.increments >= 10,
+            "the race made little progress: {total:?}"
+        );
+        assert!(
+            total.after_restart > 0,
+            "no progress after the leader came back: {total:?}"
+        );
+        let mut kv = cluster.kv((leader + 1) % 3).await;
+        let counter: u64 = get(&mut kv, "counter", false)
+            .await
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (total.increments..=total.increments + total.unknown).contains(&counter),
+            "the counter says {counter}: {total:?}"
+        );
+    })
+    .await;
+}

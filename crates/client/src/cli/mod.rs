@@ -24,6 +24,7 @@
 
 mod bench;
 mod lease;
+mod lock;
 mod output;
 mod txn;
 mod watch;
@@ -198,6 +199,11 @@ pub enum ClientCommand {
     MoveLeader(MoveLeaderArgs),
     /// Measures write (and optionally read) throughput and latency through the etcd API.
     Bench(BenchArgs),
+    /// Acquires a named lock (the Lock service), holds it until interrupted or while a
+    /// command runs.
+    Lock(lock::LockArgs),
+    /// Campaigns in a named election (the Election service), or with -l prints its leaders.
+    Elect(lock::ElectArgs),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -413,6 +419,8 @@ async fn execute(
         ClientCommand::Lease(command) => lease::run(&client, format, command, out).await?,
         ClientCommand::Status => status(&client, format, out).await?,
         ClientCommand::MoveLeader(args) => move_leader(&client, format, &args, out).await?,
+        ClientCommand::Lock(args) => lock::lock(&client, &args, out).await?,
+        ClientCommand::Elect(args) => lock::elect(&client, &args, out).await?,
         ClientCommand::Bench(_) => unreachable!("handled above"),
     };
     client.close().await;
