@@ -69,6 +69,29 @@ expect_error() {
     pass "$what"
 }
 ctl() { etcdctl --endpoints="$ENDPOINTS" --command-timeout=10s "$@"; }
+# A fresh single-member etcd (name, client port, peer port, more flags...), waited on until
+# it serves; its PID in SINGLE_PID. For runbooks run against etcd itself first.
+start_etcd() {
+    local name=$1 client=127.0.0.1:$2 peer=http://127.0.0.1:$3
+    shift 3
+    etcd --name "$name" --data-dir "$WORK/etcd-$name" "$@" \
+        --listen-client-urls "http://$client" --advertise-client-urls "http://$client" \
+        --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+        --initial-cluster "$name=$peer" >"$WORK/etcd-$name.log" 2>&1 &
+    PIDS+=($!)
+    SINGLE_PID=$!
+    wait_for "etcd $name to serve" 20 etcdctl --endpoints="$client" endpoint health
+}
+# The same with a fresh single Flotilla member.
+start_single() {
+    local name=$1 client=127.0.0.1:$2 peer=http://127.0.0.1:$3
+    shift 3
+    "$BIN" serve --name "$name" --data-dir "$WORK/$name" --listen-client-urls "http://$client" \
+        --listen-peer-urls "$peer" "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    SINGLE_PID=$!
+    wait_for "Flotilla member $name to serve" 20 etcdctl --endpoints="$client" endpoint health
+}
 wait_for() { # description, seconds, command...
     local what=$1 limit=$2; shift 2
     local deadline=$((SECONDS + limit))
@@ -344,30 +367,16 @@ quota_checks() { # label endpoint
     [ -z "$out" ] || fail "$what: alarms remain after disarm: $out"
     pass "$what: no alarm left"
 }
-quota_client="127.0.0.1:$((BASE + 40))"
-"$BIN" serve --name quota --data-dir "$WORK/quota" --listen-client-urls "http://$quota_client" \
-    --listen-peer-urls "http://127.0.0.1:$((BASE + 41))" --quota-backend-bytes 1048576 \
-    >"$WORK/quota.log" 2>&1 &
-PIDS+=($!)
-quota_pid=$!
 if command -v etcd >/dev/null; then
-    etcd_quota_client="127.0.0.1:$((BASE + 42))"
-    etcd_quota_peer="http://127.0.0.1:$((BASE + 43))"
-    etcd --name quota --data-dir "$WORK/etcd-quota" --quota-backend-bytes 1048576 \
-        --listen-client-urls "http://$etcd_quota_client" --advertise-client-urls "http://$etcd_quota_client" \
-        --listen-peer-urls "$etcd_quota_peer" --initial-advertise-peer-urls "$etcd_quota_peer" \
-        --initial-cluster "quota=$etcd_quota_peer" >"$WORK/etcd-quota.log" 2>&1 &
-    PIDS+=($!)
-    etcd_quota_pid=$!
-    wait_for "etcd with a quota to serve" 20 etcdctl --endpoints="$etcd_quota_client" endpoint health
-    quota_checks "quota (etcd itself)" "$etcd_quota_client"
-    kill "$etcd_quota_pid"
+    start_etcd quota $((BASE + 42)) $((BASE + 43)) --quota-backend-bytes 1048576
+    quota_checks "quota (etcd itself)" "127.0.0.1:$((BASE + 42))"
+    kill "$SINGLE_PID"
 else
     echo "SKIPPED: the quota runbook against etcd itself (etcd is not installed)"
 fi
-wait_for "the Flotilla member with a quota to serve" 20 etcdctl --endpoints="$quota_client" endpoint health
-quota_checks "quota (Flotilla)" "$quota_client"
-kill "$quota_pid"
+start_single quota $((BASE + 40)) $((BASE + 41)) --quota-backend-bytes 1048576
+quota_checks "quota (Flotilla)" "127.0.0.1:$((BASE + 40))"
+kill "$SINGLE_PID"
 
 # ----- TLS (issue 14) -----------------------------------------------------------------------
 # flotilla dev --tls: TLS with client certificates on every port; etcdctl with the flags it
@@ -437,30 +446,16 @@ auth_checks() { # label endpoint
     expect "$what: auth disable" "Authentication Disabled" "${c[@]}" --user root:rootpw auth disable
     expect "$what: anyone writes again" "OK" "${c[@]}" put app/3 x
 }
-auth_client="127.0.0.1:$((BASE + 46))"
-"$BIN" serve --name auth --data-dir "$WORK/auth" --listen-client-urls "http://$auth_client" \
-    --listen-peer-urls "http://127.0.0.1:$((BASE + 47))" --bcrypt-cost 4 \
-    >"$WORK/auth.log" 2>&1 &
-PIDS+=($!)
-auth_pid=$!
 if command -v etcd >/dev/null; then
-    etcd_auth_client="127.0.0.1:$((BASE + 48))"
-    etcd_auth_peer="http://127.0.0.1:$((BASE + 49))"
-    etcd --name auth --data-dir "$WORK/etcd-auth" \
-        --listen-client-urls "http://$etcd_auth_client" --advertise-client-urls "http://$etcd_auth_client" \
-        --listen-peer-urls "$etcd_auth_peer" --initial-advertise-peer-urls "$etcd_auth_peer" \
-        --initial-cluster "auth=$etcd_auth_peer" >"$WORK/etcd-auth.log" 2>&1 &
-    PIDS+=($!)
-    etcd_auth_pid=$!
-    wait_for "etcd for the auth runbook to serve" 20 etcdctl --endpoints="$etcd_auth_client" endpoint health
-    auth_checks "auth (etcd itself)" "$etcd_auth_client"
-    kill "$etcd_auth_pid"
+    start_etcd auth $((BASE + 48)) $((BASE + 49))
+    auth_checks "auth (etcd itself)" "127.0.0.1:$((BASE + 48))"
+    kill "$SINGLE_PID"
 else
     echo "SKIPPED: the auth runbook against etcd itself (etcd is not installed)"
 fi
-wait_for "the Flotilla member for the auth runbook to serve" 20 etcdctl --endpoints="$auth_client" endpoint health
-auth_checks "auth (Flotilla)" "$auth_client"
-kill "$auth_pid"
+start_single auth $((BASE + 46)) $((BASE + 47)) --bcrypt-cost 4
+auth_checks "auth (Flotilla)" "127.0.0.1:$((BASE + 46))"
+kill "$SINGLE_PID"
 
 # ----- etcd's Go client (clientv3, the library inside etcdctl and Kubernetes) -------------
 # bench/etcd-go-load, built by scripts/build-etcd-go-load.sh and passed as ETCD_GO_LOAD:
@@ -490,14 +485,8 @@ ref_pid=""
 if [ -n "${ETCD_GO_CONCURRENCY:-}${ETCD_GO_KUBERNETES:-}" ]; then
     if command -v etcd >/dev/null; then
         ref_client="127.0.0.1:$((BASE + 30))"
-        ref_peer="http://127.0.0.1:$((BASE + 31))"
-        etcd --name ref --data-dir "$WORK/etcd-ref" \
-            --listen-client-urls "http://$ref_client" --advertise-client-urls "http://$ref_client" \
-            --listen-peer-urls "$ref_peer" --initial-advertise-peer-urls "$ref_peer" \
-            --initial-cluster "ref=$ref_peer" >"$WORK/etcd-ref.log" 2>&1 &
-        PIDS+=($!)
-        ref_pid=$!
-        wait_for "the reference etcd to serve" 20 etcdctl --endpoints="$ref_client" endpoint health
+        start_etcd ref $((BASE + 30)) $((BASE + 31))
+        ref_pid=$SINGLE_PID
     else
         echo "SKIPPED: running the Go programs against etcd itself (etcd is not installed)"
     fi
@@ -532,30 +521,19 @@ fi
 if [ -n "${RUST_ETCD_CLIENT:-}" ]; then
     if command -v etcd >/dev/null; then
         rust_ref="127.0.0.1:$((BASE + 50))"
-        etcd --name rustref --data-dir "$WORK/etcd-rust" \
-            --listen-client-urls "http://$rust_ref" --advertise-client-urls "http://$rust_ref" \
-            --listen-peer-urls "http://127.0.0.1:$((BASE + 51))" \
-            --initial-advertise-peer-urls "http://127.0.0.1:$((BASE + 51))" \
-            --initial-cluster "rustref=http://127.0.0.1:$((BASE + 51))" >"$WORK/etcd-rust.log" 2>&1 &
-        PIDS+=($!)
-        rust_ref_pid=$!
-        wait_for "etcd for the etcd-client checks to serve" 20 etcdctl --endpoints="$rust_ref" endpoint health
+        start_etcd rustref $((BASE + 50)) $((BASE + 51))
         out=$("$RUST_ETCD_CLIENT" "$rust_ref" 2>&1) || fail "the etcd-client crate's calls, against etcd itself: $out"
         pass "the etcd-client crate's calls, against etcd itself ($(echo "$out" | grep -c '^ok:') checks)"
-        kill "$rust_ref_pid"
+        kill "$SINGLE_PID"
     else
         echo "SKIPPED: the etcd-client crate's calls against etcd itself (etcd is not installed)"
     fi
     rust_flotilla="127.0.0.1:$((BASE + 52))"
-    "$BIN" serve --name rust --data-dir "$WORK/rust" --listen-client-urls "http://$rust_flotilla" \
-        --listen-peer-urls "http://127.0.0.1:$((BASE + 53))" --bcrypt-cost 4 >"$WORK/rust.log" 2>&1 &
-    PIDS+=($!)
-    rust_pid=$!
-    wait_for "Flotilla for the etcd-client checks to serve" 20 etcdctl --endpoints="$rust_flotilla" endpoint health
+    start_single rust $((BASE + 52)) $((BASE + 53)) --bcrypt-cost 4
     out=$("$RUST_ETCD_CLIENT" "$rust_flotilla" 2>&1) || fail "the etcd-client crate's calls, against Flotilla: $out"
     echo "$out"
     pass "the etcd-client crate's calls, against Flotilla"
-    kill "$rust_pid"
+    kill "$SINGLE_PID"
 else
     echo "SKIPPED: the Rust etcd-client crate's calls (set RUST_ETCD_CLIENT to a built interop/rust-etcd-client)"
 fi

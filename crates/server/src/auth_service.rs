@@ -50,6 +50,23 @@ impl ClientServices {
         Ok((response.revision, token))
     }
 
+    /// An Auth call that only changes the store: its request as the log entry `body`, and an
+    /// answer carrying just the header (`respond`).
+    async fn change<T: Clone, R>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        body: impl FnOnce(T) -> auth_command::Request,
+        respond: impl FnOnce(Option<ResponseHeader>) -> R,
+    ) -> Reply<R> {
+        self.observe(AUTH, method, async {
+            let entry = body(request.get_ref().clone());
+            let (revision, _) = self.auth_write(&request, entry).await?;
+            Ok(respond(self.header_at(revision)))
+        })
+        .await
+    }
+
     fn header_at(&self, revision: i64) -> Option<ResponseHeader> {
         self.frontend.header(revision)
     }
@@ -262,13 +279,13 @@ impl Auth for ClientServices {
         &self,
         request: Request<AuthUserDeleteRequest>,
     ) -> Reply<AuthUserDeleteResponse> {
-        self.observe(AUTH, "UserDelete", async {
-            let body = auth_command::Request::UserDelete(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthUserDeleteResponse {
-                header: self.header_at(revision),
-            })
-        })
+        let respond = |header| AuthUserDeleteResponse { header };
+        self.change(
+            "UserDelete",
+            request,
+            auth_command::Request::UserDelete,
+            respond,
+        )
         .await
     }
 
@@ -295,13 +312,13 @@ impl Auth for ClientServices {
         &self,
         request: Request<AuthUserGrantRoleRequest>,
     ) -> Reply<AuthUserGrantRoleResponse> {
-        self.observe(AUTH, "UserGrantRole", async {
-            let body = auth_command::Request::UserGrantRole(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthUserGrantRoleResponse {
-                header: self.header_at(revision),
-            })
-        })
+        let respond = |header| AuthUserGrantRoleResponse { header };
+        self.change(
+            "UserGrantRole",
+            request,
+            auth_command::Request::UserGrantRole,
+            respond,
+        )
         .await
     }
 
@@ -309,25 +326,20 @@ impl Auth for ClientServices {
         &self,
         request: Request<AuthUserRevokeRoleRequest>,
     ) -> Reply<AuthUserRevokeRoleResponse> {
-        self.observe(AUTH, "UserRevokeRole", async {
-            let body = auth_command::Request::UserRevokeRole(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthUserRevokeRoleResponse {
-                header: self.header_at(revision),
-            })
-        })
+        let respond = |header| AuthUserRevokeRoleResponse { header };
+        self.change(
+            "UserRevokeRole",
+            request,
+            auth_command::Request::UserRevokeRole,
+            respond,
+        )
         .await
     }
 
     async fn role_add(&self, request: Request<AuthRoleAddRequest>) -> Reply<AuthRoleAddResponse> {
-        self.observe(AUTH, "RoleAdd", async {
-            let body = auth_command::Request::RoleAdd(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthRoleAddResponse {
-                header: self.header_at(revision),
-            })
-        })
-        .await
+        let respond = |header| AuthRoleAddResponse { header };
+        self.change("RoleAdd", request, auth_command::Request::RoleAdd, respond)
+            .await
     }
 
     async fn role_get(&self, request: Request<AuthRoleGetRequest>) -> Reply<AuthRoleGetResponse> {
@@ -374,13 +386,13 @@ impl Auth for ClientServices {
         &self,
         request: Request<AuthRoleDeleteRequest>,
     ) -> Reply<AuthRoleDeleteResponse> {
-        self.observe(AUTH, "RoleDelete", async {
-            let body = auth_command::Request::RoleDelete(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthRoleDeleteResponse {
-                header: self.header_at(revision),
-            })
-        })
+        let respond = |header| AuthRoleDeleteResponse { header };
+        self.change(
+            "RoleDelete",
+            request,
+            auth_command::Request::RoleDelete,
+            respond,
+        )
         .await
     }
 
@@ -407,13 +419,13 @@ impl Auth for ClientServices {
         &self,
         request: Request<AuthRoleRevokePermissionRequest>,
     ) -> Reply<AuthRoleRevokePermissionResponse> {
-        self.observe(AUTH, "RoleRevokePermission", async {
-            let body = auth_command::Request::RoleRevokePermission(request.get_ref().clone());
-            let (revision, _) = self.auth_write(&request, body).await?;
-            Ok(AuthRoleRevokePermissionResponse {
-                header: self.header_at(revision),
-            })
-        })
+        let respond = |header| AuthRoleRevokePermissionResponse { header };
+        self.change(
+            "RoleRevokePermission",
+            request,
+            auth_command::Request::RoleRevokePermission,
+            respond,
+        )
         .await
     }
 }

@@ -93,25 +93,38 @@ impl KeptLease {
     }
 }
 
+/// Waits for `acquiring` (a lock, a leadership) under `lease`. If interrupted first (`None`)
+/// or refused, the lease is revoked, and any key queued under it goes with it.
+async fn acquire<T>(
+    client: &Client,
+    lease: KeptLease,
+    acquiring: impl std::future::Future<Output = Result<T, crate::ClientError>>,
+) -> anyhow::Result<Option<(T, KeptLease)>> {
+    let outcome = tokio::select! {
+        outcome = acquiring => outcome,
+        () = interrupted() => {
+            lease.release(client).await;
+            return Ok(None);
+        }
+    };
+    match outcome {
+        Ok(acquired) => Ok(Some((acquired, lease))),
+        Err(error) => {
+            lease.release(client).await;
+            Err(error.into())
+        }
+    }
+}
+
 pub(super) async fn lock(
     client: &Client,
     args: &LockArgs,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<ExitCode> {
     let lease = KeptLease::grant(client, args.ttl).await?;
-    let held = tokio::select! {
-        held = client.lock(Bytes::from(args.name.clone()), lease.id) => held,
-        () = interrupted() => {
-            lease.release(client).await;
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let held = match held {
-        Ok(held) => held,
-        Err(error) => {
-            lease.release(client).await;
-            return Err(error.into());
-        }
+    let acquiring = client.lock(Bytes::from(args.name.clone()), lease.id);
+    let Some((held, lease)) = acquire(client, lease, acquiring).await? else {
+        return Ok(ExitCode::FAILURE);
     };
     let revision = held.header.map_or(0, |h| h.revision);
     let code = match args.command.split_first() {
@@ -193,19 +206,9 @@ async fn campaign(
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<ExitCode> {
     let lease = KeptLease::grant(client, ttl).await?;
-    let won = tokio::select! {
-        won = client.campaign(name, lease.id, proposal.to_string()) => won,
-        () = interrupted() => {
-            lease.release(client).await;
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    let won = match won {
-        Ok(won) => won,
-        Err(error) => {
-            lease.release(client).await;
-            return Err(error.into());
-        }
+    let campaigning = client.campaign(name, lease.id, proposal.to_string());
+    let Some((won, lease)) = acquire(client, lease, campaigning).await? else {
+        return Ok(ExitCode::FAILURE);
     };
     let leader = won.leader.unwrap_or_default();
     writeln!(out, "{}", String::from_utf8_lossy(&leader.key))?;
