@@ -96,7 +96,9 @@ impl ClientServices {
             .map_err(|e| Status::internal(format!("flotilla: {e}")))
     }
 
-    async fn authenticate_once(&self, name: &str, given: &str) -> Result<String, Status> {
+    /// One password check and token; `None` when the auth store changed meanwhile, so the
+    /// check may be stale and must be done again.
+    async fn authenticate_once(&self, name: &str, given: &str) -> Result<Option<String>, Status> {
         let (enabled, revision, user) = self
             .frontend
             .read_auth(|auth| (auth.enabled(), auth.revision(), auth.user(name).cloned()));
@@ -120,6 +122,7 @@ impl ClientServices {
                 .frontend
                 .tokens
                 .sign_jwt(name, revision)
+                .map(Some)
                 .map_err(|e| Status::internal(format!("flotilla: signing a token: {e}")));
         }
         let body = auth_command::Request::Authenticate(AuthenticateCommand {
@@ -131,10 +134,8 @@ impl ClientServices {
             .ok_or_else(|| Status::internal("flotilla: Authenticate applied without a token"))?;
         // The password was checked at `revision`: if the store changed meanwhile (a new
         // password, the user deleted), the check may be stale, so do it again.
-        if self.frontend.read_auth(|auth| auth.revision()) != revision {
-            return Err(AuthError::AuthOldRevision.into());
-        }
-        Ok(token)
+        let current = self.frontend.read_auth(|auth| auth.revision());
+        Ok((current == revision).then_some(token))
     }
 }
 
@@ -189,22 +190,15 @@ impl Auth for ClientServices {
             self.frontend.refuse_learner()?;
             self.frontend.linearizable_barrier().await?;
             let AuthenticateRequest { name, password } = request.into_inner();
-            let mut last = None;
             for _ in 0..AUTHENTICATE_ATTEMPTS_MAX {
-                match self.authenticate_once(&name, &password).await {
-                    Ok(token) => {
-                        return Ok(AuthenticateResponse {
-                            header: self.header_now(),
-                            token,
-                        });
-                    }
-                    Err(status) if status.message() == AuthError::AuthOldRevision.to_string() => {
-                        last = Some(status);
-                    }
-                    Err(status) => return Err(status),
+                if let Some(token) = self.authenticate_once(&name, &password).await? {
+                    return Ok(AuthenticateResponse {
+                        header: self.header_now(),
+                        token,
+                    });
                 }
             }
-            Err(last.expect("at least one attempt"))
+            Err(AuthError::AuthOldRevision.into())
         })
         .await
     }

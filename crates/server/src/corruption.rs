@@ -105,7 +105,7 @@ async fn peer_hashes(frontend: &Frontend, revision: i64) -> Vec<(NodeId, KvHash)
     };
     let mut asks = tokio::task::JoinSet::new();
     for id in peers {
-        let client = frontend.peer_client(id);
+        let client = frontend.peer(id);
         let mut request = tonic::Request::new(HashKvRequest { revision });
         frontend.identity.stamp(request.metadata_mut(), id);
         asks.spawn(async move { (id, ask_hash(client, request).await) });

@@ -52,6 +52,8 @@ pub enum Credentials {
     Token(String),
     /// The common name of a verified client certificate (with --client-cert-auth).
     Certificate(String),
+    /// Already resolved: the caller a service acts for (see `ClientServices::acting_for`).
+    Resolved(Author),
 }
 
 /// At most this many requests wait for a leader at once, holding at most this many bytes;
@@ -173,10 +175,11 @@ impl Frontend {
     /// empty"). A token that is not valid here is refused at once ("invalid auth token":
     /// the client authenticates again). With auth off, credentials are not looked at.
     pub fn caller<T>(&self, request: &Request<T>) -> Result<Author, Status> {
-        if !self.read_auth(|auth| auth.enabled()) {
+        let (enabled, revision) = self.read_auth(|auth| (auth.enabled(), auth.revision()));
+        if !enabled {
             return Ok(Author::default());
         }
-        self.resolve(&self.credentials(request))
+        self.resolve_at(&self.credentials(request), revision)
     }
 
     /// What `request` presents, kept by a long-lived stream (Watch) to resolve at each of
@@ -203,7 +206,13 @@ impl Frontend {
         if !enabled {
             return Ok(Author::default());
         }
+        self.resolve_at(credentials, revision)
+    }
+
+    /// [`Frontend::resolve`] with auth on, at the store's auth `revision`.
+    fn resolve_at(&self, credentials: &Credentials, revision: u64) -> Result<Author, Status> {
         let (user, auth_revision) = match credentials {
+            Credentials::Resolved(author) => return Ok(author.clone()),
             Credentials::Token(token) => {
                 let info = self
                     .tokens
@@ -551,7 +560,8 @@ impl Frontend {
     }
 
     /// A client to a peer's Forward endpoint, cached by its URL.
-    fn peer(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
+    /// A client for member `id`'s peer service (cached per member and URL).
+    pub fn peer(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
         let url = {
             let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
             state
@@ -596,11 +606,6 @@ impl Frontend {
             compact_revision: state.kv.compacted_revision(),
             hash_revision,
         })
-    }
-
-    /// A client for member `id`'s peer service.
-    pub fn peer_client(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
-        self.peer(id)
     }
 
     /// Waits until the local state machine may serve a linearizable read: from the leader's

@@ -23,7 +23,7 @@ use crate::errors::{
     BAD_LEADER_TRANSFEREE, MEMBER_NOT_FOUND, NO_LEADER, NOT_LEADER, REQUEST_TIMED_OUT, kv_status,
     node_status,
 };
-use crate::frontend::{Frontend, expect_result};
+use crate::frontend::{Credentials, Frontend, expect_result};
 use crate::members::encode_server_command;
 use crate::peer_proto::{
     MemberChange, MemberInfo, ServerCommand, forward_response, member_change, server_command,
@@ -91,15 +91,8 @@ impl ClientServices {
     /// token voided before the read is void for it).
     fn credentials<T>(&self, request: &Request<T>) -> Credentials {
         match &self.acting_for {
-            Some(caller) => Credentials::ActingFor(caller.clone()),
-            None => Credentials::Presented(self.frontend.credentials(request)),
-        }
-    }
-
-    fn resolve(&self, credentials: &Credentials) -> Result<flotilla_kv::Author, Status> {
-        match credentials {
-            Credentials::ActingFor(caller) => Ok(caller.clone()),
-            Credentials::Presented(presented) => self.frontend.resolve(presented),
+            Some(caller) => Credentials::Resolved(caller.clone()),
+            None => self.frontend.credentials(request),
         }
     }
 
@@ -146,12 +139,6 @@ impl ClientServices {
     fn members_response(&self, members: Vec<MemberInfo>) -> Vec<Member> {
         members.into_iter().map(member_of).collect()
     }
-}
-
-/// A request's credentials, or the caller these services act for.
-enum Credentials {
-    Presented(crate::frontend::Credentials),
-    ActingFor(flotilla_kv::Author),
 }
 
 fn member_of(info: MemberInfo) -> Member {
@@ -378,7 +365,7 @@ impl Kv for ClientServices {
                 self.frontend.linearizable_barrier().await?;
             }
             // After the barrier, as etcd does: a token voided before the read is void here.
-            let caller = self.resolve(&credentials)?;
+            let caller = self.frontend.resolve(&credentials)?;
             // The permission and the read under one lock: both at the same applied index.
             let mut response = self.read_state(|state| {
                 state
@@ -443,7 +430,7 @@ impl Kv for ClientServices {
                 let txn = request.into_inner();
                 flotilla_kv::validate_txn(&txn, &self.limits()).map_err(|e| kv_status(&e))?;
                 self.frontend.linearizable_barrier().await?;
-                let caller = self.resolve(&credentials)?;
+                let caller = self.frontend.resolve(&credentials)?;
                 let mut response = self.read_state(|state| {
                     state
                         .auth

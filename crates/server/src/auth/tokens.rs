@@ -118,17 +118,32 @@ impl JwtKeys {
         let bad_key = |which: &str, e: jsonwebtoken::errors::Error| {
             error(format!("{which} is not a valid key for {method}: {e}"))
         };
+        // An asymmetric method: the public key (required, to verify) and the private key
+        // (optional: without it this member verifies tokens but issues none).
+        type KeyResult<K> = Result<K, jsonwebtoken::errors::Error>;
+        let pem_pair = |encoding: fn(&[u8]) -> KeyResult<EncodingKey>,
+                        decoding: fn(&[u8]) -> KeyResult<DecodingKey>| {
+            let public = public
+                .as_deref()
+                .ok_or_else(|| error(format!("{method} needs pub-key=<PEM file>")))?;
+            let encoding = private
+                .as_deref()
+                .map(|pem| encoding(pem).map_err(|e| bad_key("priv-key", e)))
+                .transpose()?;
+            let decoding = decoding(public).map_err(|e| bad_key("pub-key", e))?;
+            Ok::<_, TokenConfigError>((encoding, decoding))
+        };
         let (encoding, decoding) = match algorithm {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
-                let secret = private.ok_or_else(|| {
+                let secret = private.as_deref().ok_or_else(|| {
                     error(format!("{method} needs priv-key=<file with the secret>"))
                 })?;
                 if secret.is_empty() {
                     return Err(error("the priv-key secret file is empty".into()));
                 }
                 (
-                    Some(EncodingKey::from_secret(&secret).map_err(|e| bad_key("priv-key", e))?),
-                    DecodingKey::from_secret(&secret).map_err(|e| bad_key("priv-key", e))?,
+                    Some(EncodingKey::from_secret(secret).map_err(|e| bad_key("priv-key", e))?),
+                    DecodingKey::from_secret(secret).map_err(|e| bad_key("priv-key", e))?,
                 )
             }
             Algorithm::RS256
@@ -136,36 +151,11 @@ impl JwtKeys {
             | Algorithm::RS512
             | Algorithm::PS256
             | Algorithm::PS384
-            | Algorithm::PS512 => {
-                let public =
-                    public.ok_or_else(|| error(format!("{method} needs pub-key=<PEM file>")))?;
-                let encoding = private
-                    .map(|pem| EncodingKey::from_rsa_pem(&pem).map_err(|e| bad_key("priv-key", e)))
-                    .transpose()?;
-                let decoding =
-                    DecodingKey::from_rsa_pem(&public).map_err(|e| bad_key("pub-key", e))?;
-                (encoding, decoding)
-            }
+            | Algorithm::PS512 => pem_pair(EncodingKey::from_rsa_pem, DecodingKey::from_rsa_pem)?,
             Algorithm::ES256 | Algorithm::ES384 => {
-                let public =
-                    public.ok_or_else(|| error(format!("{method} needs pub-key=<PEM file>")))?;
-                let encoding = private
-                    .map(|pem| EncodingKey::from_ec_pem(&pem).map_err(|e| bad_key("priv-key", e)))
-                    .transpose()?;
-                let decoding =
-                    DecodingKey::from_ec_pem(&public).map_err(|e| bad_key("pub-key", e))?;
-                (encoding, decoding)
+                pem_pair(EncodingKey::from_ec_pem, DecodingKey::from_ec_pem)?
             }
-            Algorithm::EdDSA => {
-                let public =
-                    public.ok_or_else(|| error(format!("{method} needs pub-key=<PEM file>")))?;
-                let encoding = private
-                    .map(|pem| EncodingKey::from_ed_pem(&pem).map_err(|e| bad_key("priv-key", e)))
-                    .transpose()?;
-                let decoding =
-                    DecodingKey::from_ed_pem(&public).map_err(|e| bad_key("pub-key", e))?;
-                (encoding, decoding)
-            }
+            Algorithm::EdDSA => pem_pair(EncodingKey::from_ed_pem, DecodingKey::from_ed_pem)?,
             _ => return Err(error(format!("sign-method {method} is not supported"))),
         };
         let keys = JwtKeys {
