@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use bytes::Bytes;
 use flotilla_raft::{
-    Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message, NodeId,
-    Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
+    Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message,
+    MessageBody, NodeId, Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
 };
 
 use crate::checker::{Checker, NodeView, Violation, believed_durable};
@@ -21,6 +21,10 @@ use crate::machine::{AppliedRecord, StateMachine, payload_digest};
 use crate::options::{SimOptions, TICK_TIME};
 use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
+
+mod episodes;
+
+use episodes::Figure8;
 
 /// How a run ended.
 #[derive(Clone, Debug)]
@@ -76,6 +80,20 @@ enum Event {
     },
     StopRemoved {
         node: NodeId,
+    },
+    /// The next timed step of a Figure 8 episode (see [`episodes`]).
+    Figure8Step {
+        generation: u64,
+    },
+    /// The link from one node to another, cut on its own, works again.
+    Reconnect {
+        from: NodeId,
+        to: NodeId,
+    },
+    /// The node's election timer fires now.
+    Campaign {
+        node: NodeId,
+        incarnation: u64,
     },
 }
 
@@ -277,6 +295,10 @@ pub struct Simulation<S: SimStorage> {
     trace: TraceDigest,
     phase: Phase,
     report: RunReport,
+    /// The Figure 8 episode in progress, if any; while it runs the nemesis does nothing else.
+    figure8: Option<Figure8>,
+    /// Tells a Figure 8 step that is still current from one that was superseded.
+    figure8_generation: u64,
 }
 
 impl<S: SimStorage> Simulation<S> {
@@ -317,6 +339,8 @@ impl<S: SimStorage> Simulation<S> {
             trace: TraceDigest::default(),
             phase: Phase::Faults,
             report,
+            figure8: None,
+            figure8_generation: 0,
             options,
         };
         let ids: Vec<NodeId> = (1..=sim.options.nodes as NodeId).collect();
@@ -596,8 +620,17 @@ impl<S: SimStorage> Simulation<S> {
                 return;
             }
         }
+        let votes: Vec<Message> = output
+            .messages
+            .iter()
+            .filter(|msg| matches!(msg.body, MessageBody::VoteResponse(_)))
+            .cloned()
+            .collect();
         for msg in output.messages {
             self.send(msg);
+        }
+        if self.maybe_crash_at_vote(id, &votes) {
+            return;
         }
         if !output.apply.is_empty() {
             self.apply(id, output.apply);
@@ -618,6 +651,7 @@ impl<S: SimStorage> Simulation<S> {
             self.trace.record(&[4, id]);
             self.mark_removed(id);
         }
+        self.figure8_observe(id);
     }
 
     /// The node is out of the cluster. It keeps running for a while, to show it cannot disrupt
@@ -913,6 +947,11 @@ impl<S: SimStorage> Simulation<S> {
                 }
             }
             Event::StopRemoved { node } => self.stop_removed(node),
+            Event::Figure8Step { generation } => self.figure8_step(generation),
+            Event::Campaign { node, incarnation } => self.campaign(node, incarnation),
+            Event::Reconnect { from, to } => {
+                self.cut.remove(&(from, to));
+            }
         }
         Ok(())
     }
@@ -934,6 +973,7 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     fn begin_liveness(&mut self) {
+        self.end_figure8();
         self.phase = Phase::Liveness;
         self.cut.clear();
         self.loss_per_mille = 0;
@@ -1227,8 +1267,12 @@ impl<S: SimStorage> Simulation<S> {
     // ----- Nemesis ---------------------------------------------------------------------------
 
     fn nemesis(&mut self) {
-        let choice = self.prng.range(0, 10);
+        if self.figure8.is_some() {
+            return;
+        }
+        let choice = self.prng.range(0, 11);
         match choice {
+            10 if self.options.crashes && self.options.partitions => self.nemesis_figure8(),
             0..=2 if self.options.crashes => self.nemesis_crash(),
             3..=5 if self.options.partitions => self.nemesis_partition(),
             6 if self.options.transfers => self.nemesis_transfer(),

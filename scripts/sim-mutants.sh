@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Negative controls for the simulator: break one safety rule at a time in a scratch copy of the
+# source, and require the simulator to catch each broken variant within a bounded number of
+# seeds. A simulator that passes with a rule broken proves nothing when it passes with the rule
+# kept. Production code carries no switch for any of this: each mutant is a textual patch of a
+# copy, made here and thrown away.
+#
+#   scripts/sim-mutants.sh [MUTANT...]      (default: every mutant)
+#
+# Environment: MUTANTS_DIR (scratch space, default target/mutants; the copies share one cargo
+# target directory there, so each mutant rebuilds only the crates its patch touches).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=${MUTANTS_DIR:-$root/target/mutants}
+mkdir -p "$work"
+export CARGO_TARGET_DIR=$work/target
+
+# Each mutant: a name, the file, the text to replace (it must occur exactly once), its
+# replacement, and the simulator arguments, whose --seeds is the bound within which the
+# simulator must catch it.
+mutants() {
+    mutant commit-earlier-term crates/raft/src/node/replication.rs \
+        'if quorum_index <= self.log.committed() || self.log.term(quorum_index)? != self.term {' \
+        'if quorum_index <= self.log.committed() {' \
+        --seeds 300
+    mutant vote-without-up-to-date-check crates/raft/src/node/election.rs \
+        'let granted = can_vote && self.log.is_up_to_date(request.last_log);' \
+        'let granted = can_vote;' \
+        --seeds 300
+    mutant vote-before-durable crates/raft/src/node/election.rs \
+        'self.send_after_persist(msg.from, MessageBody::VoteResponse(response));' \
+        'self.send(msg.from, MessageBody::VoteResponse(response));' \
+        --seeds 300 --storage wal
+}
+
+wanted=("$@")
+selected() {
+    [ ${#wanted[@]} -eq 0 ] && return 0
+    local name
+    for name in "${wanted[@]}"; do [ "$name" = "$1" ] && return 0; done
+    return 1
+}
+
+# A fresh copy of the source as it is in the work tree, committed or not (no target directory,
+# nothing git ignores).
+copy_source() {
+    local dest=$1
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    git ls-files -z --cached --others --exclude-standard |
+        while IFS= read -r -d '' file; do [ -e "$file" ] && printf '%s\0' "$file"; done |
+        tar --null -T - -cf - | tar -xf - -C "$dest"
+}
+
+# Replaces the one occurrence of $2 by $3 in file $1; fails if it is not there exactly once, so
+# a mutant can never silently become the unmodified program.
+patch_once() {
+    python3 - "$@" <<'PY'
+import sys
+path, old, new = sys.argv[1:4]
+text = open(path).read()
+count = text.count(old)
+if count != 1:
+    sys.exit(f"{path}: the text to mutate occurs {count} times, not once: {old!r}")
+open(path, "w").write(text.replace(old, new))
+PY
+}
+
+failures=0
+ran=0
+mutant() {
+    local name=$1 file=$2 old=$3 new=$4
+    shift 4
+    selected "$name" || return 0
+    ran=$((ran + 1))
+    local src=$work/src out=$work/$name.log
+    copy_source "$src"
+    patch_once "$src/$file" "$old" "$new"
+    echo "=== mutant $name: $file"
+    (cd "$src" && cargo build --release -q -p flotilla-sim)
+    if (cd "$src" && "$CARGO_TARGET_DIR/release/flotilla-sim" "$@") >"$out" 2>&1; then
+        echo "NOT CAUGHT: the simulator passed every seed ($*) with $name"
+        tail -1 "$out"
+        failures=$((failures + 1))
+    elif grep -q 'FAILED' "$out"; then
+        echo "caught: $(tail -1 "$out") ($*)"
+        grep -m1 'FAILED' "$out" | cut -c1-300
+    else
+        echo "the simulator failed without a failing seed:"
+        tail -5 "$out"
+        failures=$((failures + 1))
+    fi
+}
+mutants
+
+if [ "$ran" -eq 0 ]; then
+    echo "no mutant matched: ${wanted[*]}"
+    exit 2
+fi
+if [ "$failures" -gt 0 ]; then
+    echo "$failures of $ran mutants were not caught"
+    exit 1
+fi
+echo "all $ran mutants caught"
