@@ -118,6 +118,26 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         &self.node
     }
 
+    /// The storage the core reads and the shell writes (a shell that shares its storage
+    /// otherwise, as the server's does, need not use this).
+    pub fn storage(&self) -> &S {
+        self.node.storage()
+    }
+
+    pub fn storage_mut(&mut self) -> &mut S {
+        self.node.storage_mut()
+    }
+
+    /// Gives the storage back, for a shell that stops the member and keeps its disk.
+    pub fn into_storage(self) -> S {
+        self.node.into_storage()
+    }
+
+    /// Starts an election now, as if the election timeout had passed.
+    pub fn campaign(&mut self) -> Result<(), Error> {
+        self.node.campaign()
+    }
+
     pub fn pending_proposals(&self) -> usize {
         self.proposals.len()
     }

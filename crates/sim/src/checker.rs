@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use flotilla_raft::{EntryId, Index, LogStorage, Membership, NodeId, RaftNode, Term};
 
-use crate::machine::AppliedRecord;
+use crate::digest::AppliedRecord;
 
 /// A violated property, with what was seen.
 pub type Violation = String;

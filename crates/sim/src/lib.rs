@@ -1,17 +1,21 @@
 //! # flotilla-sim: the deterministic simulator
 //!
-//! Runs clusters of the real Raft core on a simulated network and disk, driven by one seed,
+//! Runs clusters of members as the server runs them (the real driver over the real Raft core,
+//! the real state machine and key-value store, the real WAL) on a simulated network and disk,
+//! with etcd-shaped client requests sent as Flotilla's client sends them, driven by one seed,
 //! with faults (message loss, duplication, delay and reordering; partitions of several shapes;
 //! crashes that lose unsynced writes; leadership transfers; membership churn) and checks the
 //! Raft safety properties after every step, then liveness once everything is healed. The same
 //! seed always produces the same run, down to the trace digest.
 
 pub mod checker;
-pub mod machine;
+pub mod digest;
+pub mod kv_checker;
 pub mod options;
 pub mod simulation;
 pub mod storage;
 pub mod trace;
+pub mod workload;
 
 pub use options::{SimOptions, StorageKind};
 pub use simulation::{RunFailure, RunReport, Simulation};

@@ -99,7 +99,7 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
         Ok(report) => {
             println!(
                 "seed {seed}: ok: {} nodes, {} events, {} writes ok / {} failed / {} unknown, \
-                 {} reads ({} from a lease), {} leaders elected, {} snapshots installed, {} membership changes, \
+                 {} reads ({} from a lease), {} history events checked, {} leaders elected, {} snapshots installed, {} membership changes, \
                  ended at time {}",
                 report.nodes,
                 report.events,
@@ -108,6 +108,7 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
                 report.writes_unknown,
                 report.reads_ok,
                 report.lease_reads_ok,
+                report.history_operations,
                 report.elections,
                 report.snapshots_installed,
                 report.membership_changes,

@@ -48,7 +48,6 @@ pub struct SimOptions {
     pub inflight_messages_max: usize,
     pub snapshot_entries_max: u64,
     pub snapshot_chunk_bytes: u64,
-    pub snapshot_padding_bytes_max: u64,
     pub snapshot_trailing_entries: u64,
     /// Print every event (for replaying a failing seed).
     pub verbose: bool,
@@ -89,7 +88,6 @@ impl SimOptions {
             inflight_messages_max: [1, 4, 64][prng.range(0, 3) as usize],
             snapshot_entries_max: [20, 50, 200][prng.range(0, 3) as usize],
             snapshot_chunk_bytes: [64, 512, 4096][prng.range(0, 3) as usize],
-            snapshot_padding_bytes_max: [0, 300, 3000][prng.range(0, 3) as usize],
             snapshot_trailing_entries: [0, 5, 50][prng.range(0, 3) as usize],
             verbose: false,
             storage: StorageKind::Mem,

@@ -1,5 +1,7 @@
-//! One simulated run: nodes of the real core on a simulated network and disk, a client
-//! workload, a nemesis injecting faults, and the checker after every step.
+//! One simulated run: members as the server runs them (the real driver over the real core, the
+//! real state machine with its key-value store, the WAL on a simulated disk) on a simulated
+//! network, etcd-shaped client requests sent as Flotilla's client sends them, a nemesis
+//! injecting faults, and the checkers after every step.
 //!
 //! Time is discrete and single-threaded. Every random choice comes from one PRNG seeded by
 //! the run's seed, and every collection that is iterated is ordered, so a seed replays bit for
@@ -11,20 +13,40 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use bytes::Bytes;
+use flotilla_kv::Limits;
 use flotilla_raft::{
     Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message,
-    MessageBody, NodeId, Output, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
+    MessageBody, NodeId, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
 };
+use flotilla_server::driver::{Actions, Driver};
+use flotilla_server::members::MemberTable;
+use flotilla_server::state_machine::{Applied, StateMachine};
 
 use crate::checker::{Checker, NodeView, Violation, believed_durable};
-use crate::machine::{AppliedRecord, StateMachine, payload_digest};
+use crate::digest::{AppliedRecord, payload_digest, text_digest};
+use crate::kv_checker::{FULL_DIGEST_EVERY, KvChecker};
 use crate::options::{SimOptions, TICK_TIME};
 use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
+use crate::workload::History;
 
+mod clients;
 mod episodes;
 
+use clients::{Client, Waiter};
 use episodes::Figure8;
+
+/// The driver as the simulator runs it: the same code as the server's, with client ids for
+/// waiters where the server has reply channels.
+type SimDriver<S> = Driver<S, Waiter, Waiter>;
+
+/// The most proposals a member keeps waiting (the server's default order of magnitude is far
+/// above what the simulated clients send).
+const PROPOSALS_MAX: usize = 256;
+
+/// The snapshot is encoded in steps of about this many bytes, as the server's encoder does in
+/// larger ones, so that the stepwise path runs.
+const SNAPSHOT_STEP_BYTES: usize = 512;
 
 /// How a run ended.
 #[derive(Clone, Debug)]
@@ -39,6 +61,8 @@ pub struct RunReport {
     pub reads_ok: u64,
     /// Of those, reads a leader answered from its lease.
     pub lease_reads_ok: u64,
+    /// Events in the register history checked for linearizability.
+    pub history_operations: u64,
     pub elections: u64,
     pub snapshots_installed: u64,
     pub membership_changes: u64,
@@ -69,7 +93,7 @@ enum Event {
     },
     ClientTimeout {
         client: usize,
-        op: u64,
+        attempt: u64,
     },
     Nemesis,
     Restart {
@@ -121,8 +145,14 @@ impl Ord for MessageKey {
     }
 }
 
+/// One member as the server runs it: the driver over the core, and the state machine.
+struct Member<S: SimStorage> {
+    driver: SimDriver<S>,
+    state: StateMachine,
+}
+
 enum NodeState<S: SimStorage> {
-    Running(Box<RaftNode<S>>),
+    Running(Box<Member<S>>),
     /// Crashed: only stable storage survives.
     Crashed {
         disk: Box<S::Disk>,
@@ -208,30 +238,38 @@ struct SimNode<S: SimStorage> {
     believed: Believed,
     /// Fsyncs complete in order: none before this time.
     fsync_done_time: u64,
-    machine: StateMachine,
     /// The node learned it was removed.
     removed: bool,
 }
 
 impl<S: SimStorage> SimNode<S> {
+    /// The core of a running node (to look at; everything it is asked goes through the driver).
     fn running(&self) -> Option<&RaftNode<S>> {
+        self.member().map(|member| member.driver.node())
+    }
+
+    fn member(&self) -> Option<&Member<S>> {
         match &self.state {
-            NodeState::Running(node) => Some(node),
+            NodeState::Running(member) => Some(member),
             _ => None,
         }
     }
 
-    fn running_mut(&mut self) -> Option<&mut RaftNode<S>> {
+    fn member_mut(&mut self) -> Option<&mut Member<S>> {
         match &mut self.state {
-            NodeState::Running(node) => Some(node),
+            NodeState::Running(member) => Some(member),
             _ => None,
         }
+    }
+
+    fn driver_mut(&mut self) -> Option<&mut SimDriver<S>> {
+        self.member_mut().map(|member| &mut member.driver)
     }
 
     /// True if the node holds `entry` durably, as far as it was told.
     fn holds_durably(&self, entry: EntryId) -> bool {
         match &self.state {
-            NodeState::Running(node) => believed_durable(node, entry),
+            NodeState::Running(member) => believed_durable(member.driver.node(), entry),
             NodeState::Crashed { believed, .. } => believed.holds(entry),
             NodeState::Stopped => false,
         }
@@ -242,29 +280,6 @@ impl<S: SimStorage> SimNode<S> {
 enum Phase {
     Faults,
     Liveness,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OpKind {
-    Write { entry: EntryId },
-    Read { context: u64, floor_index: Index },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PendingOp {
-    id: u64,
-    node: NodeId,
-    kind: OpKind,
-    invoked_at: u64,
-}
-
-#[derive(Debug, Default)]
-struct Client {
-    next_op: u64,
-    leader_hint: Option<NodeId>,
-    pending: Option<PendingOp>,
-    /// In the liveness phase each client must complete one write.
-    final_write_ok: bool,
 }
 
 #[allow(missing_debug_implementations)]
@@ -285,9 +300,14 @@ pub struct Simulation<S: SimStorage> {
     /// The highest index of a write acknowledged so far: a read invoked later must see it.
     acked_write_index_max: Index,
     /// Reads a leader answered from its lease, waiting for its state machine to reach their
-    /// index: (node, context, index). At most one per client.
-    lease_reads_waiting: Vec<(NodeId, u64, Index)>,
+    /// index: (node, client, attempt, index). At most one per client.
+    lease_reads_waiting: Vec<(NodeId, usize, u64, Index)>,
     checker: Checker,
+    kv: KvChecker,
+    /// Writes the simulator itself proposed (each puts a unique value).
+    internal_writes: u64,
+    /// The register operations of every client, for the linearizability check.
+    history: History,
     /// Nodes that were ever in a configuration some leader committed or proposed.
     ever_members: BTreeSet<NodeId>,
     /// The index of the newest configuration entry known to be committed.
@@ -314,6 +334,7 @@ impl<S: SimStorage> Simulation<S> {
             writes_unknown: 0,
             reads_ok: 0,
             lease_reads_ok: 0,
+            history_operations: 0,
             elections: 0,
             snapshots_installed: 0,
             membership_changes: 0,
@@ -334,6 +355,9 @@ impl<S: SimStorage> Simulation<S> {
             acked_write_index_max: 0,
             lease_reads_waiting: Vec::new(),
             checker: Checker::default(),
+            kv: KvChecker::default(),
+            internal_writes: 0,
+            history: History::default(),
             ever_members: BTreeSet::new(),
             newest_committed_membership: 0,
             trace: TraceDigest::default(),
@@ -387,7 +411,11 @@ impl<S: SimStorage> Simulation<S> {
                 return Err(self.fail(violation));
             }
             if self.phase == Phase::Liveness && self.converged() {
-                return Ok(self.finish());
+                // Every client's last request is answered: the history is complete.
+                return match KvChecker::check_history(&self.history) {
+                    Ok(()) => Ok(self.finish()),
+                    Err(violation) => Err(self.fail(violation)),
+                };
             }
         }
     }
@@ -419,6 +447,7 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     fn finish(mut self) -> RunReport {
+        self.report.history_operations = self.history.events.len() as u64;
         self.report.digest = self.trace.value();
         self.report.events = self.trace.events();
         self.report.end_time = self.now;
@@ -463,21 +492,41 @@ impl<S: SimStorage> Simulation<S> {
         config
     }
 
+    /// Starts a member as the server does: the state machine from the stored snapshot, if
+    /// any, and the core told how far that state has applied.
     fn start_node(&mut self, id: NodeId, storage: S) {
         storage.inject_disk_errors(self.options.disk_error_one_in);
+        let state = match storage.snapshot_data() {
+            Ok(Some((meta, data))) => {
+                let state = StateMachine::restore(&mut &data[..], Limits::default())
+                    .unwrap_or_else(|err| panic!("node {id}: bad stored snapshot: {err}"));
+                assert_eq!(
+                    state.applied_index(),
+                    meta.last.index,
+                    "node {id}: the stored snapshot's state is not at its index"
+                );
+                state
+            }
+            Ok(None) => StateMachine::new(Limits::default(), MemberTable::default()),
+            Err(err) => panic!("node {id}: reading the stored snapshot failed: {err}"),
+        };
         let config = self.node_config(id);
-        let node = RaftNode::new(config, storage, 0).expect("node starts from valid storage");
+        let node = RaftNode::new(config, storage, state.applied_index())
+            .expect("node starts from valid storage");
+        let member = Member {
+            driver: Driver::new(node, PROPOSALS_MAX),
+            state,
+        };
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
         self.nodes.insert(
             id,
             SimNode {
                 id,
                 incarnation,
-                state: NodeState::Running(Box::new(node)),
+                state: NodeState::Running(Box::new(member)),
                 persist_acked: 0,
                 believed: Believed::default(),
                 fsync_done_time: self.now,
-                machine: StateMachine::default(),
                 removed: false,
             },
         );
@@ -500,28 +549,25 @@ impl<S: SimStorage> Simulation<S> {
         let NodeState::Running(_) = &sim_node.state else {
             return;
         };
-        let NodeState::Running(node) = std::mem::replace(&mut sim_node.state, NodeState::Stopped)
+        let NodeState::Running(member) = std::mem::replace(&mut sim_node.state, NodeState::Stopped)
         else {
             unreachable!("checked above")
         };
+        let node = member.driver.node();
         // If the storage failed, its log cannot be read: use what was recorded at the last
         // acknowledgement, less anything the node has since replaced (a truncation lowers the
         // persisted index below the replaced entries; their replacements were never
         // acknowledged, so either version may survive).
-        let believed = Believed::try_of(&node)
+        let believed = Believed::try_of(node)
             .unwrap_or_else(|| sim_node.believed.restricted_to(node.persisted()));
-        let storage = node.into_storage();
+        // The waiters die with the process: their clients hear nothing (and time out).
+        let storage = member.driver.into_storage();
         sim_node.state = NodeState::Crashed {
             disk: Box::new(storage.power_loss()),
             believed,
         };
-        sim_node.machine = StateMachine::default();
         self.trace.record(&[2, id, self.now]);
-        for client in 0..self.clients.len() {
-            if self.clients[client].pending.is_some_and(|op| op.node == id) {
-                self.resolve_unknown(client);
-            }
-        }
+        self.attempts_lost(id);
     }
 
     /// The core returned an error. Only a fatal storage error is expected (the WAL failed
@@ -565,93 +611,103 @@ impl<S: SimStorage> Simulation<S> {
         self.process(id);
     }
 
-    /// Carries out a node's output, repeatedly, until it has nothing more to say.
+    /// Carries out a node's actions, repeatedly, until it has nothing more to say.
     fn process(&mut self, id: NodeId) {
         for _ in 0..64 {
-            let Some(node) = self.nodes.get_mut(&id).and_then(SimNode::running_mut) else {
+            let Some(driver) = self.nodes.get_mut(&id).and_then(SimNode::driver_mut) else {
                 return;
             };
-            let output = match node.take_output() {
-                Ok(output) => output,
+            let actions = match driver.take_actions() {
+                Ok(actions) => actions,
                 Err(err) => return self.core_failed(id, err),
             };
-            if output.is_empty() {
+            if actions.is_empty() {
                 return;
             }
-            self.carry_out(id, output);
+            self.carry_out(id, actions);
         }
         panic!("node {id} kept producing output");
     }
 
-    fn carry_out(&mut self, id: NodeId, output: Output) {
+    /// Does what the driver asks, in its order, as the server's raft task and apply thread do.
+    fn carry_out(&mut self, id: NodeId, actions: Actions<Waiter, Waiter>) {
         if self.options.verbose {
-            if let Some(state) = output.role_state {
-                println!("{:>6}   n{id} {:?}", self.now, state);
-            }
-            if let Some(batch) = &output.persist {
-                let entries: Vec<String> =
-                    batch.entries.iter().map(|e| e.id().to_string()).collect();
-                println!(
-                    "{:>6}   n{id} persist #{} hs={:?} entries=[{}] chunks={} install={:?} compact={:?}",
-                    self.now,
-                    batch.id,
-                    batch.hard_state,
-                    entries.join(" "),
-                    batch.snapshot_chunks.len(),
-                    batch
-                        .snapshot_install
-                        .as_ref()
-                        .map(|i| (i.meta.last, i.keep_through)),
-                    batch.compact_to
-                );
-            }
+            self.print_actions(id, &actions);
         }
-        if let Some(state) = output.role_state {
+        if let Some(state) = actions.role_state {
             self.trace
                 .record(&[3, id, state.role as u64, state.term, state.leader]);
             if state.role == Role::Leader {
                 self.report.elections += 1;
             }
         }
-        if let Some(batch) = output.persist {
+        if let Some(batch) = actions.persist {
             self.write_batch(id, batch);
             if self.nodes[&id].running().is_none() {
                 // The write failed and the process died: nothing more happens.
                 return;
             }
         }
-        let votes: Vec<Message> = output
+        let votes: Vec<Message> = actions
             .messages
             .iter()
             .filter(|msg| matches!(msg.body, MessageBody::VoteResponse(_)))
             .cloned()
             .collect();
-        for msg in output.messages {
+        for msg in actions.messages {
             self.send(msg);
         }
         if self.maybe_crash_at_vote(id, &votes) {
             return;
         }
-        if !output.apply.is_empty() {
-            self.apply(id, output.apply);
+        if !actions.apply.is_empty() {
+            self.apply(id, actions.apply);
+            if self.nodes[&id].running().is_none() {
+                return;
+            }
             if !self.lease_reads_waiting.is_empty() {
                 self.resolve_lease_reads(id);
             }
         }
-        for read in output.reads {
-            self.resolve_read(id, read.context, Some(read.index));
+        for (waiter, refusal) in actions.proposals_failed {
+            self.attempt_refused(waiter, &refusal);
         }
-        for (context, _) in output.reads_failed {
-            self.resolve_read(id, context, None);
+        for waiter in actions.reads_ready {
+            self.read_ready(id, waiter);
         }
-        if output.snapshot_due.is_some() {
+        for (waiter, refusal) in actions.reads_failed {
+            self.attempt_refused(waiter, &refusal);
+        }
+        if actions.snapshot_due {
             self.take_snapshot(id);
         }
-        if output.removed {
+        if actions.removed {
             self.trace.record(&[4, id]);
             self.mark_removed(id);
         }
         self.figure8_observe(id);
+    }
+
+    fn print_actions(&self, id: NodeId, actions: &Actions<Waiter, Waiter>) {
+        if let Some(state) = actions.role_state {
+            println!("{:>6}   n{id} {:?}", self.now, state);
+        }
+        if let Some(batch) = &actions.persist {
+            let entries: Vec<String> = batch.entries.iter().map(|e| e.id().to_string()).collect();
+            println!(
+                "{:>6}   n{id} persist #{} hs={:?} entries=[{}] chunks={} install={:?} compact={:?}",
+                self.now,
+                batch.id,
+                batch.hard_state,
+                entries.join(" "),
+                batch.snapshot_chunks.len(),
+                batch
+                    .snapshot_install
+                    .as_ref()
+                    .map(|i| (i.meta.last, i.keep_through)),
+                batch.compact_to
+            );
+        }
     }
 
     /// The node is out of the cluster. It keeps running for a while, to show it cannot disrupt
@@ -702,10 +758,10 @@ impl<S: SimStorage> Simulation<S> {
             self.options.fsync_delay_max + 1,
         );
         let sim_node = self.nodes.get_mut(&id).expect("exists");
-        let NodeState::Running(node) = &mut sim_node.state else {
+        let Some(driver) = sim_node.driver_mut() else {
             return;
         };
-        if let Err(err) = node.storage_mut().write(&batch) {
+        if let Err(err) = driver.storage_mut().write(&batch) {
             return self.storage_failed(id, &err);
         }
         let done = (self.now + delay).max(sim_node.fsync_done_time);
@@ -720,23 +776,26 @@ impl<S: SimStorage> Simulation<S> {
 
     fn fsync_done(&mut self, id: NodeId, batch_id: PersistId) {
         let sim_node = self.nodes.get_mut(&id).expect("exists");
-        let NodeState::Running(node) = &mut sim_node.state else {
+        let persist_acked = sim_node.persist_acked;
+        let Some(driver) = sim_node.driver_mut() else {
             return;
         };
-        if batch_id <= sim_node.persist_acked {
+        if batch_id <= persist_acked {
             // An earlier fsync already covered it (group commit).
             return;
         }
-        match node.storage_mut().sync() {
-            Ok(Some(durable)) if durable > sim_node.persist_acked => {
-                sim_node.persist_acked = durable;
-                if let Err(err) = node.on_persisted(durable) {
+        match driver.storage_mut().sync() {
+            Ok(Some(durable)) if durable > persist_acked => {
+                if let Err(err) = driver.persisted(durable) {
                     return self.core_failed(id, err);
                 }
-                if self.options.disk_error_one_in > 0 {
+                let believed =
+                    (self.options.disk_error_one_in > 0).then(|| Believed::of(driver.node()));
+                sim_node.persist_acked = durable;
+                if let Some(believed) = believed {
                     // Once a disk error stops the WAL it cannot be read: remember now what
                     // the node was told is durable, for the check after recovery.
-                    sim_node.believed = Believed::of(node);
+                    sim_node.believed = believed;
                 }
                 self.trace.record(&[5, id, durable]);
                 self.process(id);
@@ -746,90 +805,144 @@ impl<S: SimStorage> Simulation<S> {
         }
     }
 
-    fn apply(&mut self, id: NodeId, items: Vec<Apply>) {
-        let last_index = items.last().map(Apply::index).expect("non-empty");
-        for item in items {
-            self.apply_one(id, item);
-        }
-        let sim_node = self.nodes.get_mut(&id).expect("exists");
-        let node = sim_node.running_mut().expect("running");
-        if let Err(err) = node.on_applied(last_index) {
-            return self.core_failed(id, err);
-        }
-        self.resolve_writes(id);
-    }
-
-    fn apply_one(&mut self, id: NodeId, item: Apply) {
-        let sim_node = self.nodes.get_mut(&id).expect("exists");
-        match item {
-            Apply::Entry(entry) => {
-                sim_node.machine.apply(&entry);
-                let record = AppliedRecord {
-                    term: entry.term,
-                    payload_digest: payload_digest(&entry),
-                    state_hash: sim_node.machine.state_hash,
-                };
-                let known = *self.checker.applied.entry(entry.index).or_insert(record);
-                assert_eq!(
-                    known, record,
-                    "state machine safety: node {id} applied {} differently from another node",
-                    entry.index
-                );
-                if let flotilla_raft::EntryPayload::Membership(change) = &entry.payload {
-                    self.trace
-                        .record_str(&format!("applied membership {}", change.membership));
-                    self.configuration_committed(entry.index, &change.membership);
+    /// Applies committed entries to the state machine, as the server's apply thread does, and
+    /// answers the proposals they carry.
+    fn apply(&mut self, id: NodeId, items: Vec<(Apply, Option<Waiter>)>) {
+        let last_index = items
+            .last()
+            .map(|(item, _)| item.index())
+            .expect("non-empty");
+        for (item, waiter) in items {
+            let applied = match item {
+                Apply::Entry(entry) => self.apply_entry(id, &entry),
+                Apply::Snapshot(meta) => {
+                    self.load_snapshot(id, &meta);
+                    None
                 }
-            }
-            Apply::Snapshot(meta) => {
-                let node = sim_node.running().expect("running");
-                let (stored, data) = node
-                    .storage()
-                    .snapshot_data()
-                    .unwrap_or_else(|err| panic!("node {id}: reading the snapshot failed: {err}"))
-                    .expect("a snapshot to load is in storage");
-                assert_eq!(
-                    stored, meta,
-                    "node {id}: the snapshot to load is not the stored one"
-                );
-                let machine = StateMachine::restore(&meta, &data)
-                    .unwrap_or_else(|err| panic!("node {id}: bad snapshot: {err}"));
-                if let Some(record) = self.checker.applied.get(&meta.last.index) {
-                    assert_eq!(
-                        record.state_hash, machine.state_hash,
-                        "state machine safety: node {id} loaded snapshot {} with another state",
-                        meta.last
-                    );
-                }
-                sim_node.machine = machine;
-                self.report.snapshots_installed += 1;
-                self.trace.record(&[6, id, meta.last.index, meta.last.term]);
+            };
+            if let (Some(waiter), Some(applied)) = (waiter, applied) {
+                self.attempt_applied(id, waiter, &applied);
             }
         }
-    }
-
-    fn take_snapshot(&mut self, id: NodeId) {
-        let padding = self
-            .prng
-            .range(0, self.options.snapshot_padding_bytes_max + 1);
         let sim_node = self.nodes.get_mut(&id).expect("exists");
-        let index = sim_node.machine.applied_index;
-        let data = sim_node.machine.encode(padding);
-        let NodeState::Running(node) = &mut sim_node.state else {
+        let Some(driver) = sim_node.driver_mut() else {
             return;
         };
-        if index <= node.snapshot_id().index {
+        if let Err(err) = driver.applied(last_index) {
+            self.core_failed(id, err);
+        }
+    }
+
+    /// Applies one entry and checks that it did exactly what it did on every other member.
+    fn apply_entry(&mut self, id: NodeId, entry: &flotilla_raft::Entry) -> Option<Applied> {
+        let member = self.nodes.get_mut(&id)?.member_mut()?;
+        let applied = member.state.apply_entry(entry);
+        let store_digest = entry
+            .index
+            .is_multiple_of(FULL_DIGEST_EVERY)
+            .then(|| member.state.kv.digest());
+        let record = AppliedRecord {
+            term: entry.term,
+            payload_digest: payload_digest(entry),
+            effect_digest: text_digest(&format!("{applied:?}")),
+        };
+        let known = *self.checker.applied.entry(entry.index).or_insert(record);
+        assert_eq!(
+            known, record,
+            "state machine safety: node {id} applied {} differently from another node",
+            entry.index
+        );
+        if let Some(digest) = store_digest
+            && let Err(violation) = self.kv.check_store(id, entry.index, digest)
+        {
+            panic!("{violation}");
+        }
+        if let Applied::Kv(result) = &applied
+            && let Err(violation) = self.kv.record_writes(entry.index, result)
+        {
+            panic!("{violation}");
+        }
+        if let flotilla_raft::EntryPayload::Membership(change) = &entry.payload {
+            self.trace
+                .record_str(&format!("applied membership {}", change.membership));
+            self.configuration_committed(entry.index, &change.membership);
+        }
+        Some(applied)
+    }
+
+    /// Replaces the state machine with the snapshot the core installed, as the server does.
+    fn load_snapshot(&mut self, id: NodeId, meta: &flotilla_raft::SnapshotMeta) {
+        let member = self
+            .nodes
+            .get_mut(&id)
+            .and_then(SimNode::member_mut)
+            .expect("running");
+        let (stored, data) = member
+            .driver
+            .storage()
+            .snapshot_data()
+            .unwrap_or_else(|err| panic!("node {id}: reading the snapshot failed: {err}"))
+            .expect("a snapshot to load is in storage");
+        assert_eq!(
+            &stored, meta,
+            "node {id}: the snapshot to load is not the stored one"
+        );
+        let state = StateMachine::restore(&mut &data[..], Limits::default())
+            .unwrap_or_else(|err| panic!("node {id}: bad snapshot: {err}"));
+        assert_eq!(
+            state.applied_index(),
+            meta.last.index,
+            "node {id}: snapshot {} holds a state at another index",
+            meta.last
+        );
+        let digest = state.kv.digest();
+        member.state = state;
+        if let Err(violation) = self.kv.check_store(id, meta.last.index, digest) {
+            panic!("{violation}");
+        }
+        self.report.snapshots_installed += 1;
+        self.trace.record(&[6, id, meta.last.index, meta.last.term]);
+    }
+
+    /// Saves a snapshot of the state machine at its applied index, encoded in steps from a
+    /// point-in-time view as the server's encoder does.
+    fn take_snapshot(&mut self, id: NodeId) {
+        let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
+            return;
+        };
+        let index = member.state.applied_index();
+        if index <= member.driver.node().snapshot_id().index {
             return;
         }
-        let meta = match node.snapshot_meta(index) {
+        let digest = member.state.kv.digest();
+        let mut cursor = member.state.begin_snapshot();
+        let mut data = Vec::new();
+        loop {
+            let done = member
+                .state
+                .continue_snapshot(&mut cursor, &mut data, SNAPSHOT_STEP_BYTES)
+                .unwrap_or_else(|err| panic!("node {id}: encoding a snapshot failed: {err}"));
+            if done {
+                break;
+            }
+        }
+        member.state.end_snapshot(cursor);
+        let meta = match member.driver.snapshot_meta(index) {
             Ok(meta) => meta,
             Err(err) => return self.core_failed(id, err),
         };
-        if let Err(err) = node.storage_mut().save_snapshot(&meta, data) {
+        if let Err(err) = member
+            .driver
+            .storage_mut()
+            .save_snapshot(&meta, Bytes::from(data))
+        {
             return self.storage_failed(id, &err);
         }
-        if let Err(err) = node.on_snapshot_saved(&meta) {
+        if let Err(err) = member.driver.snapshot_saved(&meta) {
             return self.core_failed(id, err);
+        }
+        if let Err(violation) = self.kv.check_store(id, index, digest) {
+            panic!("{violation}");
         }
         self.trace.record(&[7, id, index]);
     }
@@ -867,11 +980,11 @@ impl<S: SimStorage> Simulation<S> {
             return;
         }
         let to = msg.to;
-        let Some(node) = self.nodes.get_mut(&to).and_then(SimNode::running_mut) else {
+        let Some(driver) = self.nodes.get_mut(&to).and_then(SimNode::driver_mut) else {
             return;
         };
         self.trace.record(&[9, msg.from, to, msg.term]);
-        if let Err(err) = node.step(msg) {
+        if let Err(err) = driver.step(msg) {
             return self.core_failed(to, err);
         }
         self.process(to);
@@ -888,10 +1001,10 @@ impl<S: SimStorage> Simulation<S> {
                 if sim_node.incarnation != incarnation {
                     return Ok(());
                 }
-                let Some(raft) = sim_node.running_mut() else {
+                let Some(driver) = sim_node.driver_mut() else {
                     return Ok(());
                 };
-                let ticked = raft.tick();
+                let ticked = driver.tick();
                 self.schedule(TICK_TIME, Event::Tick { node, incarnation });
                 if let Err(err) = ticked {
                     self.core_failed(node, err);
@@ -914,21 +1027,7 @@ impl<S: SimStorage> Simulation<S> {
                 }
             }
             Event::ClientWake { client } => self.client_wake(client),
-            Event::ClientTimeout { client, op } => {
-                let pending = self.clients[client].pending;
-                let waiting_write = matches!(
-                    pending,
-                    Some(PendingOp {
-                        kind: OpKind::Write { .. },
-                        ..
-                    })
-                );
-                // In the liveness phase an accepted write must resolve; it may not time out.
-                let may_time_out = !(self.phase == Phase::Liveness && waiting_write);
-                if pending.is_some_and(|p| p.id == op) && may_time_out {
-                    self.resolve_unknown(client);
-                }
-            }
+            Event::ClientTimeout { client, attempt } => self.client_timeout(client, attempt),
             Event::Nemesis => {
                 if self.phase == Phase::Faults {
                     self.nemesis();
@@ -965,11 +1064,7 @@ impl<S: SimStorage> Simulation<S> {
         }
         sim_node.state = NodeState::Stopped;
         self.trace.record(&[11, id]);
-        for client in 0..self.clients.len() {
-            if self.clients[client].pending.is_some_and(|op| op.node == id) {
-                self.resolve_unknown(client);
-            }
-        }
+        self.attempts_lost(id);
     }
 
     fn begin_liveness(&mut self) {
@@ -1020,11 +1115,7 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     fn converged(&self) -> bool {
-        if self
-            .clients
-            .iter()
-            .any(|c| c.pending.is_some() || !c.final_write_ok)
-        {
+        if self.clients.iter().any(|c| !c.is_done()) {
             return false;
         }
         let nodes = self.members_running();
@@ -1062,206 +1153,12 @@ impl<S: SimStorage> Simulation<S> {
                 None => format!("n{}:down", n.id),
             })
             .collect();
-        let clients: Vec<String> = self
-            .clients
-            .iter()
-            .map(|c| format!("{:?}/{}", c.pending.map(|p| p.kind), c.final_write_ok))
-            .collect();
+        let clients: Vec<String> = self.clients.iter().map(Client::describe).collect();
         format!(
             "nodes [{}] clients [{}]",
             nodes.join("; "),
             clients.join("; ")
         )
-    }
-
-    // ----- Clients ---------------------------------------------------------------------------
-
-    fn pick_node(&mut self, hint: Option<NodeId>) -> Option<NodeId> {
-        if let Some(id) = hint
-            && self.nodes.get(&id).is_some_and(|n| n.running().is_some())
-        {
-            return Some(id);
-        }
-        let running: Vec<NodeId> = self
-            .nodes
-            .values()
-            .filter(|n| n.running().is_some() && !n.removed)
-            .map(|n| n.id)
-            .collect();
-        if running.is_empty() {
-            return None;
-        }
-        Some(running[self.prng.range(0, running.len() as u64) as usize])
-    }
-
-    fn client_wake(&mut self, client: usize) {
-        if self.clients[client].pending.is_some() {
-            return;
-        }
-        if self.phase == Phase::Liveness && self.clients[client].final_write_ok {
-            return;
-        }
-        let hint = self.clients[client].leader_hint;
-        let Some(node) = self.pick_node(hint) else {
-            self.schedule(TICK_TIME * 5, Event::ClientWake { client });
-            return;
-        };
-        let read = self.phase == Phase::Faults && self.prng.chance(1, 4);
-        let op = self.clients[client].next_op;
-        self.clients[client].next_op += 1;
-        let raft = self
-            .nodes
-            .get_mut(&node)
-            .and_then(SimNode::running_mut)
-            .expect("picked running");
-        let mut lease_index = None;
-        let result = if read {
-            let context = (client as u64) << 40 | op;
-            let kind = OpKind::Read {
-                context,
-                floor_index: self.acked_write_index_max,
-            };
-            match raft.lease_read_index() {
-                Some(lease) => {
-                    lease_index = Some((context, lease.index));
-                    Ok(kind)
-                }
-                None => raft.read_index(context).map(|()| kind),
-            }
-        } else {
-            let data = Bytes::from(format!("c{client}-{op}"));
-            raft.propose(data).map(|entry| OpKind::Write { entry })
-        };
-        match result {
-            Ok(kind) => {
-                let pending = PendingOp {
-                    id: op,
-                    node,
-                    kind,
-                    invoked_at: self.now,
-                };
-                self.clients[client].pending = Some(pending);
-                self.trace.record(&[13, client as u64, op, node]);
-                let timeout = self.options.client_timeout_time;
-                self.schedule(timeout, Event::ClientTimeout { client, op });
-                if let Some((context, index)) = lease_index {
-                    self.trace.record(&[18, client as u64, index]);
-                    self.lease_reads_waiting
-                        .retain(|&(_, waiting, _)| (waiting >> 40) as usize != client);
-                    self.lease_reads_waiting.push((node, context, index));
-                    self.resolve_lease_reads(node);
-                }
-                self.process(node);
-            }
-            Err(Error::NotLeader { leader_hint }) => {
-                self.clients[client].leader_hint = leader_hint;
-                self.schedule(TICK_TIME, Event::ClientWake { client });
-            }
-            Err(_) => {
-                self.clients[client].leader_hint = None;
-                self.schedule(TICK_TIME * 3, Event::ClientWake { client });
-            }
-        }
-    }
-
-    fn finish_op(&mut self, client: usize) {
-        self.clients[client].pending = None;
-        let delay = self.prng.range(1, 30);
-        self.schedule(delay, Event::ClientWake { client });
-    }
-
-    fn resolve_unknown(&mut self, client: usize) {
-        let Some(op) = self.clients[client].pending else {
-            return;
-        };
-        if let OpKind::Write { .. } = op.kind {
-            self.report.writes_unknown += 1;
-        }
-        self.clients[client].leader_hint = None;
-        self.trace.record(&[14, client as u64, op.id]);
-        self.finish_op(client);
-    }
-
-    /// Resolves writes waiting on `id` that its state machine has now passed.
-    fn resolve_writes(&mut self, id: NodeId) {
-        let applied = self.nodes[&id].machine.applied_index;
-        for client in 0..self.clients.len() {
-            let Some(op) = self.clients[client].pending else {
-                continue;
-            };
-            let OpKind::Write { entry } = op.kind else {
-                continue;
-            };
-            if op.node != id || applied < entry.index {
-                continue;
-            }
-            let record = self.checker.applied.get(&entry.index).copied();
-            let committed_term = record
-                .map(|r| r.term)
-                .or(self.checker.committed_term(entry.index));
-            let committed_term = committed_term.expect("an applied index is known to the checker");
-            if committed_term == entry.term {
-                self.report.writes_ok += 1;
-                self.acked_write_index_max = self.acked_write_index_max.max(entry.index);
-                if self.phase == Phase::Liveness {
-                    self.clients[client].final_write_ok = true;
-                }
-                self.trace.record(&[15, client as u64, op.id, entry.index]);
-            } else {
-                self.report.writes_failed += 1;
-                self.trace.record(&[16, client as u64, op.id, entry.index]);
-            }
-            self.clients[client].leader_hint = Some(id);
-            self.finish_op(client);
-        }
-    }
-
-    /// Answers the lease reads waiting on `id` that its state machine has reached.
-    fn resolve_lease_reads(&mut self, id: NodeId) {
-        let applied = self.nodes[&id].machine.applied_index;
-        let (ready, waiting): (Vec<_>, Vec<_>) = self
-            .lease_reads_waiting
-            .drain(..)
-            .partition(|&(node, _, index)| node == id && index <= applied);
-        self.lease_reads_waiting = waiting;
-        for (node, context, index) in ready {
-            let before = self.report.reads_ok;
-            self.resolve_read(node, context, Some(index));
-            self.report.lease_reads_ok += self.report.reads_ok - before;
-        }
-    }
-
-    fn resolve_read(&mut self, id: NodeId, context: u64, index: Option<Index>) {
-        let client = (context >> 40) as usize;
-        let Some(op) = self.clients.get(client).and_then(|c| c.pending) else {
-            return;
-        };
-        let OpKind::Read {
-            context: expected,
-            floor_index,
-        } = op.kind
-        else {
-            return;
-        };
-        if expected != context || op.node != id {
-            return;
-        }
-        if let Some(index) = index {
-            // Linearizability of reads: a read sees every write acknowledged before it began.
-            assert!(
-                index >= floor_index,
-                "stale read on node {id}: read index {index} but write {floor_index} was \
-                 acknowledged before the read began"
-            );
-            let applied = self.nodes[&id].machine.applied_index;
-            assert!(
-                applied >= index,
-                "read released at {index} before apply reached it ({applied})"
-            );
-            self.report.reads_ok += 1;
-            self.trace.record(&[17, client as u64, index]);
-        }
-        self.finish_op(client);
     }
 
     // ----- Nemesis ---------------------------------------------------------------------------
@@ -1393,12 +1290,12 @@ impl<S: SimStorage> Simulation<S> {
             node.membership().voters.iter().copied().collect()
         };
         let target = voters[self.prng.range(0, voters.len() as u64) as usize];
-        let node = self
+        let driver = self
             .nodes
             .get_mut(&leader)
-            .and_then(SimNode::running_mut)
+            .and_then(SimNode::driver_mut)
             .expect("running");
-        let _ = node.transfer_leader(target);
+        let _ = driver.transfer_leader(target);
         self.trace.record(&[19, leader, target]);
         self.process(leader);
     }
@@ -1459,12 +1356,14 @@ impl<S: SimStorage> Simulation<S> {
             steps: step.clone(),
             context: Bytes::new(),
         };
-        let node = self
+        let driver = self
             .nodes
             .get_mut(&leader)
-            .and_then(SimNode::running_mut)
+            .and_then(SimNode::driver_mut)
             .expect("running");
-        let result = node.propose_membership(change);
+        let result = driver
+            .propose_membership(change, Waiter::Internal)
+            .map_err(|(_, refusal)| refusal);
         self.trace.record_str(&format!(
             "membership {step:?} {:?}",
             result.as_ref().map(|_| ())
@@ -1492,32 +1391,28 @@ impl<S: SimStorage> Simulation<S> {
     /// that index. The filler proposes blank commands on the leader until the commit index
     /// passes every pending write, so each one becomes definitively committed or failed.
     fn fill_log(&mut self) {
-        let pending_max = self
-            .clients
-            .iter()
-            .filter_map(|c| match c.pending {
-                Some(PendingOp {
-                    kind: OpKind::Write { entry },
-                    ..
-                }) => Some(entry.index),
-                _ => None,
-            })
-            .max();
-        let Some(pending_max) = pending_max else {
+        let Some(pending_max) = self.clients.iter().filter_map(Client::proposed_index).max() else {
             return;
         };
         let Some(leader) = self.leader_id() else {
             return;
         };
-        let node = self
-            .nodes
-            .get_mut(&leader)
-            .and_then(SimNode::running_mut)
-            .expect("running");
-        if node.last_id().index >= pending_max {
+        if self.nodes[&leader]
+            .running()
+            .expect("running")
+            .last_id()
+            .index
+            >= pending_max
+        {
             return;
         }
-        let _ = node.propose(Bytes::from_static(b"filler"));
+        let command = self.filler_command();
+        let driver = self
+            .nodes
+            .get_mut(&leader)
+            .and_then(SimNode::driver_mut)
+            .expect("running");
+        let _ = driver.propose(command, Waiter::Internal);
         self.trace.record(&[20, leader]);
         self.process(leader);
     }

@@ -13,10 +13,9 @@
 //! Each step is a legitimate fault (a crash, a partition, a timer firing, a burst of writes):
 //! with the rules kept, nothing here can break safety.
 
-use bytes::Bytes;
 use flotilla_raft::{Index, Message, MessageBody, NodeId, Role, Term, VoteResponse};
 
-use super::{Event, NodeState, Phase, SimNode, Simulation};
+use super::{Event, NodeState, Phase, SimNode, Simulation, Waiter};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
 
@@ -75,16 +74,15 @@ impl<S: SimStorage> Simulation<S> {
         // A burst of writes the old leader can only replicate to its side: several, and big
         // enough that catching another node up later takes more than one message.
         let writes = self.prng.range(4, 24);
-        for n in 0..writes {
+        for _ in 0..writes {
             let size = self.prng.range(64, 512) as usize;
-            let mut data = format!("fig8-{n}-").into_bytes();
-            data.resize(size.max(data.len()), b'.');
-            let node = self
+            let command = self.burst_command(size);
+            let driver = self
                 .nodes
                 .get_mut(&old)
-                .and_then(SimNode::running_mut)
+                .and_then(SimNode::driver_mut)
                 .expect("the leader runs");
-            if node.propose(Bytes::from(data)).is_err() {
+            if driver.propose(command, Waiter::Internal).is_err() {
                 break;
             }
         }
@@ -336,10 +334,10 @@ impl<S: SimStorage> Simulation<S> {
         if sim_node.incarnation != incarnation {
             return;
         }
-        let Some(node) = sim_node.running_mut() else {
+        let Some(driver) = sim_node.driver_mut() else {
             return;
         };
-        if let Err(err) = node.campaign() {
+        if let Err(err) = driver.campaign() {
             return self.core_failed(id, err);
         }
         self.trace.record(&[37, id]);

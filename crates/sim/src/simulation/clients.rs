@@ -1,0 +1,570 @@
+//! The simulated clients, which behave as Flotilla's client does: open a session, tag every
+//! write with it and a sequence number, and retry a write that got no answer with the same
+//! sequence (on the same member or another), so that the session answers a retry of something
+//! already applied from memory. One request at a time per client.
+//!
+//! Register operations go into the history as invocations and completions; a request that
+//! never got a definite answer ends as `info` after a bounded number of attempts.
+
+use bytes::Bytes;
+use flotilla_chaos::history::EventType;
+use flotilla_kv::{Command, ErrorKind, Response};
+use flotilla_proto::etcdserverpb::PutRequest;
+use flotilla_raft::{EntryId, Index, NodeId};
+use serde_json::Value;
+
+use super::{Event, Phase, SimNode, Simulation};
+use crate::options::TICK_TIME;
+use crate::storage::SimStorage;
+use crate::workload::{ClientMemory, REGISTER_KEYS, Request, next_request};
+use flotilla_server::driver::Refusal;
+use flotilla_server::state_machine::Applied;
+
+/// Who waits for a proposal or a read: an attempt of a client's request, or the simulator
+/// itself (fault bursts, log fillers, membership changes), which waits for nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Waiter {
+    Client { client: usize, attempt: u64 },
+    Internal,
+}
+
+/// History times are nanoseconds; a unit of simulated time reads as a millisecond.
+const NS_PER_TIME_UNIT: u64 = 1_000_000;
+
+/// During the fault phase a client gives up on a request (its outcome stays unknown) once it
+/// has tried this many times and this many client timeouts have passed since it began, as
+/// Flotilla's client retries until its deadline.
+const ATTEMPTS_MIN: u32 = 2;
+const DEADLINE_TIMEOUTS: u64 = 3;
+
+#[derive(Debug)]
+struct ClientOp {
+    request: Request,
+    /// The session sequence number of a write (none for the session's registration and for
+    /// reads).
+    sequence: Option<u64>,
+    attempts: u32,
+    invoked_at: u64,
+    /// For a linearizable read: the highest index of a write acknowledged before it began.
+    floor_index: Index,
+    /// True if the request is in the register history.
+    in_history: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    id: u64,
+    node: NodeId,
+    /// Where the proposal went into the log, for a write.
+    proposed: Option<EntryId>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Client {
+    session: Option<u64>,
+    next_sequence: u64,
+    leader_hint: Option<NodeId>,
+    memory: ClientMemory,
+    op: Option<ClientOp>,
+    attempt: Option<Attempt>,
+    next_attempt: u64,
+    requests_started: u64,
+    /// The history process; a new one after an `info`.
+    process: u64,
+    /// In the liveness phase each client must complete one write.
+    final_write_ok: bool,
+}
+
+impl Client {
+    pub(crate) fn is_done(&self) -> bool {
+        self.op.is_none() && self.attempt.is_none() && self.final_write_ok
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "{:?} attempt {:?} final_write_ok={}",
+            self.op.as_ref().map(|op| &op.request),
+            self.attempt,
+            self.final_write_ok
+        )
+    }
+
+    /// The log index of the write this client waits for, if it waits for one.
+    pub(crate) fn proposed_index(&self) -> Option<Index> {
+        self.attempt?.proposed.map(|entry| entry.index)
+    }
+}
+
+/// A write the simulator itself proposes: a unique value under `internal/`.
+fn internal_put(unique: u64, value_bytes: usize) -> Bytes {
+    let mut value = format!("internal-{unique}-").into_bytes();
+    value.resize(value_bytes.max(value.len()), b'.');
+    Command::put(PutRequest {
+        key: format!("internal/{}", unique % 4).into(),
+        value: value.into(),
+        ..Default::default()
+    })
+    .encode()
+}
+
+impl<S: SimStorage> Simulation<S> {
+    /// A command for the log filler of the liveness phase.
+    pub(super) fn filler_command(&mut self) -> Bytes {
+        self.internal_writes += 1;
+        internal_put(self.internal_writes, 0)
+    }
+
+    /// One write of a Figure 8 burst, `value_bytes` long.
+    pub(super) fn burst_command(&mut self, value_bytes: usize) -> Bytes {
+        self.internal_writes += 1;
+        internal_put(self.internal_writes, value_bytes)
+    }
+
+    pub(super) fn client_wake(&mut self, client: usize) {
+        let c = &self.clients[client];
+        if c.attempt.is_some() || (self.phase == Phase::Liveness && c.final_write_ok) {
+            return;
+        }
+        if c.op.is_none() {
+            self.start_request(client);
+        }
+        self.send_attempt(client);
+    }
+
+    /// The member a client sends to: the leader it was told of, else any running member.
+    fn pick_node(&mut self, hint: Option<NodeId>) -> Option<NodeId> {
+        if let Some(id) = hint
+            && self.nodes.get(&id).is_some_and(|n| n.running().is_some())
+        {
+            return Some(id);
+        }
+        let running: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.running().is_some() && !n.removed)
+            .map(|n| n.id)
+            .collect();
+        if running.is_empty() {
+            return None;
+        }
+        Some(running[self.prng.range(0, running.len() as u64) as usize])
+    }
+
+    fn start_request(&mut self, client: usize) {
+        let liveness = self.phase == Phase::Liveness;
+        let c = &mut self.clients[client];
+        c.requests_started += 1;
+        let unique = format!("c{client}-{}", c.requests_started);
+        let request = if c.session.is_none() {
+            Request::RegisterSession
+        } else if liveness {
+            let key = self.prng.range(0, REGISTER_KEYS);
+            Request::Put {
+                key: format!("reg/{key}"),
+                value: unique,
+                lease: 0,
+            }
+        } else {
+            next_request(&mut self.prng, &c.memory, unique)
+        };
+        let sequence = (request.is_write() && request != Request::RegisterSession).then(|| {
+            c.next_sequence += 1;
+            c.next_sequence
+        });
+        if c.process == 0 {
+            c.process = self.history.new_process();
+        }
+        let in_history = match request.register_op() {
+            Some((f, key, value)) => {
+                self.history.record(
+                    c.process,
+                    EventType::Invoke,
+                    f,
+                    key,
+                    value,
+                    self.now * NS_PER_TIME_UNIT,
+                );
+                true
+            }
+            None => false,
+        };
+        self.trace.record(&[13, client as u64, c.requests_started]);
+        c.op = Some(ClientOp {
+            request,
+            sequence,
+            attempts: 0,
+            invoked_at: self.now,
+            floor_index: self.acked_write_index_max,
+            in_history,
+        });
+    }
+
+    fn send_attempt(&mut self, client: usize) {
+        // Reads go to any member half the time, as etcd's clients balance them across their
+        // endpoints (a follower asks the leader for the read index).
+        let is_read = matches!(
+            self.clients[client].op.as_ref().map(|op| &op.request),
+            Some(Request::Read { .. })
+        );
+        let hint = if is_read && self.prng.chance(1, 2) {
+            None
+        } else {
+            self.clients[client].leader_hint
+        };
+        let Some(node) = self.pick_node(hint) else {
+            self.schedule(TICK_TIME * 5, Event::ClientWake { client });
+            return;
+        };
+        let c = &mut self.clients[client];
+        let op = c.op.as_ref().expect("a request to send");
+        let request = op.request.clone();
+        let tag = c.session.zip(op.sequence);
+        let id = c.next_attempt;
+        c.next_attempt += 1;
+        let waiter = Waiter::Client {
+            client,
+            attempt: id,
+        };
+        let mut attempt = Attempt {
+            id,
+            node,
+            proposed: None,
+        };
+        if let Request::Read {
+            serializable: true, ..
+        } = request
+        {
+            // Served by the member's own state, without Raft.
+            self.clients[client].attempt = Some(attempt);
+            return self.answer_read(node, client, id, false);
+        }
+        let member = self
+            .nodes
+            .get_mut(&node)
+            .and_then(SimNode::member_mut)
+            .expect("picked a running node");
+        let sent = match &request {
+            Request::Read { .. } => match member.driver.node().lease_read_index() {
+                Some(lease) => {
+                    self.lease_reads_waiting
+                        .retain(|&(_, waiting, _, _)| waiting != client);
+                    self.lease_reads_waiting
+                        .push((node, client, id, lease.index));
+                    Ok(())
+                }
+                None => member.driver.read(waiter).map_err(|(_, refusal)| refusal),
+            },
+            request => {
+                let mut command = request.command();
+                if let Some((session, sequence)) = tag {
+                    command = command.with_client_request(session, sequence);
+                }
+                match member.driver.propose(command.encode(), waiter) {
+                    Ok(entry) => {
+                        attempt.proposed = Some(entry);
+                        Ok(())
+                    }
+                    Err((_, refusal)) => Err(refusal),
+                }
+            }
+        };
+        match sent {
+            Ok(()) => {
+                self.clients[client].attempt = Some(attempt);
+                self.trace.record(&[21, client as u64, id, node]);
+                let timeout = self.options.client_timeout_time;
+                self.schedule(
+                    timeout,
+                    Event::ClientTimeout {
+                        client,
+                        attempt: id,
+                    },
+                );
+                self.resolve_lease_reads(node);
+                self.process(node);
+            }
+            Err(refusal) => self.retry(client, &refusal),
+        }
+    }
+
+    /// The attempt `id` of `client`, if it is still the one waited for.
+    fn current(&self, client: usize, id: u64) -> bool {
+        self.clients
+            .get(client)
+            .and_then(|c| c.attempt)
+            .is_some_and(|attempt| attempt.id == id)
+    }
+
+    /// The attempt ended without an answer that decides the request: try again, or, after
+    /// too many attempts in the fault phase, give up (its outcome stays unknown).
+    fn retry(&mut self, client: usize, refusal: &Refusal) {
+        let c = &mut self.clients[client];
+        c.attempt = None;
+        c.leader_hint = match refusal {
+            Refusal::NotLeader(hint) => *hint,
+            _ => None,
+        };
+        let op = c.op.as_mut().expect("a request in progress");
+        op.attempts += 1;
+        let deadline = op.invoked_at + DEADLINE_TIMEOUTS * self.options.client_timeout_time;
+        if self.phase == Phase::Faults && op.attempts >= ATTEMPTS_MIN && self.now >= deadline {
+            return self.finish_request(client, Outcome::Unknown);
+        }
+        let delay = match refusal {
+            Refusal::NotLeader(Some(_)) => TICK_TIME,
+            _ => TICK_TIME * 3,
+        };
+        self.schedule(delay, Event::ClientWake { client });
+    }
+
+    pub(super) fn client_timeout(&mut self, client: usize, attempt: u64) {
+        if self.current(client, attempt) {
+            self.trace.record(&[14, client as u64, attempt]);
+            self.retry(client, &Refusal::TimedOut);
+        }
+    }
+
+    /// A member stopped: the attempts waiting on it will never be answered.
+    pub(super) fn attempts_lost(&mut self, id: NodeId) {
+        for client in 0..self.clients.len() {
+            if self.clients[client]
+                .attempt
+                .is_some_and(|attempt| attempt.node == id)
+            {
+                self.retry(client, &Refusal::Stopped);
+            }
+        }
+        self.lease_reads_waiting.retain(|&(node, ..)| node != id);
+    }
+
+    pub(super) fn attempt_refused(&mut self, waiter: Waiter, refusal: &Refusal) {
+        if let Waiter::Client { client, attempt } = waiter
+            && self.current(client, attempt)
+        {
+            self.retry(client, refusal);
+        }
+    }
+
+    /// A proposal applied on member `id` with its waiter: the state machine's answer.
+    pub(super) fn attempt_applied(&mut self, id: NodeId, waiter: Waiter, applied: &Applied) {
+        let Waiter::Client { client, attempt } = waiter else {
+            return;
+        };
+        if !self.current(client, attempt) {
+            return;
+        }
+        let Applied::Kv(result) = applied else {
+            panic!("node {id}: a key-value command applied as {applied:?}");
+        };
+        let c = &mut self.clients[client];
+        c.leader_hint = Some(id);
+        let request =
+            c.op.as_ref()
+                .expect("a request in progress")
+                .request
+                .clone();
+        let outcome = match &result.outcome {
+            Err(error) => match error.kind() {
+                ErrorKind::SessionNotFound => {
+                    c.session = None;
+                    Outcome::Unknown
+                }
+                ErrorKind::ResponseNotRetained => Outcome::Unknown,
+                ErrorKind::StaleSequence => panic!(
+                    "node {id}: the session refused client {client}'s current request as \
+                     stale: {error}"
+                ),
+                // Refused at apply: it changed nothing.
+                _ => Outcome::Fail,
+            },
+            Ok(response) => self.take_response(client, &request, response),
+        };
+        if !matches!(outcome, Outcome::Fail | Outcome::Unknown) && request.is_write() {
+            self.acked_write_index_max = self.acked_write_index_max.max(result.index);
+            self.report.writes_ok += 1;
+        }
+        self.finish_request(client, outcome);
+    }
+
+    /// What a successful answer means for the request, after checking what it claims.
+    fn take_response(&mut self, client: usize, request: &Request, response: &Response) -> Outcome {
+        let revision = response_revision(response);
+        let memory = &mut self.clients[client].memory;
+        memory.revision_seen = memory.revision_seen.max(revision);
+        let acknowledged = match (request, response) {
+            (Request::RegisterSession, Response::SessionRegistered { session_id, .. }) => {
+                let c = &mut self.clients[client];
+                c.session = Some(*session_id);
+                c.next_sequence = 0;
+                return Outcome::Done;
+            }
+            (Request::Put { value, .. }, Response::Put(_)) => Some(value.clone()),
+            (Request::Cas { new, .. }, Response::Txn(txn)) if txn.succeeded => Some(new.clone()),
+            (Request::Cas { .. }, Response::Txn(_)) => return Outcome::Fail,
+            (Request::Delete { .. }, Response::DeleteRange(_)) => None,
+            (Request::LeaseGrant { .. }, Response::LeaseGrant(grant)) => {
+                memory.lease = Some(grant.id);
+                None
+            }
+            (Request::LeaseRevoke { .. }, Response::LeaseRevoke(_)) => {
+                memory.lease = None;
+                None
+            }
+            (Request::Compact { .. }, Response::Compaction(_)) => None,
+            (request, response) => {
+                panic!("client {client}: {request:?} was answered with {response:?}")
+            }
+        };
+        if let Some(value) = &acknowledged
+            && let Err(violation) = self.kv.check_acknowledged(value, revision)
+        {
+            panic!("{violation}");
+        }
+        self.remember_register(client, request, acknowledged.as_deref());
+        Outcome::Done
+    }
+
+    /// Remembers what a register holds after the client's own write.
+    fn remember_register(&mut self, client: usize, request: &Request, value: Option<&str>) {
+        let key = match request {
+            Request::Put { key, .. } | Request::Cas { key, .. } | Request::Delete { key } => key,
+            _ => return,
+        };
+        if let Some(index) = register_index(key) {
+            let seen = &mut self.clients[client].memory.seen;
+            seen.resize(REGISTER_KEYS as usize, None);
+            seen[index] = value.map(str::to_string);
+        }
+    }
+
+    /// A linearizable read may be answered by member `id` now.
+    pub(super) fn read_ready(&mut self, id: NodeId, waiter: Waiter) {
+        if let Waiter::Client { client, attempt } = waiter
+            && self.current(client, attempt)
+        {
+            self.answer_read(id, client, attempt, true);
+        }
+    }
+
+    /// Answers the lease reads waiting on `id` that its state machine has reached.
+    pub(super) fn resolve_lease_reads(&mut self, id: NodeId) {
+        let Some(applied) = self.nodes.get(&id).and_then(SimNode::member) else {
+            return;
+        };
+        let applied = applied.state.applied_index();
+        let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .lease_reads_waiting
+            .drain(..)
+            .partition(|&(node, _, _, index)| node == id && index <= applied);
+        self.lease_reads_waiting = waiting;
+        for (node, client, attempt, _) in ready {
+            if self.current(client, attempt) {
+                self.answer_read(node, client, attempt, true);
+                self.report.lease_reads_ok += 1;
+            }
+        }
+    }
+
+    /// Reads the key from member `id`'s state machine and completes the request.
+    fn answer_read(&mut self, id: NodeId, client: usize, attempt: u64, linearizable: bool) {
+        debug_assert!(self.current(client, attempt));
+        let member = self.nodes[&id].member().expect("running");
+        let c = &self.clients[client];
+        let op = c.op.as_ref().expect("a read in progress");
+        let applied = member.state.applied_index();
+        if linearizable {
+            // A read sees every write acknowledged before it began.
+            assert!(
+                applied >= op.floor_index,
+                "stale read on node {id}: it applied {applied} but write {} was acknowledged \
+                 before the read began",
+                op.floor_index
+            );
+        }
+        let range = op.request.range().expect("a read");
+        let response = member
+            .state
+            .kv
+            .range(&range)
+            .unwrap_or_else(|err| panic!("node {id}: a range of one key failed: {err}"));
+        let value = response
+            .kvs
+            .first()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        let key = String::from_utf8_lossy(&range.key).into_owned();
+        if let Some(index) = register_index(&key) {
+            let seen = &mut self.clients[client].memory.seen;
+            seen.resize(REGISTER_KEYS as usize, None);
+            seen[index] = value.clone();
+        }
+        self.report.reads_ok += 1;
+        self.trace.record(&[17, client as u64, applied]);
+        self.clients[client].leader_hint = Some(id);
+        self.finish_request(client, Outcome::Read(value));
+    }
+
+    /// Ends the request in progress and schedules the next.
+    fn finish_request(&mut self, client: usize, outcome: Outcome) {
+        let liveness = self.phase == Phase::Liveness;
+        let c = &mut self.clients[client];
+        c.attempt = None;
+        let op = c.op.take().expect("a request in progress");
+        if liveness && op.request.is_write() && matches!(outcome, Outcome::Done) {
+            c.final_write_ok = !matches!(op.request, Request::RegisterSession);
+        }
+        match outcome {
+            Outcome::Fail => self.report.writes_failed += 1,
+            Outcome::Unknown if op.request.is_write() => self.report.writes_unknown += 1,
+            _ => {}
+        }
+        if op.in_history {
+            let (f, key, _) = op.request.register_op().expect("a register operation");
+            let (kind, value) = match outcome {
+                Outcome::Done => (EventType::Ok, Value::Null),
+                Outcome::Read(value) => (EventType::Ok, value.map_or(Value::Null, Value::from)),
+                Outcome::Fail => (EventType::Fail, Value::Null),
+                Outcome::Unknown => (EventType::Info, Value::Null),
+            };
+            self.history
+                .record(c.process, kind, f, key, value, self.now * NS_PER_TIME_UNIT);
+            if kind == EventType::Info {
+                // The operation may still take effect: the next one is another process's.
+                c.process = self.history.new_process();
+            }
+        }
+        self.trace.record(&[15, client as u64, c.requests_started]);
+        let delay = self.prng.range(1, 30);
+        self.schedule(delay, Event::ClientWake { client });
+    }
+}
+
+/// How a request ended.
+#[derive(Debug)]
+enum Outcome {
+    /// A write took effect.
+    Done,
+    /// A read returned this value.
+    Read(Option<String>),
+    /// It certainly took no effect.
+    Fail,
+    /// It may or may not take effect.
+    Unknown,
+}
+
+/// The revision a response's header carries.
+fn response_revision(response: &Response) -> i64 {
+    let header = match response {
+        Response::Put(r) => r.header.as_ref(),
+        Response::DeleteRange(r) => r.header.as_ref(),
+        Response::Txn(r) => r.header.as_ref(),
+        Response::Compaction(r) => r.header.as_ref(),
+        Response::LeaseGrant(r) => r.header.as_ref(),
+        Response::LeaseRevoke(r) => r.header.as_ref(),
+        _ => None,
+    };
+    header.map_or(0, |h| h.revision)
+}
+
+fn register_index(key: &str) -> Option<usize> {
+    key.strip_prefix("reg/")?.parse().ok()
+}
