@@ -7,16 +7,16 @@
 #
 #   scripts/sim-mutants.sh [MUTANT...]      (default: every mutant)
 #
-# Environment: MUTANTS_DIR (the scratch copy, default target/mutants). The copy builds in the
-# repository's own target directory, so the dependencies' release builds are shared with the
-# main tree's, and incrementally, so each mutant recompiles only the crates above its patch
-# (about 20 s each after the first).
+# Environment: MUTANTS_DIR (scratch space, default target/mutants). The copy builds in its own
+# target directory there: cargo names a workspace's artifacts by their path inside it, so a copy
+# building in the main tree's target directory would overwrite the real simulator. Incremental
+# builds make each mutant after the first recompile only what its patch touches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 work=${MUTANTS_DIR:-$root/target/mutants}
 mkdir -p "$work"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+export CARGO_TARGET_DIR=$work/target
 export CARGO_PROFILE_RELEASE_INCREMENTAL=true
 
 # Each mutant: a name, the file, the text to replace (it must occur exactly once), its
@@ -38,6 +38,10 @@ mutants() {
     mutant read-without-leadership-confirmation crates/raft/src/node/reads.rs \
         '.partition(|read| read.round != 0 && read.round <= confirmed);' \
         '.partition(|read| read.round != 0);' \
+        --seeds 300
+    mutant watcher-skips-a-revision-after-falling-behind crates/server/src/watch/watcher.rs \
+        'self.next_revision = self.next_revision.max(revision);' \
+        'self.next_revision = self.next_revision.max(revision + 1);' \
         --seeds 300
     mutant driver-acknowledges-another-entry crates/server/src/driver.rs \
         'Apply::Entry(applied) if proposed_index == index && applied.term == term => {' \

@@ -121,11 +121,21 @@ impl KeyHistory {
 
     /// Where the versions a compaction at `revision` keeps begin: the version visible at
     /// `revision` stays (reading at the compaction revision is allowed) unless it is a
-    /// tombstone, which nothing can read; everything older goes.
+    /// tombstone older than `revision`, which nothing can read; everything older goes.
+    ///
+    /// A tombstone *at* the compaction revision stays (until a later compaction): a watcher may
+    /// start at the compaction revision (etcd's clients restart a compacted watch from
+    /// `compact_revision`), and its history must then hold that revision's delete event. The
+    /// simulator's watch check found it missing when it was dropped here.
     fn retained_start(&self, revision: i64) -> usize {
         match self.position_at(revision) {
             None => 0,
-            Some(position) if self.versions[position].is_tombstone() => position + 1,
+            Some(position)
+                if self.versions[position].is_tombstone()
+                    && self.versions[position].mod_revision < revision =>
+            {
+                position + 1
+            }
             Some(position) => position,
         }
     }
@@ -567,8 +577,8 @@ impl Keyspace {
 
     fn event_at_revision(&self, key: &[u8], revision: i64) -> Option<Event> {
         let (map_key, history) = self.keys.get_key_value(key)?;
-        // A change at the compaction revision may be gone (a compacted tombstone), or still
-        // here but dropped (while a snapshot defers the compaction): the same to a reader.
+        // A change before the compaction revision may still be here but dropped (while a
+        // snapshot defers the compaction): the same to a reader as gone.
         let retained_start = history.retained_start(self.compacted_revision);
         let position = retained_start
             + history.versions[retained_start..]
@@ -724,13 +734,24 @@ mod tests {
             keyspace.live_at(b"a", 2).is_none(),
             "older versions are gone"
         );
-        assert!(
-            !keyspace.keys.contains_key(&b"b"[..]),
-            "deleted key is dropped"
+        assert!(keyspace.live_at(b"b", 5).is_none());
+        let watched = keyspace
+            .events_since(5, KeyRange::new(b"a", b"\0"), 10)
+            .unwrap();
+        let types: Vec<_> = watched.events.iter().map(|event| event.r#type).collect();
+        assert_eq!(
+            types,
+            vec![EventType::Delete as i32, EventType::Put as i32],
+            "a watcher from the compaction revision sees its delete"
         );
         assert_eq!(keyspace.keys[&b"a"[..]].versions.len(), 2);
         assert!(keyspace.check_read_revision(4, 6).is_err());
         assert_eq!(keyspace.check_read_revision(5, 6), Ok(5));
+        keyspace.compact(6);
+        assert!(
+            !keyspace.keys.contains_key(&b"b"[..]),
+            "a deleted key is dropped once its delete is older than the compaction"
+        );
     }
 
     #[test]
@@ -784,7 +805,11 @@ mod tests {
         keyspace.compact(5);
         assert_eq!(keyspace.size_bytes(), before, "a pin holds the versions");
         keyspace.unpin(7);
-        assert_eq!(keyspace.size_bytes(), version_cost_bytes(1, 2));
+        // The delete at the compaction revision stays (for watchers starting there).
+        assert_eq!(
+            keyspace.size_bytes(),
+            version_cost_bytes(1, 2) + version_cost_bytes(2, 0)
+        );
         assert_eq!(keyspace.size_bytes(), recount(&keyspace));
         let restored = Keyspace::from_parts(keyspace.keys.clone(), 5, 5).unwrap();
         assert_eq!(restored.size_bytes(), keyspace.size_bytes());

@@ -200,6 +200,9 @@ fn a_compaction_during_a_snapshot_waits_for_it_without_showing_readers() {
         key: bytes("k00"),
         ..DeleteRangeRequest::default()
     }));
+    // A later write, so that the delete is older than the compaction revision (a tombstone at
+    // the compaction revision itself stays, for watchers starting there).
+    commands.push(Command::put(put_request("k01", "v3")));
     for (position, command) in commands.iter().enumerate() {
         store.apply(position as u64 + 1, &command.encode());
     }

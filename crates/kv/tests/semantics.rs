@@ -774,8 +774,23 @@ fn compaction_rules() {
     assert_eq!(keys(&h.range(&at_four)), ["a"]);
     assert_eq!(
         h.store.key_history_count(),
+        2,
+        "a delete at the compaction revision stays, for a watcher starting there"
+    );
+    let watched = h.store.events_since(4, b"b", b"", 10).unwrap();
+    assert_eq!(
+        watched.events.len(),
         1,
-        "the deleted key's history is gone"
+        "the delete at the compaction revision"
+    );
+    assert!(matches!(
+        h.apply(compact(5)).outcome,
+        Ok(Response::Compaction(_))
+    ));
+    assert_eq!(
+        h.store.key_history_count(),
+        1,
+        "the deleted key's history is gone once it is older than the compaction"
     );
 }
 

@@ -7,7 +7,8 @@
 //!   of the entry before it, and no log may disagree with the registry.
 //! - **Leader completeness**: a leader holds every entry committed before its term.
 //! - **State machine safety**: no two nodes apply different entries at one index (checked in
-//!   the simulation when entries are applied, with the state hash after each).
+//!   the simulation when entries are applied, with a digest of each result and of the whole
+//!   store; see `kv_checker`).
 //! - Commit indexes never decrease (within one run of a node), and every entry a leader commits
 //!   is durable on a quorum of its configuration.
 

@@ -8,6 +8,8 @@
 //!   revisions was applied twice (a retry that the session should have answered from memory).
 //! - **Acknowledged means applied, at the revision reported**: a write a client was told
 //!   succeeded must be in the store's history, at the very revision its answer carried.
+//! - **Watch completeness**: the events of the watched keys, in revision order, which every
+//!   member's watchers must deliver (see `simulation::watchers`).
 //! - **Linearizability** of the register history, at the end of the run (the chaos suite's
 //!   checker).
 
@@ -16,10 +18,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use flotilla_chaos::history::pair_operations;
 use flotilla_chaos::linearizability::check_register;
 use flotilla_kv::ApplyResult;
+use flotilla_proto::mvccpb::Event;
 use flotilla_proto::mvccpb::event::EventType;
 use flotilla_raft::{Index, NodeId};
 
 use crate::checker::Violation;
+use crate::simulation::is_watched;
 use crate::workload::History;
 
 /// How often (in log indexes) the whole store is compared.
@@ -34,6 +38,9 @@ pub struct KvChecker {
     store_digests: BTreeMap<Index, u64>,
     /// Every value put, with the revision that put it.
     written: BTreeMap<Vec<u8>, i64>,
+    /// Every event on the watched keys, in revision order (without `prev_kv`, which the
+    /// simulated watchers do not ask for).
+    watched: Vec<(i64, Event)>,
     /// Indexes whose results were already recorded (the first member to apply one records it).
     recorded_through: BTreeSet<Index>,
 }
@@ -57,6 +64,12 @@ impl KvChecker {
         if !self.recorded_through.insert(index) {
             return Ok(());
         }
+        for event in result.events.iter().filter(|event| is_watched(event)) {
+            let mut event = event.clone();
+            event.prev_kv = None;
+            let revision = event.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            self.watched.push((revision, event));
+        }
         for event in &result.events {
             if event.r#type != EventType::Put as i32 {
                 continue;
@@ -77,6 +90,11 @@ impl KvChecker {
             self.written.insert(value, kv.mod_revision);
         }
         Ok(())
+    }
+
+    /// The events a watcher of the register keys must deliver, in order.
+    pub fn watched_events(&self) -> &[(i64, Event)] {
+        &self.watched
     }
 
     /// A client was told its put of `value` succeeded at `revision`.

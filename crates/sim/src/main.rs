@@ -99,7 +99,8 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
         Ok(report) => {
             println!(
                 "seed {seed}: ok: {} nodes, {} events, {} writes ok / {} failed / {} unknown, \
-                 {} reads ({} from a lease), {} history events checked, {} leaders elected, {} snapshots installed, {} membership changes, \
+                 {} reads ({} from a lease), {} history events checked, {} watch events checked ({} watchers restarted \
+                 after a compaction), {} leaders elected, {} snapshots installed, {} membership changes, \
                  ended at time {}",
                 report.nodes,
                 report.events,
@@ -109,6 +110,8 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
                 report.reads_ok,
                 report.lease_reads_ok,
                 report.history_operations,
+                report.watch_events_checked,
+                report.watchers_restarted,
                 report.elections,
                 report.snapshots_installed,
                 report.membership_changes,

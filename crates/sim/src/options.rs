@@ -56,6 +56,9 @@ pub struct SimOptions {
     pub disk_error_one_in: u64,
     /// Leaders answer reads from their lease when they hold one (forces check-quorum on).
     pub lease_reads: bool,
+    /// How many revisions a watcher's queue holds before it falls back to history (small, so
+    /// that path runs).
+    pub watch_queue_revisions_max: usize,
 }
 
 impl SimOptions {
@@ -93,6 +96,8 @@ impl SimOptions {
             storage: StorageKind::Mem,
             disk_error_one_in: [0, 0, 500, 3000][prng.range(0, 4) as usize],
             lease_reads: false,
+            // Drawn last, so the fields above are what they were for every seed.
+            watch_queue_revisions_max: [1, 4, 1024][prng.range(0, 3) as usize],
         }
     }
 }

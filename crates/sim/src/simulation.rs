@@ -11,6 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use flotilla_kv::Limits;
@@ -20,7 +21,8 @@ use flotilla_raft::{
 };
 use flotilla_server::driver::{Actions, Driver};
 use flotilla_server::members::MemberTable;
-use flotilla_server::state_machine::{Applied, StateMachine};
+use flotilla_server::state_machine::{Applied, EventSink, StateMachine};
+use flotilla_server::watch::hub::{QueueBounds, WatchHub};
 
 use crate::checker::{Checker, NodeView, Violation, believed_durable};
 use crate::digest::{AppliedRecord, payload_digest, text_digest};
@@ -32,9 +34,12 @@ use crate::workload::History;
 
 mod clients;
 mod episodes;
+mod watchers;
 
 use clients::{Client, Waiter};
 use episodes::Figure8;
+use watchers::SimWatcher;
+pub(crate) use watchers::is_watched;
 
 /// The driver as the simulator runs it: the same code as the server's, with client ids for
 /// waiters where the server has reply channels.
@@ -63,6 +68,10 @@ pub struct RunReport {
     pub lease_reads_ok: u64,
     /// Events in the register history checked for linearizability.
     pub history_operations: u64,
+    /// Watch events delivered by the members' watchers, each checked.
+    pub watch_events_checked: u64,
+    /// Watchers cancelled by a compaction and started again.
+    pub watchers_restarted: u64,
     pub elections: u64,
     pub snapshots_installed: u64,
     pub membership_changes: u64,
@@ -145,10 +154,23 @@ impl Ord for MessageKey {
     }
 }
 
-/// One member as the server runs it: the driver over the core, and the state machine.
+/// One member as the server runs it: the driver over the core, the state machine (behind the
+/// lock the server's readers and watchers take), and the watch hub apply feeds.
 struct Member<S: SimStorage> {
     driver: SimDriver<S>,
-    state: StateMachine,
+    state: RwLock<StateMachine>,
+    hub: WatchHub,
+    watchers: Vec<SimWatcher>,
+}
+
+impl<S: SimStorage> Member<S> {
+    fn state(&self) -> RwLockReadGuard<'_, StateMachine> {
+        self.state.read().expect("one thread: never poisoned")
+    }
+
+    fn state_mut(&mut self) -> &mut StateMachine {
+        self.state.get_mut().expect("one thread: never poisoned")
+    }
 }
 
 enum NodeState<S: SimStorage> {
@@ -335,6 +357,8 @@ impl<S: SimStorage> Simulation<S> {
             reads_ok: 0,
             lease_reads_ok: 0,
             history_operations: 0,
+            watch_events_checked: 0,
+            watchers_restarted: 0,
             elections: 0,
             snapshots_installed: 0,
             membership_changes: 0,
@@ -513,10 +537,18 @@ impl<S: SimStorage> Simulation<S> {
         let config = self.node_config(id);
         let node = RaftNode::new(config, storage, state.applied_index())
             .expect("node starts from valid storage");
-        let member = Member {
-            driver: Driver::new(node, PROPOSALS_MAX),
-            state,
+        let bounds = QueueBounds {
+            revisions_max: self.options.watch_queue_revisions_max,
+            ..QueueBounds::default()
         };
+        let mut member = Member {
+            driver: Driver::new(node, PROPOSALS_MAX),
+            state: RwLock::new(state),
+            hub: WatchHub::new(bounds),
+            watchers: Vec::new(),
+        };
+        member.start_watcher(1);
+        member.start_watcher(0);
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
         self.nodes.insert(
             id,
@@ -665,6 +697,7 @@ impl<S: SimStorage> Simulation<S> {
             if self.nodes[&id].running().is_none() {
                 return;
             }
+            self.step_watchers(id);
             if !self.lease_reads_waiting.is_empty() {
                 self.resolve_lease_reads(id);
             }
@@ -836,11 +869,16 @@ impl<S: SimStorage> Simulation<S> {
     /// Applies one entry and checks that it did exactly what it did on every other member.
     fn apply_entry(&mut self, id: NodeId, entry: &flotilla_raft::Entry) -> Option<Applied> {
         let member = self.nodes.get_mut(&id)?.member_mut()?;
-        let applied = member.state.apply_entry(entry);
+        let applied = member.state_mut().apply_entry(entry);
+        if let Applied::Kv(result) = &applied
+            && !result.events.is_empty()
+        {
+            member.hub.publish(result.revision, &result.events);
+        }
         let store_digest = entry
             .index
             .is_multiple_of(FULL_DIGEST_EVERY)
-            .then(|| member.state.kv.digest());
+            .then(|| member.state().kv.digest());
         let record = AppliedRecord {
             term: entry.term,
             payload_digest: payload_digest(entry),
@@ -896,7 +934,9 @@ impl<S: SimStorage> Simulation<S> {
             meta.last
         );
         let digest = state.kv.digest();
-        member.state = state;
+        let previous_revision = member.state().kv.current_revision();
+        *member.state_mut() = state;
+        member.hub.state_replaced(previous_revision);
         if let Err(violation) = self.kv.check_store(id, meta.last.index, digest) {
             panic!("{violation}");
         }
@@ -910,23 +950,23 @@ impl<S: SimStorage> Simulation<S> {
         let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
             return;
         };
-        let index = member.state.applied_index();
+        let index = member.state().applied_index();
         if index <= member.driver.node().snapshot_id().index {
             return;
         }
-        let digest = member.state.kv.digest();
-        let mut cursor = member.state.begin_snapshot();
+        let digest = member.state().kv.digest();
+        let mut cursor = member.state_mut().begin_snapshot();
         let mut data = Vec::new();
         loop {
             let done = member
-                .state
+                .state()
                 .continue_snapshot(&mut cursor, &mut data, SNAPSHOT_STEP_BYTES)
                 .unwrap_or_else(|err| panic!("node {id}: encoding a snapshot failed: {err}"));
             if done {
                 break;
             }
         }
-        member.state.end_snapshot(cursor);
+        member.state_mut().end_snapshot(cursor);
         let meta = match member.driver.snapshot_meta(index) {
             Ok(meta) => meta,
             Err(err) => return self.core_failed(id, err),

@@ -451,7 +451,7 @@ impl<S: SimStorage> Simulation<S> {
         let Some(applied) = self.nodes.get(&id).and_then(SimNode::member) else {
             return;
         };
-        let applied = applied.state.applied_index();
+        let applied = applied.state().applied_index();
         let (ready, waiting): (Vec<_>, Vec<_>) = self
             .lease_reads_waiting
             .drain(..)
@@ -471,7 +471,8 @@ impl<S: SimStorage> Simulation<S> {
         let member = self.nodes[&id].member().expect("running");
         let c = &self.clients[client];
         let op = c.op.as_ref().expect("a read in progress");
-        let applied = member.state.applied_index();
+        let state = member.state();
+        let applied = state.applied_index();
         if linearizable {
             // A read sees every write acknowledged before it began.
             assert!(
@@ -482,11 +483,11 @@ impl<S: SimStorage> Simulation<S> {
             );
         }
         let range = op.request.range().expect("a read");
-        let response = member
-            .state
+        let response = state
             .kv
             .range(&range)
             .unwrap_or_else(|err| panic!("node {id}: a range of one key failed: {err}"));
+        drop(state);
         let value = response
             .kvs
             .first()
