@@ -16,6 +16,7 @@ const PROTO_FILES: &[&str] = &[
     "flotilla/kv/v1/command.proto",
     "flotilla/kv/v1/snapshot.proto",
     "flotilla/session/v1/session.proto",
+    "flotilla/peer/v1/peer.proto",
 ];
 
 /// Marks generated gRPC code so it compiles only with the `grpc` feature; the messages are

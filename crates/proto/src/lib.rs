@@ -10,6 +10,8 @@
 //! - [`v3lockpb`], [`v3electionpb`]: etcd's lock and election services, same wire format.
 //! - [`flotilla::kv::v1`]: Flotilla's internal messages: the command envelope of the Raft log,
 //!   and the records of a key-value snapshot.
+//! - [`flotilla::session::v1`]: client sessions for duplicate suppression.
+//! - [`flotilla::peer::v1`]: the protocol between the members of a cluster.
 //!
 //! With the `json` feature, the messages of etcd's packages also implement serde's
 //! `Serialize` and `Deserialize` in the protobuf JSON mapping with etcd's JSON field names,
@@ -75,6 +77,16 @@ pub mod flotilla {
         #[allow(clippy::all, clippy::pedantic, missing_docs)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/flotilla.session.v1.rs"));
+        }
+    }
+
+    /// The protocol between the members of one cluster (Raft streams, forwarded requests,
+    /// joining, the corruption check): never exposed to clients.
+    pub mod peer {
+        /// Version 1 of the peer protocol.
+        #[allow(clippy::all, clippy::pedantic, missing_docs)]
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/flotilla.peer.v1.rs"));
         }
     }
 }

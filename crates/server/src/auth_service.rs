@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 use crate::auth::{AuthError, Tokens, no_password, password};
 use crate::members::encode_server_command;
 use crate::peer_proto::{
-    AuthCommand, AuthenticateCommand, ServerCommand, auth_command, forward_response, server_command,
+    AuthCommand, AuthenticateCommand, ServerCommand, auth_command, server_command,
 };
+use crate::routing::AnswerResult;
 use crate::services::{AUTH, ClientServices};
 
 type Reply<T> = Result<Response<T>, Status>;
@@ -44,7 +45,7 @@ impl ClientServices {
             .write(encode_server_command(&command), 0)
             .await?;
         let token = match response.result {
-            Some(forward_response::Result::AuthToken(token)) => Some(token),
+            AnswerResult::AuthToken(token) => Some(token),
             _ => None,
         };
         Ok((response.revision, token))

@@ -6,6 +6,7 @@ use tonic::{Code, Status};
 
 use crate::driver::Refusal;
 use crate::node::NodeError;
+use crate::routing::RouteError;
 
 pub const NO_LEADER: &str = "etcdserver: no leader";
 pub const NOT_LEADER: &str = "etcdserver: not leader";
@@ -27,12 +28,6 @@ pub const LEARNER_NOT_READY: &str =
 pub const NOT_A_LEARNER: &str = "etcdserver: can only promote a learner member";
 pub const NOT_ENOUGH_STARTED_MEMBERS: &str =
     "etcdserver: re-configuration failed due to not enough started members";
-/// Internal to forwarding: the member asked is no longer the leader; the forwarder retries.
-pub const FORWARD_NOT_LEADER: &str = "flotilla: forwarded to a member that is not the leader";
-/// Internal to forwarding: the leader could not be reached and certainly did not get the
-/// request (or may safely get it again); the forwarder holds it for the next leader.
-pub const FORWARD_UNDELIVERED: &str = "flotilla: the leader could not be reached";
-
 pub fn kv_status(error: &KvError) -> Status {
     let code = match error.grpc_code() {
         GrpcCode::InvalidArgument => Code::InvalidArgument,
@@ -55,10 +50,27 @@ pub fn node_status(error: NodeError) -> Status {
     }
 }
 
+/// A request that could not be carried out at the leader, as the client sees it: the one place
+/// where the leader route's typed errors become etcd's codes and texts.
+impl From<RouteError> for Status {
+    fn from(error: RouteError) -> Status {
+        match error {
+            RouteError::NotLeader => Status::unavailable(NOT_LEADER),
+            RouteError::Undelivered | RouteError::LeaderUnreachable | RouteError::NoLeader => {
+                Status::unavailable(REQUEST_TIMED_OUT_LEADER_FAIL)
+            }
+            RouteError::TimedOut => Status::unavailable(REQUEST_TIMED_OUT),
+            RouteError::TooManyHeld => Status::resource_exhausted(TOO_MANY_REQUESTS),
+            RouteError::Node(error) => node_status(error),
+            RouteError::Failed(status) => status,
+        }
+    }
+}
+
 pub fn refusal_status(refusal: Refusal) -> Status {
     match refusal {
         Refusal::NotLeader(None) => Status::unavailable(NO_LEADER),
-        Refusal::NotLeader(Some(_)) => Status::unavailable(FORWARD_NOT_LEADER),
+        Refusal::NotLeader(Some(_)) => Status::unavailable(NOT_LEADER),
         Refusal::LeaderChanged => Status::unavailable(LEADER_CHANGED),
         Refusal::Overloaded(detail) => {
             tracing::debug!("refusing a request: {detail}");

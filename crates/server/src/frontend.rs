@@ -1,12 +1,10 @@
-//! What the client services share: proposing writes (here or, on a follower, forwarded to the
-//! leader), linearizable read barriers, membership changes, response headers, session activity.
+//! What the client services share: proposing writes and the other requests only the leader
+//! carries out (through the one leader route, `routing.rs`), linearizable read barriers,
+//! membership checks, response headers, session activity.
 //!
 //! Any member serves any request (etcd-api.md §3.3): a write on a follower is forwarded to the
-//! leader over the peer channel and answered with the leader's result; a linearizable read
-//! waits for a read index (which the core fetches from the leader) and is then served from the
-//! local state machine. A write is retried elsewhere only when it certainly did not happen (the
-//! member asked was not the leader); an unknown outcome is returned as an error, never retried
-//! here, so a write without a session is applied at most once.
+//! leader and answered with the leader's result; a linearizable read waits for a read index
+//! (which the core fetches from the leader) and is then served from the local state machine.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -14,35 +12,29 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_kv::{Author, Command, Response};
+use flotilla_kv::{Author, Command};
 use flotilla_kv::{Operation, space_cost_bytes};
 use flotilla_proto::etcdserverpb::alarm_request::AlarmAction;
 use flotilla_proto::etcdserverpb::{
-    AlarmRequest, AlarmResponse, AlarmType, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
-    ResponseHeader,
+    AlarmRequest, AlarmType, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use flotilla_proto::{SEQUENCE_METADATA_KEY, SESSION_METADATA_KEY};
-use flotilla_raft::{ConfChange, ConfChangeStep, Index, NodeId};
-use prost::Message as _;
+use flotilla_raft::{ConfChangeStep, Index, NodeId};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::driver::Refusal;
 use crate::errors::{
-    FORWARD_NOT_LEADER, FORWARD_UNDELIVERED, INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER,
-    PEER_URL_EXISTS, REQUEST_TIMED_OUT, REQUEST_TIMED_OUT_LEADER_FAIL, TOO_MANY_REQUESTS,
-    kv_status, node_status,
+    INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER, PEER_URL_EXISTS, REQUEST_TIMED_OUT, kv_status,
+    node_status,
 };
 use crate::held::HeldRequests;
 use crate::lease::{LeaseError, Lessor};
 use crate::members::{encode_server_command, member_id};
 use crate::node::{NodeError, NodeHandle};
 use crate::peer_proto::peer_client::PeerClient;
-use crate::peer_proto::{
-    ForwardRequest, ForwardResponse, MemberChange, MemberInfo, Members, ServerCommand,
-    forward_request, forward_response, member_change, server_command,
-};
-use crate::state_machine::Applied;
+use crate::peer_proto::{MemberChange, MemberInfo, ServerCommand, member_change, server_command};
+use crate::routing::{Answer, AnswerResult, LeaderRequest, RouteError};
 use crate::transport::{PeerIdentity, peer_client};
 
 /// What a request presented to say who sent it.
@@ -100,7 +92,7 @@ pub struct Frontend {
     raising_nospace: std::sync::atomic::AtomicBool,
     peers: Mutex<BTreeMap<NodeId, (String, PeerClient<Channel>)>>,
     /// Requests waiting for a leader (bounded).
-    held: HeldRequests,
+    pub(crate) held: HeldRequests,
     /// On the leader: when each client session was last heard of.
     session_activity: Mutex<BTreeMap<u64, Instant>>,
     /// When each peer last sent Raft messages here: a member heard from recently is
@@ -402,115 +394,10 @@ impl Frontend {
         self.raising_nospace.store(false, Ordering::Release);
     }
 
-    /// Proposes an encoded command, here or at the leader, and returns its result.
-    pub async fn write(&self, data: Bytes, session_id: u64) -> Result<ForwardResponse, Status> {
-        let deadline = self.deadline();
-        loop {
-            match self.node.propose(data.clone(), deadline).await {
-                Ok(applied) => {
-                    self.note_session(session_id);
-                    return applied_response(applied);
-                }
-                // A leadership transfer is under way: nothing was proposed; wait for the
-                // new leader and go there.
-                Err(NodeError::Refused(Refusal::Refused(
-                    flotilla_raft::Error::TransferInProgress { .. },
-                ))) => {
-                    let me = Some(self.identity.member_id);
-                    let wait = Instant::now() + self.election_timeout;
-                    self.node
-                        .wait_for(wait.min(deadline), |s| s.leader != me)
-                        .await;
-                    if Instant::now() >= deadline {
-                        return Err(Status::unavailable(REQUEST_TIMED_OUT));
-                    }
-                }
-                Err(NodeError::Refused(Refusal::NotLeader(hint))) => {
-                    let request = forward_request::Request::Command(data.clone());
-                    if let Some(response) = self
-                        .forward_or_wait(hint, request, session_id, deadline)
-                        .await?
-                    {
-                        return Ok(response);
-                    }
-                }
-                Err(err) => return Err(node_status(err)),
-            }
-        }
-    }
-
-    /// The leader's side of a forwarded write: propose here, never forward again.
-    pub async fn write_here(
-        &self,
-        data: Bytes,
-        session_id: u64,
-    ) -> Result<ForwardResponse, Status> {
-        match self.node.propose(data, self.deadline()).await {
-            Ok(applied) => {
-                self.note_session(session_id);
-                applied_response(applied)
-            }
-            Err(err) => Err(node_status(err)),
-        }
-    }
-
-    /// With a leader hint, forwards the request; `None` means "not done, try again" (the
-    /// leader moved, or one was just elected). A request that finds no leader, or a leader
-    /// that certainly did not get it (see [`never_sent`]; or one under a client session,
-    /// which may safely be sent again), is held
-    /// until a leader is known again, so a client's first attempt succeeds about one election
-    /// after a leader dies; held requests are bounded in count and bytes. Errors at the
-    /// deadline with etcd's text.
-    async fn forward_or_wait(
-        &self,
-        hint: Option<NodeId>,
-        request: forward_request::Request,
-        session_id: u64,
-        deadline: Instant,
-    ) -> Result<Option<ForwardResponse>, Status> {
-        if Instant::now() >= deadline {
-            return Err(Status::unavailable(REQUEST_TIMED_OUT));
-        }
-        let bytes = request.encoded_len();
-        let Some(leader) = hint else {
-            self.hold(bytes, deadline, |s| s.leader.is_some()).await?;
-            return Ok(None);
-        };
-        match self.forward(leader, request, session_id, deadline).await {
-            Err(status) if status.message() == FORWARD_NOT_LEADER => {
-                // The leader we knew has moved on; wait for news, briefly.
-                let status_before = self.node.status().leader;
-                let wait = Duration::from_millis(50).min(self.election_timeout);
-                self.node
-                    .wait_for(Instant::now() + wait, |s| s.leader != status_before)
-                    .await;
-                Ok(None)
-            }
-            Err(status) if status.message() == FORWARD_UNDELIVERED => {
-                self.hold(bytes, deadline, |s| s.leader != Some(leader))
-                    .await?;
-                Ok(None)
-            }
-            other => other.map(Some),
-        }
-    }
-
-    /// Holds a request of `bytes` until `ready` holds of the node's status (a leader is known,
-    /// or another than the unreachable one) or the deadline passes. Refused at once with
-    /// "too many requests" when the held requests are at their bound.
-    async fn hold(
-        &self,
-        bytes: usize,
-        deadline: Instant,
-        ready: impl Fn(&crate::node::NodeStatus) -> bool,
-    ) -> Result<(), Status> {
-        let Some(_held) = self.held.take(bytes) else {
-            return Err(Status::resource_exhausted(TOO_MANY_REQUESTS));
-        };
-        match self.node.wait_for(deadline, ready).await {
-            Some(_) => Ok(()),
-            None => Err(Status::unavailable(REQUEST_TIMED_OUT_LEADER_FAIL)),
-        }
+    /// Proposes an encoded command at the leader and returns its result.
+    pub async fn write(&self, data: Bytes, session_id: u64) -> Result<Answer, RouteError> {
+        self.at_leader(LeaderRequest::Command(data), session_id)
+            .await
     }
 
     async fn wait_for_leader(&self, deadline: Instant) -> Result<(), Status> {
@@ -520,46 +407,6 @@ impl Frontend {
         }
     }
 
-    async fn forward(
-        &self,
-        leader: NodeId,
-        request: forward_request::Request,
-        session_id: u64,
-        deadline: Instant,
-    ) -> Result<ForwardResponse, Status> {
-        let mut client = self.peer(leader)?;
-        let mut call = Request::new(ForwardRequest {
-            request: Some(request),
-            session_id,
-        });
-        self.identity.stamp(call.metadata_mut(), leader);
-        call.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match client.forward(call).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) if never_sent(&status) => {
-                tracing::debug!(leader, "forwarding failed, nothing sent: {status}");
-                Err(Status::unavailable(FORWARD_UNDELIVERED))
-            }
-            // Our own deadline passed.
-            Err(status) if status.code() == tonic::Code::Cancelled => {
-                Err(Status::unavailable(REQUEST_TIMED_OUT))
-            }
-            Err(status) if is_transport_failure(&status) => {
-                tracing::debug!(leader, "forwarding failed: {status}");
-                if session_id != 0 {
-                    // Perhaps delivered, but under a session: the state machine answers a
-                    // retry from memory, so sending it again applies it at most once.
-                    Err(Status::unavailable(FORWARD_UNDELIVERED))
-                } else {
-                    // The leader is unreachable: it may have done the work or not.
-                    Err(Status::unavailable(REQUEST_TIMED_OUT_LEADER_FAIL))
-                }
-            }
-            Err(status) => Err(status),
-        }
-    }
-
-    /// A client to a peer's Forward endpoint, cached by its URL.
     /// A client for member `id`'s peer service (cached per member and URL).
     pub fn peer(&self, id: NodeId) -> Result<PeerClient<Channel>, Status> {
         let url = {
@@ -658,67 +505,24 @@ impl Frontend {
 
     // ----- Membership ----------------------------------------------------------------------
 
-    /// Adds, removes or promotes a member, here if leader, else at the leader.
-    pub async fn change_membership(&self, change: MemberChange) -> Result<Vec<MemberInfo>, Status> {
-        let deadline = self.deadline();
-        loop {
-            let hint = self.node.status().leader;
-            if hint == Some(self.identity.member_id) {
-                match self.change_membership_here(change.clone(), deadline).await {
-                    // Leadership just moved: go to the new leader (within the deadline).
-                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
-                        if Instant::now() >= deadline {
-                            return Err(Status::unavailable(REQUEST_TIMED_OUT));
-                        }
-                        let me = Some(self.identity.member_id);
-                        let wait = (Instant::now() + self.election_timeout).min(deadline);
-                        self.node.wait_for(wait, |s| s.leader != me).await;
-                        continue;
-                    }
-                    other => return other,
-                }
-            }
-            let request = forward_request::Request::MemberChange(change.clone());
-            if let Some(response) = self.forward_or_wait(hint, request, 0, deadline).await? {
-                return members_of(response);
-            }
-        }
-    }
-
-    /// The leader's side of a membership change.
-    pub async fn change_membership_here(
+    /// Adds, removes or promotes a member, at the leader; the members after the change.
+    pub async fn change_membership(
         &self,
-        mut change: MemberChange,
-        deadline: Instant,
-    ) -> Result<Vec<MemberInfo>, Status> {
-        let step = self.conf_change_step(&mut change)?;
-        let context = MemberInfo {
-            id: change.id,
-            peer_urls: change.peer_urls.clone(),
-            is_learner: change.is_learner,
-            ..MemberInfo::default()
-        };
-        loop {
-            let conf_change = ConfChange {
-                steps: vec![step],
-                context: Bytes::from(context.encode_to_vec()),
-            };
-            match self.node.propose_membership(conf_change, deadline).await {
-                Ok(applied) => return members_of(applied_response(applied)?),
-                // The previous change (or its second, joint-leaving step) is still on its way.
-                Err(NodeError::Refused(Refusal::Refused(
-                    flotilla_raft::Error::MembershipChangeInProgress { .. },
-                ))) if Instant::now() < deadline => {
-                    let pause = Duration::from_millis(20);
-                    tokio::time::sleep(pause).await;
-                }
-                Err(err) => return Err(node_status(err)),
-            }
-        }
+        change: MemberChange,
+    ) -> Result<Vec<MemberInfo>, RouteError> {
+        self.at_leader(LeaderRequest::MemberChange(change), 0)
+            .await?
+            .pick(|r| match r {
+                AnswerResult::Members(members) => Some(members.members),
+                _ => None,
+            })
     }
 
     /// Checks the change against the member table and fills in the id of a new member.
-    fn conf_change_step(&self, change: &mut MemberChange) -> Result<ConfChangeStep, Status> {
+    pub(crate) fn conf_change_step(
+        &self,
+        change: &mut MemberChange,
+    ) -> Result<ConfChangeStep, Status> {
         let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
         let table = &state.members;
         let kind = member_change::Kind::try_from(change.kind)
@@ -816,37 +620,26 @@ impl Frontend {
 
     /// LeaseKeepAlive: renews at the leader (forwarded there from a follower); the TTL, or 0
     /// if the lease is gone.
-    pub async fn keep_lease_alive(&self, id: i64) -> Result<i64, Status> {
-        let deadline = self.deadline();
-        loop {
-            let leader = self.node.status().leader;
-            if leader == Some(self.identity.member_id) {
-                match self.keep_lease_alive_here(id, deadline).await {
-                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
-                        self.wait_for_leader_change(deadline).await?;
-                        continue;
-                    }
-                    other => return other,
-                }
-            }
-            let request = forward_request::Request::LeaseKeepAlive(id);
-            if let Some(response) = self.forward_idempotent(leader, request, deadline).await? {
-                return expect_result(response, |r| match r {
-                    forward_response::Result::LeaseTtl(ttl) => Some(ttl),
-                    _ => None,
-                });
-            }
-        }
+    pub async fn keep_lease_alive(&self, id: i64) -> Result<i64, RouteError> {
+        self.at_leader(LeaderRequest::LeaseKeepAlive(id), 0)
+            .await?
+            .pick(|r| match r {
+                AnswerResult::LeaseTtl(ttl) => Some(ttl),
+                _ => None,
+            })
     }
 
     /// The leader's side of a renewal. Just after an election the lease clock is not started
     /// yet (the new leader first applies its predecessors' entries): wait for it.
-    pub async fn keep_lease_alive_here(&self, id: i64, deadline: Instant) -> Result<i64, Status> {
+    pub async fn keep_lease_alive_here(
+        &self,
+        id: i64,
+        deadline: Instant,
+    ) -> Result<i64, RouteError> {
         loop {
             match self.lessor.renew(&self.node, id, deadline).await {
-                Ok(ttl) => return Ok(ttl),
-                Err(LeaseError::Failed(status)) => return Err(status),
                 Err(LeaseError::NotPrimary) => self.wait_lease_clock(deadline).await?,
+                done => return done.map_err(RouteError::from),
             }
         }
     }
@@ -855,27 +648,13 @@ impl Frontend {
     pub async fn lease_time_to_live(
         &self,
         request: LeaseTimeToLiveRequest,
-    ) -> Result<LeaseTimeToLiveResponse, Status> {
-        let deadline = self.deadline();
-        loop {
-            let leader = self.node.status().leader;
-            if leader == Some(self.identity.member_id) {
-                match self.lease_time_to_live_here(request, deadline).await {
-                    Err(status) if status.message() == FORWARD_NOT_LEADER => {
-                        self.wait_for_leader_change(deadline).await?;
-                        continue;
-                    }
-                    other => return other,
-                }
-            }
-            let forwarded = forward_request::Request::LeaseTimeToLive(request);
-            if let Some(response) = self.forward_idempotent(leader, forwarded, deadline).await? {
-                return expect_result(response, |r| match r {
-                    forward_response::Result::LeaseTimeToLive(answer) => Some(answer),
-                    _ => None,
-                });
-            }
-        }
+    ) -> Result<LeaseTimeToLiveResponse, RouteError> {
+        self.at_leader(LeaderRequest::LeaseTimeToLive(request), 0)
+            .await?
+            .pick(|r| match r {
+                AnswerResult::LeaseTimeToLive(answer) => Some(answer),
+                _ => None,
+            })
     }
 
     /// The leader's side of LeaseTimeToLive: TTL -1 for an unknown lease (not an error).
@@ -883,7 +662,7 @@ impl Frontend {
         &self,
         request: LeaseTimeToLiveRequest,
         deadline: Instant,
-    ) -> Result<LeaseTimeToLiveResponse, Status> {
+    ) -> Result<LeaseTimeToLiveResponse, RouteError> {
         loop {
             let answer = {
                 let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
@@ -904,64 +683,27 @@ impl Frontend {
                     })
             };
             match answer {
-                Ok(answer) => return Ok(answer),
-                Err(LeaseError::Failed(status)) => return Err(status),
                 Err(LeaseError::NotPrimary) => self.wait_lease_clock(deadline).await?,
+                done => return done.map_err(RouteError::from),
             }
-        }
-    }
-
-    /// Forwards a request that may be repeated without harm (a renewal, a time-to-live): a
-    /// leader that cannot be reached (killed, partitioned) is not the end of it; wait for
-    /// news of another, up to an election timeout at a time, and let the caller try again
-    /// until its deadline. `None`: try again.
-    async fn forward_idempotent(
-        &self,
-        leader: Option<NodeId>,
-        request: forward_request::Request,
-        deadline: Instant,
-    ) -> Result<Option<ForwardResponse>, Status> {
-        match self.forward_or_wait(leader, request, 0, deadline).await {
-            Err(status)
-                if status.code() == tonic::Code::Unavailable
-                    && [REQUEST_TIMED_OUT, REQUEST_TIMED_OUT_LEADER_FAIL]
-                        .contains(&status.message())
-                    && Instant::now() < deadline =>
-            {
-                let wait = (Instant::now() + self.election_timeout).min(deadline);
-                self.node.wait_for(wait, |s| s.leader != leader).await;
-                Ok(None)
-            }
-            other => other,
         }
     }
 
     /// Waits a little for this leader's lease clock; "not leader" if leadership moved on.
-    async fn wait_lease_clock(&self, deadline: Instant) -> Result<(), Status> {
-        if self.node.status().leader != Some(self.identity.member_id) {
-            return Err(Status::unavailable(FORWARD_NOT_LEADER));
+    async fn wait_lease_clock(&self, deadline: Instant) -> Result<(), RouteError> {
+        if self.node.leader() != Some(self.identity.member_id) {
+            return Err(RouteError::NotLeader);
         }
         let wait = (Instant::now() + Duration::from_millis(50)).min(deadline);
         if !self.lessor.wait_primary(wait).await && Instant::now() >= deadline {
-            return Err(Status::unavailable(REQUEST_TIMED_OUT));
+            return Err(RouteError::TimedOut);
         }
-        Ok(())
-    }
-
-    /// After "not leader" from this member's own leader role: wait for news of another.
-    async fn wait_for_leader_change(&self, deadline: Instant) -> Result<(), Status> {
-        if Instant::now() >= deadline {
-            return Err(Status::unavailable(REQUEST_TIMED_OUT));
-        }
-        let me = Some(self.identity.member_id);
-        let wait = (Instant::now() + self.election_timeout).min(deadline);
-        self.node.wait_for(wait, |s| s.leader != me).await;
         Ok(())
     }
 
     // ----- Sessions ------------------------------------------------------------------------
 
-    fn note_session(&self, session_id: u64) {
+    pub(crate) fn note_session(&self, session_id: u64) {
         if session_id != 0 {
             self.session_activity
                 .lock()
@@ -971,24 +713,14 @@ impl Frontend {
     }
 
     /// KeepAlive: true if the session exists (answered by the leader, which tracks activity).
-    pub async fn keep_session_alive(&self, session_id: u64) -> Result<bool, Status> {
-        let deadline = self.deadline();
-        loop {
-            let leader = self.node.status().leader;
-            if leader == Some(self.identity.member_id) {
-                return Ok(self.keep_session_alive_here(session_id));
-            }
-            let request = forward_request::Request::SessionKeepAlive(session_id);
-            if let Some(response) = self
-                .forward_or_wait(leader, request, session_id, deadline)
-                .await?
-            {
-                return match response.result {
-                    Some(forward_response::Result::SessionAlive(alive)) => Ok(alive),
-                    _ => Err(Status::internal("flotilla: unexpected keep-alive answer")),
-                };
-            }
-        }
+    pub async fn keep_session_alive(&self, session_id: u64) -> Result<bool, RouteError> {
+        let request = LeaderRequest::SessionKeepAlive(session_id);
+        self.at_leader(request, session_id)
+            .await?
+            .pick(|r| match r {
+                AnswerResult::SessionAlive(alive) => Some(alive),
+                _ => None,
+            })
     }
 
     pub fn keep_session_alive_here(&self, session_id: u64) -> bool {
@@ -1037,147 +769,6 @@ impl Frontend {
     }
 }
 
-/// The request certainly never reached the leader: the connection could not be opened
-/// (refused: the leader's process is gone), or the connection was found closed before the
-/// request was handed to it (hyper's "canceled": a leader killed just before, its closed
-/// connection not yet noticed).
-fn never_sent(status: &Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(error) = source {
-        let refused = error
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-        let canceled = error
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_canceled);
-        if refused || canceled {
-            return true;
-        }
-        source = error.source();
-    }
-    false
-}
-
-fn is_transport_failure(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
-    ) && !status.message().starts_with("etcdserver:")
-        && status.message() != FORWARD_NOT_LEADER
-}
-
 fn valid_url(url: &str) -> bool {
     crate::config::parse_url(url).is_ok()
-}
-
-/// The result of an applied entry, in the form forwarding carries it.
-pub fn applied_response(applied: Applied) -> Result<ForwardResponse, Status> {
-    use forward_response::Result as R;
-    let revision = applied.revision();
-    let result = match applied {
-        Applied::Kv(result) => match result.outcome {
-            Ok(Response::Put(r)) => R::Put(r),
-            Ok(Response::DeleteRange(r)) => R::DeleteRange(r),
-            Ok(Response::Txn(r)) => R::Txn(r),
-            Ok(Response::Compaction(r)) => R::Compaction(r),
-            Ok(Response::SessionRegistered { session_id, .. }) => R::SessionRegistered(session_id),
-            Ok(Response::LeaseGrant(r)) => R::LeaseGrant(r),
-            Ok(Response::LeaseRevoke(r)) => R::LeaseRevoke(r),
-            Ok(_) => R::Done(true),
-            Err(error) => return Err(crate::errors::kv_status(&error)),
-        },
-        Applied::Members { members, .. } => R::Members(Members { members }),
-        Applied::Alarm { changed, .. } => R::Alarm(AlarmResponse {
-            header: None,
-            alarms: changed,
-        }),
-        Applied::Auth { outcome, .. } => match outcome {
-            Ok(crate::auth::AuthApplied {
-                token: Some((token, _)),
-                ..
-            }) => R::AuthToken(token),
-            Ok(_) => R::Done(true),
-            Err(error) => return Err(error.into()),
-        },
-        Applied::Server { .. } => R::Done(true),
-    };
-    Ok(ForwardResponse {
-        revision: answered_revision(&result).unwrap_or(revision),
-        result: Some(result),
-    })
-}
-
-/// The revision recorded in a write's answer by the state machine. A retry answered from its
-/// session's memory keeps its original revision, while the store (and so the applied entry's
-/// revision) may have moved on since; a Put's header revision is the revision of that put.
-fn answered_revision(result: &forward_response::Result) -> Option<i64> {
-    use forward_response::Result as R;
-    let header = match result {
-        R::Put(r) => r.header.as_ref(),
-        R::DeleteRange(r) => r.header.as_ref(),
-        R::Txn(r) => r.header.as_ref(),
-        R::Compaction(r) => r.header.as_ref(),
-        R::LeaseGrant(r) => r.header.as_ref(),
-        R::LeaseRevoke(r) => r.header.as_ref(),
-        _ => None,
-    };
-    header.map(|header| header.revision)
-}
-
-fn members_of(response: ForwardResponse) -> Result<Vec<MemberInfo>, Status> {
-    match response.result {
-        Some(forward_response::Result::Members(members)) => Ok(members.members),
-        other => Err(Status::internal(format!(
-            "flotilla: unexpected answer to a membership change: {other:?}"
-        ))),
-    }
-}
-
-/// Turns a forward response into a specific etcd response, or an internal error.
-pub fn expect_result<T>(
-    response: ForwardResponse,
-    pick: impl FnOnce(forward_response::Result) -> Option<T>,
-) -> Result<T, Status> {
-    response
-        .result
-        .and_then(pick)
-        .ok_or_else(|| Status::internal("flotilla: unexpected answer from the leader"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A forward over a connection that cannot be opened, and one over a connection the
-    /// other side closes before answering: both certainly never delivered.
-    #[tokio::test]
-    async fn a_refused_or_dropped_connection_is_known_never_sent() {
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            listener.local_addr().unwrap().port()
-        };
-        let refused = forward_to(port).await;
-        assert!(never_sent(&refused), "{refused:?}");
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                drop(stream);
-            }
-        });
-        let dropped = forward_to(port).await;
-        assert!(never_sent(&dropped), "{dropped:?}");
-
-        // The negative space: a status with no transport cause is not known to be unsent.
-        assert!(!never_sent(&Status::unavailable("transport error")));
-    }
-
-    async fn forward_to(port: u16) -> Status {
-        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-        peer_client(endpoint.connect_lazy())
-            .forward(Request::new(ForwardRequest::default()))
-            .await
-            .unwrap_err()
-    }
 }

@@ -37,6 +37,7 @@ pub mod node;
 pub mod peer_service;
 pub mod read_lease;
 pub mod restore;
+pub mod routing;
 pub mod server;
 pub mod services;
 pub mod state_machine;
@@ -45,11 +46,8 @@ pub mod tls;
 pub mod transport;
 pub mod watch;
 
-/// The peer protocol, generated from `proto/flotilla/peer/v1/peer.proto`.
-pub mod peer_proto {
-    #![allow(clippy::all, clippy::pedantic, missing_docs)]
-    include!(concat!(env!("OUT_DIR"), "/flotilla.peer.v1.rs"));
-}
+/// The peer protocol (`flotilla-proto`'s `flotilla/peer/v1/peer.proto`).
+pub use flotilla_proto::flotilla::peer::v1 as peer_proto;
 
 pub use config::{ServeArgs, ServerConfig};
 pub use server::{Exit, run};

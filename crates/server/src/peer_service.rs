@@ -7,14 +7,14 @@ use flotilla_raft::{Message, NodeId, codec};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::errors::FORWARD_NOT_LEADER;
 use crate::frontend::Frontend;
 use crate::members::Member;
 use crate::peer_proto::peer_server::Peer;
 use crate::peer_proto::{
     ClusterInfoRequest, ClusterInfoResponse, ForwardRequest, ForwardResponse, MemberInfo,
-    RaftBatch, StreamClosed, forward_request, forward_response,
+    RaftBatch, StreamClosed,
 };
+use crate::routing::{Answer, RouteError};
 use crate::transport::{CLUSTER_ID_HEADER, FROM_HEADER, REMOVED_MESSAGE, TO_HEADER, header_u64};
 
 #[derive(Debug)]
@@ -136,54 +136,19 @@ impl Peer for PeerService {
     ) -> Result<Response<ForwardResponse>, Status> {
         self.check_peer(&request)?;
         let forward = request.into_inner();
-        let me = self.frontend.identity.member_id;
-        if self.frontend.node.status().leader != Some(me) {
-            return Err(Status::unavailable(FORWARD_NOT_LEADER));
-        }
-        let response = match forward.request {
-            Some(forward_request::Request::Command(data)) => {
-                self.frontend.write_here(data, forward.session_id).await?
-            }
-            Some(forward_request::Request::MemberChange(change)) => {
-                let members = self
-                    .frontend
-                    .change_membership_here(change, self.frontend.deadline())
-                    .await?;
-                ForwardResponse {
-                    result: Some(forward_response::Result::Members(
-                        crate::peer_proto::Members { members },
-                    )),
-                    revision: self.frontend.current_revision(),
-                }
-            }
-            Some(forward_request::Request::SessionKeepAlive(id)) => ForwardResponse {
-                result: Some(forward_response::Result::SessionAlive(
-                    self.frontend.keep_session_alive_here(id),
-                )),
-                revision: self.frontend.current_revision(),
-            },
-            Some(forward_request::Request::LeaseKeepAlive(id)) => {
-                let deadline = self.frontend.deadline();
-                let ttl = self.frontend.keep_lease_alive_here(id, deadline).await?;
-                ForwardResponse {
-                    result: Some(forward_response::Result::LeaseTtl(ttl)),
-                    revision: self.frontend.current_revision(),
-                }
-            }
-            Some(forward_request::Request::LeaseTimeToLive(request)) => {
-                let deadline = self.frontend.deadline();
-                let answer = self
-                    .frontend
-                    .lease_time_to_live_here(request, deadline)
-                    .await?;
-                ForwardResponse {
-                    result: Some(forward_response::Result::LeaseTimeToLive(answer)),
-                    revision: self.frontend.current_revision(),
-                }
-            }
-            None => return Err(Status::invalid_argument("flotilla: empty forward request")),
+        let Some(leader_request) = forward.request else {
+            return Err(Status::invalid_argument("flotilla: empty forward request"));
         };
-        Ok(Response::new(response))
+        let me = self.frontend.identity.member_id;
+        let answered = if self.frontend.node.leader() == Some(me) {
+            let deadline = self.frontend.deadline();
+            self.frontend
+                .serve_here(&leader_request, forward.session_id, deadline)
+                .await
+        } else {
+            Err(RouteError::NotLeader)
+        };
+        Ok(Response::new(Answer::into_wire(answered)))
     }
 
     async fn hash_kv(

@@ -530,7 +530,7 @@ async fn publish_attributes(frontend: Arc<Frontend>, name: String, client_urls: 
         }
         let command = publish_attributes_command(id, &name, &client_urls);
         if let Err(status) = frontend.write(command, 0).await {
-            tracing::debug!("publishing attributes: {}", status.message());
+            tracing::debug!("publishing attributes: {status}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -554,7 +554,7 @@ async fn expire_sessions(frontend: Arc<Frontend>) {
         tracing::info!(sessions = ?idle, "expiring idle client sessions");
         let command = flotilla_kv::Command::expire_sessions(idle);
         if let Err(status) = frontend.write(command.encode(), 0).await {
-            tracing::debug!("expiring sessions: {}", status.message());
+            tracing::debug!("expiring sessions: {status}");
         }
     }
 }

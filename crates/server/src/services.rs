@@ -23,11 +23,10 @@ use crate::errors::{
     BAD_LEADER_TRANSFEREE, MEMBER_NOT_FOUND, NO_LEADER, NOT_LEADER, REQUEST_TIMED_OUT, kv_status,
     node_status,
 };
-use crate::frontend::{Credentials, Frontend, expect_result};
+use crate::frontend::{Credentials, Frontend};
 use crate::members::encode_server_command;
-use crate::peer_proto::{
-    MemberChange, MemberInfo, ServerCommand, forward_response, member_change, server_command,
-};
+use crate::peer_proto::{MemberChange, MemberInfo, ServerCommand, member_change, server_command};
+use crate::routing::{Answer, AnswerResult};
 use crate::watch::WatchContext;
 
 /// The version Status reports: etcd clients expect 3.4 or later (etcd-api.md §1.8).
@@ -118,7 +117,7 @@ impl ClientServices {
         &self,
         request: &Request<T>,
         command: Command,
-    ) -> Result<crate::peer_proto::ForwardResponse, Status> {
+    ) -> Result<Answer, Status> {
         self.frontend.refuse_learner()?;
         self.frontend.check_require_leader(request)?;
         let author = self.caller(request)?;
@@ -133,7 +132,7 @@ impl ClientServices {
         });
         validate_command(&command, encoded.len(), &limits).map_err(|e| kv_status(&e))?;
         self.frontend.check_space(&command.operation, space).await?;
-        self.frontend.write(encoded, session_id).await
+        Ok(self.frontend.write(encoded, session_id).await?)
     }
 
     fn members_response(&self, members: Vec<MemberInfo>) -> Vec<Member> {
@@ -235,8 +234,8 @@ impl Lease for ClientServices {
                 .write_command(&request, Command::lease_grant(grant))
                 .await?;
             let revision = response.revision;
-            let mut granted = expect_result(response, |r| match r {
-                forward_response::Result::LeaseGrant(granted) => Some(granted),
+            let mut granted = response.pick(|r| match r {
+                AnswerResult::LeaseGrant(granted) => Some(granted),
                 _ => None,
             })?;
             granted.header = self.frontend.header(revision);
@@ -253,8 +252,8 @@ impl Lease for ClientServices {
             let command = Command::lease_revoke(*request.get_ref());
             let response = self.write_command(&request, command).await?;
             let revision = response.revision;
-            let mut revoked = expect_result(response, |r| match r {
-                forward_response::Result::LeaseRevoke(revoked) => Some(revoked),
+            let mut revoked = response.pick(|r| match r {
+                AnswerResult::LeaseRevoke(revoked) => Some(revoked),
                 _ => None,
             })?;
             revoked.header = self.frontend.header(revision);
@@ -333,15 +332,15 @@ async fn keep_alive_stream(
             }
             () = out.closed() => return,
         };
-        let answer =
-            frontend
-                .keep_lease_alive(request.id)
-                .await
-                .map(|ttl| LeaseKeepAliveResponse {
-                    header: frontend.header(frontend.current_revision()),
-                    id: request.id,
-                    ttl,
-                });
+        let answer = frontend
+            .keep_lease_alive(request.id)
+            .await
+            .map(|ttl| LeaseKeepAliveResponse {
+                header: frontend.header(frontend.current_revision()),
+                id: request.id,
+                ttl,
+            })
+            .map_err(Status::from);
         let failed = answer.is_err();
         if out.send(answer).await.is_err() || failed {
             return;
@@ -392,8 +391,8 @@ impl Kv for ClientServices {
             let command = Command::put(request.get_ref().clone());
             let response = self.write_command(&request, command).await?;
             let revision = response.revision;
-            let mut put = expect_result(response, |r| match r {
-                forward_response::Result::Put(put) => Some(put),
+            let mut put = response.pick(|r| match r {
+                AnswerResult::Put(put) => Some(put),
                 _ => None,
             })?;
             put.header = self.frontend.header(revision);
@@ -410,8 +409,8 @@ impl Kv for ClientServices {
             let command = Command::delete_range(request.get_ref().clone());
             let response = self.write_command(&request, command).await?;
             let revision = response.revision;
-            let mut delete = expect_result(response, |r| match r {
-                forward_response::Result::DeleteRange(delete) => Some(delete),
+            let mut delete = response.pick(|r| match r {
+                AnswerResult::DeleteRange(delete) => Some(delete),
                 _ => None,
             })?;
             delete.header = self.frontend.header(revision);
@@ -447,8 +446,8 @@ impl Kv for ClientServices {
             let command = Command::txn(request.get_ref().clone());
             let response = self.write_command(&request, command).await?;
             let revision = response.revision;
-            let mut txn = expect_result(response, |r| match r {
-                forward_response::Result::Txn(txn) => Some(txn),
+            let mut txn = response.pick(|r| match r {
+                AnswerResult::Txn(txn) => Some(txn),
                 _ => None,
             })?;
             txn.header = self.frontend.header(revision);
@@ -462,8 +461,8 @@ impl Kv for ClientServices {
             let command = Command::compaction(*request.get_ref());
             let response = self.write_command(&request, command).await?;
             let revision = response.revision;
-            let mut compaction = expect_result(response, |r| match r {
-                forward_response::Result::Compaction(c) => Some(c),
+            let mut compaction = response.pick(|r| match r {
+                AnswerResult::Compaction(c) => Some(c),
                 _ => None,
             })?;
             compaction.header = self.frontend.header(revision);
@@ -712,8 +711,8 @@ impl Maintenance for ClientServices {
                 .write(encode_server_command(&command), 0)
                 .await?;
             let revision = response.revision;
-            let changed = expect_result(response, |r| match r {
-                forward_response::Result::Alarm(changed) => Some(changed),
+            let changed = response.pick(|r| match r {
+                AnswerResult::Alarm(changed) => Some(changed),
                 _ => None,
             })?;
             Ok(AlarmResponse {
@@ -912,8 +911,8 @@ impl Session for ClientServices {
                 .write(Command::register_session().encode(), 0)
                 .await?;
             let revision = response.revision;
-            let session_id = expect_result(response, |r| match r {
-                forward_response::Result::SessionRegistered(id) => Some(id),
+            let session_id = response.pick(|r| match r {
+                AnswerResult::SessionRegistered(id) => Some(id),
                 _ => None,
             })?;
             Ok(session::RegisterResponse {

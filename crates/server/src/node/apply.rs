@@ -1,0 +1,389 @@
+//! The apply thread: applies committed entries and installed snapshots to the state machine in
+//! log order, tells the observers (watches, leases, auth) what each did, answers the waiting
+//! proposals, and starts snapshots of the applied state.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+
+use flotilla_kv::Limits;
+use flotilla_raft::{Apply, Index, SnapshotMeta};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::snapshot_pipe::{SnapshotEncoder, SnapshotSaver};
+use super::{ProposalWaiter, SnapshotRequest};
+use crate::metrics::Metrics;
+use crate::state_machine::{Applied, EventSink, StateMachine};
+use crate::storage::{DurableStorage, SnapshotReader};
+
+/// Work for the apply thread, in log order.
+#[derive(Debug)]
+pub(super) enum ApplyWork {
+    Items(Vec<(Apply, Option<ProposalWaiter>)>),
+    Snapshot,
+}
+
+pub(super) struct ApplyContext {
+    pub(super) storage: Arc<dyn DurableStorage>,
+    pub(super) state: Arc<RwLock<StateMachine>>,
+    pub(super) events: Arc<dyn EventSink>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) limits: Limits,
+    pub(super) applied: watch::Sender<Index>,
+    pub(super) snapshots: mpsc::Sender<SnapshotRequest>,
+    /// A snapshot is being saved in the background.
+    pub(super) saving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ApplyContext {
+    pub(super) fn run(self, mut work: mpsc::Receiver<ApplyWork>) {
+        while let Some(item) = work.blocking_recv() {
+            let result = match item {
+                ApplyWork::Items(items) => self.apply(items),
+                ApplyWork::Snapshot => self.snapshot(),
+            };
+            if let Err(reason) = result {
+                let _ = self.snapshots.blocking_send(SnapshotRequest::Fatal(reason));
+                return;
+            }
+        }
+    }
+
+    fn apply(&self, items: Vec<(Apply, Option<ProposalWaiter>)>) -> Result<(), String> {
+        let mut replies = Vec::new();
+        let mut last = None;
+        let mut state = Some(self.state.write().unwrap_or_else(|p| p.into_inner()));
+        for (item, waiter) in items {
+            last = Some(item.index());
+            match item {
+                Apply::Entry(entry) => {
+                    let state = state.get_or_insert_with(|| {
+                        self.state.write().unwrap_or_else(|p| p.into_inner())
+                    });
+                    let applied = state.apply_entry(&entry);
+                    match &applied {
+                        Applied::Kv(result) => self.observe(result),
+                        Applied::Auth {
+                            outcome: Ok(auth), ..
+                        } => self.events.auth_applied(auth),
+                        _ => {}
+                    }
+                    if let Some(waiter) = waiter {
+                        replies.push((waiter, applied));
+                    }
+                }
+                Apply::Snapshot(meta) => {
+                    // Restore without holding the lock (readers and the transport go on), then
+                    // swap the new state in.
+                    state = None;
+                    let restored = self.restore(&meta)?;
+                    let mut replaced = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    let previous_revision = replaced.kv.current_revision();
+                    *replaced = restored;
+                    self.events.state_replaced(previous_revision);
+                    drop(replaced);
+                    self.metrics
+                        .snapshots_restored
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(state);
+        if let Some(index) = last {
+            self.metrics.apply_index.store(index, Ordering::Relaxed);
+            self.applied.send_replace(index);
+        }
+        self.metrics
+            .proposals_committed
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        for (waiter, applied) in replies {
+            let _ = waiter.send(Ok(applied));
+        }
+        Ok(())
+    }
+
+    /// Tells the observers (watch hub, lessor) what one applied entry did. Called with the
+    /// state's write lock held.
+    fn observe(&self, result: &flotilla_kv::ApplyResult) {
+        if !result.events.is_empty() {
+            self.events.publish(result.revision, &result.events);
+        }
+        if let Ok(flotilla_kv::Response::LeaseGrant(grant)) = &result.outcome
+            && !result.duplicate
+        {
+            self.events.lease_granted(grant.id, grant.ttl);
+        }
+    }
+
+    fn restore(&self, meta: &SnapshotMeta) -> Result<StateMachine, String> {
+        let mut reader = SnapshotReader::new(&*self.storage, meta.last);
+        let restored = StateMachine::restore(&mut reader, self.limits.clone())
+            .map_err(|e| format!("restoring snapshot {}: {e}", meta.last))?;
+        if restored.applied_index() != meta.last.index {
+            return Err(format!(
+                "snapshot {} holds a state machine at index {}",
+                meta.last,
+                restored.applied_index()
+            ));
+        }
+        tracing::info!(snapshot = %meta.last, "restored the state machine from a snapshot");
+        Ok(restored)
+    }
+
+    /// Saves a snapshot at the applied index, streamed from the state machine into storage.
+    ///
+    /// The state is pinned at the applied index (a point-in-time view: see
+    /// [`StateMachine::begin_snapshot`]) and a background thread encodes it in steps of
+    /// [`PIPE_CHUNK_BYTES`], each under the state's read lock, into a bounded pipe that another
+    /// thread streams into storage. Apply goes on at once: it waits at most for one step's
+    /// encoding, never for the whole state or the disk, and there is no second copy of the
+    /// state in memory. One snapshot at a time.
+    fn snapshot(&self) -> Result<(), String> {
+        if self.saving.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let index = self
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .applied_index();
+        let current = self
+            .storage
+            .snapshot_info()
+            .map_or(0, |s| s.meta.last.index);
+        if index <= current {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        if self
+            .snapshots
+            .blocking_send(SnapshotRequest::Meta { index, reply })
+            .is_err()
+        {
+            return Ok(()); // stopping
+        }
+        let meta = match answer.blocking_recv() {
+            Ok(Ok(meta)) => meta,
+            Ok(Err(reason)) => {
+                tracing::warn!("no snapshot at {index}: {reason}");
+                return Ok(());
+            }
+            Err(_) => return Ok(()),
+        };
+        // Only this thread applies, so the state is still at `index`.
+        let cursor = self
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .begin_snapshot();
+        self.saving.store(true, Ordering::Release);
+        let saver = SnapshotSaver {
+            storage: self.storage.clone(),
+            snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let encoder = SnapshotEncoder {
+            state: self.state.clone(),
+            saving: self.saving.clone(),
+        };
+        let started = std::thread::Builder::new()
+            .name("flotilla-snapshot-encode".into())
+            .spawn(move || encoder.run(cursor, meta, saver));
+        // Fatal: the node stops (and the state stays pinned, which nothing then notices).
+        started
+            .map(drop)
+            .map_err(|err| format!("cannot start the snapshot encoder: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use flotilla_kv::Command;
+    use flotilla_proto::etcdserverpb::PutRequest;
+    use flotilla_raft::{Entry, EntryId, EntryPayload, LogStorage, MemStorage, Membership};
+
+    use super::*;
+    use crate::members::MemberTable;
+    use crate::state_machine::NoWatchers;
+    use crate::storage::MemDurable;
+
+    /// Storage whose snapshot saving waits until the test lets it go on.
+    #[derive(Debug)]
+    struct HeldSnapshots {
+        inner: MemDurable,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl LogStorage for HeldSnapshots {
+        fn initial_state(
+            &self,
+        ) -> Result<flotilla_raft::InitialState, flotilla_raft::StorageError> {
+            self.inner.initial_state()
+        }
+        fn first_index(&self) -> Index {
+            self.inner.first_index()
+        }
+        fn last_index(&self) -> Index {
+            self.inner.last_index()
+        }
+        fn term(&self, index: Index) -> Result<flotilla_raft::Term, flotilla_raft::StorageError> {
+            self.inner.term(index)
+        }
+        fn entries(
+            &self,
+            low: Index,
+            high: Index,
+            bytes_max: u64,
+        ) -> Result<Vec<Entry>, flotilla_raft::StorageError> {
+            self.inner.entries(low, high, bytes_max)
+        }
+        fn snapshot_chunk(
+            &self,
+            last: EntryId,
+            offset: u64,
+            bytes_max: u64,
+        ) -> Result<Bytes, flotilla_raft::StorageError> {
+            self.inner.snapshot_chunk(last, offset, bytes_max)
+        }
+        fn snapshot_info(&self) -> Option<flotilla_raft::SnapshotInfo> {
+            self.inner.snapshot_info()
+        }
+    }
+
+    impl DurableStorage for HeldSnapshots {
+        fn write(
+            &self,
+            batch: &flotilla_raft::PersistBatch,
+        ) -> Result<(), crate::storage::StorageFailure> {
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<Option<flotilla_raft::PersistId>, crate::storage::StorageFailure> {
+            self.inner.sync()
+        }
+        fn save_snapshot(
+            &self,
+            meta: &SnapshotMeta,
+            data: &mut dyn Read,
+        ) -> Result<(), crate::storage::StorageFailure> {
+            let _ = self.go.lock().unwrap().recv();
+            self.inner.save_snapshot(meta, data)
+        }
+        fn close(&self) -> Result<(), crate::storage::StorageFailure> {
+            self.inner.close()
+        }
+    }
+
+    fn put_entry(index: Index, key: usize) -> Apply {
+        let put = Command::put(PutRequest {
+            key: format!("key-{key:06}").into(),
+            value: vec![b'v'; 1024].into(),
+            ..Default::default()
+        });
+        Apply::Entry(Entry {
+            term: 1,
+            index,
+            payload: EntryPayload::Command(put.encode()),
+        })
+    }
+
+    /// The point-in-time view at work: while a snapshot of several megabytes cannot reach the
+    /// disk at all, entries go on applying, and the snapshot saved afterwards is the state at
+    /// the index it was taken at, not later.
+    #[test]
+    fn apply_goes_on_while_a_snapshot_is_being_saved() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        let storage = Arc::new(HeldSnapshots {
+            inner: MemDurable::new(MemStorage::new_with_membership(Membership::with_voters([
+                1,
+            ]))),
+            go: Mutex::new(go_rx),
+        });
+        let state = Arc::new(RwLock::new(StateMachine::new(
+            Limits::default(),
+            MemberTable::default(),
+        )));
+        let (applied_tx, mut applied_rx) = watch::channel(0);
+        let (snapshots_tx, mut snapshots_rx) = mpsc::channel(2);
+        let context = ApplyContext {
+            storage: storage.clone(),
+            state: state.clone(),
+            events: Arc::new(NoWatchers),
+            metrics: Arc::new(Metrics::default()),
+            limits: Limits::default(),
+            applied: applied_tx,
+            snapshots: snapshots_tx,
+            saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let (work_tx, work_rx) = mpsc::channel(8);
+        let apply_thread = std::thread::spawn(move || context.run(work_rx));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+
+        // 8 MiB of state: far more than the pipe to the blocked saver holds.
+        let before: Vec<_> = (1..=8192)
+            .map(|i| (put_entry(i, i as usize), None))
+            .collect();
+        work_tx.blocking_send(ApplyWork::Items(before)).unwrap();
+        work_tx.blocking_send(ApplyWork::Snapshot).unwrap();
+        let Some(SnapshotRequest::Meta { index, reply }) = snapshots_rx.blocking_recv() else {
+            panic!("the apply thread asked for no snapshot metadata");
+        };
+        assert_eq!(index, 8192);
+        let meta = SnapshotMeta {
+            last: EntryId { term: 1, index },
+            membership: Membership::with_voters([1]),
+        };
+        reply.send(Ok(meta.clone())).unwrap();
+
+        let after: Vec<_> = (8193..=8292).map(|i| (put_entry(i, 1), None)).collect();
+        work_tx.blocking_send(ApplyWork::Items(after)).unwrap();
+        // Bounded so that an apply thread stuck behind the snapshot fails the test, not hangs it.
+        let applied = runtime.block_on(async {
+            let wait = applied_rx.wait_for(|&applied| applied == 8292);
+            tokio::time::timeout(Duration::from_secs(60), wait).await
+        });
+        assert!(
+            matches!(applied, Ok(Ok(_))),
+            "apply waited for the snapshot to reach the disk"
+        );
+        assert!(
+            storage.snapshot_info().is_none(),
+            "the snapshot is still held back"
+        );
+
+        go_tx.send(()).unwrap();
+        let Some(SnapshotRequest::Saved(saved)) = snapshots_rx.blocking_recv() else {
+            panic!("the snapshot was not saved");
+        };
+        assert_eq!(saved, meta);
+        let mut reader = SnapshotReader::new(&*storage, meta.last);
+        let restored = StateMachine::restore(&mut reader, Limits::default()).unwrap();
+        assert_eq!(restored.applied_index(), 8192);
+        let read = |machine: &StateMachine| {
+            machine
+                .kv
+                .range(&flotilla_proto::etcdserverpb::RangeRequest {
+                    key: "key-000001".into(),
+                    ..Default::default()
+                })
+                .unwrap()
+                .kvs[0]
+                .mod_revision
+        };
+        assert_eq!(
+            read(&restored),
+            2,
+            "the snapshot holds the state at its index"
+        );
+        assert_eq!(read(&state.read().unwrap()), 8293);
+        drop(work_tx);
+        apply_thread.join().unwrap();
+    }
+}

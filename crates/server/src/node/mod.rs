@@ -1,0 +1,421 @@
+//! The tokio shell around the [`Driver`]: one task runs the core, one thread writes and syncs
+//! the WAL (group commit), one thread applies committed entries to the state machine.
+//!
+//! ```text
+//!   ticker ─┐                    ┌─► WAL thread: write batches, one fsync for all ─► persisted
+//!   peers ──┼─► raft task ───────┼─► peer transport (at once, in parallel with the fsync)
+//!   clients ┘   (Driver)         └─► apply thread: state machine, answer proposals ─► applied
+//! ```
+//!
+//! Every channel is bounded. The raft task never blocks on a slow consumer: batches for the WAL
+//! and the apply thread wait in its own queues while their channels are full, and it refuses
+//! new proposals ("too many requests") while the apply backlog is too long. The WAL and apply
+//! threads report progress through `watch` channels, which hold only the latest value and so
+//! can never fill up.
+//!
+//! One concept per file: this one holds the handle the services use and starts the rest;
+//! `raft_loop.rs` is the raft task, `wal_thread.rs` the WAL thread, `apply.rs` the apply thread
+//! and `snapshot_pipe.rs` the threads that encode a pinned state into a snapshot beside it.
+
+mod apply;
+mod raft_loop;
+mod snapshot_pipe;
+mod wal_thread;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flotilla_kv::Limits;
+use flotilla_raft::{ConfChange, Index, Message, NodeId, RaftNode, Role, SnapshotMeta};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::apply::ApplyContext;
+use self::raft_loop::{RaftInputs, RaftLoop};
+pub(crate) use self::snapshot_pipe::lower_this_threads_priority;
+use self::wal_thread::wal_thread;
+use crate::driver::{Driver, Refusal};
+use crate::metrics::Metrics;
+use crate::read_lease::{PublishedLease, TickClock};
+use crate::state_machine::{Applied, EventSink, StateMachine};
+use crate::storage::{DurableStorage, StorageFailure};
+use crate::transport::{PeerRouter, TransportEvent};
+
+pub type ProposalWaiter = oneshot::Sender<Result<Applied, Refusal>>;
+pub type ReadWaiter = oneshot::Sender<Result<(), Refusal>>;
+type NodeDriver = Driver<Arc<dyn DurableStorage>, ProposalWaiter, ReadWaiter>;
+
+/// Requests from clients (through the gRPC services) to the raft task.
+#[derive(Debug)]
+pub enum NodeRequest {
+    Propose {
+        data: Bytes,
+        reply: ProposalWaiter,
+    },
+    Membership {
+        change: ConfChange,
+        reply: ProposalWaiter,
+    },
+    Read {
+        reply: ReadWaiter,
+    },
+    TransferLeader {
+        /// `None`: to the most up-to-date follower among `among` (any voter if empty).
+        to: Option<NodeId>,
+        among: Vec<NodeId>,
+        reply: oneshot::Sender<Result<NodeId, Refusal>>,
+    },
+    /// Save a snapshot at the applied index now (the policy's deferrals do not apply); the
+    /// status's `snapshot_index` moves when it is saved.
+    SaveSnapshot,
+}
+
+/// What the raft task publishes after each round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub commit: Index,
+    pub applied: Index,
+    pub last_index: Index,
+    /// The index of the newest snapshot the core holds (0 before the first).
+    pub snapshot_index: Index,
+    pub is_learner: bool,
+    /// This member was removed from the cluster; it is stopping.
+    pub removed: bool,
+    /// The raft task has stopped (shutdown, removal or a fatal error).
+    pub stopped: bool,
+    /// Why the node stopped on its own, if it did.
+    pub fatal: Option<String>,
+}
+
+/// Timing and bounds of the shell.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub raft: flotilla_raft::Config,
+    /// One tick of the core.
+    pub tick: Duration,
+    /// Proposals are refused while more entries than this are committed and not applied
+    /// (etcd's "too many requests").
+    pub apply_backlog_entries_max: u64,
+    pub proposals_max: usize,
+    pub limits: Limits,
+    /// With lease reads (`raft.lease_reads`): how long a lease lasts in real time from the
+    /// tick its round was sent in (see [`crate::read_lease`]).
+    pub lease_duration: Option<Duration>,
+}
+
+/// A running node, for the services: submit requests, watch the status, read the state.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    requests: mpsc::Sender<NodeRequest>,
+    status: watch::Receiver<NodeStatus>,
+    pub state: Arc<RwLock<StateMachine>>,
+    pub storage: Arc<dyn DurableStorage>,
+    pub metrics: Arc<Metrics>,
+    lease: Arc<PublishedLease>,
+}
+
+/// Why a request to the node failed.
+#[derive(Debug)]
+pub enum NodeError {
+    Refused(Refusal),
+    /// No answer within the deadline: the outcome is unknown.
+    Timeout,
+    /// The node is stopping or stopped.
+    Stopped,
+}
+
+impl NodeHandle {
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.status.borrow().id
+    }
+
+    /// The leader this member knows of now.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.status.borrow().leader
+    }
+
+    async fn call<T>(
+        &self,
+        request: NodeRequest,
+        reply: oneshot::Receiver<Result<T, Refusal>>,
+        deadline: Instant,
+    ) -> Result<T, NodeError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let answered = tokio::time::timeout(remaining, async {
+            self.requests
+                .send(request)
+                .await
+                .map_err(|_| NodeError::Stopped)?;
+            reply.await.map_err(|_| NodeError::Stopped)
+        })
+        .await;
+        match answered {
+            Err(_) => Err(NodeError::Timeout),
+            Ok(Err(err)) => Err(err),
+            Ok(Ok(result)) => result.map_err(NodeError::Refused),
+        }
+    }
+
+    /// Proposes a command and waits until it is applied here.
+    pub async fn propose(&self, data: Bytes, deadline: Instant) -> Result<Applied, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(NodeRequest::Propose { data, reply }, rx, deadline)
+            .await
+    }
+
+    /// Enqueues a proposal without waiting, so proposals enqueued one after another (under a
+    /// lock of the caller's) reach the log in that order; the receiver gets the outcome.
+    pub fn submit(
+        &self,
+        data: Bytes,
+    ) -> Result<oneshot::Receiver<Result<Applied, Refusal>>, NodeError> {
+        let (reply, outcome) = oneshot::channel();
+        match self.requests.try_send(NodeRequest::Propose { data, reply }) {
+            Ok(()) => Ok(outcome),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(NodeError::Refused(
+                Refusal::Overloaded("the request queue is full".into()),
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(NodeError::Stopped),
+        }
+    }
+
+    pub async fn propose_membership(
+        &self,
+        change: ConfChange,
+        deadline: Instant,
+    ) -> Result<Applied, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(NodeRequest::Membership { change, reply }, rx, deadline)
+            .await
+    }
+
+    /// A read index from this leader's lease, if lease reads are on and the lease holds now:
+    /// the state machine may answer a linearizable read once it has applied this far.
+    pub fn lease_read_index(&self) -> Option<Index> {
+        self.lease.read_index_at(Instant::now())
+    }
+
+    /// Waits until a linearizable read may be served from the local state machine.
+    pub async fn read_index(&self, deadline: Instant) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(NodeRequest::Read { reply }, rx, deadline).await
+    }
+
+    /// Starts a leadership transfer to `to`, or to the most up-to-date follower among
+    /// `among` (any voter if empty); returns the target.
+    pub async fn transfer_leader(
+        &self,
+        to: Option<NodeId>,
+        among: Vec<NodeId>,
+        deadline: Instant,
+    ) -> Result<NodeId, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let request = NodeRequest::TransferLeader { to, among, reply };
+        self.call(request, rx, deadline).await
+    }
+
+    /// Asks for a snapshot at the applied index now (see [`NodeRequest::SaveSnapshot`]).
+    pub async fn save_snapshot(&self) -> Result<(), NodeError> {
+        self.requests
+            .send(NodeRequest::SaveSnapshot)
+            .await
+            .map_err(|_| NodeError::Stopped)
+    }
+
+    /// Waits until the status satisfies `ready`, or the deadline passes.
+    pub async fn wait_for(
+        &self,
+        deadline: Instant,
+        ready: impl Fn(&NodeStatus) -> bool,
+    ) -> Option<NodeStatus> {
+        let mut status = self.status.clone();
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(remaining, status.wait_for(|s| ready(s)))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .map(|s| s.clone())
+    }
+}
+
+/// From the apply thread to the raft task.
+#[derive(Debug)]
+enum SnapshotRequest {
+    Meta {
+        index: Index,
+        reply: oneshot::Sender<Result<SnapshotMeta, String>>,
+    },
+    Saved(SnapshotMeta),
+    Fatal(String),
+}
+
+/// The threads and task of a started node.
+#[derive(Debug)]
+pub struct RunningNode {
+    pub handle: NodeHandle,
+    raft_task: tokio::task::JoinHandle<()>,
+    wal_thread: std::thread::JoinHandle<Result<(), StorageFailure>>,
+    apply_thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningNode {
+    /// Waits until everything has stopped and the WAL is closed.
+    pub async fn join(self) -> Result<(), String> {
+        let _ = self.raft_task.await;
+        let wal = tokio::task::spawn_blocking(move || {
+            let wal = self.wal_thread.join();
+            let _ = self.apply_thread.join();
+            wal
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match wal {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("closing the write-ahead log: {err}")),
+            Err(_) => Err("the WAL thread panicked".into()),
+        }
+    }
+}
+
+/// Channel capacities.
+const REQUESTS_QUEUE: usize = 4096;
+const WAL_QUEUE: usize = 64;
+const APPLY_QUEUE: usize = 64;
+
+/// Everything `start` needs.
+#[derive(Debug)]
+pub struct NodeParts {
+    pub options: NodeOptions,
+    pub storage: Arc<dyn DurableStorage>,
+    pub state: Arc<RwLock<StateMachine>>,
+    pub router: PeerRouter,
+    pub inbox: mpsc::Receiver<Message>,
+    pub transport_events: mpsc::Receiver<TransportEvent>,
+    pub events: Arc<dyn EventSink>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Starts the node. The state machine must hold what the core will not hand out again (its
+/// applied index is passed to the core).
+pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
+    let applied = parts
+        .state
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .applied_index();
+    let raft = RaftNode::new(parts.options.raft.clone(), parts.storage.clone(), applied)?;
+    let driver = Driver::new(raft, parts.options.proposals_max);
+    let initial = status_of(&driver, false, false, None);
+    let (status_tx, status_rx) = watch::channel(initial);
+    let (requests_tx, requests_rx) = mpsc::channel(REQUESTS_QUEUE);
+    let (wal_tx, wal_rx) = mpsc::channel(WAL_QUEUE);
+    let (apply_tx, apply_rx) = mpsc::channel(APPLY_QUEUE);
+    let (persisted_tx, persisted_rx) = watch::channel(None);
+    let (applied_tx, applied_rx) = watch::channel(applied);
+    let (snapshot_tx, snapshot_rx) = mpsc::channel(2);
+
+    let wal_thread = {
+        let storage = parts.storage.clone();
+        let metrics = parts.metrics.clone();
+        let fatal = snapshot_tx.clone();
+        std::thread::Builder::new()
+            .name("flotilla-wal".into())
+            .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &metrics))
+            .expect("spawn the WAL thread")
+    };
+    let apply_thread = {
+        let context = ApplyContext {
+            storage: parts.storage.clone(),
+            state: parts.state.clone(),
+            events: parts.events.clone(),
+            metrics: parts.metrics.clone(),
+            limits: parts.options.limits.clone(),
+            applied: applied_tx,
+            snapshots: snapshot_tx,
+            saving: Arc::default(),
+        };
+        std::thread::Builder::new()
+            .name("flotilla-apply".into())
+            .spawn(move || context.run(apply_rx))
+            .expect("spawn the apply thread")
+    };
+    let lease = Arc::new(PublishedLease::default());
+    let clock = TickClock::new(driver.node().ticks(), Instant::now());
+    let raft_loop = RaftLoop {
+        driver,
+        clock,
+        lease: lease.clone(),
+        options: parts.options,
+        router: parts.router,
+        wal_tx,
+        wal_backlog: VecDeque::new(),
+        apply_tx,
+        apply_backlog: VecDeque::new(),
+        status: status_tx,
+        metrics: parts.metrics.clone(),
+        role: None,
+        removed: false,
+        fatal: None,
+        snapshots_deferred: 0,
+    };
+    let raft_task = tokio::spawn(raft_loop.run(RaftInputs {
+        requests: requests_rx,
+        inbox: parts.inbox,
+        transport_events: parts.transport_events,
+        persisted: persisted_rx,
+        applied: applied_rx,
+        snapshots: snapshot_rx,
+        shutdown: parts.shutdown,
+    }));
+    let handle = NodeHandle {
+        requests: requests_tx,
+        status: status_rx,
+        state: parts.state,
+        storage: parts.storage,
+        metrics: parts.metrics,
+        lease,
+    };
+    Ok(RunningNode {
+        handle,
+        raft_task,
+        wal_thread,
+        apply_thread,
+    })
+}
+
+fn status_of(
+    driver: &NodeDriver,
+    removed: bool,
+    stopped: bool,
+    fatal: Option<String>,
+) -> NodeStatus {
+    let node = driver.node();
+    NodeStatus {
+        id: node.id(),
+        role: node.role(),
+        term: node.term(),
+        leader: node.leader(),
+        commit: node.committed(),
+        applied: node.applied(),
+        last_index: node.last_id().index,
+        snapshot_index: node.snapshot_id().index,
+        is_learner: node.membership().is_learner(node.id()),
+        removed,
+        stopped,
+        fatal,
+    }
+}
