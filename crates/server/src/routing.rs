@@ -167,13 +167,15 @@ impl Answer {
         }
     }
 
-    /// The specific result the caller expects, or an internal error naming what came instead.
+    /// The specific result the caller expects, or an internal error. (On every write's path:
+    /// the other answer is not formatted into the error, which would cost a Debug rendering of
+    /// every response.)
     pub fn pick<T>(self, pick: impl FnOnce(AnswerResult) -> Option<T>) -> Result<T, RouteError> {
-        let unexpected = format!(
-            "flotilla: unexpected answer from the leader: {:?}",
-            self.result
-        );
-        pick(self.result).ok_or_else(|| RouteError::Failed(Status::internal(unexpected)))
+        pick(self.result).ok_or_else(|| {
+            RouteError::Failed(Status::internal(
+                "flotilla: unexpected answer from the leader",
+            ))
+        })
     }
 
     /// The result of an entry applied here.
