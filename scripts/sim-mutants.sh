@@ -25,7 +25,8 @@ export CARGO_PROFILE_RELEASE_DEBUG=false
 
 # Each mutant: a name, the file, the text to replace (it must occur exactly once), its
 # replacement, and the simulator arguments, whose --seeds is the bound within which the
-# simulator must catch it.
+# simulator must catch it. The sweep stops at its first failing seed (--fail-fast): one is
+# proof enough, and most mutants fail within the first few seeds.
 mutants() {
     mutant commit-earlier-term crates/raft/src/node/replication.rs \
         'if quorum_index <= self.log.committed() || self.log.term(quorum_index)? != self.term {' \
@@ -54,6 +55,21 @@ mutants() {
     mutant session-retry-wrong-revision crates/kv/src/response.rs \
         'Some(Outcome::Put(response)) => Ok(Response::Put(response)),' \
         'Some(Outcome::Put(mut response)) => { if let Some(header) = response.header.as_mut() { header.revision += 1; } Ok(Response::Put(response)) }' \
+        --seeds 300
+    mutant lease-renewal-ignored crates/server/src/lease/lessor.rs \
+        'self.expiry.set(id, now + seconds(ttl_seconds));
+        self.schedule_checkpoint(now, id, ttl_seconds);
+        Renewal::Renewed {' \
+        'self.schedule_checkpoint(now, id, ttl_seconds);
+        Renewal::Renewed {' \
+        --seeds 100
+    mutant lease-promotion-without-extension crates/server/src/lease/lessor.rs \
+        '.set(lease.id, now + self.settings.extend + seconds(ttl));' \
+        '.set(lease.id, now + seconds(ttl));' \
+        --seeds 300
+    mutant lease-renewal-skips-checkpoint-clear crates/server/src/lease/lessor.rs \
+        'clear_checkpoint: self.checkpointed.get(&id).copied(),' \
+        'clear_checkpoint: None,' \
         --seeds 300
 }
 
@@ -92,6 +108,12 @@ PY
 
 failures=0
 ran=0
+# The file the previous mutant patched. The fresh copy restores it with its original
+# modification time, older than the mutant's build, so cargo would keep the mutant's build of
+# it: it is touched, so that it is rebuilt as it is. Kept in a file, for the next run of this
+# script on the same scratch space.
+last_patched_file=$work/last-patched
+last_patched=$(cat "$last_patched_file" 2>/dev/null || true)
 mutant() {
     local name=$1 file=$2 old=$3 new=$4
     shift 4
@@ -99,10 +121,13 @@ mutant() {
     ran=$((ran + 1))
     local src=$work/src out=$work/$name.log
     copy_source "$src"
+    if [ -n "$last_patched" ]; then touch "$src/$last_patched"; fi
     patch_once "$src/$file" "$old" "$new"
+    last_patched=$file
+    echo "$file" >"$last_patched_file"
     echo "=== mutant $name: $file"
     (cd "$src" && cargo build --release -q -p flotilla-sim)
-    if (cd "$src" && "$CARGO_TARGET_DIR/release/flotilla-sim" "$@") >"$out" 2>&1; then
+    if (cd "$src" && "$CARGO_TARGET_DIR/release/flotilla-sim" --fail-fast "$@") >"$out" 2>&1; then
         echo "NOT CAUGHT: the simulator passed every seed ($*) with $name"
         tail -1 "$out"
         failures=$((failures + 1))

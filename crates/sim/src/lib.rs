@@ -11,6 +11,7 @@
 pub mod checker;
 pub mod digest;
 pub mod kv_checker;
+pub mod lease_checker;
 pub mod options;
 pub mod simulation;
 pub mod storage;

@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use clap::Parser;
 use flotilla_sim::{SimOptions, StorageKind, nodes_for_seed, run_seed};
@@ -46,6 +46,9 @@ struct Args {
     /// Worker threads for a sweep (default: available cores).
     #[arg(long)]
     jobs: Option<usize>,
+    /// Stop a sweep at its first failing seed (the negative controls need only one).
+    #[arg(long, requires = "seeds")]
+    fail_fast: bool,
 }
 
 fn main() -> ExitCode {
@@ -100,7 +103,7 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
             println!(
                 "seed {seed}: ok: {} nodes, {} events, {} writes ok / {} failed / {} unknown, \
                  {} reads ({} from a lease), {} history events checked, {} watch events checked ({} watchers restarted \
-                 after a compaction), {} leaders elected, {} snapshots installed, {} membership changes, \
+                 after a compaction), {} keep-alives acknowledged, {} lease expiries checked, {} leaders elected, {} snapshots installed, {} membership changes, \
                  ended at time {}",
                 report.nodes,
                 report.events,
@@ -112,6 +115,8 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
                 report.history_operations,
                 report.watch_events_checked,
                 report.watchers_restarted,
+                report.keep_alives_acked,
+                report.lease_expiries_checked,
                 report.elections,
                 report.snapshots_installed,
                 report.membership_changes,
@@ -146,17 +151,21 @@ fn sweep(args: &Args, count: u64) -> ExitCode {
         })
         .max(1);
     let next = AtomicU64::new(0);
+    let failed_once = AtomicBool::new(false);
     let results: Mutex<Vec<(u64, Result<(), String>)>> = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| {
                 loop {
                     let offset = next.fetch_add(1, Ordering::Relaxed);
-                    if offset >= count {
+                    if offset >= count || (args.fail_fast && failed_once.load(Ordering::Relaxed)) {
                         return;
                     }
                     let seed = args.seed_start + offset;
                     let outcome = run_seed(options(args, seed)).map(|_| ());
+                    if outcome.is_err() {
+                        failed_once.store(true, Ordering::Relaxed);
+                    }
                     results
                         .lock()
                         .expect("no panics while holding the lock")
@@ -175,7 +184,15 @@ fn sweep(args: &Args, count: u64) -> ExitCode {
             println!("  replay: {}", replay_command(args, *seed));
         }
     }
-    println!("{} passed, {failed} failed", results.len() - failed);
+    let stopped = if args.fail_fast && failed > 0 {
+        " (stopped at the first failure)"
+    } else {
+        ""
+    };
+    println!(
+        "{} passed, {failed} failed{stopped}",
+        results.len() - failed
+    );
     if failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -27,6 +27,7 @@ use flotilla_server::watch::hub::{QueueBounds, WatchHub};
 use crate::checker::{Checker, NodeView, Violation, believed_durable};
 use crate::digest::{AppliedRecord, payload_digest, text_digest};
 use crate::kv_checker::{FULL_DIGEST_EVERY, KvChecker};
+use crate::lease_checker::LeaseChecker;
 use crate::options::{SimOptions, TICK_TIME};
 use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
@@ -34,16 +35,21 @@ use crate::workload::History;
 
 mod clients;
 mod episodes;
+mod leases;
 mod watchers;
 
 use clients::{Client, Waiter};
 use episodes::Figure8;
+use leases::MemberLeases;
 use watchers::SimWatcher;
 pub(crate) use watchers::is_watched;
 
 /// The driver as the simulator runs it: the same code as the server's, with client ids for
 /// waiters where the server has reply channels.
 type SimDriver<S> = Driver<S, Waiter, Waiter>;
+
+/// The simulated members' election timeout (the server's default is ten heartbeats too).
+const ELECTION_TIMEOUT_TICKS: u64 = 10;
 
 /// The most proposals a member keeps waiting (the server's default order of magnitude is far
 /// above what the simulated clients send).
@@ -72,6 +78,10 @@ pub struct RunReport {
     pub watch_events_checked: u64,
     /// Watchers cancelled by a compaction and started again.
     pub watchers_restarted: u64,
+    /// Keep-alives acknowledged to clients with a TTL.
+    pub keep_alives_acked: u64,
+    /// Leases revoked by expiry, each checked against what clients were promised.
+    pub lease_expiries_checked: u64,
     pub elections: u64,
     pub snapshots_installed: u64,
     pub membership_changes: u64,
@@ -161,6 +171,7 @@ struct Member<S: SimStorage> {
     state: RwLock<StateMachine>,
     hub: WatchHub,
     watchers: Vec<SimWatcher>,
+    leases: MemberLeases,
 }
 
 impl<S: SimStorage> Member<S> {
@@ -326,6 +337,9 @@ pub struct Simulation<S: SimStorage> {
     lease_reads_waiting: Vec<(NodeId, usize, u64, Index)>,
     checker: Checker,
     kv: KvChecker,
+    leases: LeaseChecker,
+    /// When a member's lease clock was last promoted.
+    last_lease_promotion: u64,
     /// Writes the simulator itself proposed (each puts a unique value).
     internal_writes: u64,
     /// The register operations of every client, for the linearizability check.
@@ -359,6 +373,8 @@ impl<S: SimStorage> Simulation<S> {
             history_operations: 0,
             watch_events_checked: 0,
             watchers_restarted: 0,
+            keep_alives_acked: 0,
+            lease_expiries_checked: 0,
             elections: 0,
             snapshots_installed: 0,
             membership_changes: 0,
@@ -380,6 +396,8 @@ impl<S: SimStorage> Simulation<S> {
             lease_reads_waiting: Vec::new(),
             checker: Checker::default(),
             kv: KvChecker::default(),
+            leases: LeaseChecker::default(),
+            last_lease_promotion: 0,
             internal_writes: 0,
             history: History::default(),
             ever_members: BTreeSet::new(),
@@ -472,6 +490,8 @@ impl<S: SimStorage> Simulation<S> {
 
     fn finish(mut self) -> RunReport {
         self.report.history_operations = self.history.events.len() as u64;
+        self.report.keep_alives_acked = self.leases.keep_alives_acked;
+        self.report.lease_expiries_checked = self.leases.expiries_checked;
         self.report.digest = self.trace.value();
         self.report.events = self.trace.events();
         self.report.end_time = self.now;
@@ -495,7 +515,7 @@ impl<S: SimStorage> Simulation<S> {
         let o = &self.options;
         let mut config = Config::new(id);
         config.seed = o.seed.wrapping_mul(1_000_003).wrapping_add(id);
-        config.election_timeout_ticks = 10;
+        config.election_timeout_ticks = ELECTION_TIMEOUT_TICKS;
         config.heartbeat_interval_ticks = 1;
         config.pre_vote = o.pre_vote;
         config.check_quorum = o.check_quorum || o.lease_reads;
@@ -546,6 +566,7 @@ impl<S: SimStorage> Simulation<S> {
             state: RwLock::new(state),
             hub: WatchHub::new(bounds),
             watchers: Vec::new(),
+            leases: MemberLeases::new(),
         };
         member.start_watcher(1);
         member.start_watcher(0);
@@ -654,6 +675,8 @@ impl<S: SimStorage> Simulation<S> {
                 Err(err) => return self.core_failed(id, err),
             };
             if actions.is_empty() {
+                // As the lessor task wakes on each status change.
+                self.follow_leases(id);
                 return;
             }
             self.carry_out(id, actions);
@@ -703,13 +726,13 @@ impl<S: SimStorage> Simulation<S> {
             }
         }
         for (waiter, refusal) in actions.proposals_failed {
-            self.attempt_refused(waiter, &refusal);
+            self.attempt_refused(id, waiter, &refusal);
         }
         for waiter in actions.reads_ready {
             self.read_ready(id, waiter);
         }
         for (waiter, refusal) in actions.reads_failed {
-            self.attempt_refused(waiter, &refusal);
+            self.attempt_refused(id, waiter, &refusal);
         }
         if actions.snapshot_due {
             self.take_snapshot(id);
@@ -853,8 +876,10 @@ impl<S: SimStorage> Simulation<S> {
                     None
                 }
             };
-            if let (Some(waiter), Some(applied)) = (waiter, applied) {
-                self.attempt_applied(id, waiter, &applied);
+            match (waiter, applied) {
+                (Some(Waiter::Lessor(waiter)), Some(_)) => self.lessor_applied(id, waiter),
+                (Some(waiter), Some(applied)) => self.attempt_applied(id, waiter, &applied),
+                _ => {}
             }
         }
         let sim_node = self.nodes.get_mut(&id).expect("exists");
@@ -884,6 +909,7 @@ impl<S: SimStorage> Simulation<S> {
             payload_digest: payload_digest(entry),
             effect_digest: text_digest(&format!("{applied:?}")),
         };
+        let first_anywhere = !self.checker.applied.contains_key(&entry.index);
         let known = *self.checker.applied.entry(entry.index).or_insert(record);
         assert_eq!(
             known, record,
@@ -898,6 +924,9 @@ impl<S: SimStorage> Simulation<S> {
         if let Applied::Kv(result) = &applied
             && let Err(violation) = self.kv.record_writes(entry.index, result)
         {
+            panic!("{violation}");
+        }
+        if let Err(violation) = self.lease_entry_applied(id, entry, &applied, first_anywhere) {
             panic!("{violation}");
         }
         if let flotilla_raft::EntryPayload::Membership(change) = &entry.payload {
@@ -1051,6 +1080,7 @@ impl<S: SimStorage> Simulation<S> {
                     return Ok(());
                 }
                 self.process(node);
+                self.lease_round(node);
             }
             Event::Deliver(key) => self.deliver(key.msg),
             Event::FsyncDone {
@@ -1162,7 +1192,10 @@ impl<S: SimStorage> Simulation<S> {
         let Some(leader) = nodes.iter().find(|n| n.is_leader()) else {
             return false;
         };
-        if leader.membership().is_joint() || leader.committed() < leader.last_id().index {
+        if leader.membership().is_joint()
+            || leader.committed() < leader.last_id().index
+            || !self.leases_gone(leader.id())
+        {
             return false;
         }
         let members = leader.membership().members();
@@ -1207,9 +1240,10 @@ impl<S: SimStorage> Simulation<S> {
         if self.figure8.is_some() {
             return;
         }
-        let choice = self.prng.range(0, 11);
+        let choice = self.prng.range(0, 12);
         match choice {
             10 if self.options.crashes && self.options.partitions => self.nemesis_figure8(),
+            11 if self.options.partitions => self.nemesis_deposed_leader(),
             0..=2 if self.options.crashes => self.nemesis_crash(),
             3..=5 if self.options.partitions => self.nemesis_partition(),
             6 if self.options.transfers => self.nemesis_transfer(),

@@ -5,7 +5,9 @@
 //! Keys under `reg/` are registers: every put, delete, compare-and-set and linearizable read
 //! of them goes into the history that is checked for linearizability. Keys under `lease/` hold
 //! values attached to leases (a revocation deletes them, which no register operation
-//! explains), so they are checked for exactly-once application only.
+//! explains), so they are checked for exactly-once application only. Leases are short (one or
+//! two seconds of simulated time) and kept alive now and then, so they expire in most runs:
+//! when a client is slow to renew, when it is cut off, and around leader changes.
 
 use flotilla_chaos::history::{Event, EventType, Function};
 use flotilla_kv::Command;
@@ -44,6 +46,11 @@ pub enum Request {
     LeaseRevoke {
         id: i64,
     },
+    /// A keep-alive: answered by the leader's lease clock, through the log only when a
+    /// checkpointed TTL must be cleared first.
+    KeepAlive {
+        id: i64,
+    },
     Compact {
         revision: i64,
     },
@@ -58,7 +65,7 @@ pub enum Request {
 impl Request {
     /// True for requests that go through the log (and carry the session when there is one).
     pub fn is_write(&self) -> bool {
-        !matches!(self, Request::Read { .. })
+        !matches!(self, Request::Read { .. } | Request::KeepAlive { .. })
     }
 
     /// The command proposed for a write.
@@ -115,6 +122,7 @@ impl Request {
                 physical: false,
             }),
             Request::Read { .. } => unreachable!("a read is not proposed"),
+            Request::KeepAlive { .. } => unreachable!("a keep-alive is not proposed as such"),
         }
     }
 
@@ -196,16 +204,20 @@ pub fn next_request(prng: &mut Prng, memory: &ClientMemory, unique: String) -> R
             new: unique,
         },
         85..=89 => match memory.lease {
-            None => Request::LeaseGrant { ttl_seconds: 600 },
+            None => lease_grant(prng),
             Some(lease) => Request::Put {
                 key: format!("lease/{lease}/{}", prng.range(0, 3)),
                 value: unique,
                 lease,
             },
         },
-        90..=93 => match memory.lease {
+        90..=92 => match memory.lease {
+            Some(id) => Request::KeepAlive { id },
+            None => lease_grant(prng),
+        },
+        93 => match memory.lease {
             Some(id) => Request::LeaseRevoke { id },
-            None => Request::LeaseGrant { ttl_seconds: 600 },
+            None => lease_grant(prng),
         },
         94..=96 if memory.revision_seen > 8 => Request::Compact {
             revision: memory.revision_seen / 2,
@@ -214,6 +226,13 @@ pub fn next_request(prng: &mut Prng, memory: &ClientMemory, unique: String) -> R
             key,
             serializable: false,
         },
+    }
+}
+
+/// A grant of a short lease: one or two seconds, ten or twenty election timeouts.
+fn lease_grant(prng: &mut Prng) -> Request {
+    Request::LeaseGrant {
+        ttl_seconds: prng.range(1, 3) as i64,
     }
 }
 

@@ -25,9 +25,12 @@
 //!   leader change can add as much again.
 //! - **Expiry** hands out due leases in bounded batches, earliest first; a lease handed out is
 //!   not renewable (renewals answer TTL 0) until its revoke is applied or fails.
+//!
+//! Times are durations since the clock's origin (the server's start, the simulator's time
+//! zero): the core never reads a clock, so the simulator runs it on simulated time.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::expiry::ExpiryQueue;
 
@@ -110,7 +113,7 @@ impl LessorCore {
 
     /// Becomes primary: every lease gets its full (or checkpointed) TTL plus `extend` from
     /// `now`.
-    pub fn promote(&mut self, now: Instant, leases: impl IntoIterator<Item = LeaseRecord>) {
+    pub fn promote(&mut self, now: Duration, leases: impl IntoIterator<Item = LeaseRecord>) {
         self.demote();
         self.primary = true;
         for lease in leases {
@@ -135,7 +138,7 @@ impl LessorCore {
     }
 
     /// A lease was granted (applied) while primary.
-    pub fn granted(&mut self, now: Instant, id: i64, ttl_seconds: i64) {
+    pub fn granted(&mut self, now: Duration, id: i64, ttl_seconds: i64) {
         if !self.primary {
             return;
         }
@@ -145,7 +148,7 @@ impl LessorCore {
         self.schedule_checkpoint(now, id, ttl_seconds);
     }
 
-    fn schedule_checkpoint(&mut self, now: Instant, id: i64, ttl_seconds: i64) {
+    fn schedule_checkpoint(&mut self, now: Duration, id: i64, ttl_seconds: i64) {
         if seconds(ttl_seconds) > self.settings.checkpoint_interval {
             self.checkpoints
                 .set(id, now + self.settings.checkpoint_interval);
@@ -155,7 +158,7 @@ impl LessorCore {
     }
 
     /// A renewal of a lease that exists with this TTL.
-    pub fn renew(&mut self, now: Instant, id: i64, ttl_seconds: i64) -> Renewal {
+    pub fn renew(&mut self, now: Duration, id: i64, ttl_seconds: i64) -> Renewal {
         if !self.primary {
             return Renewal::NotPrimary;
         }
@@ -182,7 +185,7 @@ impl LessorCore {
     }
 
     /// How long the lease has left; `None` when not primary or the lease is unknown here.
-    pub fn remaining(&self, now: Instant, id: i64) -> Option<Duration> {
+    pub fn remaining(&self, now: Duration, id: i64) -> Option<Duration> {
         if !self.primary {
             return None;
         }
@@ -190,11 +193,11 @@ impl LessorCore {
             return Some(Duration::ZERO);
         }
         let deadline = self.expiry.deadline(id)?;
-        Some(deadline.saturating_duration_since(now))
+        Some(deadline.saturating_sub(now))
     }
 
     /// Up to `max` leases due by `now`, earliest first, handed out to be revoked.
-    pub fn expire(&mut self, now: Instant, max: usize) -> Vec<i64> {
+    pub fn expire(&mut self, now: Duration, max: usize) -> Vec<i64> {
         if !self.primary {
             return Vec::new();
         }
@@ -216,7 +219,7 @@ impl LessorCore {
     }
 
     /// A revoke could not be carried out: try again at `retry_at`.
-    pub fn revoke_failed(&mut self, id: i64, retry_at: Instant) {
+    pub fn revoke_failed(&mut self, id: i64, retry_at: Duration) {
         if self.primary && self.revoking.remove(&id) {
             self.expiry.set(id, retry_at);
         }
@@ -225,7 +228,7 @@ impl LessorCore {
     /// Up to `max` leases whose checkpoint is due, with their remaining TTL in whole seconds
     /// (rounded up, so a new leader never restarts them shorter). They are marked
     /// checkpointed; the caller proposes the checkpoint.
-    pub fn due_checkpoints(&mut self, now: Instant, max: usize) -> Vec<(i64, i64)> {
+    pub fn due_checkpoints(&mut self, now: Duration, max: usize) -> Vec<(i64, i64)> {
         if !self.primary {
             return Vec::new();
         }
@@ -234,7 +237,7 @@ impl LessorCore {
             let Some(deadline) = self.expiry.deadline(id) else {
                 continue;
             };
-            let remaining = deadline.saturating_duration_since(now);
+            let remaining = deadline.saturating_sub(now);
             let remaining_seconds = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
             if remaining_seconds == 0 {
                 continue;
@@ -251,7 +254,7 @@ impl LessorCore {
 
     /// A checkpoint proposed for `ids` failed: their recorded TTL is unknown, so keep them
     /// marked (a renewal clears them anyway); nothing to do but let the next round retry.
-    pub fn checkpoint_failed(&mut self, now: Instant, ids: &[i64]) {
+    pub fn checkpoint_failed(&mut self, now: Duration, ids: &[i64]) {
         for &id in ids {
             if self.expiry.deadline(id).is_some() {
                 self.checkpoints
@@ -261,7 +264,7 @@ impl LessorCore {
     }
 
     /// When something is next due (an expiry or a checkpoint).
-    pub fn next_wakeup(&mut self) -> Option<Instant> {
+    pub fn next_wakeup(&mut self) -> Option<Duration> {
         if !self.primary {
             return None;
         }
@@ -303,7 +306,7 @@ mod tests {
 
     #[test]
     fn a_follower_keeps_no_time() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.granted(now, 1, 5);
         assert_eq!(core.renew(now, 1, 5), Renewal::NotPrimary);
@@ -316,7 +319,7 @@ mod tests {
     /// from the promotion, whatever was left under the old leader.
     #[test]
     fn promotion_restarts_every_lease_from_its_full_ttl() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, [lease(1, 10, None), lease(2, 60, None)]);
         assert_eq!(core.remaining(now, 1), Some(secs(10) + EXTEND));
@@ -327,7 +330,7 @@ mod tests {
 
     #[test]
     fn a_checkpointed_lease_restarts_from_its_remaining_ttl() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, [lease(1, 3600, Some(100))]);
         assert_eq!(core.remaining(now, 1), Some(secs(100) + EXTEND));
@@ -357,7 +360,7 @@ mod tests {
     /// later checkpoint lands after the clear in the log.
     #[test]
     fn a_clear_does_not_unmark_a_later_checkpoint() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, [lease(1, 3600, Some(100))]);
         let Renewal::Renewed {
@@ -379,7 +382,7 @@ mod tests {
 
     #[test]
     fn renewals_move_the_deadline_and_expired_leases_stay_expired() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, []);
         core.granted(now, 7, 10);
@@ -399,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_renewal_at_the_deadline_is_too_late() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, [lease(1, 5, None)]);
         let deadline = now + secs(5) + EXTEND;
@@ -408,7 +411,7 @@ mod tests {
 
     #[test]
     fn expiry_comes_in_bounded_batches_earliest_first() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, []);
         for id in 1..=10 {
@@ -424,7 +427,7 @@ mod tests {
     /// short ones never.
     #[test]
     fn long_leases_are_checkpointed_every_interval() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, []);
         core.granted(now, 1, 3600);
@@ -446,7 +449,7 @@ mod tests {
 
     #[test]
     fn stepping_down_forgets_everything() {
-        let now = Instant::now();
+        let now = Duration::ZERO;
         let mut core = core();
         core.promote(now, [lease(1, 10, None)]);
         core.demote();

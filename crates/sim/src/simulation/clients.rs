@@ -13,19 +13,32 @@ use flotilla_proto::etcdserverpb::PutRequest;
 use flotilla_raft::{EntryId, Index, NodeId};
 use serde_json::Value;
 
+use super::leases::lease_time;
 use super::{Event, Phase, SimNode, Simulation};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
 use crate::workload::{ClientMemory, REGISTER_KEYS, Request, next_request};
 use flotilla_server::driver::Refusal;
+use flotilla_server::lease::RenewDecision;
 use flotilla_server::state_machine::Applied;
 
-/// Who waits for a proposal or a read: an attempt of a client's request, or the simulator
-/// itself (fault bursts, log fillers, membership changes), which waits for nothing.
+/// Who waits for a proposal or a read: an attempt of a client's request, a member's lease
+/// clock, or the simulator itself (fault bursts, log fillers, membership changes), which waits
+/// for nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Waiter {
     Client { client: usize, attempt: u64 },
+    Lessor(LessorWaiter),
     Internal,
+}
+
+/// A proposal of a member's lease clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LessorWaiter {
+    /// The revoke of an expired lease.
+    Revoke(i64),
+    /// A checkpoint, by its round.
+    Checkpoint(u64),
 }
 
 /// History times are nanoseconds; a unit of simulated time reads as a millisecond.
@@ -57,6 +70,16 @@ struct Attempt {
     node: NodeId,
     /// Where the proposal went into the log, for a write.
     proposed: Option<EntryId>,
+    /// A keep-alive the leader renewed, answered once its clear is applied.
+    renewal: Option<Renewal>,
+}
+
+/// A renewal decided by the leader's lease clock, waiting for its clear.
+#[derive(Clone, Copy, Debug)]
+struct Renewal {
+    ttl_seconds: i64,
+    generation: u64,
+    decided_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -167,6 +190,9 @@ impl<S: SimStorage> Simulation<S> {
         } else {
             next_request(&mut self.prng, &c.memory, unique)
         };
+        if let Request::LeaseRevoke { id } = request {
+            self.leases.revoke_requested(id);
+        }
         let sequence = (request.is_write() && request != Request::RegisterSession).then(|| {
             c.next_sequence += 1;
             c.next_sequence
@@ -229,6 +255,7 @@ impl<S: SimStorage> Simulation<S> {
             id,
             node,
             proposed: None,
+            renewal: None,
         };
         if let Request::Read {
             serializable: true, ..
@@ -244,6 +271,39 @@ impl<S: SimStorage> Simulation<S> {
             .and_then(SimNode::member_mut)
             .expect("picked a running node");
         let sent = match &request {
+            Request::KeepAlive { id: lease } => {
+                let state = member.state.read().expect("one thread: never poisoned");
+                let decision = member
+                    .leases
+                    .clock
+                    .renew(lease_time(self.now), &state.kv, *lease);
+                drop(state);
+                match decision {
+                    RenewDecision::NotPrimary => {
+                        Err(Refusal::NotLeader(member.driver.node().leader()))
+                    }
+                    RenewDecision::Answer { ttl_seconds } => {
+                        self.clients[client].attempt = Some(attempt);
+                        return self.answer_keep_alive(node, client, ttl_seconds, self.now);
+                    }
+                    RenewDecision::ClearFirst {
+                        ttl_seconds,
+                        generation,
+                        clear,
+                    } => match member.driver.propose(clear.encode(), waiter) {
+                        Ok(entry) => {
+                            attempt.proposed = Some(entry);
+                            attempt.renewal = Some(Renewal {
+                                ttl_seconds,
+                                generation,
+                                decided_at: self.now,
+                            });
+                            Ok(())
+                        }
+                        Err((_, refusal)) => Err(refusal),
+                    },
+                }
+            }
             Request::Read { .. } => match member.driver.node().lease_read_index() {
                 Some(lease) => {
                     self.lease_reads_waiting
@@ -337,11 +397,14 @@ impl<S: SimStorage> Simulation<S> {
         self.lease_reads_waiting.retain(|&(node, ..)| node != id);
     }
 
-    pub(super) fn attempt_refused(&mut self, waiter: Waiter, refusal: &Refusal) {
-        if let Waiter::Client { client, attempt } = waiter
-            && self.current(client, attempt)
-        {
-            self.retry(client, refusal);
+    /// A proposal or read of member `id` was refused.
+    pub(super) fn attempt_refused(&mut self, id: NodeId, waiter: Waiter, refusal: &Refusal) {
+        match waiter {
+            Waiter::Client { client, attempt } if self.current(client, attempt) => {
+                self.retry(client, refusal);
+            }
+            Waiter::Lessor(waiter) => self.lessor_refused(id, waiter, refusal),
+            _ => {}
         }
     }
 
@@ -356,6 +419,9 @@ impl<S: SimStorage> Simulation<S> {
         let Applied::Kv(result) = applied else {
             panic!("node {id}: a key-value command applied as {applied:?}");
         };
+        if let Some(renewal) = self.clients[client].attempt.and_then(|a| a.renewal) {
+            return self.renewal_cleared(id, client, renewal, result);
+        }
         let c = &mut self.clients[client];
         c.leader_hint = Some(id);
         let request =
@@ -365,6 +431,11 @@ impl<S: SimStorage> Simulation<S> {
                 .clone();
         let outcome = match &result.outcome {
             Err(error) => match error.kind() {
+                ErrorKind::LeaseNotFound => {
+                    // Expired (or revoked): a lease the client held is gone.
+                    c.memory.lease = None;
+                    Outcome::Fail
+                }
                 ErrorKind::SessionNotFound => {
                     c.session = None;
                     Outcome::Unknown
@@ -435,6 +506,52 @@ impl<S: SimStorage> Simulation<S> {
             seen.resize(REGISTER_KEYS as usize, None);
             seen[index] = value.map(str::to_string);
         }
+    }
+
+    /// The clear a renewal waited for was applied on member `id`: the renewal is acknowledged,
+    /// as the server's Lease service does.
+    fn renewal_cleared(
+        &mut self,
+        id: NodeId,
+        client: usize,
+        renewal: Renewal,
+        result: &flotilla_kv::ApplyResult,
+    ) {
+        let lease = self.keep_alive_in_progress(client);
+        if let Err(error) = &result.outcome {
+            panic!("node {id}: the clear of lease {lease}'s checkpoint failed at apply: {error}");
+        }
+        if let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) {
+            member
+                .leases
+                .clock
+                .checkpoint_cleared(lease, renewal.generation);
+        }
+        self.answer_keep_alive(id, client, renewal.ttl_seconds, renewal.decided_at);
+    }
+
+    /// The lease of the keep-alive `client` has in progress.
+    fn keep_alive_in_progress(&self, client: usize) -> i64 {
+        match self.clients[client].op.as_ref().map(|op| &op.request) {
+            Some(Request::KeepAlive { id }) => *id,
+            other => panic!("client {client}: a keep-alive answer for {other:?}"),
+        }
+    }
+
+    /// Completes a keep-alive answered with `ttl_seconds`, renewed by the leader at
+    /// `decided_at` (0: the lease is gone, and the client forgets it).
+    fn answer_keep_alive(&mut self, id: NodeId, client: usize, ttl_seconds: i64, decided_at: u64) {
+        let lease = self.keep_alive_in_progress(client);
+        let c = &mut self.clients[client];
+        c.leader_hint = Some(id);
+        if ttl_seconds > 0 {
+            self.leases.keep_alive_acked(lease, ttl_seconds, decided_at);
+        } else if c.memory.lease == Some(lease) {
+            c.memory.lease = None;
+        }
+        self.trace
+            .record(&[31, client as u64, lease as u64, ttl_seconds as u64]);
+        self.finish_request(client, Outcome::Done);
     }
 
     /// A linearizable read may be answered by member `id` now.

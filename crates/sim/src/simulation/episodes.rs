@@ -9,6 +9,11 @@
 //! - **Crash at the vote** (§5.2, Figure 2's "persistent state"): a node grants its vote and
 //!   loses power at once; it restarts at once, the candidate's messages to it are lost for a
 //!   while, and a rival candidate of the same term asks it. A node that answered before its vote was durable votes twice in one term.
+//! - **A deposed leader that does not know it** (thesis §6.2, leases): the leader is cut off
+//!   alone while clients still reach it, and a follower campaigns as soon as the followers'
+//!   election timeouts allow, so a new leader takes over while the old one, whose check-quorum
+//!   has not yet failed, still answers keep-alives for up to an election timeout. The new
+//!   leader's lease clock must cover every renewal the old one granted.
 //!
 //! Each step is a legitimate fault (a crash, a partition, a timer firing, a burst of writes):
 //! with the rules kept, nothing here can break safety.
@@ -43,19 +48,18 @@ pub(super) enum Figure8 {
 const STEP_TIMEOUT_TIME: u64 = 150 * TICK_TIME;
 
 impl<S: SimStorage> Simulation<S> {
+    /// The current leader and the voters of its configuration.
+    fn leader_and_voters(&self) -> Option<(NodeId, Vec<NodeId>)> {
+        let leader = self.leader_id()?;
+        let node = self.nodes[&leader].running().expect("the leader runs");
+        Some((leader, node.membership().voters.iter().copied().collect()))
+    }
+
     /// Starts a Figure 8 episode on the current leader, if there is one.
     pub(super) fn nemesis_figure8(&mut self) {
-        let Some(old) = self.leader_id() else {
+        let Some((old, voters)) = self.leader_and_voters() else {
             return;
         };
-        let voters: Vec<NodeId> = self.nodes[&old]
-            .running()
-            .expect("the leader runs")
-            .membership()
-            .voters
-            .iter()
-            .copied()
-            .collect();
         if voters.len() < 3 || !voters.contains(&old) {
             return;
         }
@@ -297,6 +301,42 @@ impl<S: SimStorage> Simulation<S> {
             },
         );
         true
+    }
+
+    /// Cuts the leader off alone and has a follower campaign one election timeout (and a tick)
+    /// later; heals a few election timeouts after that.
+    pub(super) fn nemesis_deposed_leader(&mut self) {
+        let Some((old, voters)) = self.leader_and_voters() else {
+            return;
+        };
+        let voters: Vec<NodeId> = voters
+            .into_iter()
+            .filter(|&id| id != old && self.nodes.get(&id).is_some_and(|n| n.running().is_some()))
+            .collect();
+        if voters.is_empty() {
+            return;
+        }
+        self.isolate(&[old]);
+        let heal = self.partition_generation;
+        let rival = voters[self.prng.range(0, voters.len() as u64) as usize];
+        let incarnation = self.nodes[&rival].incarnation;
+        let timeout = super::ELECTION_TIMEOUT_TICKS * TICK_TIME;
+        let delay = timeout + self.prng.range(TICK_TIME, 3 * TICK_TIME);
+        self.schedule(
+            delay,
+            Event::Campaign {
+                node: rival,
+                incarnation,
+            },
+        );
+        self.schedule(
+            delay + 3 * timeout,
+            Event::HealPartition { generation: heal },
+        );
+        self.trace.record(&[38, old, rival]);
+        self.say(format_args!(
+            "deposed leader: n{old} cut off alone, n{rival} campaigns at +{delay}"
+        ));
     }
 
     /// Running voters other than the voter and its candidate that have not yet heard of
