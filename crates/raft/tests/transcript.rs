@@ -924,5 +924,6 @@ transcripts!(
     snapshot,
     snapshot_abandon,
     snapshot_follower_log,
+    snapshot_follower_restart,
     transfer,
 );

@@ -571,6 +571,9 @@ impl<S: SimStorage> Simulation<S> {
         member.start_watcher(1);
         member.start_watcher(0);
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
+        // A member removed before it crashed is still removed when it restarts (the server's
+        // peers refuse it and say why): it stops again after a while.
+        let removed = self.nodes.get(&id).is_some_and(|n| n.removed);
         self.nodes.insert(
             id,
             SimNode {
@@ -580,9 +583,13 @@ impl<S: SimStorage> Simulation<S> {
                 persist_acked: 0,
                 believed: Believed::default(),
                 fsync_done_time: self.now,
-                removed: false,
+                removed,
             },
         );
+        if removed {
+            let delay = self.prng.range(100, 1_000);
+            self.schedule(delay, Event::StopRemoved { node: id });
+        }
         let phase = self.prng.range(1, TICK_TIME + 1);
         self.schedule(
             phase,
@@ -1212,17 +1219,23 @@ impl<S: SimStorage> Simulation<S> {
         let nodes: Vec<String> = self
             .nodes
             .values()
-            .map(|n| match n.running() {
-                Some(node) => format!(
-                    "n{}:{}@{} commit={} applied={} last={} members={}",
-                    n.id,
-                    node.role(),
-                    node.term(),
-                    node.committed(),
-                    node.applied(),
-                    node.last_id(),
-                    node.membership()
-                ),
+            .map(|n| match n.member() {
+                Some(member) => {
+                    let node = member.driver.node();
+                    format!(
+                        "n{}:{}@{} commit={} applied={} last={} members={} leases={} \
+                         lease-clock={}",
+                        n.id,
+                        node.role(),
+                        node.term(),
+                        node.committed(),
+                        node.applied(),
+                        node.last_id(),
+                        node.membership(),
+                        member.state().kv.leases().len(),
+                        member.leases.describe()
+                    )
+                }
                 None => format!("n{}:down", n.id),
             })
             .collect();

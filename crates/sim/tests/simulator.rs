@@ -121,6 +121,13 @@ fn pinned_seeds() {
         Case::new(534, 3),
         Case::new(200253, 3).wal().churn(),
         Case::new(100022, 7).churn(),
+        // Found a real bug in the core: a follower that restarted during a snapshot transfer
+        // (a WAL fsync failure) asked again for offset 0, which the leader took for an echo of
+        // an earlier rewind to 0 and ignored; the transfer stalled for good.
+        Case::new(200081, 7).wal().churn(),
+        // Found a simulator bug: a removed member that crashed came back as not removed, so
+        // it never stopped and, without pre-vote, kept disrupting the cluster.
+        Case::new(200061, 3).wal().churn(),
         // Figure 8: a leader counting replicas of an earlier-term entry.
         Case::new(30, 3),
         Case::new(33, 3),

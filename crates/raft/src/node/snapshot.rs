@@ -173,6 +173,15 @@ impl<S: LogStorage> RaftNode<S> {
         match response.status {
             SnapshotStatus::Received => {
                 transfer.acked_offset = transfer.acked_offset.max(response.next_offset);
+                // Progress past a rewind ends it: a later Resend to the same offset (say, the
+                // follower restarted and lost the chunks it had) is new and must be obeyed,
+                // not taken for an echo of the old one, or the transfer stalls for good.
+                if transfer
+                    .rewound_to
+                    .is_some_and(|offset| transfer.acked_offset > offset)
+                {
+                    transfer.rewound_to = None;
+                }
                 // A late acknowledgement from before a rewind may prove the follower holds more
                 // than we are resending: skip ahead.
                 if transfer.acked_offset > transfer.sent_offset {

@@ -15,6 +15,13 @@ use crate::metrics::Metrics;
 use crate::state_machine::{Applied, EventSink, StateMachine};
 use crate::storage::{DurableStorage, SnapshotReader};
 
+/// The apply thread gives the state's write lock up after applying this many bytes of entries
+/// in a row, so that a reader (a range, a watcher catching up, a snapshot step) waits for at
+/// most about that much work, not for a whole batch (up to the core's `apply_bytes_max`,
+/// 64 MiB). A reader in between sees the state at an index within the batch: a committed,
+/// applied prefix of the log, as it would between two batches.
+const LOCK_HELD_BYTES_MAX: usize = 1 << 20;
+
 /// Work for the apply thread, in log order.
 #[derive(Debug)]
 pub(super) enum ApplyWork {
@@ -52,14 +59,15 @@ impl ApplyContext {
         let mut replies = Vec::new();
         let mut last = None;
         let mut state = Some(self.state.write().unwrap_or_else(|p| p.into_inner()));
+        let mut budget = LockBudget::default();
         for (item, waiter) in items {
             last = Some(item.index());
             match item {
                 Apply::Entry(entry) => {
-                    let state = state.get_or_insert_with(|| {
+                    let machine = state.get_or_insert_with(|| {
                         self.state.write().unwrap_or_else(|p| p.into_inner())
                     });
-                    let applied = state.apply_entry(&entry);
+                    let applied = machine.apply_entry(&entry);
                     match &applied {
                         Applied::Kv(result) => self.observe(result),
                         Applied::Auth {
@@ -69,6 +77,11 @@ impl ApplyContext {
                     }
                     if let Some(waiter) = waiter {
                         replies.push((waiter, applied));
+                    }
+                    if budget.spend(entry_bytes(&entry)) {
+                        // Let the readers waiting on the lock in before the next entry.
+                        state = None;
+                        std::thread::yield_now();
                     }
                 }
                 Apply::Snapshot(meta) => {
@@ -195,6 +208,33 @@ impl ApplyContext {
     }
 }
 
+/// How much the apply thread has applied since it took the write lock.
+#[derive(Debug, Default)]
+struct LockBudget {
+    held_bytes: usize,
+}
+
+impl LockBudget {
+    /// Counts an applied entry; true if the lock is to be given up now (the count restarts).
+    fn spend(&mut self, bytes: usize) -> bool {
+        self.held_bytes += bytes;
+        if self.held_bytes < LOCK_HELD_BYTES_MAX {
+            return false;
+        }
+        self.held_bytes = 0;
+        true
+    }
+}
+
+/// The bytes an entry weighs for the lock bound: its command (a blank entry or a membership
+/// change weighs nothing worth counting).
+fn entry_bytes(entry: &flotilla_raft::Entry) -> usize {
+    match &entry.payload {
+        flotilla_raft::EntryPayload::Command(data) => data.len(),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Read;
@@ -289,6 +329,21 @@ mod tests {
             index,
             payload: EntryPayload::Command(put.encode()),
         })
+    }
+
+    /// A batch of 64 MiB of 1 KiB puts gives the write lock up every 1 MiB, not once at the
+    /// end; a batch of small entries keeps it throughout.
+    #[test]
+    fn the_write_lock_is_given_up_every_mebibyte_of_entries() {
+        let mut budget = LockBudget::default();
+        let entry_bytes = 1024;
+        let releases: Vec<usize> = (1..=64 * 1024)
+            .filter(|_| budget.spend(entry_bytes))
+            .collect();
+        assert_eq!(releases.len(), 64);
+        assert!(releases.iter().all(|n| n % 1024 == 0), "{releases:?}");
+        let mut small = LockBudget::default();
+        assert!((0..1000).all(|_| !small.spend(100)), "100 kB in all");
     }
 
     /// The point-in-time view at work: while a snapshot of several megabytes cannot reach the
