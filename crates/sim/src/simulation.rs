@@ -884,7 +884,7 @@ impl<S: SimStorage> Simulation<S> {
                 }
             };
             match (waiter, applied) {
-                (Some(Waiter::Lessor(waiter)), Some(_)) => self.lessor_applied(id, waiter),
+                (Some(Waiter::Lessor(waiter)), Some(_)) => self.lessor_answered(id, waiter, true),
                 (Some(waiter), Some(applied)) => self.attempt_applied(id, waiter, &applied),
                 _ => {}
             }
@@ -1201,7 +1201,7 @@ impl<S: SimStorage> Simulation<S> {
         };
         if leader.membership().is_joint()
             || leader.committed() < leader.last_id().index
-            || !self.leases_gone(leader.id())
+            || (self.leases_must_expire() && !self.leases_gone(leader.id()))
         {
             return false;
         }

@@ -152,6 +152,7 @@ fn pinned_seeds() {
         // A new leader's lease clock without the election-timeout extension: a deposed
         // leader's renewal outlives it.
         Case::new(124, 5),
+        Case::new(173, 7),
         // A renewal acknowledged without clearing the lease's checkpointed TTL, so a new
         // leader restarts it from the older remaining TTL.
         Case::new(51, 3),

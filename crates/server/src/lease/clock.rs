@@ -86,7 +86,21 @@ impl LeaseClock {
     /// term's first entry (so every entry of earlier terms is applied, and `kv` holds every
     /// lease granted before), stops when it stops leading or a new term begins.
     pub fn follow(&mut self, now: Duration, role: RoleView, kv: &KvStore) -> RoleChange {
-        let change = self.role.next(role);
+        let change = self.role_change(role);
+        self.change_role(now, change, kv);
+        change
+    }
+
+    /// The first half of [`LeaseClock::follow`], without the lease table: what the role
+    /// means for the clock. Nearly every call changes nothing, so a caller that must lock the
+    /// table to read it (the server, on every commit) does so only when this says to.
+    pub fn role_change(&mut self, role: RoleView) -> RoleChange {
+        self.role.next(role)
+    }
+
+    /// The second half of [`LeaseClock::follow`]: carries out `change`, the answer of
+    /// [`LeaseClock::role_change`].
+    pub fn change_role(&mut self, now: Duration, change: RoleChange, kv: &KvStore) {
         if change.demote {
             self.core.demote();
         }
@@ -98,7 +112,6 @@ impl LeaseClock {
             });
             self.core.promote(now, leases);
         }
-        change
     }
 
     /// A grant was applied (not a duplicate).

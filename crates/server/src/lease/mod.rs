@@ -174,9 +174,14 @@ impl Lessor {
             applied: status.applied,
             last_index: status.last_index,
         };
+        // Status changes with every commit: the state's lock only when the role changes.
+        let change = self.lock().role_change(role);
+        if change == clock::RoleChange::default() {
+            return;
+        }
         let state = node.state.read().unwrap_or_else(|p| p.into_inner());
         let mut clock = self.lock();
-        let change = clock.follow(self.now(), role, &state.kv);
+        clock.change_role(self.now(), change, &state.kv);
         if change.promote {
             tracing::info!(
                 leases = clock.lease_count(),

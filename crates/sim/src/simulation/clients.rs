@@ -403,7 +403,7 @@ impl<S: SimStorage> Simulation<S> {
             Waiter::Client { client, attempt } if self.current(client, attempt) => {
                 self.retry(client, refusal);
             }
-            Waiter::Lessor(waiter) => self.lessor_refused(id, waiter, refusal),
+            Waiter::Lessor(waiter) => self.lessor_answered(id, waiter, false),
             _ => {}
         }
     }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use flotilla_kv::{Command, Operation, Response};
 use flotilla_raft::{Entry, EntryPayload, NodeId, Role};
-use flotilla_server::driver::Refusal;
 use flotilla_server::lease::{
     LeaseClock, LessorSettings, REVOKE_RETRY, REVOKES_IN_FLIGHT_MAX, REVOKES_PER_ROUND,
     RenewDecision, RoleView, lessor_settings,
@@ -57,9 +56,7 @@ impl MemberLeases {
             next_checkpoint: 0,
         }
     }
-}
 
-impl MemberLeases {
     /// For a liveness failure's report.
     pub(super) fn describe(&self) -> String {
         format!(
@@ -68,6 +65,28 @@ impl MemberLeases {
             self.clock.lease_count(),
             self.revokes_in_flight
         )
+    }
+
+    /// Carries out what the server's lessor task does when a proposal of its own is answered.
+    fn answered(&mut self, waiter: LessorWaiter, applied: bool, now: Duration) {
+        match waiter {
+            LessorWaiter::Revoke(lease) => {
+                self.revokes_in_flight -= 1;
+                if applied {
+                    // Revoked, or already gone: either way, done.
+                    self.clock.revoke_done(lease);
+                } else {
+                    self.clock.revoke_failed(lease, now + REVOKE_RETRY);
+                }
+            }
+            LessorWaiter::Checkpoint(round) => {
+                if let Some(ids) = self.checkpoints_in_flight.remove(&round)
+                    && !applied
+                {
+                    self.clock.checkpoint_failed(now, &ids);
+                }
+            }
+        }
     }
 }
 
@@ -199,41 +218,11 @@ impl<S: SimStorage> Simulation<S> {
         }
     }
 
-    /// A proposal of the lessor's was applied.
-    pub(super) fn lessor_applied(&mut self, id: NodeId, waiter: LessorWaiter) {
-        let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
-            return;
-        };
-        let leases = &mut member.leases;
-        match waiter {
-            // Revoked, or already gone: either way, done (as the server's task does).
-            LessorWaiter::Revoke(lease) => {
-                leases.revokes_in_flight -= 1;
-                leases.clock.revoke_done(lease);
-            }
-            LessorWaiter::Checkpoint(round) => {
-                leases.checkpoints_in_flight.remove(&round);
-            }
-        }
-    }
-
-    /// A proposal of the lessor's was refused.
-    pub(super) fn lessor_refused(&mut self, id: NodeId, waiter: LessorWaiter, _: &Refusal) {
+    /// A proposal of the lessor's was applied (`applied`) or refused.
+    pub(super) fn lessor_answered(&mut self, id: NodeId, waiter: LessorWaiter, applied: bool) {
         let now = lease_time(self.now);
-        let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
-            return;
-        };
-        let leases = &mut member.leases;
-        match waiter {
-            LessorWaiter::Revoke(lease) => {
-                leases.revokes_in_flight -= 1;
-                leases.clock.revoke_failed(lease, now + REVOKE_RETRY);
-            }
-            LessorWaiter::Checkpoint(round) => {
-                if let Some(ids) = leases.checkpoints_in_flight.remove(&round) {
-                    leases.clock.checkpoint_failed(now, &ids);
-                }
-            }
+        if let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) {
+            member.leases.answered(waiter, applied, now);
         }
     }
 
@@ -310,6 +299,15 @@ impl<S: SimStorage> Simulation<S> {
         let promoted_until = self.last_lease_promotion + extend + ttl_ms;
         let settled = self.options.fault_phase_time + LIVENESS_SETTLE_TIME;
         Some(promised_until.max(promoted_until).max(settled) + REVOKE_ALLOWANCE_TIME)
+    }
+
+    /// Whether the liveness phase waits for every lease to expire: only with pre-vote and
+    /// check-quorum, as the server runs. Without them a member left out of the configuration
+    /// (or never let into it) can disrupt the healed cluster with ever higher terms (thesis
+    /// §4.2.3), so no leader stays long enough for a lease to run out, while the plain
+    /// algorithm's convergence needs only a moment of stable leadership.
+    pub(super) fn leases_must_expire(&self) -> bool {
+        self.options.pre_vote && (self.options.check_quorum || self.options.lease_reads)
     }
 
     /// True once the leader's state holds no lease (the liveness phase waits for every lease
