@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::sockets;
 use common::*;
 use flotilla_proto::etcdserverpb::{
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest,
@@ -301,7 +302,8 @@ async fn bad_input_gets_clear_etcd_errors() {
 
         // A second member on the same ports: the error names the URL in use.
         let other_dir = cluster.dir.path().join("other");
-        let mut command = cluster.command_in(0, &cluster.initial_cluster(), "new", &other_dir);
+        let mut command =
+            cluster.command_binding_itself(0, &cluster.initial_cluster(), "new", &other_dir);
         let output = command.output().unwrap();
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -804,6 +806,91 @@ async fn a_write_during_failover_is_held_for_the_new_leader_and_applied_once() {
             error.message(),
             "etcdserver: request timed out, possibly due to previous leader failure"
         );
+    })
+    .await;
+}
+
+/// Members serve the listening sockets the harness hands them (`--listen-fds`) on ports the
+/// kernel chose; while a member is down its ports refuse connections and no one else can bind
+/// them, and it restarts on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_serve_handed_over_sockets_and_keep_their_ports_across_restarts() {
+    let mut cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let port = cluster.members[0].client_port;
+        let log = cluster.members[0].log_text();
+        let line = format!("listening for clients url=http://127.0.0.1:{port} local=127.0.0.1:{port} inherited=true");
+        assert!(log.contains(&line), "no {line:?} in\n{log}");
+        let mut kv = cluster.kv(0).await;
+        put(&mut kv, "before", "restart").await.unwrap();
+
+        cluster.kill9(0);
+        let refused = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        let taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+
+        cluster.restart(0);
+        cluster.wait_for_leader(&[0]).await;
+        let mut kv = cluster.kv(0).await;
+        let value = get(&mut kv, "before", false).await.unwrap();
+        assert_eq!(value.as_deref(), Some("restart"));
+        cluster.kill9(0);
+
+    })
+    .await;
+}
+
+/// A listener on port 0 that a member binds itself is reported in its log with the port the
+/// kernel gave it, and serves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_reports_the_port_it_got_for_port_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, peer) = (sockets::ReservedPort::new(), sockets::ReservedPort::new());
+    let mut command = std::process::Command::new(BINARY);
+    command
+        .arg("serve")
+        .args(["--name", "solo"])
+        .arg("--data-dir")
+        .arg(dir.path().join("solo"))
+        .args([
+            "--listen-client-urls",
+            &format!("http://127.0.0.1:{}", client.port()),
+        ])
+        .args([
+            "--listen-peer-urls",
+            &format!("http://127.0.0.1:{}", peer.port()),
+        ])
+        .args(["--listen-metrics-urls", "http://127.0.0.1:0"])
+        .args(["--heartbeat-interval", &HEARTBEAT_MS.to_string()])
+        .args(["--election-timeout", &ELECTION_MS.to_string()]);
+    sockets::hand_over(&mut command, vec![client.listener(), peer.listener()]);
+    let log = dir.path().join("solo.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file);
+    let _member = Process {
+        child: command.spawn().unwrap(),
+    };
+    drop(command); // The member holds the only copies of its listeners now.
+    bounded(LIMIT, async {
+        let reported = "listening for metrics url=http://127.0.0.1:0 local=127.0.0.1:";
+        let port: u16 = eventually("the metrics port in the log", LIMIT, || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let port = text.lines().find_map(|line| {
+                let rest = &line[line.find(reported)? + reported.len()..];
+                rest.split(' ').next()?.parse().ok()
+            });
+            async move { port }
+        })
+        .await;
+        assert_ne!(port, 0);
+        let url = format!("http://127.0.0.1:{port}/metrics");
+        let metrics = eventually("/metrics on the reported port", LIMIT, || http_get(&url)).await;
+        assert!(metrics.contains("_has_leader"), "{metrics}");
     })
     .await;
 }

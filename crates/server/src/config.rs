@@ -52,6 +52,12 @@ pub struct ServeArgs {
     /// URLs to serve /metrics, /health, /readyz and /livez on, comma-separated [default: none].
     #[arg(long, env = "FLOTILLA_LISTEN_METRICS_URLS")]
     pub listen_metrics_urls: Option<String>,
+    /// Listening sockets inherited from the process that started this one (socket
+    /// activation), as descriptor numbers, comma-separated: each serves the `--listen-*-urls`
+    /// entry with its address instead of a socket of the member's own, so the parent holds
+    /// the port across restarts. Not read from the config file.
+    #[arg(long, env = "FLOTILLA_LISTEN_FDS", value_delimiter = ',')]
+    pub listen_fds: Vec<i32>,
     /// Milliseconds between leader heartbeats (one Raft tick) [default: 100].
     #[arg(long, env = "FLOTILLA_HEARTBEAT_INTERVAL")]
     pub heartbeat_interval: Option<u64>,
@@ -254,6 +260,9 @@ pub struct ServerConfig {
     /// True if the token was given (not the default): a restart checks it against the data.
     pub initial_cluster_token_given: bool,
     pub listen_metrics_urls: Vec<String>,
+    /// Inherited listening sockets (`--listen-fds`), each taken by the listen URL of its
+    /// address (see `crate::listener::inherit`).
+    pub listen_fds: Vec<i32>,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,
     pub snapshot_count: u64,
@@ -502,6 +511,11 @@ impl ServeArgs {
         };
         client_tls.check("", &listen_client_urls)?;
         peer_tls.check("peer-", &listen_peer_urls)?;
+        check_no_port_zero_advertised(
+            &advertise_client_urls,
+            &initial_advertise_peer_urls,
+            &initial_cluster,
+        )?;
         if let Some(url) = listen_metrics_urls
             .iter()
             .find(|u| u.starts_with("https://"))
@@ -536,6 +550,7 @@ impl ServeArgs {
             initial_cluster_token_given: token.is_some(),
             initial_cluster_token: token.unwrap_or_else(|| DEFAULT_CLUSTER_TOKEN.into()),
             listen_metrics_urls,
+            listen_fds: self.listen_fds.clone(),
             heartbeat_interval: Duration::from_millis(heartbeat_ms),
             election_timeout: Duration::from_millis(election_ms),
             snapshot_count: self
@@ -643,6 +658,40 @@ pub fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_string(), port))
 }
 
+/// Port 0 in a listen URL lets the kernel choose (the member logs the port it got), but an
+/// advertised URL is for others to dial: port 0 there is unreachable, and it is what the
+/// advertised URLs default to with port 0 in the listen URLs.
+fn check_no_port_zero_advertised(
+    advertise_client_urls: &[String],
+    initial_advertise_peer_urls: &[String],
+    initial_cluster: &[(String, String)],
+) -> anyhow::Result<()> {
+    let port_zero = |url: &&String| parse_url(url).is_ok_and(|(_, port)| port == 0);
+    let advertised = [
+        (
+            "--advertise-client-urls",
+            advertise_client_urls.iter().find(port_zero),
+        ),
+        (
+            "--initial-advertise-peer-urls",
+            initial_advertise_peer_urls.iter().find(port_zero),
+        ),
+        (
+            "--initial-cluster",
+            initial_cluster.iter().map(|(_, url)| url).find(port_zero),
+        ),
+    ];
+    for (flag, url) in advertised {
+        if let Some(url) = url {
+            bail!(
+                "{flag}: {url} names port 0, which no one can dial (with port 0 in a listen \
+                 URL, give the URLs others should use explicitly)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The socket address to listen on for a URL.
 pub fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
     let (host, port) = parse_url(url)?;
@@ -657,6 +706,39 @@ pub fn listen_addr(url: &str) -> anyhow::Result<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_zero_may_be_listened_on_but_not_advertised() {
+        let args = |client: &str, advertise: Option<&str>| ServeArgs {
+            listen_client_urls: Some(client.into()),
+            advertise_client_urls: advertise.map(String::from),
+            listen_peer_urls: Some("http://127.0.0.1:2380".into()),
+            listen_metrics_urls: Some("http://127.0.0.1:0".into()),
+            ..ServeArgs::default()
+        };
+        let error = args("http://127.0.0.1:0", None).resolve().unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--advertise-client-urls: http://127.0.0.1:0 names port 0, which no one can dial \
+             (with port 0 in a listen URL, give the URLs others should use explicitly)"
+        );
+        let config = args("http://127.0.0.1:0", Some("http://127.0.0.1:2379"))
+            .resolve()
+            .unwrap();
+        assert_eq!(config.listen_client_urls, vec!["http://127.0.0.1:0"]);
+        assert_eq!(config.listen_metrics_urls, vec!["http://127.0.0.1:0"]);
+        let peer_zero = ServeArgs {
+            listen_peer_urls: Some("http://127.0.0.1:0".into()),
+            ..args("http://127.0.0.1:2379", None)
+        };
+        assert!(
+            peer_zero
+                .resolve()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--initial-advertise-peer-urls: http://127.0.0.1:0 names port 0")
+        );
+    }
 
     #[test]
     fn defaults_follow_etcd() {

@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod held;
 pub mod http;
 pub mod identity;
+pub mod inherited;
 pub mod key_queue;
 pub mod lease;
 pub mod listener;

@@ -34,6 +34,7 @@ use crate::election_service::ElectionService;
 use crate::frontend::Frontend;
 use crate::http;
 use crate::identity::{Identity, load_or_create};
+use crate::inherited::InheritedListeners;
 use crate::lease::Lessor;
 use crate::listener::{configure_accepted, grpc_incoming, tls_incoming};
 use crate::lock_service::LockService;
@@ -282,28 +283,44 @@ struct Listeners {
 }
 
 impl Listeners {
-    /// Binds every listener first, so a port in use fails the start at once and says which.
+    /// Takes the inherited sockets and binds every other listener first, so a port in use
+    /// fails the start at once and says which. Each listener's address is logged: with port 0
+    /// in a URL, that is where the port the kernel chose is reported.
     async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
-        async fn bind_all(
-            urls: &[String],
-            what: &str,
-        ) -> anyhow::Result<Vec<(String, TcpListener)>> {
-            let mut listeners = Vec::new();
-            for url in urls {
-                let addr: SocketAddr = listen_addr(url)?;
+        let mut inherited = InheritedListeners::adopt(&config.listen_fds)?;
+        let listeners = Listeners {
+            client: bind_all(&config.listen_client_urls, "clients", &mut inherited).await?,
+            peer: bind_all(&config.listen_peer_urls, "peers", &mut inherited).await?,
+            metrics: bind_all(&config.listen_metrics_urls, "metrics", &mut inherited).await?,
+        };
+        inherited.finish()?;
+        Ok(listeners)
+    }
+}
+
+/// A listener for each URL: the inherited socket bound to its address, or a new one.
+async fn bind_all(
+    urls: &[String],
+    what: &str,
+    inherited: &mut InheritedListeners,
+) -> anyhow::Result<Vec<(String, TcpListener)>> {
+    let mut listeners = Vec::new();
+    for url in urls {
+        let addr: SocketAddr = listen_addr(url)?;
+        let (listener, handed_over) = match inherited.take(addr) {
+            Some(listener) => (TcpListener::from_std(listener)?, true),
+            None => {
                 let listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen for {what} on {url} ({addr})"))?;
-                listeners.push((url.clone(), listener));
+                (listener, false)
             }
-            Ok(listeners)
-        }
-        Ok(Listeners {
-            client: bind_all(&config.listen_client_urls, "clients").await?,
-            peer: bind_all(&config.listen_peer_urls, "peers").await?,
-            metrics: bind_all(&config.listen_metrics_urls, "metrics").await?,
-        })
+        };
+        let local = listener.local_addr()?;
+        tracing::info!(%url, %local, inherited = handed_over, "listening for {what}");
+        listeners.push((url.clone(), listener));
     }
+    Ok(listeners)
 }
 
 struct Servers {

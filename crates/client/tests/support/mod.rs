@@ -1,8 +1,7 @@
-//! Real etcd clusters on loopback for integration tests: reserved ports (shared with the
-//! flotilla crate's test clusters, so concurrent test processes never collide), a temporary
-//! data directory, readiness awaited by polling Status, every process killed by PID on drop.
+//! Real etcd clusters on loopback for integration tests: reserved ports (see `ports`), a
+//! temporary data directory, readiness awaited by polling Status, every process killed by PID
+//! on drop.
 
-#[path = "../../../flotilla/tests/common/ports.rs"]
 mod ports;
 
 use std::path::PathBuf;

@@ -1,10 +1,11 @@
-//! A cluster of real `flotilla serve` processes on 127.0.0.1 for integration tests: reserved
-//! ports (see `ports`), a temporary data directory, every process killed by PID when the test ends (even on
+//! A cluster of real `flotilla serve` processes on 127.0.0.1 for integration tests: ports the
+//! kernel picked, held by the harness and handed to each member start as listening sockets
+//! (see `sockets`), a temporary data directory, every process killed by PID when the test ends (even on
 //! panic), and helpers that wait for events with a deadline instead of sleeping.
 
 #![allow(dead_code)]
 
-pub mod ports;
+pub mod sockets;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -87,6 +88,8 @@ pub struct TestMember {
     pub client_port: u16,
     pub peer_port: u16,
     pub metrics_port: u16,
+    /// The client, peer and metrics ports, held for the test's life.
+    pub reserved: [sockets::ReservedPort; 3],
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub process: Option<Process>,
@@ -144,7 +147,7 @@ impl TestCluster {
 
     /// Reserves ports and a directory for one more member; returns its index.
     pub fn add_member_slot(&mut self) -> usize {
-        let ports = ports::reserve_ports(3);
+        let reserved = [(); 3].map(|()| sockets::ReservedPort::new());
         let index = self.members.len();
         let name = format!("m{}", index + 1);
         self.members.push(TestMember {
@@ -152,9 +155,10 @@ impl TestCluster {
             data_dir: self.dir.path().join(&name),
             log: self.dir.path().join(format!("{name}.log")),
             name,
-            client_port: ports[0],
-            peer_port: ports[1],
-            metrics_port: ports[2],
+            client_port: reserved[0].port(),
+            peer_port: reserved[1].port(),
+            metrics_port: reserved[2].port(),
+            reserved,
             process: None,
         });
         index
@@ -173,8 +177,24 @@ impl TestCluster {
         self.command_in(i, initial_cluster, state, &self.members[i].data_dir)
     }
 
-    /// The command line of member `i` with another data directory.
+    /// The command line of member `i` with another data directory, handed new listening
+    /// sockets on the member's ports.
     pub fn command_in(
+        &self,
+        i: usize,
+        initial_cluster: &str,
+        state: &str,
+        data_dir: &std::path::Path,
+    ) -> Command {
+        let mut command = self.command_binding_itself(i, initial_cluster, state, data_dir);
+        let listeners = self.members[i].reserved.iter().map(|port| port.listener());
+        sockets::hand_over(&mut command, listeners.collect());
+        command
+    }
+
+    /// The command line of member `i`, binding its ports itself (they are reserved, so it
+    /// fails to).
+    pub fn command_binding_itself(
         &self,
         i: usize,
         initial_cluster: &str,

@@ -1,5 +1,8 @@
-//! Loopback ports for test servers that must know each other's ports before any of them
-//! starts (a static `--initial-cluster`), shared by every test process on the machine.
+//! Loopback ports for etcd test clusters, whose members must know each other's ports before
+//! any of them starts (a static `--initial-cluster`), shared by every test process on the
+//! machine. (Flotilla's own test members are handed sockets the harness bound on port 0 and
+//! keeps reserved: see `crates/flotilla/tests/common/sockets.rs`. etcd cannot take a socket
+//! from its parent, so its ports are drawn here.)
 //!
 //! Binding port 0 and releasing the port is not enough: the port comes from the kernel's
 //! ephemeral range, which is also where every outgoing connection of every other process gets
