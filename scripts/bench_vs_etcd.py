@@ -179,6 +179,27 @@ class Bench:
                 for cluster in self.clusters:
                     self.go_point(cluster, "kubernetes", clients, run, extra)
 
+    def fanout(self):
+        """Watch fan-out (bench/etcd-go-load/fanout.go): puts with no watcher, then the same
+        puts with --watchers watchers on their prefix over --watch-streams streams, each
+        watcher checked for every event in order, and the serving member's RSS per watcher."""
+        clients = self.args.fanout_clients
+        for run in range(self.args.runs):
+            log(f"Watch fan-out through the Go client, run {run + 1} of {self.args.runs}")
+            for cluster in self.clusters:
+                self.go_point(cluster, "put", clients, run)
+                for watchers in self.args.watchers:
+                    leader = self.leader(cluster)
+                    pid = cluster.procs[cluster.endpoints.index(leader)].pid
+                    extra = ("--watchers", str(watchers), "--watch-streams",
+                             str(min(self.args.watch_streams, watchers)), "--rss-pid", str(pid))
+                    self.go_point(cluster, "fanout", clients, run, extra)
+                    r = self.results[-1]
+                    log(f"    {r['watchers']} watchers: {r['watchers_complete']} complete,"
+                        f" {r['events_delivered']:,} events in {r['responses_delivered']:,} responses, drained {r['drain_ms']:.0f} ms after the load,"
+                        f" {r['bytes_per_watcher']:,.0f} bytes/watcher"
+                        + (f", FIRST VIOLATION: {r['first_violation']}" if r.get("first_violation") else ""))
+
     def ours(self):
         log("flotilla bench (our Rust client), puts")
         for clients in self.args.clients:
@@ -325,7 +346,7 @@ def go_rows(go):
 
 def report(results):
     of = lambda kind: [r for r in results if r["kind"] == kind]
-    if go := [r for r in of("go") if r["op"] != "kubernetes"]:
+    if go := [r for r in of("go") if r["op"] not in ("kubernetes", "fanout")]:
         table(f"etcd's Go client (clientv3), to the leader, median of {len({r['run'] for r in go})} runs",
               ["op", "clients", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
                "CPU µs/op", "errors"], go_rows(go))
@@ -345,6 +366,27 @@ def report(results):
               f" connection), median of {len({r['run'] for r in k8s})} runs",
               ["clients", "system", "requests/s", "lists/s", "writes/s", "list p50 ms", "list p99 ms",
                "write p50 ms", "write p99 ms", "conflicts", "errors"], rows)
+    if fan := [r for r in of("go") if r["op"] == "fanout"]:
+        rows = []
+        for watchers in sorted({r["watchers"] for r in fan}):
+            for system in SYSTEMS:
+                runs = [r for r in fan if (r["watchers"], r["system"]) == (watchers, system)]
+                base = [r for r in of("go") if r["op"] == "put" and r["system"] == system
+                        and r["clients"] == runs[0]["clients"]] if runs else []
+                if runs and base:
+                    m, b = median_run(runs), median_run(base)
+                    rows.append([watchers, m["watch_streams"], m["clients"], system,
+                                 f"{b['throughput_per_second']:,.0f}", f"{m['throughput_per_second']:,.0f}",
+                                 f"{m['throughput_per_second'] / b['throughput_per_second']:.0%}",
+                                 f"{m['latency_ms']['p99']:.1f}",
+                                 f"{sum(r['watchers_complete'] for r in runs)} of {sum(r['watchers'] for r in runs)}",
+                                 f"{m['events_delivered'] / (m['seconds'] + m['drain_ms'] / 1000):,.0f}",
+                                 f"{m['events_delivered'] / max(m['responses_delivered'], 1):.1f}",
+                                 f"{m['drain_ms']:,.0f}", f"{m['bytes_per_watcher']:,.0f}"])
+        table(f"Watch fan-out: puts with every watcher on their prefix, median of {len({r['run'] for r in fan})} runs",
+              ["watchers", "streams", "clients", "system", "puts/s, no watcher", "puts/s, watched",
+               "kept", "put p99 ms", "watchers complete and in order", "events/s delivered",
+               "events/response", "drain ms", "RSS bytes/watcher"], rows)
     if ours := of("ours"):
         table("`flotilla bench` (our Rust client), puts",
               ["clients", "system", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"],
@@ -383,7 +425,13 @@ def main():
     p.add_argument("--read-clients", type=int, nargs="*", default=[1, 64])
     p.add_argument("--parts", nargs="+",
                    default=["go", "kubernetes", "ours", "python", "checkperf", "failover"],
-                   choices=["go", "kubernetes", "ours", "python", "checkperf", "failover", "memory"])
+                   choices=["go", "kubernetes", "ours", "python", "checkperf", "failover", "memory",
+                            "fanout"])
+    p.add_argument("--watchers", type=int, nargs="+", default=[1000, 10000],
+                   help="watchers on the written prefix (--parts fanout)")
+    p.add_argument("--watch-streams", type=int, default=100,
+                   help="watch streams the watchers are spread over (--parts fanout)")
+    p.add_argument("--fanout-clients", type=int, default=64, help="writers (--parts fanout)")
     p.add_argument("--kubernetes-clients", type=int, nargs="+", default=[64],
                    help="API-server-like clients of the Kubernetes mix (part 'kubernetes')")
     p.add_argument("--kubernetes-objects", type=int, default=5000,

@@ -81,6 +81,17 @@ impl WatchStream {
         self.send(RequestUnion::CreateRequest(create)).await;
     }
 
+    /// The next response of a stream that must stay open and keep its watchers.
+    async fn next_events(&mut self, limit: Duration) -> WatchResponse {
+        let response = self
+            .next(limit)
+            .await
+            .unwrap()
+            .expect("the stream stays open");
+        assert!(!response.canceled, "{response:?}");
+        response
+    }
+
     /// The next response, failing the test if none comes within `limit`.
     async fn next(&mut self, limit: Duration) -> Result<Option<WatchResponse>, tonic::Status> {
         match tokio::time::timeout(limit, self.responses.message()).await {
@@ -670,24 +681,14 @@ async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
         let last_key = "s/zz-end".to_string();
         let fast = tokio::spawn(follow(vec![url.clone()], 0, "s/".into(), last_key.clone()));
         let started = Instant::now();
-        let writers: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let url = url.clone();
-                tokio::spawn(async move {
-                    let mut kv =
-                        flotilla_proto::etcdserverpb::kv_client::KvClient::new(channel(&url));
-                    let value = "x".repeat(VALUE_BYTES);
-                    for i in 0..WRITES_PER_WRITER {
-                        put(&mut kv, &format!("s/{w}/{i:04}"), &value)
-                            .await
-                            .expect("a write while a watcher is stalled");
-                    }
-                })
-            })
-            .collect();
-        for writer in writers {
-            writer.await.unwrap();
-        }
+        write_concurrently(
+            &url,
+            WRITERS,
+            WRITES_PER_WRITER,
+            "s/",
+            &"x".repeat(VALUE_BYTES),
+        )
+        .await;
         let mut kv = cluster.kv(0).await;
         let end = put(&mut kv, &last_key, "end").await.unwrap();
         let wrote = started.elapsed();
@@ -696,12 +697,7 @@ async fn a_stalled_watcher_blocks_nobody_and_catches_up_from_history() {
         // Now the stalled client reads: everything, once, in order.
         let mut seen: Vec<Seen> = Vec::new();
         while seen.last().is_none_or(|e| e.revision < end) {
-            let response = stalled
-                .next(Duration::from_secs(30))
-                .await
-                .unwrap()
-                .expect("the stalled stream is still open");
-            assert!(!response.canceled, "{response:?}");
+            let response = stalled.next_events(Duration::from_secs(30)).await;
             let events = seen_of(&response);
             if let (Some(last), Some(first)) = (seen.last(), events.first()) {
                 assert!(first.revision > last.revision, "duplicate or reordered");
@@ -818,6 +814,91 @@ async fn a_leader_kill_extends_an_abandoned_lease_by_at_most_the_documented_boun
             lived <= bound,
             "extended beyond the documented bound: {lived:?}"
         );
+    })
+    .await;
+}
+
+/// `writers` clients each putting `writes` keys `<prefix><writer>/<i>` at once, every put
+/// acknowledged.
+async fn write_concurrently(url: &str, writers: usize, writes: usize, prefix: &str, value: &str) {
+    let writers: Vec<_> = (0..writers)
+        .map(|w| {
+            let (url, prefix, value) = (url.to_string(), prefix.to_string(), value.to_string());
+            tokio::spawn(async move {
+                let mut kv = flotilla_proto::etcdserverpb::kv_client::KvClient::new(channel(&url));
+                for i in 0..writes {
+                    put(&mut kv, &format!("{prefix}{w}/{i:04}"), &value)
+                        .await
+                        .expect("a write while others watch");
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}
+
+/// Watch fan-out: many watchers on one prefix, over several streams, while writers run. Every
+/// watcher gets every revision of the prefix exactly once and in order (several revisions may
+/// share a response when a watcher lags), and the writes all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_watcher_of_a_busy_prefix_gets_every_event_in_order() {
+    const STREAMS: usize = 8;
+    const WATCHERS_PER_STREAM: i64 = 50;
+    const WRITERS: usize = 4;
+    const WRITES_PER_WRITER: usize = 150;
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let url = cluster.members[leader].client_url();
+        let mut kv = cluster.kv(leader).await;
+        let start = put(&mut kv, "elsewhere", "before").await.unwrap() + 1;
+        let last_key = "f/zz-end".to_string();
+        // Each stream's watchers, created before any write, read by one task per stream.
+        let mut readers = Vec::new();
+        for _ in 0..STREAMS {
+            let mut stream = WatchStream::open(&url).await.unwrap();
+            for _ in 0..WATCHERS_PER_STREAM {
+                stream.create(prefix_watch("f/", start)).await;
+            }
+            let last_key = last_key.clone();
+            readers.push(tokio::spawn(async move {
+                let mut seen: std::collections::BTreeMap<i64, Vec<Seen>> = Default::default();
+                let mut finished = 0;
+                while finished < WATCHERS_PER_STREAM {
+                    let response = stream.next_events(Duration::from_secs(60)).await;
+                    let events = seen_of(&response);
+                    let mine = seen.entry(response.watch_id).or_default();
+                    if events.iter().any(|event| event.key == last_key) {
+                        finished += 1;
+                    }
+                    mine.extend(events);
+                }
+                seen
+            }));
+        }
+        write_concurrently(&url, WRITERS, WRITES_PER_WRITER, "f/", "v").await;
+        let end = put(&mut kv, &last_key, "end").await.unwrap();
+        let expected: Vec<i64> = (start..=end).collect();
+        let mut watchers = 0;
+        for reader in readers {
+            let seen = reader.await.unwrap();
+            assert_eq!(
+                seen.len(),
+                WATCHERS_PER_STREAM as usize,
+                "one history per watch id"
+            );
+            for (watch_id, events) in seen {
+                let revisions: Vec<i64> = events.iter().map(|event| event.revision).collect();
+                assert_eq!(
+                    revisions, expected,
+                    "watcher {watch_id}: every revision once, in order"
+                );
+                watchers += 1;
+            }
+        }
+        assert_eq!(watchers, STREAMS * WATCHERS_PER_STREAM as usize);
     })
     .await;
 }

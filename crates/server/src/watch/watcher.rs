@@ -29,6 +29,11 @@ use crate::state_machine::StateMachine;
 /// Revisions taken from the queue in one step, so one busy watcher cannot hold up the others
 /// of its stream.
 const LIVE_REVISIONS_PER_STEP: usize = 64;
+/// The encoded bytes of events one live batch (one response) gathers from consecutive
+/// revisions before a new one starts. A watcher that keeps up gets a response per revision; one
+/// that lags gets what queued meanwhile in few responses (as etcd's catch-up batches do),
+/// instead of a response per revision that costs the server and the client as much again.
+pub const LIVE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Events read from history in one step (whole revisions, so possibly a few more), bounding
 /// how long the state's read lock is held and how large one response grows.
 pub const HISTORY_EVENTS_PER_STEP: usize = 256;
@@ -214,7 +219,8 @@ impl Watcher {
     fn step_live(&mut self) -> Step {
         match self.queue.drain(LIVE_REVISIONS_PER_STEP) {
             Drained::Revisions(revisions) => {
-                let mut batches = Vec::new();
+                let mut batches: Vec<Batch> = Vec::new();
+                let mut last_batch_bytes = 0;
                 for revision in revisions {
                     // A watcher that starts in the future skips what comes before.
                     if revision.revision < self.next_revision {
@@ -222,11 +228,23 @@ impl Watcher {
                     }
                     self.next_revision = revision.revision + 1;
                     let events = self.spec.select(&revision.events);
-                    if !events.is_empty() {
-                        batches.push(Batch {
-                            revision: revision.revision,
-                            events,
-                        });
+                    if events.is_empty() {
+                        continue;
+                    }
+                    let bytes: usize = events.iter().map(prost::Message::encoded_len).sum();
+                    match batches.last_mut() {
+                        Some(batch) if last_batch_bytes + bytes <= LIVE_BATCH_BYTES_MAX => {
+                            batch.events.extend(events);
+                            batch.revision = revision.revision;
+                            last_batch_bytes += bytes;
+                        }
+                        _ => {
+                            batches.push(Batch {
+                                revision: revision.revision,
+                                events,
+                            });
+                            last_batch_bytes = bytes;
+                        }
                     }
                 }
                 Step::Batches(batches)
@@ -481,6 +499,52 @@ mod tests {
         assert_eq!(puts.len(), 1);
         assert_eq!(puts[0].events[0].kv.as_ref().unwrap().value, "2");
         assert_eq!(puts[0].events[0].prev_kv, None, "prev_kv not asked for");
+    }
+
+    /// Revisions queued while a watcher was not stepped leave in one response, in order, up to
+    /// the batch bound; one that keeps up gets a response per revision.
+    #[test]
+    fn queued_revisions_are_gathered_into_bounded_batches() {
+        let mut store = Store::new(QueueBounds::default());
+        let mut watcher = store.watch("k", "", 0);
+        let first = store.put("k", "1");
+        let Step::Batches(batches) = watcher.step(store.sources()) else {
+            panic!()
+        };
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].revision, first);
+
+        let revisions: Vec<i64> = (0..5).map(|i| store.put("k", &i.to_string())).collect();
+        let Step::Batches(batches) = watcher.step(store.sources()) else {
+            panic!()
+        };
+        assert_eq!(batches.len(), 1, "one response for what queued");
+        assert_eq!(batches[0].revision, revisions[4]);
+        let got: Vec<i64> = batches[0]
+            .events
+            .iter()
+            .map(|event| event.kv.as_ref().unwrap().mod_revision)
+            .collect();
+        assert_eq!(got, revisions);
+
+        // Events of a third of the bound (a value and the previous one, as the watch asks for
+        // prev_kv): three fit in a batch, not four.
+        let value = "v".repeat(LIVE_BATCH_BYTES_MAX / 6 - 64);
+        store.put("k", &value);
+        watcher.step(store.sources());
+        let big: Vec<i64> = (0..7).map(|_| store.put("k", &value)).collect();
+        let Step::Batches(batches) = watcher.step(store.sources()) else {
+            panic!()
+        };
+        let shape: Vec<(i64, usize)> = batches
+            .iter()
+            .map(|b| (b.revision, b.events.len()))
+            .collect();
+        assert_eq!(shape, vec![(big[2], 3), (big[5], 3), (big[6], 1)]);
+        for batch in &batches {
+            let bytes: usize = batch.events.iter().map(prost::Message::encoded_len).sum();
+            assert!(bytes <= LIVE_BATCH_BYTES_MAX);
+        }
     }
 
     /// A watcher that is not drained falls behind, catches up from history and goes live
