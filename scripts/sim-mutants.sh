@@ -71,6 +71,10 @@ mutants() {
         'clear_checkpoint: self.checkpointed.get(&id).copied(),' \
         'clear_checkpoint: None,' \
         --seeds 300
+    mutant watch-shared-read-from-its-start crates/server/src/watch/watcher.rs \
+        'let events = self.spec.select(&batch.events[first..]);' \
+        'let events = self.spec.select(&batch.events[first - first..]);' \
+        --seeds 300
 }
 
 wanted=("$@")

@@ -41,8 +41,8 @@ mod watchers;
 use clients::{Client, Waiter};
 use episodes::Figure8;
 use leases::MemberLeases;
-use watchers::SimWatcher;
 pub(crate) use watchers::is_watched;
+use watchers::{RESUME_BEHIND_REVISIONS, SimWatcher};
 
 /// The driver as the simulator runs it: the same code as the server's, with client ids for
 /// waiters where the server has reply channels.
@@ -569,6 +569,12 @@ impl<S: SimStorage> Simulation<S> {
             leases: MemberLeases::new(),
         };
         member.start_watcher(1);
+        // A client resuming a few revisions back: with the one from revision 1, two watchers
+        // catch up on one range from different revisions, sharing their reads of history.
+        let current = member.current_revision();
+        if current > RESUME_BEHIND_REVISIONS + 1 {
+            member.start_watcher(current - RESUME_BEHIND_REVISIONS);
+        }
         member.start_watcher(0);
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
         // A member removed before it crashed is still removed when it restarts (the server's

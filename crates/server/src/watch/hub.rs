@@ -158,7 +158,7 @@ impl WatcherQueue {
 }
 
 /// An owned key range, in etcd's three forms (see [`KeyRange`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct WatchedRange {
     pub key: Bytes,
     pub range_end: Bytes,

@@ -18,7 +18,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use super::hub::WatchHub;
-use super::watcher::{Batch, Sources, Step, WatchSpec, Watcher};
+use super::watcher::{Batch, Sources, Step, WatchSpec, Watcher, step_all};
 use crate::errors::{NO_LEADER, SERVER_STOPPED};
 use crate::frontend::Frontend;
 use crate::node::NodeStatus;
@@ -308,24 +308,23 @@ impl Session {
     }
 
     /// Moves every watcher with work on by one step and sends what it produced. True if some
-    /// watcher still has work.
+    /// watcher still has work. Catching-up watchers of one range share their reads of history
+    /// (see [`Watcher::step_history_together`]).
     async fn pump(&mut self) -> Result<bool, Gone> {
-        let ids: Vec<i64> = self
-            .watchers
-            .iter()
-            .filter(|(_, watcher)| watcher.has_work())
-            .map(|(&id, _)| id)
-            .collect();
-        for id in ids {
-            let sources = Sources {
-                state: &self.context.frontend.node.state,
-                hub: &self.context.hub,
-            };
-            let Some(watcher) = self.watchers.get_mut(&id) else {
-                continue;
-            };
-            match watcher.step(sources) {
+        let sources = Sources {
+            state: &self.context.frontend.node.state,
+            hub: &self.context.hub,
+        };
+        let steps = step_all(
+            self.watchers.iter_mut().map(|(&id, watcher)| (id, watcher)),
+            sources,
+        );
+        for (id, step) in steps {
+            match step {
                 Step::Batches(batches) => {
+                    let Some(watcher) = self.watchers.get_mut(&id) else {
+                        continue;
+                    };
                     if !batches.is_empty() {
                         watcher.sent_since_tick = true;
                     }

@@ -14,6 +14,7 @@
 //! No I/O and no waiting here: the stream task (`stream.rs`) sends what [`Watcher::step`]
 //! returns, so the seam and the catch-up are unit-tested without a network.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use flotilla_kv::ErrorKind;
@@ -118,6 +119,36 @@ impl WatchSpec {
 pub struct Batch {
     pub revision: i64,
     pub events: Vec<Event>,
+}
+
+/// One step of every watcher given that has work, as a stream's task takes them: catching-up
+/// watchers of one range share their reads of history ([`Watcher::step_history_together`]),
+/// the others step alone. The steps come in key order.
+pub fn step_all<'w, K: Ord>(
+    watchers: impl IntoIterator<Item = (K, &'w mut Watcher)>,
+    sources: Sources<'_>,
+) -> Vec<(K, Step)> {
+    let mut steps = Vec::new();
+    let mut catching_up: BTreeMap<WatchedRange, Vec<(K, &mut Watcher)>> = BTreeMap::new();
+    for (key, watcher) in watchers {
+        if !watcher.has_work() {
+            continue;
+        }
+        match watcher.catching_up_on() {
+            Some(range) => catching_up
+                .entry(range.clone())
+                .or_default()
+                .push((key, watcher)),
+            None => steps.push((key, watcher.step(sources))),
+        }
+    }
+    for group in catching_up.into_values() {
+        let (keys, mut group): (Vec<K>, Vec<&mut Watcher>) = group.into_iter().unzip();
+        let group_steps = Watcher::step_history_together(&mut group, sources);
+        steps.extend(keys.into_iter().zip(group_steps));
+    }
+    steps.sort_by(|(a, _), (b, _)| a.cmp(b));
+    steps
 }
 
 /// What one step produced.
@@ -259,29 +290,97 @@ impl Watcher {
     }
 
     fn step_history(&mut self, sources: Sources<'_>) -> Step {
-        let state = sources.read();
-        let current = state.kv.current_revision();
-        let range = &self.spec.range;
-        let batch = match state.kv.events_since(
-            self.next_revision,
-            &range.key,
-            &range.range_end,
-            HISTORY_EVENTS_PER_STEP,
-        ) {
-            Ok(batch) => batch,
-            Err(error) => {
-                debug_assert_eq!(error.kind(), ErrorKind::Compacted);
-                return Step::Compacted(state.kv.compacted_revision());
-            }
+        let mut steps = Watcher::step_history_together(&mut [self], sources);
+        steps.pop().expect("one step for one watcher")
+    }
+
+    /// The range a catching-up watcher reads history of; `None` while live. Watchers catching
+    /// up on equal ranges may share their reads ([`Watcher::step_history_together`]).
+    pub fn catching_up_on(&self) -> Option<&WatchedRange> {
+        (!self.is_live()).then_some(&self.spec.range)
+    }
+
+    /// Steps catching-up watchers of one range (equal [`Watcher::catching_up_on`]) with shared
+    /// reads of history, as etcd's unsynced watchers share a backend read: a thousand watchers
+    /// that fell behind together cost one read a step, not a thousand. Each read starts at the
+    /// lowest next revision among the watchers it has not served yet and serves every one whose
+    /// next revision it passes: each gets the events from its own next revision on (its
+    /// filters applied), and all of them continue from the same revision, so watchers that fell
+    /// behind a few revisions apart move in step from then on. The steps come in the order
+    /// of `group`.
+    pub fn step_history_together(group: &mut [&mut Watcher], sources: Sources<'_>) -> Vec<Step> {
+        let Some(first) = group.first() else {
+            return Vec::new();
         };
-        if batch.next_revision > current {
-            // History is exhausted: the seam. Subscribing under the read lock means the first
-            // revision queued is `current + 1`.
-            self.subscribe(sources.hub);
+        let range = first.spec.range.clone();
+        assert!(
+            group.iter().all(|w| w.catching_up_on() == Some(&range)),
+            "a shared history read for watchers of different ranges, or live ones"
+        );
+        let mut steps: Vec<Option<Step>> = group.iter().map(|_| None).collect();
+        // A sweep in next-revision order: each read serves a run of watchers from the first
+        // not yet served (at least that one), so there are at most as many reads as watchers.
+        let mut order: Vec<usize> = (0..group.len()).collect();
+        order.sort_by_key(|&i| group[i].next_revision);
+        let mut next = 0;
+        while let Some(&lowest) = order.get(next) {
+            let state = sources.read();
+            let current = state.kv.current_revision();
+            let read = state.kv.events_since(
+                group[lowest].next_revision,
+                &range.key,
+                &range.range_end,
+                HISTORY_EVENTS_PER_STEP,
+            );
+            let batch = match read {
+                Ok(batch) => batch,
+                Err(error) => {
+                    debug_assert_eq!(error.kind(), ErrorKind::Compacted);
+                    // Every watcher behind the compaction, the lowest among them.
+                    let compacted = state.kv.compacted_revision();
+                    while let Some(&i) = order.get(next)
+                        && group[i].next_revision < compacted
+                    {
+                        steps[i] = Some(Step::Compacted(compacted));
+                        next += 1;
+                    }
+                    continue;
+                }
+            };
+            let exhausted = batch.next_revision > current;
+            let served_end = next
+                + order[next..]
+                    .iter()
+                    .take_while(|&&i| exhausted || group[i].next_revision < batch.next_revision)
+                    .count();
+            let served = &order[next..served_end];
+            if exhausted {
+                // The seam. Subscribing under the read lock means the first revision queued
+                // is `current + 1`.
+                for &i in served {
+                    group[i].subscribe(sources.hub);
+                }
+            }
+            drop(state);
+            for &i in served {
+                steps[i] = Some(group[i].take_history(&batch));
+            }
+            next = served_end;
         }
-        drop(state);
-        self.next_revision = batch.next_revision;
-        let events = self.spec.select(&batch.events);
+        steps
+            .into_iter()
+            .map(|step| step.expect("every watcher served"))
+            .collect()
+    }
+
+    /// This watcher's part of a history read that starts at or before its next revision.
+    fn take_history(&mut self, batch: &flotilla_kv::EventBatch) -> Step {
+        let from = self.next_revision;
+        let first = batch
+            .events
+            .partition_point(|event| event.kv.as_ref().is_some_and(|kv| kv.mod_revision < from));
+        self.next_revision = self.next_revision.max(batch.next_revision);
+        let events = self.spec.select(&batch.events[first..]);
         match events.last().and_then(|event| event.kv.as_ref()) {
             Some(kv) => {
                 let revision = kv.mod_revision;
@@ -499,6 +598,140 @@ mod tests {
         assert_eq!(puts.len(), 1);
         assert_eq!(puts[0].events[0].kv.as_ref().unwrap().value, "2");
         assert_eq!(puts[0].events[0].prev_kv, None, "prev_kv not asked for");
+    }
+
+    /// Watchers catching up on one range from one revision share each read of history and get,
+    /// step by step, what each would have got alone, through the seam to live.
+    #[test]
+    fn a_shared_history_read_gives_each_watcher_its_own_step() {
+        let mut store = Store::new(QueueBounds::default());
+        for i in 0..(2 * HISTORY_EVENTS_PER_STEP + 10) {
+            store.put(&format!("p/{i:04}"), "v");
+            if i % 7 == 0 {
+                store.delete(&format!("p/{i:04}"));
+            }
+        }
+        let deletes_skipped = |store: &Store| {
+            let request = WatchCreateRequest {
+                key: Bytes::from_static(b"p/"),
+                range_end: Bytes::from_static(b"p0"),
+                filters: vec![FilterType::Nodelete as i32],
+                ..Default::default()
+            };
+            let spec = WatchSpec::from_request(&request, 0);
+            Watcher::create(spec, 1, store.sources(), Arc::new(Notify::new())).0
+        };
+        let mut together = [store.watch("p/", "p0", 1), deletes_skipped(&store)];
+        let mut alone = [store.watch("p/", "p0", 1), deletes_skipped(&store)];
+        let mut steps = 0;
+        while together.iter().any(|w| !w.is_live()) {
+            let [a, b] = &mut together;
+            let shared = Watcher::step_history_together(&mut [a, b], store.sources());
+            let own: Vec<Step> = alone.iter_mut().map(|w| w.step(store.sources())).collect();
+            assert_eq!(shared, own);
+            assert!(matches!(&shared[1], Step::Batches(b) if b.iter().all(|b| b
+                .events
+                .iter()
+                .all(|e| e.r#type == EventType::Put as i32))));
+            // A write between steps, the seam included.
+            store.put(&format!("p/late{steps:02}"), "v");
+            steps += 1;
+            assert!(steps < 10, "the watchers never caught up");
+        }
+        assert_eq!(steps, 3);
+        assert!(alone.iter().all(Watcher::is_live));
+        let revision = store.put("p/after", "v");
+        for watcher in together.iter_mut().chain(alone.iter_mut()) {
+            assert_eq!(
+                store.drain(watcher).last(),
+                Some(&(revision, "p/after".into()))
+            );
+        }
+    }
+
+    /// Watchers a few revisions apart share the reads from the lowest one, each getting its
+    /// own events once and in order, and move in step from the first shared read on; one past
+    /// the first read's end is served by a read of its own in the same step; a watcher behind a
+    /// compaction is cancelled while the others go on.
+    #[test]
+    fn staggered_watchers_converge_on_shared_reads() {
+        let mut store = Store::new(QueueBounds::default());
+        let mut expected = Vec::new();
+        for i in 0..(HISTORY_EVENTS_PER_STEP + 40) {
+            let key = format!("p/{i:04}");
+            expected.push((store.put(&key, "v"), key));
+        }
+        let starts = [expected[0].0, expected[5].0, expected[20].0];
+        let mut watchers: Vec<Watcher> =
+            starts.iter().map(|&s| store.watch("p/", "p0", s)).collect();
+        let mut seen: Vec<Vec<(i64, String)>> = vec![Vec::new(); 3];
+        let mut rounds = 0;
+        while watchers.iter().any(|w| !w.is_live()) {
+            let mut group: Vec<&mut Watcher> = watchers.iter_mut().collect();
+            let steps = Watcher::step_history_together(&mut group, store.sources());
+            for (i, step) in steps.into_iter().enumerate() {
+                let Step::Batches(batches) = step else {
+                    panic!("{step:?}")
+                };
+                for event in batches.into_iter().flat_map(|b| b.events) {
+                    let kv = event.kv.unwrap();
+                    seen[i].push((kv.mod_revision, String::from_utf8_lossy(&kv.key).into()));
+                }
+            }
+            rounds += 1;
+            assert!(rounds < 10, "the watchers never caught up");
+            let next: Vec<i64> = watchers.iter().map(Watcher::next_revision).collect();
+            assert!(
+                next.windows(2).all(|w| w[0] == w[1]),
+                "in step after a shared read: {next:?}"
+            );
+        }
+        assert_eq!(rounds, 2);
+        for (i, &start) in starts.iter().enumerate() {
+            let from = expected.iter().position(|(r, _)| *r == start).unwrap();
+            assert_eq!(seen[i], expected[from..], "watcher {i}");
+        }
+
+        // Beyond the first read's end: a second read, in the same step.
+        let near = expected[0].0;
+        let far = expected[HISTORY_EVENTS_PER_STEP + 30].0;
+        let mut group = [store.watch("p/", "p0", near), store.watch("p/", "p0", far)];
+        let [a, b] = &mut group;
+        let steps = Watcher::step_history_together(&mut [a, b], store.sources());
+        let firsts: Vec<i64> = steps
+            .iter()
+            .map(|step| match step {
+                Step::Batches(batches) => batches[0].events[0].kv.as_ref().unwrap().mod_revision,
+                Step::Compacted(_) => panic!("{step:?}"),
+            })
+            .collect();
+        assert_eq!(firsts, vec![near, far]);
+        assert!(!group[0].is_live() && group[1].is_live());
+
+        // A compaction past one watcher's next revision cancels that one only.
+        store.put("other", "v");
+        let mut behind = store.watch("p/", "p0", expected[10].0);
+        let mut ahead = store.watch("p/", "p0", expected[200].0);
+        store.compact(expected[100].0);
+        let steps = Watcher::step_history_together(&mut [&mut behind, &mut ahead], store.sources());
+        assert_eq!(steps[0], Step::Compacted(expected[100].0));
+        let Step::Batches(batches) = &steps[1] else {
+            panic!()
+        };
+        assert_eq!(
+            batches[0].events[0].kv.as_ref().unwrap().mod_revision,
+            expected[200].0
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "a shared history read for watchers of different ranges")]
+    fn watchers_of_different_ranges_cannot_share_a_read() {
+        let mut store = Store::new(QueueBounds::default());
+        store.put("p/a", "v");
+        let mut prefix = store.watch("p/", "p0", 1);
+        let mut key = store.watch("p/a", "", 1);
+        Watcher::step_history_together(&mut [&mut prefix, &mut key], store.sources());
     }
 
     /// Revisions queued while a watcher was not stepped leave in one response, in order, up to

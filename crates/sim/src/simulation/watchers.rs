@@ -3,10 +3,12 @@
 //! completeness: each delivers exactly the events the store's history holds for its range,
 //! in revision order, none missing, none twice, none invented.
 //!
-//! Every member starts two on the register keys: one from revision 1 (it catches up from
-//! history, and across compactions and snapshots) and one from the present. A watcher whose
-//! history was compacted away is cancelled, as etcd cancels it, and started again from the
-//! present, as a client would.
+//! Every member starts watchers on the register keys: one from revision 1 (it catches up from
+//! history, and across compactions and snapshots), one from the present, and, when it restarts
+//! with a history, one resuming a few revisions back (so two watchers catch up on one range
+//! from different revisions and share their reads of history, as the server's stream task
+//! steps them: `step_all`). A watcher whose history was compacted away is cancelled, as etcd
+//! cancels it, and started again from the present, as a client would.
 
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use bytes::Bytes;
 use flotilla_proto::mvccpb::Event;
 use flotilla_raft::NodeId;
 use flotilla_server::watch::hub::WatchedRange;
-use flotilla_server::watch::watcher::{Sources, Step, WatchSpec, Watcher};
+use flotilla_server::watch::watcher::{Sources, Step, WatchSpec, Watcher, step_all};
 use tokio::sync::Notify;
 
 use super::{Member, SimNode, Simulation};
@@ -24,7 +26,8 @@ use crate::storage::SimStorage;
 const WATCHED_PREFIX: &[u8] = b"reg/";
 const WATCHED_END: &[u8] = b"reg0";
 
-/// Steps one watcher may take after one apply (each is bounded work in the watch code).
+/// Rounds of steps the watchers may take after one apply (each step is bounded work in the
+/// watch code).
 const STEPS_MAX: usize = 10_000;
 
 pub(super) struct SimWatcher {
@@ -58,7 +61,16 @@ fn spec() -> WatchSpec {
     }
 }
 
+/// How far back a restarted member's resuming watcher starts (see `start_node`).
+pub(super) const RESUME_BEHIND_REVISIONS: i64 = 5;
+
 impl<S: SimStorage> Member<S> {
+    /// The store's revision.
+    pub(super) fn current_revision(&self) -> i64 {
+        let state = self.state.read().expect("one thread: never poisoned");
+        state.kv.current_revision()
+    }
+
     /// Starts a watcher from `start_revision` (0: the next revision), as a Watch request does.
     pub(super) fn start_watcher(&mut self, start_revision: i64) {
         let sources = Sources {
@@ -88,26 +100,35 @@ impl<S: SimStorage> Simulation<S> {
             return;
         };
         let expected = self.kv.watched_events();
+        let starts: Vec<usize> = member
+            .watchers
+            .iter()
+            .map(|w| expected.partition_point(|(revision, _)| *revision < w.from_revision))
+            .collect();
         let mut restart = Vec::new();
-        for (slot, sim_watcher) in member.watchers.iter_mut().enumerate() {
+        // Every watcher with work steps together, as a stream's task steps its watchers
+        // (catching-up ones sharing their reads of history), until none has work.
+        let mut rounds = 0;
+        loop {
             let sources = Sources {
                 state: &member.state,
                 hub: &member.hub,
             };
-            let start =
-                expected.partition_point(|(revision, _)| *revision < sim_watcher.from_revision);
-            let mut steps = 0;
-            while sim_watcher.watcher.has_work() {
-                steps += 1;
-                assert!(steps <= STEPS_MAX, "node {id}: a watcher never caught up");
-                match sim_watcher.watcher.step(sources) {
-                    Step::Compacted(_) => {
-                        restart.push(slot);
-                        break;
-                    }
+            let watchers = member.watchers.iter_mut().enumerate();
+            let active = watchers.filter(|(slot, _)| !restart.contains(slot));
+            let steps = step_all(active.map(|(slot, w)| (slot, &mut w.watcher)), sources);
+            if steps.is_empty() {
+                break;
+            }
+            rounds += 1;
+            assert!(rounds <= STEPS_MAX, "node {id}: a watcher never caught up");
+            for (slot, step) in steps {
+                let sim_watcher = &mut member.watchers[slot];
+                match step {
+                    Step::Compacted(_) => restart.push(slot),
                     Step::Batches(batches) => {
                         for event in batches.into_iter().flat_map(|batch| batch.events) {
-                            let position = start + sim_watcher.delivered;
+                            let position = starts[slot] + sim_watcher.delivered;
                             let want = expected.get(position).map(|(_, event)| event);
                             assert_eq!(
                                 Some(&event),
@@ -123,6 +144,8 @@ impl<S: SimStorage> Simulation<S> {
                     }
                 }
             }
+        }
+        for (slot, sim_watcher) in member.watchers.iter().enumerate() {
             if sim_watcher.watcher.is_synced() {
                 let current = member
                     .state
@@ -130,7 +153,7 @@ impl<S: SimStorage> Simulation<S> {
                     .expect("one thread: never poisoned")
                     .kv
                     .current_revision();
-                let due = expected[start..]
+                let due = expected[starts[slot]..]
                     .iter()
                     .take_while(|(revision, _)| *revision <= current)
                     .count();
@@ -142,6 +165,7 @@ impl<S: SimStorage> Simulation<S> {
                 );
             }
         }
+        restart.sort_unstable();
         // Cancelled by a compaction: a client watches again from the present.
         for slot in restart.into_iter().rev() {
             let mut cancelled = member.watchers.remove(slot);
