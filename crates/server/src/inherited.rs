@@ -62,21 +62,18 @@ impl InheritedListeners {
     }
 }
 
-/// Owns descriptor `fd` as a listening TCP socket, or says what it is instead.
+/// Owns descriptor `fd` as a listening TCP socket, or says what it is instead. A descriptor
+/// that is not one is left as it was (not closed: it may be the process's standard output).
 #[allow(unsafe_code)] // Claiming a descriptor by number; see the SAFETY notes.
 fn adopt_one(fd: RawFd) -> anyhow::Result<TcpListener> {
     if fd < 0 {
         bail!("is not a descriptor number");
     }
-    // SAFETY: `fd` is not -1; fcntl on a number that is not open only reports EBADF, and the
-    // borrow ends with this statement.
-    let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) });
-    open.map_err(|_| anyhow!("is not open"))?;
-    // SAFETY: the descriptor is open and was handed to this process for the member to own;
-    // nothing else here refers to it (`adopt` refuses a number given twice).
-    let socket = socket2::Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    // Not passed on to any process this one starts.
-    socket.set_cloexec(true)?;
+    // SAFETY: `fd` is not -1; fcntl on a number that is not open only reports EBADF.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed).map_err(|_| anyhow!("is not open"))?;
+    // The checks look through a borrow: nothing is closed if one fails.
+    let socket = socket2::SockRef::from(&borrowed);
     let kind = socket.r#type().map_err(|_| anyhow!("is not a socket"))?;
     let addr = socket.local_addr().ok().and_then(|addr| addr.as_socket());
     let Some(addr) = addr.filter(|_| kind == socket2::Type::STREAM) else {
@@ -85,6 +82,11 @@ fn adopt_one(fd: RawFd) -> anyhow::Result<TcpListener> {
     if !socket.is_listener()? {
         bail!("is a TCP socket bound to {addr} but not listening");
     }
+    // SAFETY: the descriptor is an open listening socket, handed to this process for the
+    // member to own; nothing else here refers to it (`adopt` refuses a number given twice).
+    let socket = socket2::Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Not passed on to any process this one starts.
+    socket.set_cloexec(true)?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
 }
@@ -147,31 +149,34 @@ mod tests {
             error(&[1 << 20]),
             format!("--listen-fds: descriptor {}: is not open", 1 << 20)
         );
-        let file = tempfile::tempfile().unwrap().into_raw_fd();
-        assert_eq!(
-            error(&[file]),
-            format!("--listen-fds: descriptor {file}: is not a socket")
-        );
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .into_raw_fd();
-        assert_eq!(
-            error(&[udp]),
-            format!("--listen-fds: descriptor {udp}: is not a TCP socket")
-        );
+        let file = tempfile::tempfile().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let bound =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         bound
             .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
             .unwrap();
         let bound_addr = bound.local_addr().unwrap().as_socket().unwrap();
-        let bound = bound.into_raw_fd();
+        let (file_fd, udp_fd, bound_fd) = (file.as_raw_fd(), udp.as_raw_fd(), bound.as_raw_fd());
         assert_eq!(
-            error(&[bound]),
+            error(&[file_fd]),
+            format!("--listen-fds: descriptor {file_fd}: is not a socket")
+        );
+        assert_eq!(
+            error(&[udp_fd]),
+            format!("--listen-fds: descriptor {udp_fd}: is not a TCP socket")
+        );
+        assert_eq!(
+            error(&[bound_fd]),
             format!(
-                "--listen-fds: descriptor {bound}: is a TCP socket bound to {bound_addr} but not listening"
+                "--listen-fds: descriptor {bound_fd}: is a TCP socket bound to {bound_addr} but \
+                 not listening"
             )
         );
+        // Refused, and left open: a descriptor that is not a listener is not taken or closed.
+        assert!(file.metadata().is_ok());
+        assert_eq!(udp.local_addr().unwrap().ip().to_string(), "127.0.0.1");
+        assert_eq!(bound.local_addr().unwrap().as_socket(), Some(bound_addr));
     }
 
     #[test]
