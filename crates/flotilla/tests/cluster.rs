@@ -629,7 +629,7 @@ async fn a_stopping_leader_hands_over_and_the_metrics_and_health_endpoints_answe
         let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
         let mut kv = cluster.kv(leader).await;
         put(&mut kv, "k", "v").await.unwrap();
-        let port = cluster.members[leader].metrics_port;
+        let port = cluster.members[leader].metrics_port();
         let health = http_get(&format!("http://127.0.0.1:{port}/health"))
             .await
             .unwrap();
@@ -726,9 +726,9 @@ async fn every_listener_accepts_sockets_with_nodelay_and_keepalive() {
         let member = &cluster.members[0];
         let pid = member.process.as_ref().unwrap().pid();
         for (listener, port) in [
-            ("client", member.client_port),
-            ("peer", member.peer_port),
-            ("metrics", member.metrics_port),
+            ("client", member.client_port()),
+            ("peer", member.peer_port()),
+            ("metrics", member.metrics_port()),
         ] {
             let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             let client_end = client.local_addr().unwrap();
@@ -818,7 +818,7 @@ async fn members_serve_handed_over_sockets_and_keep_their_ports_across_restarts(
     let mut cluster = TestCluster::start(1, &[]);
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
-        let port = cluster.members[0].client_port;
+        let port = cluster.members[0].client_port();
         let log = cluster.members[0].log_text();
         let line = format!("listening for clients url=http://127.0.0.1:{port} local=127.0.0.1:{port} inherited=true");
         assert!(log.contains(&line), "no {line:?} in\n{log}");
@@ -837,7 +837,6 @@ async fn members_serve_handed_over_sockets_and_keep_their_ports_across_restarts(
         let value = get(&mut kv, "before", false).await.unwrap();
         assert_eq!(value.as_deref(), Some("restart"));
         cluster.kill9(0);
-
     })
     .await;
 }

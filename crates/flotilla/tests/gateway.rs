@@ -97,7 +97,7 @@ async fn kv_lease_cluster_and_errors_answer_as_etcds_gateway_does() {
     let cluster = TestCluster::start(3, &[]);
     bounded(LIMIT, async {
         let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
-        let follower = cluster.members[(leader + 1) % 3].client_port;
+        let follower = cluster.members[(leader + 1) % 3].client_port();
 
         // A put through a follower, read back through JSON and through gRPC.
         let put = post_json(follower, "/v3/kv/put", json!({"key": b64("foo"), "value": b64("bar")})).await;
@@ -156,7 +156,7 @@ async fn a_watch_streams_one_json_object_per_line_until_the_client_goes() {
     let cluster = TestCluster::start(1, &[]);
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
-        let port = cluster.members[0].client_port;
+        let port = cluster.members[0].client_port();
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
@@ -204,7 +204,7 @@ async fn auth_through_the_gateway_with_the_token_in_the_authorization_header() {
     let cluster = TestCluster::start(1, &["--bcrypt-cost", "4"]);
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
-        let port = cluster.members[0].client_port;
+        let port = cluster.members[0].client_port();
         post_json(
             port,
             "/v3/auth/user/add",

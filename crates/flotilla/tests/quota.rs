@@ -130,7 +130,7 @@ async fn a_write_past_the_quota_raises_nospace_everywhere_until_disarmed() {
         assert_eq!(status.db_size_quota, QUOTA_BYTES as i64);
         let health = http_get(&format!(
             "http://127.0.0.1:{}/health",
-            cluster.members[leader].metrics_port
+            cluster.members[leader].metrics_port()
         ))
         .await
         .unwrap();

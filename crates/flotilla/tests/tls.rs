@@ -105,7 +105,7 @@ fn start_tls_cluster(size: usize, pki: &Pki) -> TestCluster {
 async fn handshake(cluster: &TestCluster, i: usize, client: &ClientTls) -> Result<Vec<u8>, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let config = client.config().map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", cluster.members[i].client_port))
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", cluster.members[i].client_port()))
         .await
         .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("127.0.0.1").unwrap();
@@ -173,7 +173,7 @@ async fn a_cluster_speaks_tls_on_every_port_and_refuses_strangers() {
         // Plain HTTP/2 to the https port gets no gRPC answer.
         let plain = tonic::transport::Endpoint::from_shared(format!(
             "http://127.0.0.1:{}",
-            cluster.members[leader].client_port
+            cluster.members[leader].client_port()
         ))
         .unwrap()
         .timeout(Duration::from_secs(5))

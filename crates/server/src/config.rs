@@ -261,7 +261,7 @@ pub struct ServerConfig {
     pub initial_cluster_token_given: bool,
     pub listen_metrics_urls: Vec<String>,
     /// Inherited listening sockets (`--listen-fds`), each taken by the listen URL of its
-    /// address (see `crate::listener::inherit`).
+    /// address (see `crate::inherited`).
     pub listen_fds: Vec<i32>,
     pub heartbeat_interval: Duration,
     pub election_timeout: Duration,

@@ -85,9 +85,6 @@ pub struct TestMember {
     pub name: String,
     /// "http", or "https" for a member serving TLS on both ports.
     pub scheme: &'static str,
-    pub client_port: u16,
-    pub peer_port: u16,
-    pub metrics_port: u16,
     /// The client, peer and metrics ports, held for the test's life.
     pub reserved: [sockets::ReservedPort; 3],
     pub data_dir: PathBuf,
@@ -96,12 +93,24 @@ pub struct TestMember {
 }
 
 impl TestMember {
+    pub fn client_port(&self) -> u16 {
+        self.reserved[0].port()
+    }
+
+    pub fn peer_port(&self) -> u16 {
+        self.reserved[1].port()
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.reserved[2].port()
+    }
+
     pub fn client_url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port())
     }
 
     pub fn peer_url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.peer_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.peer_port())
     }
 
     pub fn log_text(&self) -> String {
@@ -155,9 +164,6 @@ impl TestCluster {
             data_dir: self.dir.path().join(&name),
             log: self.dir.path().join(format!("{name}.log")),
             name,
-            client_port: reserved[0].port(),
-            peer_port: reserved[1].port(),
-            metrics_port: reserved[2].port(),
             reserved,
             process: None,
         });
@@ -212,7 +218,7 @@ impl TestCluster {
             .args(["--listen-peer-urls", &m.peer_url()])
             .args([
                 "--listen-metrics-urls",
-                &format!("http://127.0.0.1:{}", m.metrics_port),
+                &format!("http://127.0.0.1:{}", m.metrics_port()),
             ])
             .args(["--initial-cluster", initial_cluster])
             .args(["--initial-cluster-state", state])
@@ -322,7 +328,10 @@ impl TestCluster {
     }
 
     pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.members[i].metrics_port);
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            self.members[i].metrics_port()
+        );
         let text = http_get(&url).await?;
         text.lines()
             .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))

@@ -252,6 +252,8 @@ impl Watcher {
             Drained::Revisions(revisions) => {
                 let mut batches: Vec<Batch> = Vec::new();
                 let mut last_batch_bytes = 0;
+                // One revision alone is one batch: its size is needed only to gather several.
+                let gathering = revisions.len() > 1;
                 for revision in revisions {
                     // A watcher that starts in the future skips what comes before.
                     if revision.revision < self.next_revision {
@@ -262,7 +264,11 @@ impl Watcher {
                     if events.is_empty() {
                         continue;
                     }
-                    let bytes: usize = events.iter().map(prost::Message::encoded_len).sum();
+                    let bytes: usize = if gathering {
+                        events.iter().map(prost::Message::encoded_len).sum()
+                    } else {
+                        0
+                    };
                     match batches.last_mut() {
                         Some(batch) if last_batch_bytes + bytes <= LIVE_BATCH_BYTES_MAX => {
                             batch.events.extend(events);

@@ -145,14 +145,9 @@ impl<S: SimStorage> Simulation<S> {
                 }
             }
         }
+        let current = member.current_revision();
         for (slot, sim_watcher) in member.watchers.iter().enumerate() {
             if sim_watcher.watcher.is_synced() {
-                let current = member
-                    .state
-                    .read()
-                    .expect("one thread: never poisoned")
-                    .kv
-                    .current_revision();
                 let due = expected[starts[slot]..]
                     .iter()
                     .take_while(|(revision, _)| *revision <= current)
