@@ -9,6 +9,7 @@
 #   scripts/bench-vs-etcd.sh --runs 1 --parts go --clients 64  # one quick point
 #   scripts/bench-vs-etcd.sh --parts memory                    # RSS with 1M keys
 #   scripts/bench-vs-etcd.sh --parts kubernetes                # kube-apiserver's traffic mix
+#   scripts/bench-vs-etcd.sh --runs 1 --parts lists            # 20 clients listing 200k keys
 #
 # Needs etcd and etcdctl (apt-get install etcd-server etcd-client), Go and clientv3
 # (apt-get install golang-go golang-etcd-server-dev) and Python 3.

@@ -20,6 +20,9 @@ systems point by point:
   python    the Python `etcd3` client (grpc C-core), 1 client, put and get, to the leader
             (with --python-client, an interpreter that has etcd3; skipped visibly otherwise).
   memory    each member's RSS after K keys of 256 bytes are written (and the Status dbSize).
+  lists     puts (64 clients) while --listers clients each list a prefix of --list-keys keys of
+            1 KiB over and over (bench/etcd-go-load/lists.go); every list checked complete; the
+            serving member's peak RSS and the puts' p99 against puts with no lister.
 
 Every process started is stopped by PID at the end. Results also go to --out as JSON lines.
 """
@@ -200,6 +203,27 @@ class Bench:
                         f" {r['bytes_per_watcher']:,.0f} bytes/watcher"
                         + (f", FIRST VIOLATION: {r['first_violation']}" if r.get("first_violation") else ""))
 
+    def lists(self):
+        """Large lists under a write load (bench/etcd-go-load/lists.go): puts alone, then the
+        same puts while the listers list the whole prefix, with the leader's peak RSS."""
+        clients = self.args.fanout_clients
+        for run in range(self.args.runs):
+            log(f"Large lists through the Go client, run {run + 1} of {self.args.runs}")
+            for cluster in self.clusters:
+                self.go_point(cluster, "put", clients, run)
+                leader = self.leader(cluster)
+                pid = cluster.procs[cluster.endpoints.index(leader)].pid
+                extra = ("--listers", str(self.args.listers), "--list-keys", str(self.args.list_keys),
+                         "--rss-pid", str(pid))
+                self.go_point(cluster, "lists", clients, run, extra)
+                r = self.results[-1]
+                log(f"    {r['listers']} listers of {r['list_keys']:,} keys: {r['lists']} lists"
+                    f" ({r['lists_short']} incomplete, {r['list_errors']} errors"
+                    + (f": {r['list_first_error']}" if r.get("list_first_error") else "")
+                    + f"), list p50 {r['list_latency_ms']['p50']:.0f} p99 {r['list_latency_ms']['p99']:.0f} ms,"
+                    f" {r['list_bytes_per_second'] / 2**20:,.0f} MiB/s listed,"
+                    f" RSS {r['rss_before_bytes'] / 2**20:,.0f} -> peak {r['rss_peak_bytes'] / 2**20:,.0f} MiB")
+
     def ours(self):
         log("flotilla bench (our Rust client), puts")
         for clients in self.args.clients:
@@ -346,7 +370,7 @@ def go_rows(go):
 
 def report(results):
     of = lambda kind: [r for r in results if r["kind"] == kind]
-    if go := [r for r in of("go") if r["op"] not in ("kubernetes", "fanout")]:
+    if go := [r for r in of("go") if r["op"] not in ("kubernetes", "fanout", "lists")]:
         table(f"etcd's Go client (clientv3), to the leader, median of {len({r['run'] for r in go})} runs",
               ["op", "clients", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
                "CPU µs/op", "errors"], go_rows(go))
@@ -387,6 +411,28 @@ def report(results):
               ["watchers", "streams", "clients", "system", "puts/s, no watcher", "puts/s, watched",
                "kept", "put p99 ms", "watchers complete and in order", "events/s delivered",
                "events/response", "drain ms", "RSS bytes/watcher"], rows)
+    if lists := [r for r in of("go") if r["op"] == "lists"]:
+        rows = []
+        for system in SYSTEMS:
+            runs = [r for r in lists if r["system"] == system]
+            base = [r for r in of("go") if r["op"] == "put" and r["system"] == system
+                    and r["clients"] == runs[0]["clients"]] if runs else []
+            if runs and base:
+                m, b = median_run(runs), median_run(base)
+                mib = lambda x: f"{x / 2**20:,.0f}"
+                rows.append([system, m["listers"], f"{m['list_keys']:,}", m["clients"],
+                             f"{b['throughput_per_second']:,.0f}", f"{m['throughput_per_second']:,.0f}",
+                             f"{b['latency_ms']['p99']:.1f}", f"{m['latency_ms']['p99']:.1f}",
+                             f"{m['latency_ms']['max']:.0f}", m["errors"],
+                             f"{m['lists_per_second']:.2f}", f"{m['list_latency_ms']['p50']:,.0f}",
+                             f"{m['list_latency_ms']['p99']:,.0f}",
+                             f"{sum(r['lists'] - r['lists_short'] for r in runs)} of {sum(r['lists'] + r['list_errors'] for r in runs)}",
+                             mib(m["rss_before_bytes"]), mib(m["rss_peak_bytes"])])
+        table(f"Large lists: puts while clients list a whole prefix (unary Range), median of {len({r['run'] for r in lists})} runs",
+              ["system", "listers", "keys listed", "put clients", "puts/s alone", "puts/s listed",
+               "put p99 ms alone", "put p99 ms listed", "put max ms", "put errors (10 s timeouts)",
+               "lists/s", "list p50 ms",
+               "list p99 ms", "lists complete", "leader RSS before MiB", "leader RSS peak MiB"], rows)
     if ours := of("ours"):
         table("`flotilla bench` (our Rust client), puts",
               ["clients", "system", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"],
@@ -426,12 +472,15 @@ def main():
     p.add_argument("--parts", nargs="+",
                    default=["go", "kubernetes", "ours", "python", "checkperf", "failover"],
                    choices=["go", "kubernetes", "ours", "python", "checkperf", "failover", "memory",
-                            "fanout"])
+                            "fanout", "lists"])
     p.add_argument("--watchers", type=int, nargs="+", default=[1000, 10000],
                    help="watchers on the written prefix (--parts fanout)")
     p.add_argument("--watch-streams", type=int, default=100,
                    help="watch streams the watchers are spread over (--parts fanout)")
-    p.add_argument("--fanout-clients", type=int, default=64, help="writers (--parts fanout)")
+    p.add_argument("--fanout-clients", type=int, default=64, help="writers (--parts fanout, lists)")
+    p.add_argument("--listers", type=int, default=20, help="clients listing (--parts lists)")
+    p.add_argument("--list-keys", type=int, default=200_000,
+                   help="keys of 1 KiB under the listed prefix (--parts lists)")
     p.add_argument("--kubernetes-clients", type=int, nargs="+", default=[64],
                    help="API-server-like clients of the Kubernetes mix (part 'kubernetes')")
     p.add_argument("--kubernetes-objects", type=int, default=5000,

@@ -517,7 +517,9 @@ fi
 # ----- Rust programs on the etcd-client crate (issue 19) ---------------------------------
 # interop/rust-etcd-client (RUST_ETCD_CLIENT, built by scripts/build-rust-etcd-client.sh):
 # every call of the crate a Rust program makes (KV, leases, Lock, Election, Maintenance,
-# Cluster, Auth), against a fresh single etcd member and then a fresh Flotilla member.
+# Cluster, Auth), against a fresh single etcd member and then a fresh Flotilla member; and
+# get_stream (KV/RangeStream, etcd 3.7), which etcd 3.4 must refuse Unimplemented and
+# Flotilla must serve.
 if [ -n "${RUST_ETCD_CLIENT:-}" ]; then
     if command -v etcd >/dev/null; then
         rust_ref="127.0.0.1:$((BASE + 50))"
@@ -530,7 +532,7 @@ if [ -n "${RUST_ETCD_CLIENT:-}" ]; then
     fi
     rust_flotilla="127.0.0.1:$((BASE + 52))"
     start_single rust $((BASE + 52)) $((BASE + 53)) --bcrypt-cost 4
-    out=$("$RUST_ETCD_CLIENT" "$rust_flotilla" 2>&1) || fail "the etcd-client crate's calls, against Flotilla: $out"
+    out=$("$RUST_ETCD_CLIENT" "$rust_flotilla" --range-stream 2>&1) || fail "the etcd-client crate's calls, against Flotilla: $out"
     echo "$out"
     pass "the etcd-client crate's calls, against Flotilla"
     kill "$SINGLE_PID"

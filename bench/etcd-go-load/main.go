@@ -23,6 +23,9 @@
 // Fanout op: the put load with watchers on its prefix, each checked for every event in order
 // (fanout.go).
 //
+// Lists op: the put load while clients list a large prefix, with the server's peak memory
+// (lists.go).
+//
 // Leader mode: prints the endpoint of the current leader.
 package main
 
@@ -48,7 +51,7 @@ import (
 func main() {
 	endpoints := flag.String("endpoints", "127.0.0.1:2379", "comma-separated endpoints")
 	mode := flag.String("mode", "load", "load | failover")
-	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration) | fanout (put with --watchers watching: see fanout.go) | kubernetes (kube-apiserver's mix over --keys objects: see kubernetes.go)")
+	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration) | fanout (put with --watchers watching: see fanout.go) | kubernetes (kube-apiserver's mix over --keys objects: see kubernetes.go) | lists (put with --listers listing --list-keys keys: see lists.go)")
 	clients := flag.Int("clients", 1, "concurrent clients (one request outstanding each)")
 	conns := flag.Int("conns", 1, "connections (clientv3.Client instances) shared by the clients")
 	duration := flag.Duration("duration", 10*time.Second, "how long to run (load mode)")
@@ -57,7 +60,10 @@ func main() {
 	kills := flag.Int("kills", 20, "leader kills (failover mode)")
 	watchers := flag.Int("watchers", 1000, "watchers on the written prefix (--op fanout)")
 	watchStreams := flag.Int("watch-streams", 10, "watch streams the watchers are spread over (--op fanout)")
-	rssPid := flag.Int("rss-pid", 0, "the process serving the endpoint, for its memory per watcher (--op fanout; 0: not measured)")
+	rssPid := flag.Int("rss-pid", 0, "the process serving the endpoint, for its memory per watcher (--op fanout) or its peak memory (--op lists); 0: not measured")
+	listers := flag.Int("listers", 20, "clients listing the whole of list/ over and over (--op lists)")
+	listKeys := flag.Int("list-keys", 200000, "keys under list/ (--op lists; written first unless already there)")
+	listValueSize := flag.Int("list-value-size", 1024, "value size of the listed keys (--op lists)")
 	flag.StringVar(&user, "user", "", "authenticate as user:password (the server must have a user with read-write on the keys)")
 	flag.DurationVar(&slowLog, "slow", 0, "log each request at least this slow to stderr: its start (unix ms) and latency (load mode; 0 = off)")
 	flag.Parse()
@@ -68,6 +74,8 @@ func main() {
 	case "load":
 		if *op == "kubernetes" {
 			out = kubernetesLoad(eps, *clients, *conns, *duration, *valueSize, *keys)
+		} else if *op == "lists" {
+			out = lists(eps, *clients, *conns, *duration, *valueSize, *keys, *listers, *listKeys, *listValueSize, *rssPid)
 		} else if *op == "fanout" {
 			out = fanout(eps, *clients, *conns, *duration, *valueSize, *keys, *watchers, *watchStreams, *rssPid)
 		} else {

@@ -72,6 +72,7 @@ pub use lease::Lease;
 pub use limits::{LEASE_TTL_MAX_SECONDS, Limits, RequestLimits, SessionLimits};
 pub use mvcc::{EVENT_SCAN_REVISIONS_MAX, EventBatch, VERSION_OVERHEAD_BYTES, version_cost_bytes};
 pub use quota::{Admission, LEASE_COST_BYTES, space_cost_bytes};
+pub use range::RangePager;
 pub use response::{ApplyResult, Response};
 pub use session::Session;
 pub use snapshot::{SNAPSHOT_FORMAT_V1, SNAPSHOT_MAGIC, SnapshotCursor, SnapshotError};

@@ -651,7 +651,7 @@ impl Keyspace {
     }
 }
 
-fn compacted_error(requested: i64, compacted: i64) -> KvError {
+pub(crate) fn compacted_error(requested: i64, compacted: i64) -> KvError {
     KvError::with_detail(
         ErrorKind::Compacted,
         format!("asked for revision {requested}, compacted at {compacted}"),

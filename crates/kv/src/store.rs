@@ -6,7 +6,7 @@ use flotilla_proto::etcdserverpb::{
     LeaseGrantResponse, LeaseRevokeResponse, PutRequest, RangeRequest, RangeResponse, TxnRequest,
     TxnResponse,
 };
-use flotilla_proto::mvccpb::Event;
+use flotilla_proto::mvccpb::{Event, KeyValue};
 
 use crate::authorize::{AllowAll, Authorizer};
 use crate::command::{Command, Operation};
@@ -16,7 +16,7 @@ use crate::lease::{Lease, Leases};
 use crate::limits::Limits;
 use crate::mvcc::{EventBatch, Keyspace};
 use crate::quota::Admission;
-use crate::range::{range, revision_header};
+use crate::range::{RangePager, range, revision_header};
 use crate::response::{ApplyResult, Response, recall, remember};
 use crate::session::{Session, SessionCheck, Sessions};
 use crate::txn::{apply_txn, read_only_txn};
@@ -285,6 +285,24 @@ impl KvStore {
     /// A Range served locally (serializable, or after a ReadIndex for linearizable reads).
     pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse, KvError> {
         range(&self.keyspace, request, self.current_revision())
+    }
+
+    /// Starts a Range read a page at a time (see [`RangePager`]), pinned at the current
+    /// revision (or the request's).
+    pub fn start_range(&self, request: RangeRequest) -> Result<RangePager, KvError> {
+        RangePager::start(&self.keyspace, request, self.current_revision())
+    }
+
+    /// The next page of `pager`'s read: at most `keys_max` keys visited, about `bytes_max`
+    /// bytes of keys and values kept. Fails with `Compacted` if the pinned revision was
+    /// compacted since the read started.
+    pub fn range_page(
+        &self,
+        pager: &mut RangePager,
+        keys_max: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        pager.next_page(&self.keyspace, keys_max, bytes_max)
     }
 
     /// A txn that writes nothing, served locally like [`KvStore::range`]. A txn that could

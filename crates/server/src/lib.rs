@@ -36,6 +36,8 @@ pub mod members;
 pub mod metrics;
 pub mod node;
 pub mod peer_service;
+pub mod range_body;
+pub mod range_read;
 pub mod read_lease;
 pub mod restore;
 pub mod routing;

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub reads_from_lease: AtomicU64,
     /// Watchers whose bounded queue overflowed, sent back to catch up from history.
     pub watchers_fell_behind: AtomicU64,
+    /// Bytes of unary Range responses encoded as they were sent (`range_body.rs`).
+    pub range_bytes_streamed: AtomicU64,
     pub wal_fsync: Histogram,
     pub snapshot_save: Histogram,
     /// By (service, method, code).
@@ -149,7 +151,7 @@ impl Metrics {
         for (name, help, value) in gauges {
             metric(&mut out, name, help, "gauge", value.load(Ordering::Relaxed));
         }
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "flotilla_server_reads_from_lease_total",
                 "Linearizable reads answered from the leader's lease (--lease-reads)",
@@ -179,6 +181,11 @@ impl Metrics {
                 "flotilla_watch_watchers_fell_behind_total",
                 "Watchers whose queue overflowed and who caught up from history",
                 &self.watchers_fell_behind,
+            ),
+            (
+                "flotilla_kv_range_bytes_streamed_total",
+                "Bytes of Range responses encoded a chunk at a time as they were sent",
+                &self.range_bytes_streamed,
             ),
             (
                 "flotilla_network_peer_messages_dropped_total",

@@ -395,9 +395,15 @@ impl Servers {
                 },
             })
             .layer(axum::extract::DefaultBodyLimit::max(receive_bytes_max));
+            // Range ahead of the generated KV service: its response is encoded as it is sent.
+            let range = crate::range_body::router(crate::range_body::RangeRoute {
+                services: services.clone(),
+                receive_bytes_max,
+            });
             let routes = tonic::service::Routes::from(
                 grpc.routes()
                     .into_axum_router()
+                    .merge(range)
                     .merge(gateway)
                     .fallback(crate::gateway::not_found),
             );

@@ -95,6 +95,27 @@ impl ClientServices {
         }
     }
 
+    /// Everything a Range or RangeStream passes before it reads: the leader and corruption
+    /// checks, validation, the linearizable barrier, then the caller, resolved after the
+    /// barrier as etcd does (a token voided before the read is void here).
+    async fn admit_range(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Result<(flotilla_kv::Author, RangeRequest), Status> {
+        self.frontend.check_require_leader(&request)?;
+        self.frontend.refuse_if_corrupt()?;
+        let credentials = self.credentials(&request);
+        let range = request.into_inner();
+        if !range.serializable {
+            self.frontend.refuse_learner()?;
+        }
+        validate_range(&range, &self.limits()).map_err(|e| kv_status(&e))?;
+        if !range.serializable {
+            self.frontend.linearizable_barrier().await?;
+        }
+        Ok((self.frontend.resolve(&credentials)?, range))
+    }
+
     fn limits(&self) -> flotilla_kv::RequestLimits {
         self.read_state(|state| state.limits().request.clone())
     }
@@ -352,36 +373,24 @@ async fn keep_alive_stream(
 impl Kv for ClientServices {
     async fn range(&self, request: Request<RangeRequest>) -> Reply<RangeResponse> {
         self.observe(KV, "Range", async {
-            self.frontend.check_require_leader(&request)?;
-            self.frontend.refuse_if_corrupt()?;
-            let credentials = self.credentials(&request);
-            let range = request.into_inner();
-            if !range.serializable {
-                self.frontend.refuse_learner()?;
-            }
-            validate_range(&range, &self.limits()).map_err(|e| kv_status(&e))?;
-            if !range.serializable {
-                self.frontend.linearizable_barrier().await?;
-            }
-            // After the barrier, as etcd does: a token voided before the read is void here.
-            let caller = self.frontend.resolve(&credentials)?;
-            // The permission and the read under one lock: both at the same applied index.
-            let mut response = self.read_state(|state| {
-                state
-                    .auth
-                    .check_keys(
-                        &caller.user,
-                        caller.auth_revision,
-                        crate::auth::Access::Read,
-                        &range.key,
-                        &range.range_end,
-                    )
-                    .map_err(Status::from)?;
-                state.kv.range(&range).map_err(|e| kv_status(&e))
-            })?;
+            let (caller, range) = self.admit_range(request).await?;
+            let mut response = crate::range_read::read_range(self, &caller, &range).await?;
             let revision = response.header.map_or(0, |h| h.revision);
             response.header = self.frontend.header(revision);
             Ok(response)
+        })
+        .await
+    }
+
+    async fn range_stream(
+        &self,
+        request: Request<RangeRequest>,
+    ) -> Reply<BoxStream<RangeStreamResponse>> {
+        self.observe(KV, "RangeStream", async {
+            let (caller, range) = self.admit_range(request).await?;
+            let messages = crate::range_read::stream_range(self, &caller, range)?;
+            let messages = tokio_stream::wrappers::ReceiverStream::new(messages);
+            Ok(Box::pin(messages) as BoxStream<RangeStreamResponse>)
         })
         .await
     }

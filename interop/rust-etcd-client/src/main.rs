@@ -1,6 +1,8 @@
 //! `rust-etcd-client-interop <endpoint>`: one check per call of the `etcd-client` crate,
 //! printed as `ok: ...`; the first failure is printed as `FAIL: ...` and exits 1. The server
-//! must be a fresh single member (the checks enable and disable authentication).
+//! must be a fresh single member (the checks enable and disable authentication). With
+//! `--range-stream` the server must serve KV/RangeStream (etcd 3.7, Flotilla); without it, it
+//! must answer it Unimplemented (etcd 3.4).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -65,6 +67,58 @@ async fn kv_and_leases(client: &mut Client) -> Checked {
         .await
         .map_err(failed("lease revoke"))?;
     Ok(())
+}
+
+/// get_stream (KV/RangeStream, etcd 3.7): 3,000 values of 1 KiB come in several messages
+/// whose key-values, in order, are the unary get's; the last carries the count. A server
+/// without it (etcd before 3.7) must answer Unimplemented, on which clients fall back to get.
+async fn range_stream(client: &mut Client, served: bool) -> Checked {
+    let value = vec![b'x'; 1024];
+    for first in (0..3000).step_by(100) {
+        let puts: Vec<_> = (first..first + 100)
+            .map(|i| etcd_client::TxnOp::put(format!("rust/s/{i:05}"), value.clone(), None))
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .map_err(failed("txn of 100 puts"))?;
+    }
+    let stream = client
+        .kv_client()
+        .get_stream("rust/s/", Some(GetOptions::new().with_prefix()))
+        .await;
+    let mut stream = match (stream, served) {
+        (Ok(stream), true) => stream,
+        (Err(etcd_client::Error::GRpcStatus(status)), false) => {
+            return check(
+                "get_stream: Unimplemented on a server without RangeStream",
+                status.code() == tonic::Code::Unimplemented,
+                status,
+            );
+        }
+        (Err(error), true) => return Err(format!("get_stream: {error}")),
+        (other, false) => return Err(format!("get_stream without --range-stream: {other:?}")),
+    };
+    let whole = client
+        .get("rust/s/", Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(failed("get of 3,000 keys"))?;
+    let (mut messages, mut keys, mut last_count) = (0, Vec::new(), 0);
+    while let Some(piece) = stream
+        .message()
+        .await
+        .map_err(failed("get_stream message"))?
+    {
+        messages += 1;
+        keys.extend(piece.kvs().iter().map(|kv| kv.key().to_vec()));
+        last_count = piece.count();
+    }
+    let whole_keys: Vec<_> = whole.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+    check(
+        "get_stream of 3,000 keys: in several messages, the same keys as get, the count last",
+        messages > 1 && keys == whole_keys && whole_keys.len() == 3000 && last_count == 3000,
+        (messages, keys.len(), last_count),
+    )
 }
 
 async fn locks_and_elections(client: &mut Client) -> Checked {
@@ -272,9 +326,10 @@ async fn auth(endpoint: &str, client: &mut Client) -> Checked {
     Ok(())
 }
 
-async fn run(endpoint: &str) -> Checked {
+async fn run(endpoint: &str, range_stream_served: bool) -> Checked {
     let mut client = connect(endpoint, None).await?;
     kv_and_leases(&mut client).await?;
+    range_stream(&mut client, range_stream_served).await?;
     locks_and_elections(&mut client).await?;
     maintenance_and_cluster(&mut client).await?;
     auth(endpoint, &mut client).await
@@ -282,11 +337,16 @@ async fn run(endpoint: &str) -> Checked {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Some(endpoint) = std::env::args().nth(1) else {
-        eprintln!("usage: rust-etcd-client-interop <endpoint>");
-        return ExitCode::from(2);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (endpoint, range_stream_served) = match args.as_slice() {
+        [endpoint] => (endpoint, false),
+        [endpoint, flag] if flag == "--range-stream" => (endpoint, true),
+        _ => {
+            eprintln!("usage: rust-etcd-client-interop <endpoint> [--range-stream]");
+            return ExitCode::from(2);
+        }
     };
-    match tokio::time::timeout(Duration::from_secs(120), run(&endpoint)).await {
+    match tokio::time::timeout(Duration::from_secs(120), run(endpoint, range_stream_served)).await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(reason)) => {
             println!("FAIL: {reason}");
