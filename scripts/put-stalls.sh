@@ -2,8 +2,9 @@
 # Finds put stalls and lines them up with what the members were doing: starts a 3-member
 # cluster on 127.0.0.1, fills it with etcd's Go client (bench/etcd-go-load), runs a put load
 # that logs every request slower than a threshold, then prints the slow requests (UTC, by the
-# time they started) merged with the members' snapshot and backup log lines. For issue 18's
-# "no stop-the-world pauses".
+# time they started) merged with the members' snapshot and backup log lines and their warnings
+# of slow write-path steps (--warning-apply-duration, MEMBER_SLOW here). For issue 18's "no
+# stop-the-world pauses".
 #
 #   scripts/put-stalls.sh                      # 200,000 keys of 1 KiB, 40 s of puts, >= 30 ms
 #   KEYS=1000000 SECONDS_LOAD=60 SLOW=50ms scripts/put-stalls.sh
@@ -37,7 +38,8 @@ for i in 0 1 2; do
     "$BIN" serve --name "m$i" --data-dir "$WORK/m$i" --listen-client-urls "$client" \
         --advertise-client-urls "$client" --listen-peer-urls "$peer" \
         --initial-advertise-peer-urls "$peer" --initial-cluster "$cluster" \
-        --initial-cluster-token stalls --log-level info >"$WORK/m$i.log" 2>&1 &
+        --initial-cluster-token stalls --log-level info \
+        --warning-apply-duration "${MEMBER_SLOW:-20ms}" >"$WORK/m$i.log" 2>&1 &
     PIDS+=($!)
 done
 endpoints=127.0.0.1:$BASE,127.0.0.1:$((BASE + 10)),127.0.0.1:$((BASE + 20))
@@ -56,7 +58,7 @@ echo "slow requests (start UTC, latency) and member events:"
         echo "$(date -u -d "@${started:0:10}.${started:10:3}" +%T.%3N) request took $latency $unit"
     done <"$WORK/slow.txt"
     for i in 0 1 2; do
-        grep -hE "saved a snapshot|sending a backup|restored the state" "$WORK/m$i.log" |
+        grep -hE "saved a snapshot|sending a backup|restored the state|slow |waited for" "$WORK/m$i.log" |
             sed -E "s/^[0-9-]+T([0-9:.]{12})[0-9]*Z/\1 m$i:/" || true
     done
 } | sort

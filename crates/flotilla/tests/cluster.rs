@@ -1056,3 +1056,29 @@ async fn a_large_range_is_sent_whole_and_in_order_as_it_is_encoded() {
     })
     .await;
 }
+
+/// `--warning-apply-duration` (etcd's flag): a write-path step slower than it is logged as a
+/// warning naming the step. At 1 ns every group commit and every apply is slower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_write_path_steps_are_logged_with_their_cause() {
+    let cluster = TestCluster::start(1, &["--warning-apply-duration", "1ns"]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let mut kv = cluster.kv(0).await;
+        put(&mut kv, "slow", "step").await.unwrap();
+        let log = eventually("the slow-step warnings in the log", LIMIT, || async {
+            let log = cluster.members[0].log_text();
+            (log.contains("slow WAL group commit") && log.contains("slow apply")).then_some(log)
+        })
+        .await;
+        let line = log
+            .lines()
+            .find(|line| line.contains("slow WAL group commit"))
+            .unwrap();
+        assert!(
+            line.contains("WARN") && line.contains("fsync="),
+            "the warning says how long the fsync took: {line}"
+        );
+    })
+    .await;
+}

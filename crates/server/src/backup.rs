@@ -31,8 +31,9 @@ const TRAILER_MAGIC: &[u8; 8] = b"FLBACKUP";
 const TRAILER_BYTES: u64 = 16;
 const DIGEST_BYTES: u64 = 32;
 const SECTOR_BYTES: u64 = 512;
-/// How much each encoding step writes: one step holds the state's read lock.
-pub const STEP_BYTES: usize = 256 << 10;
+/// How much each encoding step writes: one step holds the state's read lock (about a tenth
+/// of a millisecond), and the encoder idles after it (`crate::node::paced`).
+pub const STEP_BYTES: usize = 64 << 10;
 
 /// The moment a backup or hash is taken at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,7 +42,8 @@ pub struct PointInTime {
     pub revision: i64,
 }
 
-/// Encodes the state as it is now, a step at a time, passing each step's bytes to `sink`.
+/// Encodes the state as it is now, a step at a time at a third of a core at most, passing
+/// each step's bytes to `sink`.
 /// The state is pinned for the duration (compactions meanwhile wait; nothing else does).
 pub fn encode_state(
     state: &RwLock<StateMachine>,
@@ -59,10 +61,12 @@ pub fn encode_state(
         let mut step = Vec::with_capacity(STEP_BYTES + (STEP_BYTES >> 2));
         loop {
             step.clear();
-            let done = state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .continue_snapshot(&mut cursor, &mut step, STEP_BYTES)?;
+            let done = crate::node::paced(|| {
+                state
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .continue_snapshot(&mut cursor, &mut step, STEP_BYTES)
+            })?;
             sink(&step)?;
             if done {
                 return Ok(());

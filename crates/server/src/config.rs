@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// [default: 0].
     #[arg(long, env = "FLOTILLA_EXPERIMENTAL_CORRUPT_CHECK_TIME", value_parser = parse_go_duration)]
     pub experimental_corrupt_check_time: Option<Duration>,
+    /// A step of the write path (a WAL group commit, preparing a segment, applying a batch,
+    /// waiting for the state's lock, a raft round) slower than this is logged as a warning
+    /// with its cause, as a Go duration (etcd's flag) [default: 100ms].
+    #[arg(long, env = "FLOTILLA_WARNING_APPLY_DURATION", value_parser = parse_go_duration)]
+    pub warning_apply_duration: Option<Duration>,
     /// Leader leases for linearizable reads: the leader answers them without a heartbeat round
     /// while a quorum acknowledged it within the last election timeout, less the drift margin.
     /// Safe only if clocks run at about the same rate on every member and every member sets
@@ -226,6 +231,7 @@ struct FileConfig {
     experimental_watch_progress_notify_interval: Option<String>,
     experimental_initial_corrupt_check: Option<bool>,
     experimental_corrupt_check_time: Option<String>,
+    warning_apply_duration: Option<String>,
     lease_reads: Option<bool>,
     lease_clock_drift: Option<u64>,
     unsafe_no_fsync: Option<bool>,
@@ -280,6 +286,8 @@ pub struct ServerConfig {
     pub initial_corrupt_check: bool,
     /// `None`: no periodic corruption check.
     pub corrupt_check_interval: Option<Duration>,
+    /// Write-path steps slower than this are logged (`--warning-apply-duration`).
+    pub slow_step: Duration,
     pub lease_reads: bool,
     pub lease_clock_drift: Duration,
     pub unsafe_no_fsync: bool,
@@ -452,6 +460,17 @@ impl ServeArgs {
                 None => Duration::ZERO,
             },
         };
+        let slow_step = match &self.warning_apply_duration {
+            Some(duration) => *duration,
+            None => match &file.warning_apply_duration {
+                Some(text) => parse_go_duration(text)
+                    .map_err(|e| anyhow::anyhow!("warning-apply-duration: {e}"))?,
+                None => Duration::from_millis(100),
+            },
+        };
+        if slow_step.is_zero() {
+            bail!("--warning-apply-duration must be positive");
+        }
         let auth_token =
             pick(&self.auth_token, &file.auth_token).unwrap_or_else(|| "simple".into());
         crate::auth::TokenKind::parse(&auth_token)?;
@@ -589,6 +608,7 @@ impl ServeArgs {
                 .unwrap_or(false),
             corrupt_check_interval: (!corrupt_check_interval.is_zero())
                 .then_some(corrupt_check_interval),
+            slow_step,
             lease_reads,
             lease_clock_drift: Duration::from_millis(lease_clock_drift_ms),
             unsafe_no_fsync: self
@@ -775,6 +795,51 @@ mod tests {
         std::fs::write(&path, "nmae = \"typo\"\n").unwrap();
         let error = args.resolve().unwrap_err();
         assert!(format!("{error:#}").contains("unknown field"), "{error:#}");
+    }
+
+    #[test]
+    fn slow_step_warnings_default_to_etcds_100ms_and_zero_is_refused() {
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().slow_step,
+            Duration::from_millis(100)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flotilla.toml");
+        std::fs::write(&path, "warning-apply-duration = \"250ms\"\n").unwrap();
+        let from_file = ServeArgs {
+            config_file: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            from_file.clone().resolve().unwrap().slow_step,
+            Duration::from_millis(250)
+        );
+        let flag = ServeArgs {
+            warning_apply_duration: Some(Duration::from_millis(20)),
+            ..from_file
+        };
+        assert_eq!(flag.resolve().unwrap().slow_step, Duration::from_millis(20));
+        let error = ServeArgs {
+            warning_apply_duration: Some(Duration::ZERO),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("must be positive"),
+            "{error:#}"
+        );
+        std::fs::write(&path, "warning-apply-duration = \"soon\"\n").unwrap();
+        let error = ServeArgs {
+            config_file: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("warning-apply-duration"),
+            "{error:#}"
+        );
     }
 
     #[test]

@@ -256,6 +256,7 @@ fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
         proposals_max: 65_536,
         limits,
         lease_duration,
+        slow_step: config.slow_step,
     }
 }
 

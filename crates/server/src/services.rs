@@ -618,10 +618,11 @@ impl ClientServices {
     }
 }
 
-/// Runs `work` on a thread of its own at a lowered priority (as the Raft snapshot threads
-/// run): encoding a whole state takes a core for a while, and at the default priority on a
-/// busy machine it held up the apply and WAL threads (puts stalled for 100+ ms as a backup
-/// began). The answer comes back through the returned future.
+/// Runs `work` on a thread of its own; the answer comes back through the returned future.
+/// Encoding a whole state takes a core for a while, and at full speed on a busy machine it
+/// held up the apply and WAL threads (puts stalled for 100+ ms as a backup began): the
+/// encoding paces itself (`crate::node::paced`). It does not run at a lowered priority, which
+/// made it hold the state's read lock while preempted (see `lower_this_threads_priority`).
 fn in_background<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> T + Send + 'static,
@@ -630,7 +631,6 @@ fn in_background<T: Send + 'static>(
     let started = std::thread::Builder::new()
         .name(format!("flotilla-{name}"))
         .spawn(move || {
-            crate::node::lower_this_threads_priority();
             let _ = answer.send(work());
         });
     let name = name.to_string();

@@ -40,6 +40,10 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const SEGMENT_BYTES_MIN: u64 = 4 << 10;
 /// Entry locations are 32-bit offsets; one record may still push a segment past this.
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+/// How much of an obsolete file each step of [`Wal::reap`] frees (see `shrink_then_remove`).
+const REAP_SHRINK_STEP_BYTES: u64 = 8 << 20;
+/// The pause after each step: the reaper frees at most 800 MB a second.
+const REAP_SHRINK_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// How to open a write-ahead log.
 #[derive(Clone, Debug)]
@@ -911,7 +915,7 @@ impl Wal {
         loop {
             let next = self.lock_reapable()?.pop_front();
             let Some(path) = next else { break };
-            if let Err(err) = self.fs.remove_file(&path).ctx("remove", &path) {
+            if let Err(err) = self.shrink_then_remove(&path) {
                 return Err(self.fail(err));
             }
             reaped += 1;
@@ -923,6 +927,25 @@ impl Wal {
             return Err(self.fail(WalError::io("fsync directory", &self.dir, err)));
         }
         Ok(reaped)
+    }
+
+    /// Removes an obsolete file, first shrinking a large one [`REAP_SHRINK_STEP_BYTES`] at a
+    /// time with a pause after each step. Unlinking a 200 MB snapshot at once frees all its
+    /// blocks in one file-system journal transaction, and every fsync on the disk (the
+    /// members' WAL group commits among them) then waited for that commit: puts stalled
+    /// 90–180 ms just after each snapshot, on every member at once. In steps, each commit
+    /// carries a small part.
+    fn shrink_then_remove(&self, path: &Path) -> Result<(), WalError> {
+        if self.sync_enabled {
+            let file = self.fs.open(path).ctx("open", path)?;
+            let mut len = file.len().ctx("stat", path)?;
+            while len > REAP_SHRINK_STEP_BYTES {
+                len -= REAP_SHRINK_STEP_BYTES;
+                file.set_len(len).ctx("truncate", path)?;
+                std::thread::sleep(REAP_SHRINK_PAUSE);
+            }
+        }
+        self.fs.remove_file(path).ctx("remove", path)
     }
 
     /// Renames a dead segment to be the next one, unless a recycled spare is ready already

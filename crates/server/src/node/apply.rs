@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use flotilla_kv::Limits;
 use flotilla_raft::{Apply, Index, SnapshotMeta};
@@ -39,6 +40,8 @@ pub(super) struct ApplyContext {
     pub(super) snapshots: mpsc::Sender<SnapshotRequest>,
     /// A snapshot is being saved in the background.
     pub(super) saving: Arc<std::sync::atomic::AtomicBool>,
+    /// An apply batch or a wait for the lock slower than this is logged.
+    pub(super) slow_step: std::time::Duration,
 }
 
 impl ApplyContext {
@@ -56,17 +59,17 @@ impl ApplyContext {
     }
 
     fn apply(&self, items: Vec<(Apply, Option<ProposalWaiter>)>) -> Result<(), String> {
+        let started = Instant::now();
+        let entries = items.len();
         let mut replies = Vec::new();
         let mut last = None;
-        let mut state = Some(self.state.write().unwrap_or_else(|p| p.into_inner()));
+        let mut state = Some(self.write_state());
         let mut budget = LockBudget::default();
         for (item, waiter) in items {
             last = Some(item.index());
             match item {
                 Apply::Entry(entry) => {
-                    let machine = state.get_or_insert_with(|| {
-                        self.state.write().unwrap_or_else(|p| p.into_inner())
-                    });
+                    let machine = state.get_or_insert_with(|| self.write_state());
                     let applied = machine.apply_entry(&entry);
                     match &applied {
                         Applied::Kv(result) => self.observe(result),
@@ -101,6 +104,9 @@ impl ApplyContext {
             }
         }
         drop(state);
+        if started.elapsed() > self.slow_step {
+            tracing::warn!(entries, took = ?started.elapsed(), "slow apply");
+        }
         if let Some(index) = last {
             self.metrics.apply_index.store(index, Ordering::Relaxed);
             self.applied.send_replace(index);
@@ -112,6 +118,16 @@ impl ApplyContext {
             let _ = waiter.send(Ok(applied));
         }
         Ok(())
+    }
+
+    /// The state's write lock; a long wait (readers held it) is logged with its length.
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, StateMachine> {
+        let waiting = Instant::now();
+        let state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if waiting.elapsed() > self.slow_step {
+            tracing::warn!(waited = ?waiting.elapsed(), "the apply thread waited for the state's lock");
+        }
+        state
     }
 
     /// Tells the observers (watch hub, lessor) what one applied entry did. Called with the
@@ -373,6 +389,7 @@ mod tests {
             applied: applied_tx,
             snapshots: snapshots_tx,
             saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            slow_step: std::time::Duration::from_millis(100),
         };
         let (work_tx, work_rx) = mpsc::channel(8);
         let apply_thread = std::thread::spawn(move || context.run(work_rx));

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::apply::ApplyContext;
 use self::raft_loop::{RaftInputs, RaftLoop};
-pub(crate) use self::snapshot_pipe::lower_this_threads_priority;
+pub(crate) use self::snapshot_pipe::paced;
 use self::wal_thread::wal_thread;
 use crate::driver::{Driver, Refusal};
 use crate::metrics::Metrics;
@@ -106,6 +106,10 @@ pub struct NodeOptions {
     /// With lease reads (`raft.lease_reads`): how long a lease lasts in real time from the
     /// tick its round was sent in (see [`crate::read_lease`]).
     pub lease_duration: Option<Duration>,
+    /// A step of the write path (a WAL group commit, preparing a segment, an apply batch, a
+    /// wait for the state's lock, a raft round) slower than this is logged as a warning with
+    /// what it did, as etcd warns of slow applies: a put stall then has a named cause.
+    pub slow_step: Duration,
 }
 
 /// A running node, for the services: submit requests, watch the status, read the state.
@@ -332,9 +336,10 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         let storage = parts.storage.clone();
         let metrics = parts.metrics.clone();
         let fatal = snapshot_tx.clone();
+        let slow_step = parts.options.slow_step;
         std::thread::Builder::new()
             .name("flotilla-wal".into())
-            .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &metrics))
+            .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &metrics, slow_step))
             .expect("spawn the WAL thread")
     };
     let apply_thread = {
@@ -347,6 +352,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
             applied: applied_tx,
             snapshots: snapshot_tx,
             saving: Arc::default(),
+            slow_step: parts.options.slow_step,
         };
         std::thread::Builder::new()
             .name("flotilla-apply".into())

@@ -127,8 +127,12 @@ impl RaftLoop {
                     ticked
                 }
             };
+            let carrying_out = Instant::now();
             if let Err(err) = outcome.and_then(|()| self.carry_out()) {
                 self.fail(format!("the Raft core stopped: {err}"));
+            }
+            if carrying_out.elapsed() > self.options.slow_step {
+                tracing::warn!(took = ?carrying_out.elapsed(), "slow raft round");
             }
             self.publish_lease();
             self.publish_status(false);

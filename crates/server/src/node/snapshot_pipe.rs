@@ -1,6 +1,6 @@
 //! Saving a snapshot beside apply: an encoder thread walks a pinned, point-in-time view of the
 //! state in steps (each under the read lock for one step only) into a bounded pipe, and a saver
-//! thread streams the pipe into storage. Both run at a lowered priority.
+//! thread streams the pipe into storage. The encoder paces itself to a third of a core.
 
 use std::io::{self, Read};
 use std::sync::atomic::Ordering;
@@ -16,19 +16,36 @@ use crate::metrics::Metrics;
 use crate::state_machine::{StateMachine, StateSnapshotCursor};
 use crate::storage::DurableStorage;
 
-/// The nice value of the snapshot threads. Encoding a large state takes a core for a while;
-/// at the default priority, on a machine whose cores the member's other threads already keep
-/// busy, the scheduler then left the apply and WAL threads waiting for tens of milliseconds.
-/// At 10 a snapshot gets about a tenth of a contended core (all of an idle one) and so still
-/// ends; the log it lets go of is held a little longer.
-const SNAPSHOT_THREAD_NICE: i32 = 10;
+/// The nice value of background threads that hold no lock the write path needs (the WAL's
+/// reaper, unlinking old files).
+const BACKGROUND_THREAD_NICE: i32 = 10;
 
-/// Lowers the calling thread's priority to [`SNAPSHOT_THREAD_NICE`] (on Linux a nice value
+/// Lowers the calling thread's priority to [`BACKGROUND_THREAD_NICE`] (on Linux a nice value
 /// belongs to the thread). A failure only costs latency, so it is logged, not fatal.
+///
+/// Not for a thread that takes a lock the write path waits on: the snapshot encoder ran at
+/// nice 10 and, preempted while it held the state's read lock for a step, kept the apply
+/// thread waiting 20–50 ms for the write lock on a busy machine (priority inversion; the
+/// `--warning-apply-duration` warnings showed it). The encoder paces itself instead
+/// ([`ENCODE_IDLE_PER_BUSY`]).
 pub(crate) fn lower_this_threads_priority() {
-    if let Err(err) = rustix::process::nice(SNAPSHOT_THREAD_NICE) {
-        tracing::debug!("the snapshot thread keeps its priority: {err}");
+    if let Err(err) = rustix::process::nice(BACKGROUND_THREAD_NICE) {
+        tracing::debug!("the background thread keeps its priority: {err}");
     }
+}
+
+/// After each step an encoder sleeps this many times as long as the step took, so encoding
+/// a state (a snapshot, a backup, a hash) takes at most a third of a core however busy the
+/// machine is, and the apply, WAL and client threads keep the rest; on an idle machine it
+/// takes three times its encoding time.
+const ENCODE_IDLE_PER_BUSY: u32 = 2;
+
+/// Runs one step of encoding a state, then idles per [`ENCODE_IDLE_PER_BUSY`].
+pub(crate) fn paced<T>(step: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let done = step();
+    std::thread::sleep(started.elapsed() * ENCODE_IDLE_PER_BUSY);
+    done
 }
 
 /// Encodes a pinned state in steps into the pipe a [`SnapshotSaver`] streams into storage, then
@@ -45,14 +62,12 @@ impl SnapshotEncoder {
         meta: SnapshotMeta,
         saver: SnapshotSaver,
     ) {
-        lower_this_threads_priority();
         let (chunks_tx, chunks_rx) = std::sync::mpsc::sync_channel(4);
+        // At the normal priority: at its end it holds the WAL's writer lock while it renames
+        // and syncs, and the WAL thread waits for that lock.
         let saver = std::thread::Builder::new()
             .name("flotilla-snapshot-save".into())
-            .spawn(move || {
-                lower_this_threads_priority();
-                saver.save(meta, chunks_rx)
-            });
+            .spawn(move || saver.save(meta, chunks_rx));
         match saver {
             Ok(saver) => {
                 let end = match self.encode(&mut cursor, &chunks_tx) {
@@ -72,7 +87,8 @@ impl SnapshotEncoder {
     }
 
     /// Sends the snapshot a step at a time; the read lock is held for one step's encoding
-    /// only, never while the pipe is full.
+    /// only, never while the pipe is full, and the thread idles between steps
+    /// ([`ENCODE_IDLE_PER_BUSY`]).
     fn encode(
         &self,
         cursor: &mut StateSnapshotCursor,
@@ -80,11 +96,12 @@ impl SnapshotEncoder {
     ) -> io::Result<()> {
         loop {
             let mut chunk = Vec::with_capacity(PIPE_CHUNK_BYTES + (PIPE_CHUNK_BYTES >> 2));
-            let done = self
-                .state
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .continue_snapshot(cursor, &mut chunk, PIPE_CHUNK_BYTES)?;
+            let done = paced(|| {
+                self.state
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .continue_snapshot(cursor, &mut chunk, PIPE_CHUNK_BYTES)
+            })?;
             chunks
                 .send(PipeChunk::Data(Bytes::from(chunk)))
                 .map_err(|_| io::Error::other("the snapshot saver stopped early"))?;
@@ -130,7 +147,8 @@ impl SnapshotSaver {
     }
 }
 
-const PIPE_CHUNK_BYTES: usize = 256 << 10;
+/// Encoded bytes per step: the state's read lock is held for about a tenth of a millisecond.
+const PIPE_CHUNK_BYTES: usize = 64 << 10;
 
 enum PipeChunk {
     Data(Bytes),

@@ -1,7 +1,7 @@
 //! The WAL thread: writes the raft task's persist batches and makes them durable with one
 //! fsync for all that waited (group commit), then reports the newest durable batch.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flotilla_raft::{PersistBatch, PersistId};
 use tokio::sync::{mpsc, watch};
@@ -20,6 +20,7 @@ pub(super) fn wal_thread(
     persisted: watch::Sender<Option<PersistId>>,
     fatal: mpsc::Sender<SnapshotRequest>,
     metrics: &Metrics,
+    slow_step: Duration,
 ) -> Result<(), StorageFailure> {
     std::thread::scope(|scope| {
         let (reap_tx, reap_rx) = std::sync::mpsc::sync_channel::<()>(1);
@@ -40,7 +41,9 @@ pub(super) fn wal_thread(
                 "cannot start the reaper thread: {err}"
             )));
         }
-        write_and_sync(storage, batches, &persisted, &fatal, metrics, &reap_tx)
+        write_and_sync(
+            storage, batches, &persisted, &fatal, metrics, &reap_tx, slow_step,
+        )
         // The reaper sees its channel closed and finishes before the scope ends.
     })?;
     storage.close()
@@ -53,22 +56,38 @@ fn write_and_sync(
     fatal: &mpsc::Sender<SnapshotRequest>,
     metrics: &Metrics,
     reap: &std::sync::mpsc::SyncSender<()>,
+    slow_step: Duration,
 ) -> Result<(), StorageFailure> {
     let result = (|| {
         while let Some(batch) = batches.blocking_recv() {
+            let writing = Instant::now();
             storage.write(&batch)?;
+            let mut written = 1;
             while let Ok(batch) = batches.try_recv() {
                 storage.write(&batch)?;
+                written += 1;
             }
-            let started = Instant::now();
+            let syncing = Instant::now();
             let durable = storage.sync()?;
-            metrics.wal_fsync.observe(started.elapsed());
+            let synced = Instant::now();
+            metrics.wal_fsync.observe(synced - syncing);
+            if synced - writing > slow_step {
+                tracing::warn!(
+                    batches = written,
+                    write = ?(syncing - writing),
+                    fsync = ?(synced - syncing),
+                    "slow WAL group commit"
+                );
+            }
             if durable.is_some() {
                 persisted.send_replace(durable);
             }
             // Only now, with the writers acknowledged: the next segment's creation has an
             // fsync of its own.
             storage.prepare_ahead()?;
+            if synced.elapsed() > slow_step {
+                tracing::warn!(took = ?synced.elapsed(), "slow preparation of the next WAL segment");
+            }
             if storage.has_reapable() {
                 // Full means the reaper is already asked: it takes everything queued.
                 let _ = reap.try_send(());

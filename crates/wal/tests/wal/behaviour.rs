@@ -313,6 +313,35 @@ fn compaction_deletes_old_segments_and_snapshots_once_durable() {
     );
 }
 
+/// A snapshot file larger than a shrink step (8 MiB) is truncated in steps and then removed
+/// by reap; the log reopens with only the newer snapshot.
+#[test]
+fn a_large_obsolete_snapshot_is_shrunk_and_removed_by_reap() {
+    let fs = SimFs::new(11);
+    closed_log(&fs);
+    let (wal, _) = Wal::open(dir(), sim_options(&fs)).unwrap();
+    let big = vec![7u8; 20 << 20];
+    wal.save_snapshot(&snapshot_meta(1, 150), &big[..]).unwrap();
+    wal.save_snapshot(&snapshot_meta(1, 180), &b"newer"[..])
+        .unwrap();
+    assert!(wal.has_reapable());
+    // The big snapshot, and whatever the closed log had already made obsolete.
+    assert!(wal.reap().unwrap() >= 1);
+    assert!(!wal.has_reapable());
+    let files = fs.list(&dir()).unwrap();
+    assert!(!files.iter().any(|name| name.ends_with(".reap")), "{files:?}");
+    assert_eq!(
+        files.iter().filter(|name| name.contains(".snap")).count(),
+        1,
+        "{files:?}"
+    );
+    wal.close().unwrap();
+    drop(wal);
+    let (wal, _) = Wal::open(dir(), sim_options(&fs)).unwrap();
+    let (meta, data) = wal.snapshot_data().unwrap().expect("the newer snapshot");
+    assert_eq!((meta.last.index, &data[..]), (180, &b"newer"[..]));
+}
+
 #[test]
 fn without_fsync_nothing_is_synced() {
     let fs = SimFs::new(10);
