@@ -329,7 +329,10 @@ fn a_large_obsolete_snapshot_is_shrunk_and_removed_by_reap() {
     assert!(wal.reap().unwrap() >= 1);
     assert!(!wal.has_reapable());
     let files = fs.list(&dir()).unwrap();
-    assert!(!files.iter().any(|name| name.ends_with(".reap")), "{files:?}");
+    assert!(
+        !files.iter().any(|name| name.ends_with(".reap")),
+        "{files:?}"
+    );
     assert_eq!(
         files.iter().filter(|name| name.contains(".snap")).count(),
         1,
