@@ -1082,3 +1082,70 @@ async fn slow_write_path_steps_are_logged_with_their_cause() {
     })
     .await;
 }
+
+/// A RangeStream reads its pages at the revision pinned when it started; a compaction past
+/// that revision while the client has not yet taken the rest fails the stream with etcd's
+/// `Compacted` error rather than sending pages of another revision. The client reads nothing
+/// until the compaction is done, so HTTP/2 flow control holds the server a few pages into
+/// 40 MB of values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_past_a_streams_revision_fails_the_stream() {
+    use flotilla_proto::etcdserverpb::{CompactionRequest, RequestOp, TxnRequest, request_op};
+
+    const KEYS: usize = 40_000;
+    let cluster = TestCluster::start(1, &[]);
+    bounded(LIMIT, async {
+        cluster.wait_for_leader(&[0]).await;
+        let mut kv = cluster.kv(0).await.max_decoding_message_size(64 << 20);
+        let value = vec![b'v'; 1024];
+        for first in (0..KEYS).step_by(100) {
+            let success = (first..first + 100)
+                .map(|i| RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: format!("paged/{i:06}").into_bytes().into(),
+                        value: value.clone().into(),
+                        ..Default::default()
+                    })),
+                })
+                .collect();
+            kv.txn(TxnRequest {
+                success,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let mut stream = kv
+            .range_stream(RangeRequest {
+                key: b"paged/".to_vec().into(),
+                range_end: b"paged0".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // A write after the stream's revision, then a compaction up to it, on a connection
+        // of their own (the stream's holds unread data).
+        let mut writer = cluster.kv(0).await;
+        let revision = put(&mut writer, "after-the-stream", "x").await.unwrap();
+        writer
+            .compact(CompactionRequest {
+                revision,
+                physical: true,
+            })
+            .await
+            .unwrap();
+        let mut keys = 0;
+        let err = loop {
+            match stream.message().await {
+                Ok(Some(message)) => keys += message.range_response.unwrap().kvs.len(),
+                Ok(None) => panic!("the stream ended after {keys} keys without an error"),
+                Err(err) => break err,
+            }
+        };
+        assert!(keys < KEYS, "all {keys} keys came before the error");
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+        assert!(err.message().contains("compacted"), "{err:?}");
+    })
+    .await;
+}
