@@ -894,6 +894,33 @@ async fn a_member_reports_the_port_it_got_for_port_zero() {
     .await;
 }
 
+/// Writes `<prefix><i:06>` = `value(i)` for i in 0..keys, 100 puts to a transaction.
+async fn put_in_txns(
+    kv: &mut flotilla_proto::etcdserverpb::kv_client::KvClient<tonic::transport::Channel>,
+    prefix: &str,
+    keys: usize,
+    value: impl Fn(usize) -> Vec<u8>,
+) {
+    use flotilla_proto::etcdserverpb::{RequestOp, TxnRequest, request_op};
+    for first in (0..keys).step_by(100) {
+        let success = (first..(first + 100).min(keys))
+            .map(|i| RequestOp {
+                request: Some(request_op::Request::RequestPut(PutRequest {
+                    key: format!("{prefix}{i:06}").into_bytes().into(),
+                    value: value(i).into(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        kv.txn(TxnRequest {
+            success,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// A Range whose response is larger than gRPC's usual 4 MiB message (5,000 values of 1 KiB)
 /// comes back whole and in key order, with the limit, count, keys-only and sort options as
 /// etcd answers them; the member reports the bytes it encoded as it sent them, so the
@@ -901,7 +928,6 @@ async fn a_member_reports_the_port_it_got_for_port_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_range_is_sent_whole_and_in_order_as_it_is_encoded() {
     use flotilla_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
-    use flotilla_proto::etcdserverpb::{RequestOp, TxnRequest, request_op};
 
     const KEYS: usize = 5_000;
     const VALUE_BYTES: usize = 1024;
@@ -910,23 +936,7 @@ async fn a_large_range_is_sent_whole_and_in_order_as_it_is_encoded() {
         cluster.wait_for_leader(&[0]).await;
         let mut kv = cluster.kv(0).await.max_decoding_message_size(64 << 20);
         let value = |i: usize| format!("{i:08}").repeat(VALUE_BYTES / 8);
-        for first in (0..KEYS).step_by(100) {
-            let success = (first..first + 100)
-                .map(|i| RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: format!("big/{i:06}").into_bytes().into(),
-                        value: value(i).into_bytes().into(),
-                        ..Default::default()
-                    })),
-                })
-                .collect();
-            kv.txn(TxnRequest {
-                success,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
+        put_in_txns(&mut kv, "big/", KEYS, |i| value(i).into_bytes()).await;
         let streamed_before = cluster
             .metric(0, "flotilla_kv_range_bytes_streamed_total")
             .await
@@ -1090,31 +1100,14 @@ async fn slow_write_path_steps_are_logged_with_their_cause() {
 /// 40 MB of values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_past_a_streams_revision_fails_the_stream() {
-    use flotilla_proto::etcdserverpb::{CompactionRequest, RequestOp, TxnRequest, request_op};
+    use flotilla_proto::etcdserverpb::CompactionRequest;
 
     const KEYS: usize = 40_000;
     let cluster = TestCluster::start(1, &[]);
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
         let mut kv = cluster.kv(0).await.max_decoding_message_size(64 << 20);
-        let value = vec![b'v'; 1024];
-        for first in (0..KEYS).step_by(100) {
-            let success = (first..first + 100)
-                .map(|i| RequestOp {
-                    request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: format!("paged/{i:06}").into_bytes().into(),
-                        value: value.clone().into(),
-                        ..Default::default()
-                    })),
-                })
-                .collect();
-            kv.txn(TxnRequest {
-                success,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        }
+        put_in_txns(&mut kv, "paged/", KEYS, |_| vec![b'v'; 1024]).await;
         let mut stream = kv
             .range_stream(RangeRequest {
                 key: b"paged/".to_vec().into(),

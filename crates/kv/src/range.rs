@@ -98,11 +98,6 @@ impl RangePager {
         self.next_key.is_none()
     }
 
-    /// The revision the pages are read at.
-    pub fn read_revision(&self) -> i64 {
-        self.read_revision
-    }
-
     /// True if the request asks for an order other than ascending keys, which only
     /// [`RangePager::finish`] can give (it needs every page).
     pub fn needs_sort(&self) -> bool {

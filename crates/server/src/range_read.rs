@@ -120,8 +120,9 @@ fn first_page(
 /// Starts a RangeStream: the first page is read before this returns, so a refused request
 /// fails the call itself; a task sends the pages as the client takes them. As etcd 3.7 does,
 /// the header, `more` and `count` come with the last message only (a client that merges the
-/// messages gets the unary response; one that does not sees the end of the stream). A sort other than ascending keys is refused, as etcd does: it needs
-/// every key before the first can be sent.
+/// messages gets the unary response; one that does not sees the end of the stream). A sort
+/// other than ascending keys is refused, as etcd does: it needs every key before the first
+/// can be sent.
 pub fn stream_range(
     services: &ClientServices,
     caller: &Author,
