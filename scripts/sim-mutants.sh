@@ -40,6 +40,10 @@ mutants() {
         'self.send_after_persist(msg.from, MessageBody::VoteResponse(response));' \
         'self.send(msg.from, MessageBody::VoteResponse(response));' \
         --seeds 300 --storage wal
+    mutant snapshot-past-the-durable-log crates/raft/src/node/snapshot.rs \
+        'if index > self.log.persisted() {' \
+        'if false {' \
+        --seeds 300
     mutant read-without-leadership-confirmation crates/raft/src/node/reads.rs \
         '.partition(|read| read.round != 0 && read.round <= confirmed);' \
         '.partition(|read| read.round != 0);' \

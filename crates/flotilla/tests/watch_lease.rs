@@ -626,6 +626,162 @@ async fn a_kept_alive_lease_survives_a_leader_failover() {
     .await;
 }
 
+/// etcd issue #15247: a leader stuck in `fdatasync` lost every lease. Here strace holds every
+/// fsync of the leader's process, as a hung disk would, for more than two lease TTLs, while the
+/// test writes and keeps leases alive through the leader: the writes are acknowledged with the
+/// leader's WAL fsync still held (the followers' acknowledgements commit them, and the leader
+/// applies committed entries without waiting for its own disk), the leader stays leader, and
+/// no lease expires. Once the disk is back and no one renews them, the leases expire.
+///
+/// Nothing here is timed: the held fsync is observed in /proc (the WAL thread stopped in
+/// `fdatasync` by its tracer) before the writes and again after them. With apply waiting for
+/// the local disk, the writes would wait for the release, which comes only after them: the
+/// test would fail at its time bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs strace and ptrace (apt-get install strace); .ci/run runs it"]
+async fn a_leaders_stalled_disk_delays_no_write_and_expires_no_lease() {
+    const TTL_SECONDS: i64 = 2;
+    const LEASES: usize = 10;
+    const WRITES: usize = 50;
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let url = cluster.members[leader].client_url();
+        let mut ids = Vec::new();
+        for i in 0..LEASES {
+            let (id, _) = grant(&url, TTL_SECONDS).await;
+            put_with_lease(&url, &format!("stalled/{i}"), id).await;
+            ids.push(id);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let keepers: Vec<_> = ids
+            .iter()
+            .map(|&id| tokio::spawn(keep_alive(url.clone(), id, stop.clone())))
+            .collect();
+
+        let pid = cluster.members[leader]
+            .process
+            .as_ref()
+            .expect("the leader runs")
+            .pid()
+            .as_raw_nonzero()
+            .get();
+        let wal = thread_named(pid, "flotilla-wal").expect("the leader has a WAL thread");
+        let trace = cluster.dir.path().join("strace.out");
+        let mut tracer = hold_fsyncs(pid, &trace);
+        eventually("strace to attach to the WAL thread", LIMIT, || async {
+            traced(pid, wal).then_some(())
+        })
+        .await;
+        // A write makes the WAL fsync; the fsync is held.
+        let mut kv = cluster.kv(leader).await;
+        put(&mut kv, "stalled/w/first", "v").await.unwrap();
+        eventually("the WAL thread to be held in fdatasync", LIMIT, || async {
+            held_in_fdatasync(pid, wal).then_some(())
+        })
+        .await;
+        for i in 0..WRITES {
+            put(&mut kv, &format!("stalled/w/{i}"), "v")
+                .await
+                .unwrap_or_else(|e| panic!("write {i} during the stall failed: {e}"));
+        }
+        // Leases renewed only through the stalled leader, for more than two TTLs.
+        let held_until = Instant::now() + Duration::from_secs(2 * TTL_SECONDS as u64 + 1);
+        while Instant::now() < held_until {
+            assert_eq!(
+                key_count(&url, "stalled/").await,
+                Some((LEASES + WRITES + 1) as i64)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            held_in_fdatasync(pid, wal),
+            "the WAL's fsync was released before the writes and renewals were done"
+        );
+        let fsyncs = std::fs::read_to_string(&trace).unwrap_or_default();
+        let wal_fsyncs = fsyncs
+            .lines()
+            .filter(|line| line.starts_with(&format!("{wal} ")) && line.contains("fdatasync("))
+            .count();
+        assert_eq!(wal_fsyncs, 1, "one WAL fsync held throughout:\n{fsyncs}");
+        let status = cluster.status(leader).await.expect("the leader answers");
+        assert_eq!(
+            status.leader,
+            status.header.unwrap().member_id,
+            "leadership moved"
+        );
+
+        // The disk comes back.
+        tracer.signal(rustix::process::Signal::INT);
+        tracer.wait_exit(LIMIT).await;
+        eventually("the held fsync to finish", LIMIT, || async {
+            (!held_in_fdatasync(pid, wal)).then_some(())
+        })
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        for keeper in keepers {
+            let renewals = keeper.await.expect("every renewal had a positive TTL");
+            assert!(renewals.len() >= 4, "renewals answered: {}", renewals.len());
+        }
+        let left = (WRITES + 1) as i64;
+        eventually("the leases to expire", LIMIT, || async {
+            (key_count(&url, "stalled/").await == Some(left)).then_some(())
+        })
+        .await;
+        println!("disk stall: {WRITES} writes acknowledged during it; no lease lost");
+    })
+    .await;
+}
+
+/// Starts strace holding every fdatasync and fsync of `pid`'s threads at their entry (for at
+/// most 60 s each) until it is interrupted (detaching lets them go); what it traced goes to
+/// `out`. Killed by PID when dropped.
+fn hold_fsyncs(pid: i32, out: &std::path::Path) -> Process {
+    let child = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-p", &pid.to_string(), "-o"])
+        .arg(out)
+        .args(["-e", "trace=fdatasync,fsync"])
+        .args(["-e", "inject=fdatasync,fsync:delay_enter=60000000"])
+        .spawn()
+        .expect("strace (apt-get install strace)");
+    Process { child }
+}
+
+/// The id of `pid`'s thread called `name`.
+fn thread_named(pid: i32, name: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .find(|tid: &i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|comm| comm.trim() == name)
+        })
+}
+
+fn task_file(pid: i32, tid: i32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{file}")).unwrap_or_default()
+}
+
+/// The thread has a tracer.
+fn traced(pid: i32, tid: i32) -> bool {
+    task_file(pid, tid, "status")
+        .lines()
+        .any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
+}
+
+/// The thread is stopped by its tracer inside `fdatasync`.
+fn held_in_fdatasync(pid: i32, tid: i32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    const FDATASYNC: &str = "75";
+    #[cfg(target_arch = "aarch64")]
+    const FDATASYNC: &str = "83";
+    let stopped = task_file(pid, tid, "status")
+        .lines()
+        .any(|line| line.starts_with("State:") && line.contains("tracing stop"));
+    let in_fdatasync = task_file(pid, tid, "syscall").split_whitespace().next() == Some(FDATASYNC);
+    stopped && in_fdatasync
+}
+
 /// Renews lease `id` through `url` every 500 ms until `stop`, reopening the stream when it
 /// breaks (as etcd's clients do). Every answer must carry a positive TTL. Returns when each
 /// renewal was answered.

@@ -442,10 +442,16 @@ impl<S: LogStorage> RaftLog<S> {
         Ok(())
     }
 
-    /// The next committed entries to apply: durable, committed, not yet handed out, within
+    /// The next committed entries to apply: committed, not yet handed out, within
     /// `bytes_max`. Advances `applying`.
+    ///
+    /// An entry need not be durable *here* to be applied: committed means a majority holds it
+    /// durably, so no leader can ever lose it (thesis §10.2.1: the leader may commit before its
+    /// own write finishes). A stalled local disk therefore delays only this node's own
+    /// acknowledgements, not the answers to clients. After a crash the node recovers what it
+    /// had made durable and gets the rest again from the leader.
     pub(crate) fn next_to_apply(&mut self, bytes_max: u64) -> Result<Vec<Entry>, StorageError> {
-        let high = self.committed.min(self.persisted);
+        let high = self.committed;
         if self.applying >= high {
             return Ok(Vec::new());
         }

@@ -19,9 +19,12 @@
 //!    quorum only once its fsync is done. Messages may be lost, duplicated or reordered by the
 //!    network; the protocol tolerates that.
 //! 3. **Apply.** Apply `apply` to the state machine in order, at any pace, and report progress
-//!    with [`crate::RaftNode::on_applied`]. Every entry handed out is committed and durable
-//!    locally. An [`Apply::Snapshot`] means: replace the state machine with the snapshot now in
-//!    storage.
+//!    with [`crate::RaftNode::on_applied`]. Every entry handed out is committed: a majority
+//!    holds it durably, though this node's own write of it may not be done yet (so a stalled
+//!    local disk delays no answer; thesis §10.2.1). For that reason a snapshot of the state
+//!    machine is taken only at an index durable here ([`crate::RaftNode::snapshot_meta`]
+//!    refuses others). An [`Apply::Snapshot`] means: replace the state machine with the
+//!    snapshot now in storage.
 //! 4. **Answer reads.** Each [`ReadState`] in `reads` may be served now: the state machine has
 //!    applied at least its index (as reported through `on_applied`).
 //!

@@ -271,6 +271,10 @@ struct SimNode<S: SimStorage> {
     believed: Believed,
     /// Fsyncs complete in order: none before this time.
     fsync_done_time: u64,
+    /// The disk stalls (a nemesis): no fsync of this incarnation completes before this time,
+    /// while the node goes on ticking, sending and receiving, as the server's raft task does
+    /// while its WAL thread waits in `fdatasync`.
+    disk_stalled_until: u64,
     /// The node learned it was removed.
     removed: bool,
 }
@@ -539,7 +543,7 @@ impl<S: SimStorage> Simulation<S> {
     /// Starts a member as the server does: the state machine from the stored snapshot, if
     /// any, and the core told how far that state has applied.
     fn start_node(&mut self, id: NodeId, storage: S) {
-        storage.inject_disk_errors(self.options.disk_error_one_in);
+        storage.inject_disk_errors(self.disk_error_one_in());
         let state = match storage.snapshot_data() {
             Ok(Some((meta, data))) => {
                 let state = StateMachine::restore(&mut &data[..], Limits::default())
@@ -589,6 +593,7 @@ impl<S: SimStorage> Simulation<S> {
                 persist_acked: 0,
                 believed: Believed::default(),
                 fsync_done_time: self.now,
+                disk_stalled_until: self.now,
                 removed,
             },
         );
@@ -833,7 +838,9 @@ impl<S: SimStorage> Simulation<S> {
         if let Err(err) = driver.storage_mut().write(&batch) {
             return self.storage_failed(id, &err);
         }
-        let done = (self.now + delay).max(sim_node.fsync_done_time);
+        let done = (self.now + delay)
+            .max(sim_node.fsync_done_time)
+            .max(sim_node.disk_stalled_until);
         sim_node.fsync_done_time = done;
         let event = Event::FsyncDone {
             node: id,
@@ -845,6 +852,16 @@ impl<S: SimStorage> Simulation<S> {
 
     fn fsync_done(&mut self, id: NodeId, batch_id: PersistId) {
         let sim_node = self.nodes.get_mut(&id).expect("exists");
+        if self.now < sim_node.disk_stalled_until {
+            // An fsync under way when the disk stalled finishes only when it recovers.
+            let wait = sim_node.disk_stalled_until - self.now;
+            let event = Event::FsyncDone {
+                node: id,
+                incarnation: sim_node.incarnation,
+                batch: batch_id,
+            };
+            return self.schedule(wait, event);
+        }
         let persist_acked = sim_node.persist_acked;
         let Some(driver) = sim_node.driver_mut() else {
             return;
@@ -996,6 +1013,13 @@ impl<S: SimStorage> Simulation<S> {
         if index <= member.driver.node().snapshot_id().index {
             return;
         }
+        let meta = match member.driver.snapshot_meta(index) {
+            Ok(meta) => meta,
+            // Past the durable log (its disk is behind what it applied) the core refuses the
+            // snapshot, and the server logs that and skips it: so does the simulator.
+            Err(flotilla_raft::Error::InvalidSnapshot { .. }) => return,
+            Err(err) => return self.core_failed(id, err),
+        };
         let digest = member.state().kv.digest();
         let mut cursor = member.state_mut().begin_snapshot();
         let mut data = Vec::new();
@@ -1009,10 +1033,6 @@ impl<S: SimStorage> Simulation<S> {
             }
         }
         member.state_mut().end_snapshot(cursor);
-        let meta = match member.driver.snapshot_meta(index) {
-            Ok(meta) => meta,
-            Err(err) => return self.core_failed(id, err),
-        };
         if let Err(err) = member
             .driver
             .storage_mut()
@@ -1162,10 +1182,24 @@ impl<S: SimStorage> Simulation<S> {
             .filter(|n| matches!(n.state, NodeState::Crashed { .. }))
             .map(|n| n.id)
             .collect();
+        // Disk errors are faults too: the healed cluster's disks work.
+        for sim_node in self.nodes.values() {
+            if let Some(node) = sim_node.running() {
+                node.storage().inject_disk_errors(0);
+            }
+        }
         for id in crashed {
             self.restart(id);
         }
         self.trace.record(&[12, self.now]);
+    }
+
+    /// One write or fsync in this many fails: only while faults are injected.
+    fn disk_error_one_in(&self) -> u64 {
+        match self.phase {
+            Phase::Faults => self.options.disk_error_one_in,
+            Phase::Liveness => 0,
+        }
     }
 
     fn check(&mut self) -> Result<(), Violation> {
@@ -1259,8 +1293,9 @@ impl<S: SimStorage> Simulation<S> {
         if self.figure8.is_some() {
             return;
         }
-        let choice = self.prng.range(0, 12);
+        let choice = self.prng.range(0, 13);
         match choice {
+            12 => self.nemesis_disk_stall(),
             10 if self.options.crashes && self.options.partitions => self.nemesis_figure8(),
             11 if self.options.partitions => self.nemesis_deposed_leader(),
             0..=2 if self.options.crashes => self.nemesis_crash(),
@@ -1372,6 +1407,30 @@ impl<S: SimStorage> Simulation<S> {
                 generation: self.partition_generation,
             },
         );
+    }
+
+    /// A member's disk stops completing fsyncs for one to four election timeouts (the
+    /// leader's, half the time): etcd issue #15247, where a leader stuck in `fdatasync` lost
+    /// its leases. The member keeps running; only its durability waits, so a stalled leader
+    /// must go on leading with its followers' acknowledgements, and its lease clock must
+    /// neither expire a lease early nor keep one past its bound.
+    fn nemesis_disk_stall(&mut self) {
+        let running = self.running_ids();
+        if running.is_empty() {
+            return;
+        }
+        let victim = match self.leader_id() {
+            Some(leader) if self.prng.chance(1, 2) => leader,
+            _ => running[self.prng.range(0, running.len() as u64) as usize],
+        };
+        let election_time = ELECTION_TIMEOUT_TICKS * TICK_TIME;
+        let stall = self.prng.range(election_time, 4 * election_time + 1);
+        let sim_node = self.nodes.get_mut(&victim).expect("running");
+        sim_node.disk_stalled_until = sim_node.disk_stalled_until.max(self.now + stall);
+        self.trace.record(&[22, victim, stall]);
+        if self.options.verbose {
+            println!("{:>6}   n{victim} disk stalls for {stall}", self.now);
+        }
     }
 
     fn nemesis_transfer(&mut self) {

@@ -19,13 +19,26 @@ const SNAPSHOT_IDLE_TIMEOUTS_ABANDON: u32 = 3;
 impl<S: LogStorage> RaftNode<S> {
     // ----- The caller's snapshots ----------------------------------------------------------
 
-    /// The metadata for a snapshot of the state machine at `index`, which must be applied and
-    /// not older than the current snapshot. The caller stores it with the snapshot data.
+    /// The metadata for a snapshot of the state machine at `index`, which must be applied,
+    /// durable in the local log and not older than the current snapshot. The caller stores it
+    /// with the snapshot data.
+    ///
+    /// Durable, because entries are applied once committed, before this node's own write of
+    /// them may have finished: a snapshot saved past the durable log would leave storage, after
+    /// a crash, with a snapshot beyond the end of its log. The log only grows durable from
+    /// here (a truncation never reaches below the committed index), so the snapshot saved
+    /// later is still covered.
     pub fn snapshot_meta(&self, index: Index) -> Result<SnapshotMeta, Error> {
         self.check_fatal()?;
         let invalid = |reason: String| Err(Error::InvalidSnapshot { index, reason });
         if index > self.log.applied() {
             return invalid(format!("only {} is applied", self.log.applied()));
+        }
+        if index > self.log.persisted() {
+            return invalid(format!(
+                "only {} is durable in the local log (its disk is behind)",
+                self.log.persisted()
+            ));
         }
         if index < self.log.snapshot_id().index {
             return invalid(format!(

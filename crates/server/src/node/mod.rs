@@ -368,7 +368,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         options: parts.options,
         router: parts.router,
         wal_tx,
-        wal_backlog: VecDeque::new(),
+        wal_backlog: Default::default(),
         apply_tx,
         apply_backlog: VecDeque::new(),
         status: status_tx,

@@ -39,7 +39,7 @@ pub(super) struct RaftLoop {
     pub(super) options: NodeOptions,
     pub(super) router: PeerRouter,
     pub(super) wal_tx: mpsc::Sender<PersistBatch>,
-    pub(super) wal_backlog: VecDeque<PersistBatch>,
+    pub(super) wal_backlog: WalBacklog,
     pub(super) apply_tx: mpsc::Sender<ApplyWork>,
     pub(super) apply_backlog: VecDeque<ApplyWork>,
     pub(super) status: watch::Sender<NodeStatus>,
@@ -54,9 +54,57 @@ pub(super) struct RaftLoop {
 /// How many snapshot policy signals a leader lets pass before it saves a snapshot.
 const LEADER_SNAPSHOT_DEFERRALS: u32 = 2;
 
-/// Batches waiting for the WAL or the apply thread beyond their channels before the raft task
-/// stops taking messages and requests.
+/// Work waiting for the apply thread beyond its channel before the raft task stops taking
+/// messages and requests.
 const BACKLOG_BATCHES_MAX: usize = 256;
+
+/// Persist batches waiting for the WAL thread beyond its channel. While the local disk stalls
+/// the raft task goes on: entries commit with the followers' acknowledgements and are applied
+/// (see `RaftLog::next_to_apply`), so a stall of seconds delays no client. The backlog holds
+/// what waits for the disk meanwhile, up to [`WAL_BACKLOG_BYTES_MAX`] of log (about 6 s of
+/// puts of 1 KiB at 10,000/s) or [`WAL_BACKLOG_BATCHES_MAX`] batches; then the raft task
+/// stops taking messages and requests, and a leader whose disk hangs for good loses its
+/// followers' heartbeat responses and steps down (check-quorum), so a member with a working
+/// disk takes over.
+#[derive(Debug, Default)]
+pub(super) struct WalBacklog {
+    batches: VecDeque<PersistBatch>,
+    /// Invariant: the sum of `batch_bytes` over `batches`.
+    bytes: u64,
+}
+
+const WAL_BACKLOG_BYTES_MAX: u64 = 64 << 20;
+const WAL_BACKLOG_BATCHES_MAX: usize = 16_384;
+
+impl WalBacklog {
+    fn batch_bytes(batch: &PersistBatch) -> u64 {
+        let chunks: u64 = batch
+            .snapshot_chunks
+            .iter()
+            .map(|chunk| chunk.data.len() as u64)
+            .sum();
+        flotilla_raft::entries_size_bytes(&batch.entries) + chunks
+    }
+
+    fn push_back(&mut self, batch: PersistBatch) {
+        self.bytes += Self::batch_bytes(&batch);
+        self.batches.push_back(batch);
+    }
+
+    fn pop_front(&mut self) -> Option<PersistBatch> {
+        let batch = self.batches.pop_front()?;
+        self.bytes -= Self::batch_bytes(&batch);
+        Some(batch)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= WAL_BACKLOG_BYTES_MAX || self.batches.len() >= WAL_BACKLOG_BATCHES_MAX
+    }
+}
 
 /// Inputs drained in one round before the output is taken, so that a burst of proposals
 /// becomes one append and one fsync.
@@ -72,8 +120,8 @@ impl RaftLoop {
         loop {
             // While the WAL or the apply thread is far behind, take no new work: the peer
             // streams and the clients wait (back-pressure) instead of the backlogs growing.
-            let accepting = self.wal_backlog.len() < BACKLOG_BATCHES_MAX
-                && self.apply_backlog.len() < BACKLOG_BATCHES_MAX;
+            let accepting =
+                !self.wal_backlog.is_full() && self.apply_backlog.len() < BACKLOG_BATCHES_MAX;
             // Not biased: under load the inbox and the requests are always ready, and a fixed
             // order would starve whatever comes after them (the ticker, the other one).
             let outcome = tokio::select! {
