@@ -79,8 +79,9 @@ pub struct ServeArgs {
     pub max_txn_ops: Option<usize>,
     /// Space quota in bytes: a write that would take the store past it raises the NOSPACE
     /// alarm and fails, as in etcd. 0 means the default; negative means no quota. Unlike
-    /// etcd there is no 8 GiB ceiling: the store is in memory, so the limit is memory
-    /// [default: 2147483648].
+    /// etcd there is no 8 GiB ceiling: the store is in memory, so the ceiling is a quarter of
+    /// the member's memory (its cgroup's limit, else the machine's), and a larger quota is
+    /// lowered to it with a warning [default: 2147483648].
     #[arg(
         long,
         env = "FLOTILLA_QUOTA_BACKEND_BYTES",

@@ -33,6 +33,7 @@ pub mod listener;
 pub mod lock_service;
 pub mod logging;
 pub mod members;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod peer_service;

@@ -9,6 +9,7 @@
 //! the builder, such as windows and stream limits, are not dropped that way: they belong to
 //! the connection, not the socket.)
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +20,41 @@ use tokio_stream::{Stream, StreamExt as _};
 /// FIN (power loss, a cut cable) is noticed and its connection's resources freed. etcd's
 /// peer listener uses the same period.
 pub const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// The accept queue a listener asks for when the kernel's limit cannot be read.
+const LISTEN_BACKLOG_DEFAULT: i32 = 4096;
+
+/// Listens on `addr` with the longest accept queue the kernel allows (`net.core.somaxconn`),
+/// as Go's servers, etcd among them, do. The standard library's (and so tokio's) 128 overflows
+/// when a burst of clients connects at once (a thousand keep-alive clients reconnecting after
+/// a restart or a leader change): the kernel drops the SYNs past it, and those clients wait
+/// for TCP's retransmission, a second and then three more, before they are even accepted.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(listen_backlog())?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Gives a listening socket made elsewhere (handed over by a supervisor or a test) the same
+/// accept queue as [`bind`]: on Linux, `listen` again on a listening socket only resizes it.
+pub fn widen_backlog(listener: &TcpListener) -> std::io::Result<()> {
+    socket2::SockRef::from(listener).listen(listen_backlog())
+}
+
+fn listen_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|&backlog: &i32| backlog > 0)
+        .unwrap_or(LISTEN_BACKLOG_DEFAULT)
+}
 
 /// A gRPC listener's stream of accepted connections, each configured by
 /// [`configure_accepted`].
@@ -180,6 +216,68 @@ mod tests {
             assert!(socket.keepalive().unwrap());
             assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
         }
+    }
+
+    /// Opens `count` connections to `addr` at once, none of them accepted; how many the
+    /// kernel completed (each connect gets 2 s, past TCP's first SYN retransmission).
+    async fn connects_completed(addr: SocketAddr, count: usize) -> (usize, Vec<TcpStream>) {
+        let mut attempts = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            attempts.spawn(tokio::time::timeout(
+                Duration::from_secs(2),
+                TcpStream::connect(addr),
+            ));
+        }
+        let mut streams = Vec::new();
+        while let Some(attempt) = attempts.join_next().await {
+            if let Ok(Ok(stream)) = attempt.unwrap() {
+                streams.push(stream);
+            }
+        }
+        (streams.len(), streams)
+    }
+
+    const BURST: usize = 600;
+
+    fn somaxconn_allows_a_burst() -> bool {
+        if listen_backlog() < BURST as i32 + 50 {
+            eprintln!(
+                "SKIPPED: net.core.somaxconn is {}, below a burst of {BURST}",
+                listen_backlog()
+            );
+            return false;
+        }
+        true
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_connections_fits_the_accept_queue() {
+        if !somaxconn_allows_a_burst() {
+            return;
+        }
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (completed, _streams) = connects_completed(listener.local_addr().unwrap(), BURST).await;
+        assert_eq!(
+            completed, BURST,
+            "connections the kernel completed before any accept"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_standard_accept_queue_drops_a_burst() {
+        // The negative space: what `bind` must not do (std's and tokio's backlog of 128).
+        if !somaxconn_allows_a_burst() {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (completed, _streams) = connects_completed(listener.local_addr().unwrap(), BURST).await;
+        assert!(completed < BURST, "all {BURST} fitted a queue of 128");
+        // And a listener handed over with that queue is widened like one of ours.
+        let handed_over = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        widen_backlog(&handed_over).unwrap();
+        let (completed, _streams) =
+            connects_completed(handed_over.local_addr().unwrap(), BURST).await;
+        assert_eq!(completed, BURST);
     }
 
     #[tokio::test]

@@ -180,7 +180,7 @@ pub async fn run(
             config.session_ttl,
             lessor,
         )
-        .with_quota(config.quota_backend_bytes)
+        .with_quota(quota_in_force(&config))
         .with_auth(
             tokens,
             config.bcrypt_cost,
@@ -309,9 +309,13 @@ async fn bind_all(
     for url in urls {
         let addr: SocketAddr = listen_addr(url)?;
         let (listener, handed_over) = match inherited.take(addr) {
-            Some(listener) => (TcpListener::from_std(listener)?, true),
+            Some(listener) => {
+                let listener = TcpListener::from_std(listener)?;
+                crate::listener::widen_backlog(&listener)?;
+                (listener, true)
+            }
             None => {
-                let listener = TcpListener::bind(addr)
+                let listener = crate::listener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen for {what} on {url} ({addr})"))?;
                 (listener, false)
@@ -661,4 +665,15 @@ async fn hand_over_leadership(frontend: &Frontend, config: &ServerConfig) {
         }
         Err(err) => tracing::warn!("cannot hand leadership over: {err:?}"),
     }
+}
+
+/// The configured space quota, lowered to what the member's memory can hold (see
+/// [`crate::memory`]).
+fn quota_in_force(config: &ServerConfig) -> Option<u64> {
+    let memory = crate::memory::memory_limit_bytes();
+    let (quota, warning) = crate::memory::effective_quota(config.quota_backend_bytes, memory);
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    quota
 }
