@@ -20,6 +20,13 @@ systems point by point:
   python    the Python `etcd3` client (grpc C-core), 1 client, put and get, to the leader
             (with --python-client, an interpreter that has etcd3; skipped visibly otherwise).
   memory    each member's RSS after K keys of 256 bytes are written (and the Status dbSize).
+  leases    --leases leases of --lease-ttl s kept alive by --lease-keepers clients (each its own
+            connection and keep-alive stream) while the leader's disk stalls for --stall s
+            (strace holds every fsync of the leader's process; bench/etcd-go-load/leases.go):
+            early expiries (a key deleted before the promise of its last acknowledged
+            renewal), renewals refused, and once the keepers stop, how late each lease goes.
+  bigstore  --bigstore-keys keys of 256 bytes (txns of 100 puts): RSS per member and per key,
+            the store's size, a follower's restart and a new learner's catch-up, timed.
   lists     puts (64 clients) while --listers clients each list a prefix of --list-keys keys of
             1 KiB over and over (bench/etcd-go-load/lists.go); every list checked complete; the
             serving member's peak RSS and the puts' p99 against puts with no lister.
@@ -51,16 +58,25 @@ def log(*args):
 class Cluster:
     """Three members of one system on 127.0.0.1; every process is a child of this script."""
 
-    def __init__(self, system, base_port, data, flotilla):
+    def __init__(self, system, base_port, data, flotilla, extra_flags=()):
         self.system = system
         self.base_port = base_port
         self.data = data
         self.flotilla = flotilla
+        self.extra_flags = list(extra_flags)
         self.procs = [None] * MEMBERS
         self.endpoints = [f"127.0.0.1:{base_port + 10 * i}" for i in range(MEMBERS)]
         peers = [f"http://127.0.0.1:{base_port + 1 + 10 * i}" for i in range(MEMBERS)]
         self.initial_cluster = ",".join(f"m{i}={p}" for i, p in enumerate(peers))
         self.peers = peers
+        self.joining = {}  # index -> the initial cluster it joins with
+
+    def add_slot(self):
+        """Ports for one member more; its index."""
+        i = len(self.endpoints)
+        self.endpoints.append(f"127.0.0.1:{self.base_port + 10 * i}")
+        self.peers.append(f"http://127.0.0.1:{self.base_port + 1 + 10 * i}")
+        return i
 
     def command(self, i):
         client = f"http://{self.endpoints[i]}"
@@ -68,8 +84,10 @@ class Cluster:
                  "--listen-client-urls", client, "--advertise-client-urls", client,
                  "--listen-peer-urls", self.peers[i],
                  "--initial-advertise-peer-urls", self.peers[i],
-                 "--initial-cluster", self.initial_cluster,
-                 "--initial-cluster-token", f"bench-{self.system}"]
+                 "--initial-cluster", self.joining.get(i, self.initial_cluster),
+                 "--initial-cluster-token", f"bench-{self.system}", *self.extra_flags]
+        if i in self.joining:
+            flags += ["--initial-cluster-state", "existing"]
         if self.system == "etcd":
             return ["etcd", *flags, "--logger", "zap", "--log-level", "error"]
         extra = ["--lease-reads"] if self.system == "flotilla-lease" else []
@@ -77,6 +95,8 @@ class Cluster:
 
     def start_member(self, i):
         out = open(f"{self.data}/{self.system}-m{i}.log", "ab")
+        while len(self.procs) <= i:
+            self.procs.append(None)
         self.procs[i] = subprocess.Popen(self.command(i), stdout=out, stderr=out)
 
     def start(self):
@@ -117,7 +137,7 @@ class Cluster:
 
     def rss_mib(self):
         out = []
-        for pid in self.pids():
+        for pid in self.pids()[:MEMBERS]:
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
@@ -224,6 +244,147 @@ class Bench:
                     f" {r['list_bytes_per_second'] / 2**20:,.0f} MiB/s listed,"
                     f" RSS {r['rss_before_bytes'] / 2**20:,.0f} -> peak {r['rss_peak_bytes'] / 2**20:,.0f} MiB")
 
+    def leases(self):
+        """Leases kept alive through a stall of the leader's disk (bench/etcd-go-load/leases.go)."""
+        if not shutil.which("strace"):
+            log("SKIPPED: leases (strace, which stalls the leader's fsyncs, is not installed:"
+                " apt-get install strace)")
+            return
+        for run in range(self.args.runs):
+            log(f"Leases through a {self.args.stall} s disk stall, run {run + 1} of {self.args.runs}")
+            for cluster in self.clusters:
+                leader = self.leader(cluster)
+                pid = cluster.procs[cluster.index_of(leader)].pid
+                endpoints = [leader] + [e for e in cluster.endpoints if e != leader]
+                cpu_before = cluster.cpu_seconds()
+                driver = subprocess.Popen(
+                    [self.args.go_driver, "--op", "leases", "--endpoints", ",".join(endpoints),
+                     "--clients", str(self.args.lease_keepers), "--leases", str(self.args.leases),
+                     "--lease-ttl", str(self.args.lease_ttl), "--duration",
+                     f"{self.args.duration}s"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                result = None
+                for line in driver.stdout:
+                    if line.strip() == "stall":
+                        if self.args.stall > 0:
+                            stall_fsyncs(pid, self.args.stall)
+                        driver.stdin.write("done\n")
+                        driver.stdin.flush()
+                    else:
+                        result = json.loads(line)
+                        break
+                if driver.wait() != 0 or result is None:
+                    raise SystemExit(f"the leases driver failed against {cluster.system}")
+                after = self.leader(cluster)
+                result.update(kind="leases", system=cluster.system, run=run, leader_before=leader,
+                              leader_after=after, cpu_seconds=cluster.cpu_seconds() - cpu_before)
+                self.record(result)
+                r = result
+                log(f"  {cluster.system:8} {r['leases']:,} leases of {r['ttl_seconds']} s,"
+                    f" {r['keepers']} keepers (setup {r['setup_ms'] / 1000:.0f} s, {r['setup_retries']}"
+                    f" requests retried): {r['renewals_ok']:,} of {r['renewals_sent']:,}"
+                    f" renewals acknowledged, {r['renewals_lost']:,} refused (lease gone),"
+                    f" {r['stream_errors']} stream errors; renewal p50"
+                    f" {r['renewal_latency_ms']['p50']:.1f} p99 {r['renewal_latency_ms']['p99']:.1f}"
+                    f" max {r['renewal_latency_ms']['max']:.0f} ms; EARLY EXPIRIES {r['early_expiries']:,},"
+                    f" deleted while kept {r['deleted_while_kept']:,}; after the stop: {r['expired_after_stop']:,}"
+                    f" expired, {r['not_expired']:,} not, lateness p50 {r['lateness_ms']['p50']:.0f}"
+                    f" max {r['lateness_ms']['max']:.0f} ms; {r['writes']:,} writes beside, {r['write_errors']} failed, max"
+                    f" {r['write_latency_ms']['max']:.0f} ms; leader {'kept' if after == leader else 'CHANGED'}"
+                    + (f"; {r['first_early']}" if r.get("first_early") else "")
+                    + (f"; first error: {r['first_error']}" if r.get("first_error") else ""))
+
+    def status(self, cluster, endpoint):
+        """etcdctl endpoint status of one endpoint (it works against both), or None."""
+        out = subprocess.run(["etcdctl", "--endpoints", endpoint, "--command-timeout", "2s",
+                              "endpoint", "status", "-w", "json"], capture_output=True, text=True,
+                             env={**os.environ, "ETCDCTL_API": "3"})
+        if out.returncode != 0:
+            return None
+        return json.loads(out.stdout)[0]["Status"]
+
+    def caught_up(self, cluster, endpoint, index, limit_s=1800):
+        """Seconds until the endpoint answers with its applied index at `index` (polled every
+        50 ms; bounded)."""
+        start = time.time()
+        while time.time() - start < limit_s:
+            st = self.status(cluster, endpoint)
+            if st and st.get("raftAppliedIndex", st.get("raftIndex", 0)) >= index:
+                return time.time() - start
+            time.sleep(0.05)
+        raise SystemExit(f"{endpoint} did not catch up with index {index} in {limit_s} s")
+
+    def bigstore(self):
+        """A big store: --bigstore-keys keys of 256 bytes written by txns of 100 puts; each
+        member's RSS and the store's size; a follower killed -9 and restarted, timed until it
+        has applied everything again; a new member added as a learner with an empty data
+        directory, timed until it has everything (by snapshot or by log)."""
+        keys = self.args.bigstore_keys
+        for cluster in self.clusters:
+            log(f"big store: {cluster.system}, {keys:,} keys of 256 bytes")
+            leader = self.leader(cluster)
+            before = cluster.rss_mib()
+            start = time.time()
+            subprocess.run([self.args.go_driver, "--endpoints", leader, "--op", "fill-txn",
+                            "--keys", str(keys), "--clients", "16", "--conns", "4"],
+                           capture_output=True, check=True)
+            fill_s = time.time() - start
+            after = cluster.rss_mib()
+            st = self.status(cluster, leader)
+            index = st.get("raftAppliedIndex", st.get("raftIndex", 0))
+            follower = next(i for i, e in enumerate(cluster.endpoints) if e != leader)
+            cluster.kill_member(follower)
+            restart = time.time()
+            cluster.start_member(follower)
+            self.caught_up(cluster, cluster.endpoints[follower], index)
+            restart_s = time.time() - restart
+            if self.args.bigstore_no_learner:
+                r = dict(kind="bigstore", system=cluster.system, keys=keys, fill_s=fill_s,
+                         rss_mib_before=before, rss_mib_after=after, rss_mib_end=cluster.rss_mib(),
+                         learner_rss_mib=0, db_size=st.get("dbSize"),
+                         db_size_in_use=st.get("dbSizeInUse"), data_dir_mib=0,
+                         restart_s=restart_s, join_s=0)
+                self.record(r)
+                log(f"  {cluster.system}: filled in {fill_s:.0f} s; RSS {['%.0f' % m for m in after]} MiB;"
+                    f" in use {st.get('dbSizeInUse', 0) / 2**20:,.0f} MiB; a follower restarted and"
+                    f" caught up in {restart_s:.1f} s (no learner added)")
+                continue
+            new = cluster.add_slot()
+            # etcd refuses a member add until every member has been connected for 5 s (the
+            # follower just restarted): tried again for up to a minute.
+            for _ in range(60):
+                added = subprocess.run(["etcdctl", "--endpoints", leader, "member", "add", f"m{new}",
+                                        f"--peer-urls={cluster.peers[new]}", "--learner"],
+                                       capture_output=True, text=True,
+                                       env={**os.environ, "ETCDCTL_API": "3"})
+                if added.returncode == 0 or "unhealthy cluster" not in added.stderr:
+                    break
+                time.sleep(1)
+            if added.returncode != 0:
+                raise SystemExit(f"member add failed on {cluster.system}: {added.stderr}")
+            cluster.joining[new] = cluster.initial_cluster + f",m{new}={cluster.peers[new]}"
+            joined = time.time()
+            cluster.start_member(new)
+            self.caught_up(cluster, cluster.endpoints[new], index)
+            join_s = time.time() - joined
+            new_rss = cluster.rss_mib()  # the three voters
+            with open(f"/proc/{cluster.procs[new].pid}/status") as f:
+                learner_rss = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
+            du = subprocess.run(["du", "-sm", f"{cluster.data}/{cluster.system}-m{follower}"],
+                                capture_output=True, text=True).stdout.split()[0]
+            r = dict(kind="bigstore", system=cluster.system, keys=keys, fill_s=fill_s,
+                     rss_mib_before=before, rss_mib_after=after, rss_mib_end=new_rss,
+                     learner_rss_mib=learner_rss, db_size=st.get("dbSize"),
+                     db_size_in_use=st.get("dbSizeInUse"), data_dir_mib=int(du),
+                     restart_s=restart_s, join_s=join_s)
+            self.record(r)
+            per_key = (sum(after) - sum(before)) / len(after) * 2**20 / keys
+            log(f"  {cluster.system}: filled in {fill_s:.0f} s; RSS {['%.0f' % m for m in after]} MiB"
+                f" ({per_key:.0f} B per key per member); dbSize {st.get('dbSize', 0) / 2**20:,.0f} MiB,"
+                f" in use {st.get('dbSizeInUse', 0) / 2**20:,.0f} MiB; data dir {du} MiB;"
+                f" a follower restarted and caught up in {restart_s:.1f} s; a new learner caught up in"
+                f" {join_s:.1f} s (RSS {learner_rss:,.0f} MiB)")
+
     def ours(self):
         log("flotilla bench (our Rust client), puts")
         for clients in self.args.clients:
@@ -326,6 +487,17 @@ class Bench:
                              rss_mib_before=before, rss_mib_after=cluster.rss_mib(),
                              status=status.stdout.strip()))
             log(f"  {cluster.system}: RSS {['%.0f' % m for m in cluster.rss_mib()]} MiB")
+
+
+def stall_fsyncs(pid, seconds):
+    """Stalls the process's disk as a hung device would: strace attaches to every thread and
+    holds each fdatasync and fsync at its entry; detaching, after `seconds`, lets them go."""
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-p", str(pid),
+                               "-e", "trace=fdatasync,fsync",
+                               "-e", f"inject=fdatasync,fsync:delay_enter={int(seconds * 1e6)}"])
+    time.sleep(seconds)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait()
 
 
 def median_run(rows):
@@ -433,6 +605,21 @@ def report(results):
                "put p99 ms alone", "put p99 ms listed", "put max ms", "put errors (10 s timeouts)",
                "lists/s", "list p50 ms",
                "list p99 ms", "lists complete", "leader RSS before MiB", "leader RSS peak MiB"], rows)
+    if leases := of("leases"):
+        table(f"Leases kept alive through a stall of the leader's disk (fsyncs held by strace)",
+              ["system", "run", "leases", "TTL s", "keepers", "stall ms", "renewals acknowledged",
+               "renewals refused (lease gone)", "renewal p99 / max ms", "early expiries",
+               "deleted while kept alive", "expired after the stop", "not expired",
+               "lateness p50 / p99 / max ms", "leader"],
+              ([r["system"], r["run"] + 1, f"{r['leases']:,}", r["ttl_seconds"], r["keepers"],
+                f"{r['stall_ms']:,.0f}", f"{r['renewals_ok']:,} of {r['renewals_sent']:,}",
+                f"{r['renewals_lost']:,}",
+                f"{r['renewal_latency_ms']['p99']:.1f} / {r['renewal_latency_ms']['max']:,.0f}",
+                f"{r['early_expiries']:,}", f"{r['deleted_while_kept']:,}",
+                f"{r['expired_after_stop']:,}", f"{r['not_expired']:,}",
+                " / ".join(f"{r['lateness_ms'][q]:,.0f}" for q in ("p50", "p99", "max")),
+                "kept" if r["leader_before"] == r["leader_after"] else "changed"]
+               for r in leases))
     if ours := of("ours"):
         table("`flotilla bench` (our Rust client), puts",
               ["clients", "system", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "errors"],
@@ -452,6 +639,17 @@ def report(results):
               ["system", "kills", "p50 ms", "p99 ms", "max ms", "failed attempts"],
               ([r["system"], r["kills"], *(f"{r['summary_ms'][q]:.0f}" for q in ("p50", "p99", "max")),
                 r["write_errors"]] for r in fails))
+    if big := of("bigstore"):
+        table("Big store: keys of 256 bytes (txns of 100 puts), 3 members",
+              ["system", "keys", "fill s", "RSS per member MiB", "RSS bytes per key", "dbSize MiB",
+               "in use MiB", "data dir MiB", "follower restart to caught up s",
+               "new learner to caught up s", "learner RSS MiB"],
+              ([r["system"], f"{r['keys']:,}", f"{r['fill_s']:.0f}",
+                ", ".join(f"{m:,.0f}" for m in r["rss_mib_after"]),
+                f"{(sum(r['rss_mib_after']) - sum(r['rss_mib_before'])) / len(r['rss_mib_after']) * 2**20 / r['keys']:.0f}",
+                f"{(r['db_size'] or 0) / 2**20:,.0f}", f"{(r['db_size_in_use'] or 0) / 2**20:,.0f}",
+                f"{r['data_dir_mib']:,}", f"{r['restart_s']:.1f}", f"{r['join_s']:.1f}",
+                f"{r['learner_rss_mib']:,.0f}"] for r in big))
     if mem := of("memory"):
         mib = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
         table("Memory: RSS of each member after the keys are written",
@@ -472,7 +670,7 @@ def main():
     p.add_argument("--parts", nargs="+",
                    default=["go", "kubernetes", "ours", "python", "checkperf", "failover"],
                    choices=["go", "kubernetes", "ours", "python", "checkperf", "failover", "memory",
-                            "fanout", "lists"])
+                            "fanout", "lists", "leases", "bigstore"])
     p.add_argument("--watchers", type=int, nargs="+", default=[1000, 10000],
                    help="watchers on the written prefix (--parts fanout)")
     p.add_argument("--watch-streams", type=int, default=100,
@@ -481,6 +679,19 @@ def main():
     p.add_argument("--listers", type=int, default=20, help="clients listing (--parts lists)")
     p.add_argument("--list-keys", type=int, default=200_000,
                    help="keys of 1 KiB under the listed prefix (--parts lists)")
+    p.add_argument("--bigstore-keys", type=int, default=1_000_000,
+                   help="keys of 256 bytes (--parts bigstore)")
+    p.add_argument("--bigstore-no-learner", action="store_true",
+                   help="skip the new learner (--parts bigstore; a fourth copy may not fit)")
+    p.add_argument("--quota-backend-bytes", type=int,
+                   help="passed to every member of both systems (a big store needs more than"
+                        " the 2 GiB default)")
+    p.add_argument("--leases", type=int, default=100_000, help="leases kept alive (--parts leases)")
+    p.add_argument("--lease-ttl", type=int, default=30, help="their TTL in seconds (--parts leases)")
+    p.add_argument("--lease-keepers", type=int, default=1000,
+                   help="clients keeping them alive, each its own connection (--parts leases)")
+    p.add_argument("--stall", type=float, default=2.0,
+                   help="seconds the leader's fsyncs are held, halfway through (--parts leases)")
     p.add_argument("--kubernetes-clients", type=int, nargs="+", default=[64],
                    help="API-server-like clients of the Kubernetes mix (part 'kubernetes')")
     p.add_argument("--kubernetes-objects", type=int, default=5000,
@@ -497,7 +708,8 @@ def main():
 
     data = tempfile.mkdtemp(prefix="flotilla-vs-etcd.")
     bases = {"etcd": 42379, "flotilla": 52379, "flotilla-lease": 62379}
-    clusters = [Cluster(s, bases[s], data, args.flotilla) for s in args.systems]
+    extra = ["--quota-backend-bytes", str(args.quota_backend_bytes)] if args.quota_backend_bytes else []
+    clusters = [Cluster(s, bases[s], data, args.flotilla, extra) for s in args.systems]
     try:
         for c in clusters:
             c.start()

@@ -26,6 +26,9 @@
 // Lists op: the put load while clients list a large prefix, with the server's peak memory
 // (lists.go).
 //
+// Leases op: many leases kept alive by many clients through a stall of the leader's disk,
+// every early expiry and late revocation counted (leases.go).
+//
 // Leader mode: prints the endpoint of the current leader.
 package main
 
@@ -38,6 +41,7 @@ import (
 	"math/rand"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,7 +55,7 @@ import (
 func main() {
 	endpoints := flag.String("endpoints", "127.0.0.1:2379", "comma-separated endpoints")
 	mode := flag.String("mode", "load", "load | failover")
-	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration) | fanout (put with --watchers watching: see fanout.go) | kubernetes (kube-apiserver's mix over --keys objects: see kubernetes.go) | lists (put with --listers listing --list-keys keys: see lists.go)")
+	op := flag.String("op", "put", "put | get | get-serializable | fill (put each of --keys keys once, ignoring --duration) | fill-txn (the same, 100 puts per txn) | fanout (put with --watchers watching: see fanout.go) | kubernetes (kube-apiserver's mix over --keys objects: see kubernetes.go) | lists (put with --listers listing --list-keys keys: see lists.go) | leases (--clients keep --leases leases alive through a disk stall: see leases.go)")
 	clients := flag.Int("clients", 1, "concurrent clients (one request outstanding each)")
 	conns := flag.Int("conns", 1, "connections (clientv3.Client instances) shared by the clients")
 	duration := flag.Duration("duration", 10*time.Second, "how long to run (load mode)")
@@ -64,6 +68,11 @@ func main() {
 	listers := flag.Int("listers", 20, "clients listing the whole of list/ over and over (--op lists)")
 	listKeys := flag.Int("list-keys", 200000, "keys under list/ (--op lists; written first unless already there)")
 	listValueSize := flag.Int("list-value-size", 1024, "value size of the listed keys (--op lists)")
+	leaseCount := flag.Int("leases", 100000, "leases kept alive by --clients keepers (--op leases)")
+	leaseTTL := flag.Int64("lease-ttl", 30, "the leases' TTL in seconds (--op leases)")
+	expiryWait := flag.Duration("expiry-wait", 3*time.Minute, "how long to wait for every lease to expire once the keepers stop (--op leases)")
+	writers := flag.Int("writers", 16, "clients writing beside the keep-alives, so the leader's disk is busy (--op leases)")
+	stallPause := flag.Bool("stall-pause", true, "halfway through, print \"stall\" and wait for \"done\" on stdin while the caller stalls the leader's disk (--op leases)")
 	flag.StringVar(&user, "user", "", "authenticate as user:password (the server must have a user with read-write on the keys)")
 	flag.DurationVar(&slowLog, "slow", 0, "log each request at least this slow to stderr: its start (unix ms) and latency (load mode; 0 = off)")
 	flag.Parse()
@@ -74,6 +83,8 @@ func main() {
 	case "load":
 		if *op == "kubernetes" {
 			out = kubernetesLoad(eps, *clients, *conns, *duration, *valueSize, *keys)
+		} else if *op == "leases" {
+			out = leasesOp(eps, *leaseCount, *clients, *writers, *leaseTTL, *duration, *expiryWait, *stallPause)
 		} else if *op == "lists" {
 			out = lists(eps, *clients, *conns, *duration, *valueSize, *keys, *listers, *listKeys, *listValueSize, *rssPid)
 		} else if *op == "fanout" {
@@ -144,6 +155,9 @@ type loadResult struct {
 	LatencyMs  map[string]float64 `json:"latency_ms"`
 }
 
+// fillTxnPuts: keys written by one request of --op fill-txn (etcd's default --max-txn-ops is 128).
+const fillTxnPuts = 100
+
 // slowLog: requests at least this slow are logged to stderr, to line stalls up with member logs.
 var slowLog time.Duration
 
@@ -167,6 +181,10 @@ func load(eps []string, op string, clients, conns int, duration time.Duration, v
 			i := atomic.AddInt64(&filled, 1) - 1
 			return fmt.Sprintf("fill/%010d", i), i < int64(keys)
 		}
+		if op == "fill-txn" {
+			i := (atomic.AddInt64(&filled, 1) - 1) * fillTxnPuts
+			return strconv.FormatInt(i, 10), i < int64(keys)
+		}
 		return fmt.Sprintf("bench/%08d", rng.Intn(keys)), time.Now().Before(deadline)
 	}
 	start := time.Now()
@@ -189,6 +207,13 @@ func load(eps []string, op string, clients, conns int, duration time.Duration, v
 				switch op {
 				case "put", "fill":
 					_, err = kv.Put(ctx, key, value)
+				case "fill-txn":
+					first, _ := strconv.ParseInt(key, 10, 64)
+					var puts []clientv3.Op
+					for i := first; i < first+fillTxnPuts && i < int64(keys); i++ {
+						puts = append(puts, clientv3.OpPut(fmt.Sprintf("fill/%010d", i), value))
+					}
+					_, err = kv.Txn(ctx).Then(puts...).Commit()
 				case "get":
 					_, err = kv.Get(ctx, key)
 				case "get-serializable":
