@@ -136,13 +136,7 @@ class Cluster:
         return total / CLK_TCK
 
     def rss_mib(self):
-        out = []
-        for pid in self.pids()[:MEMBERS]:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        out.append(int(line.split()[1]) / 1024)
-        return out
+        return [rss_mib_of(pid) for pid in self.pids()[:MEMBERS]]
 
     def index_of(self, endpoint):
         return self.endpoints.index(endpoint)
@@ -294,7 +288,7 @@ class Bench:
                     + (f"; {r['first_early']}" if r.get("first_early") else "")
                     + (f"; first error: {r['first_error']}" if r.get("first_error") else ""))
 
-    def status(self, cluster, endpoint):
+    def status(self, endpoint):
         """etcdctl endpoint status of one endpoint (it works against both), or None."""
         out = subprocess.run(["etcdctl", "--endpoints", endpoint, "--command-timeout", "2s",
                               "endpoint", "status", "-w", "json"], capture_output=True, text=True,
@@ -303,13 +297,17 @@ class Bench:
             return None
         return json.loads(out.stdout)[0]["Status"]
 
-    def caught_up(self, cluster, endpoint, index, limit_s=1800):
+    @staticmethod
+    def applied_index(status):
+        return status.get("raftAppliedIndex", status.get("raftIndex", 0))
+
+    def caught_up(self, endpoint, index, limit_s=1800):
         """Seconds until the endpoint answers with its applied index at `index` (polled every
         50 ms; bounded)."""
         start = time.time()
         while time.time() - start < limit_s:
-            st = self.status(cluster, endpoint)
-            if st and st.get("raftAppliedIndex", st.get("raftIndex", 0)) >= index:
+            st = self.status(endpoint)
+            if st and self.applied_index(st) >= index:
                 return time.time() - start
             time.sleep(0.05)
         raise SystemExit(f"{endpoint} did not catch up with index {index} in {limit_s} s")
@@ -318,7 +316,8 @@ class Bench:
         """A big store: --bigstore-keys keys of 256 bytes written by txns of 100 puts; each
         member's RSS and the store's size; a follower killed -9 and restarted, timed until it
         has applied everything again; a new member added as a learner with an empty data
-        directory, timed until it has everything (by snapshot or by log)."""
+        directory, timed until it has everything (by snapshot or by log), unless
+        --bigstore-no-learner."""
         keys = self.args.bigstore_keys
         for cluster in self.clusters:
             log(f"big store: {cluster.system}, {keys:,} keys of 256 bytes")
@@ -330,60 +329,49 @@ class Bench:
                            capture_output=True, check=True)
             fill_s = time.time() - start
             after = cluster.rss_mib()
-            st = self.status(cluster, leader)
-            index = st.get("raftAppliedIndex", st.get("raftIndex", 0))
+            st = self.status(leader)
+            index = self.applied_index(st)
             follower = next(i for i, e in enumerate(cluster.endpoints) if e != leader)
-            cluster.kill_member(follower)
-            restart = time.time()
-            cluster.start_member(follower)
-            self.caught_up(cluster, cluster.endpoints[follower], index)
-            restart_s = time.time() - restart
-            if self.args.bigstore_no_learner:
-                r = dict(kind="bigstore", system=cluster.system, keys=keys, fill_s=fill_s,
-                         rss_mib_before=before, rss_mib_after=after, rss_mib_end=cluster.rss_mib(),
-                         learner_rss_mib=0, db_size=st.get("dbSize"),
-                         db_size_in_use=st.get("dbSizeInUse"), data_dir_mib=0,
-                         restart_s=restart_s, join_s=0)
-                self.record(r)
-                log(f"  {cluster.system}: filled in {fill_s:.0f} s; RSS {['%.0f' % m for m in after]} MiB;"
-                    f" in use {st.get('dbSizeInUse', 0) / 2**20:,.0f} MiB; a follower restarted and"
-                    f" caught up in {restart_s:.1f} s (no learner added)")
-                continue
-            new = cluster.add_slot()
-            # etcd refuses a member add until every member has been connected for 5 s (the
-            # follower just restarted): tried again for up to a minute.
-            for _ in range(60):
-                added = subprocess.run(["etcdctl", "--endpoints", leader, "member", "add", f"m{new}",
-                                        f"--peer-urls={cluster.peers[new]}", "--learner"],
-                                       capture_output=True, text=True,
-                                       env={**os.environ, "ETCDCTL_API": "3"})
-                if added.returncode == 0 or "unhealthy cluster" not in added.stderr:
-                    break
-                time.sleep(1)
-            if added.returncode != 0:
-                raise SystemExit(f"member add failed on {cluster.system}: {added.stderr}")
-            cluster.joining[new] = cluster.initial_cluster + f",m{new}={cluster.peers[new]}"
-            joined = time.time()
-            cluster.start_member(new)
-            self.caught_up(cluster, cluster.endpoints[new], index)
-            join_s = time.time() - joined
-            new_rss = cluster.rss_mib()  # the three voters
-            with open(f"/proc/{cluster.procs[new].pid}/status") as f:
-                learner_rss = next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
             du = subprocess.run(["du", "-sm", f"{cluster.data}/{cluster.system}-m{follower}"],
                                 capture_output=True, text=True).stdout.split()[0]
-            r = dict(kind="bigstore", system=cluster.system, keys=keys, fill_s=fill_s,
-                     rss_mib_before=before, rss_mib_after=after, rss_mib_end=new_rss,
-                     learner_rss_mib=learner_rss, db_size=st.get("dbSize"),
-                     db_size_in_use=st.get("dbSizeInUse"), data_dir_mib=int(du),
-                     restart_s=restart_s, join_s=join_s)
-            self.record(r)
+            cluster.kill_member(follower)
+            cluster.start_member(follower)
+            restart_s = self.caught_up(cluster.endpoints[follower], index)
+            join_s, learner_rss = (None, None) if self.args.bigstore_no_learner \
+                else self.add_learner(cluster, leader, index)
+            self.record(dict(kind="bigstore", system=cluster.system, keys=keys, fill_s=fill_s,
+                             rss_mib_before=before, rss_mib_after=after,
+                             rss_mib_end=cluster.rss_mib(), learner_rss_mib=learner_rss,
+                             db_size=st.get("dbSize"), db_size_in_use=st.get("dbSizeInUse"),
+                             data_dir_mib=int(du), restart_s=restart_s, join_s=join_s))
             per_key = (sum(after) - sum(before)) / len(after) * 2**20 / keys
             log(f"  {cluster.system}: filled in {fill_s:.0f} s; RSS {['%.0f' % m for m in after]} MiB"
                 f" ({per_key:.0f} B per key per member); dbSize {st.get('dbSize', 0) / 2**20:,.0f} MiB,"
                 f" in use {st.get('dbSizeInUse', 0) / 2**20:,.0f} MiB; data dir {du} MiB;"
-                f" a follower restarted and caught up in {restart_s:.1f} s; a new learner caught up in"
-                f" {join_s:.1f} s (RSS {learner_rss:,.0f} MiB)")
+                f" a follower restarted and caught up in {restart_s:.1f} s; "
+                + ("no learner added" if join_s is None else
+                   f"a new learner caught up in {join_s:.1f} s (RSS {learner_rss:,.0f} MiB)"))
+
+    def add_learner(self, cluster, leader, index):
+        """Adds a member as a learner with an empty data directory; the seconds until it has
+        applied `index`, and its RSS then (MiB)."""
+        new = cluster.add_slot()
+        # etcd refuses a member add until every member has been connected for 5 s (the
+        # follower just restarted): tried again for up to a minute.
+        for _ in range(60):
+            added = subprocess.run(["etcdctl", "--endpoints", leader, "member", "add", f"m{new}",
+                                    f"--peer-urls={cluster.peers[new]}", "--learner"],
+                                   capture_output=True, text=True,
+                                   env={**os.environ, "ETCDCTL_API": "3"})
+            if added.returncode == 0 or "unhealthy cluster" not in added.stderr:
+                break
+            time.sleep(1)
+        if added.returncode != 0:
+            raise SystemExit(f"member add failed on {cluster.system}: {added.stderr}")
+        cluster.joining[new] = cluster.initial_cluster + f",m{new}={cluster.peers[new]}"
+        cluster.start_member(new)
+        join_s = self.caught_up(cluster.endpoints[new], index)
+        return join_s, rss_mib_of(cluster.procs[new].pid)
 
     def ours(self):
         log("flotilla bench (our Rust client), puts")
@@ -487,6 +475,11 @@ class Bench:
                              rss_mib_before=before, rss_mib_after=cluster.rss_mib(),
                              status=status.stdout.strip()))
             log(f"  {cluster.system}: RSS {['%.0f' % m for m in cluster.rss_mib()]} MiB")
+
+
+def rss_mib_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def stall_fsyncs(pid, seconds):
@@ -648,8 +641,10 @@ def report(results):
                 ", ".join(f"{m:,.0f}" for m in r["rss_mib_after"]),
                 f"{(sum(r['rss_mib_after']) - sum(r['rss_mib_before'])) / len(r['rss_mib_after']) * 2**20 / r['keys']:.0f}",
                 f"{(r['db_size'] or 0) / 2**20:,.0f}", f"{(r['db_size_in_use'] or 0) / 2**20:,.0f}",
-                f"{r['data_dir_mib']:,}", f"{r['restart_s']:.1f}", f"{r['join_s']:.1f}",
-                f"{r['learner_rss_mib']:,.0f}"] for r in big))
+                f"{r['data_dir_mib']:,}", f"{r['restart_s']:.1f}",
+                "not run" if r["join_s"] is None else f"{r['join_s']:.1f}",
+                "" if r["learner_rss_mib"] is None else f"{r['learner_rss_mib']:,.0f}"]
+               for r in big))
     if mem := of("memory"):
         mib = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
         table("Memory: RSS of each member after the keys are written",

@@ -633,8 +633,9 @@ async fn a_kept_alive_lease_survives_a_leader_failover() {
 /// applies committed entries without waiting for its own disk), the leader stays leader, and
 /// no lease expires. Once the disk is back and no one renews them, the leases expire.
 ///
-/// Nothing here is timed: the held fsync is observed in /proc (the WAL thread stopped in
-/// `fdatasync` by its tracer) before the writes and again after them. With apply waiting for
+/// No assertion depends on timing: the held fsync is observed in /proc (the WAL thread stopped
+/// in `fdatasync` by its tracer) before the writes and again after them; the only timed part
+/// is how long the leases are kept alive through the stall (more than two TTLs). With apply waiting for
 /// the local disk, the writes would wait for the release, which comes only after them: the
 /// test would fail at its time bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ const LISTEN_BACKLOG_DEFAULT: i32 = 4096;
 /// when a burst of clients connects at once (a thousand keep-alive clients reconnecting after
 /// a restart or a leader change): the kernel drops the SYNs past it, and those clients wait
 /// for TCP's retransmission, a second and then three more, before they are even accepted.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -255,7 +255,7 @@ mod tests {
         if !somaxconn_allows_a_burst() {
             return;
         }
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let (completed, _streams) = connects_completed(listener.local_addr().unwrap(), BURST).await;
         assert_eq!(
             completed, BURST,

@@ -107,7 +107,7 @@ pub async fn run(
     open_storage: &StorageOpener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Exit> {
-    let listeners = Listeners::bind(&config).await?;
+    let listeners = Listeners::bind(&config)?;
     let (identity, created) = load_or_create(&config).await?;
     tracing::info!(
         name = %identity.name,
@@ -287,12 +287,12 @@ impl Listeners {
     /// Takes the inherited sockets and binds every other listener first, so a port in use
     /// fails the start at once and says which. Each listener's address is logged: with port 0
     /// in a URL, that is where the port the kernel chose is reported.
-    async fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
+    fn bind(config: &ServerConfig) -> anyhow::Result<Listeners> {
         let mut inherited = InheritedListeners::adopt(&config.listen_fds)?;
         let listeners = Listeners {
-            client: bind_all(&config.listen_client_urls, "clients", &mut inherited).await?,
-            peer: bind_all(&config.listen_peer_urls, "peers", &mut inherited).await?,
-            metrics: bind_all(&config.listen_metrics_urls, "metrics", &mut inherited).await?,
+            client: bind_all(&config.listen_client_urls, "clients", &mut inherited)?,
+            peer: bind_all(&config.listen_peer_urls, "peers", &mut inherited)?,
+            metrics: bind_all(&config.listen_metrics_urls, "metrics", &mut inherited)?,
         };
         inherited.finish()?;
         Ok(listeners)
@@ -300,7 +300,7 @@ impl Listeners {
 }
 
 /// A listener for each URL: the inherited socket bound to its address, or a new one.
-async fn bind_all(
+fn bind_all(
     urls: &[String],
     what: &str,
     inherited: &mut InheritedListeners,
@@ -316,7 +316,6 @@ async fn bind_all(
             }
             None => {
                 let listener = crate::listener::bind(addr)
-                    .await
                     .with_context(|| format!("cannot listen for {what} on {url} ({addr})"))?;
                 (listener, false)
             }

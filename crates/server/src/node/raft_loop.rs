@@ -68,8 +68,9 @@ const BACKLOG_BATCHES_MAX: usize = 256;
 /// disk takes over.
 #[derive(Debug, Default)]
 pub(super) struct WalBacklog {
-    batches: VecDeque<PersistBatch>,
-    /// Invariant: the sum of `batch_bytes` over `batches`.
+    /// Each batch with its size (`batch_bytes`), counted once.
+    batches: VecDeque<(u64, PersistBatch)>,
+    /// Invariant: the sum of the sizes in `batches`.
     bytes: u64,
 }
 
@@ -87,13 +88,14 @@ impl WalBacklog {
     }
 
     fn push_back(&mut self, batch: PersistBatch) {
-        self.bytes += Self::batch_bytes(&batch);
-        self.batches.push_back(batch);
+        let bytes = Self::batch_bytes(&batch);
+        self.bytes += bytes;
+        self.batches.push_back((bytes, batch));
     }
 
     fn pop_front(&mut self) -> Option<PersistBatch> {
-        let batch = self.batches.pop_front()?;
-        self.bytes -= Self::batch_bytes(&batch);
+        let (bytes, batch) = self.batches.pop_front()?;
+        self.bytes -= bytes;
         Some(batch)
     }
 
