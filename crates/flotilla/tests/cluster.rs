@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::sockets;
+use common::strace;
 use common::*;
+use flotilla_proto::etcdserverpb::kv_client::KvClient;
 use flotilla_proto::etcdserverpb::{
     MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, PutRequest,
     RangeRequest,
@@ -15,6 +17,7 @@ use flotilla_proto::etcdserverpb::{
 use flotilla_proto::flotilla::session::v1::session_client::SessionClient;
 use flotilla_proto::flotilla::session::v1::{CloseRequest, KeepAliveRequest, RegisterRequest};
 use rustix::process::Signal;
+use tonic::transport::Channel;
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -782,18 +785,7 @@ async fn a_write_during_failover_is_held_for_the_new_leader_and_applied_once() {
             .revision;
         let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
         let new = cluster.wait_for_leader(&others).await;
-        let found = kv
-            .range(RangeRequest {
-                key: "failover".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .kvs;
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].version, 1, "applied exactly once");
-        assert_eq!(found[0].mod_revision, revision);
+        assert_written_once(&mut kv, "failover", revision).await;
 
         // Now no quorum: the survivor (a follower) holds the write until its deadline.
         let survivor = others.into_iter().find(|&i| i != new).unwrap();
@@ -808,6 +800,120 @@ async fn a_write_during_failover_is_held_for_the_new_leader_and_applied_once() {
         );
     })
     .await;
+}
+
+/// The leader dies after a write forwarded by a follower reached the other members' logs but
+/// before it committed: the leader's answer is lost, and the write is not lost with it. The
+/// next leader commits the entry; the follower recognises it when it applies it (the entry
+/// carries the follower's origin tag) and answers its client with that outcome, on the first
+/// attempt, as etcd's members answer for their own proposals. Without the tag the follower
+/// could only answer "request timed out, possibly due to previous leader failure" at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs strace and ptrace (apt-get install strace); .ci/run runs it"]
+async fn a_forwarded_write_outlives_a_leader_that_dies_before_answering() {
+    forwarded_write_outlives_its_leader(LeaderFate::Killed).await;
+}
+
+/// The same with a leader that stops (SIGSTOP) instead of dying: its connection stays open
+/// and it never answers. The follower answers as soon as it applies the entry under the next
+/// leader, without waiting for the forward's deadline (which would end in "request timed
+/// out").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs strace and ptrace (apt-get install strace); .ci/run runs it"]
+async fn a_forwarded_write_outlives_a_leader_that_stops_before_answering() {
+    forwarded_write_outlives_its_leader(LeaderFate::Stopped).await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum LeaderFate {
+    Killed,
+    Stopped,
+}
+
+/// Nothing is timed. strace holds the fsyncs of the leader and of the third member: once both
+/// are seen held in `fdatasync` (in /proc), each has the write in its log (nothing else was
+/// written after the holds began), and at most one copy (the follower's) is durable, so it is
+/// not committed. Then the leader is killed or stopped and the third member's disk released:
+/// whichever of the two survivors leads has the entry, and commits it.
+async fn forwarded_write_outlives_its_leader(fate: LeaderFate) {
+    let mut cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let (follower, third) = ((leader + 1) % 3, (leader + 2) % 3);
+        let mut kv = cluster.kv(follower).await;
+        // The follower's connection to the leader is open, and every member holds this write.
+        put(&mut kv, "warm", "v").await.unwrap();
+        let applied = cluster.status(leader).await.unwrap().raft_applied_index;
+        for i in 0..3 {
+            cluster.wait_applied(i, applied).await;
+        }
+        let dir = cluster.dir.path().to_owned();
+        let leader_disk =
+            strace::HeldDisk::hold(cluster.pid(leader), &dir.join("leader.strace"), LIMIT).await;
+        let third_disk =
+            strace::HeldDisk::hold(cluster.pid(third), &dir.join("third.strace"), LIMIT).await;
+
+        let write = tokio::spawn(async move {
+            let mut request = tonic::Request::new(PutRequest {
+                key: "orphan".into(),
+                value: "v".into(),
+                ..Default::default()
+            });
+            request.set_timeout(Duration::from_secs(30));
+            kv.put(request).await
+        });
+        leader_disk.wait_holding(LIMIT).await;
+        third_disk.wait_holding(LIMIT).await;
+        assert!(
+            !write.is_finished(),
+            "one durable copy of three cannot commit: {:?}",
+            write.await
+        );
+        // The signal first, so the leader does nothing more; then its tracer goes (a killed
+        // traced process is reaped only once its tracer lets it go).
+        match fate {
+            LeaderFate::Killed => {
+                cluster.signal(leader, Signal::KILL);
+                drop(leader_disk);
+                cluster.kill9(leader);
+            }
+            LeaderFate::Stopped => {
+                cluster.signal(leader, Signal::STOP);
+                drop(leader_disk);
+            }
+        }
+        third_disk.release(LIMIT).await;
+
+        let revision = write
+            .await
+            .unwrap()
+            .expect("the follower answers with the outcome it applied")
+            .into_inner()
+            .header
+            .unwrap()
+            .revision;
+        assert_written_once(&mut cluster.kv(follower).await, "orphan", revision).await;
+        if fate == LeaderFate::Stopped {
+            cluster.kill9(leader);
+        }
+    })
+    .await;
+}
+
+/// `key` exists, was written once, and by the write answered with `revision`.
+async fn assert_written_once(kv: &mut KvClient<Channel>, key: &str, revision: i64) {
+    let found = kv
+        .range(RangeRequest {
+            key: key.to_string().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .kvs;
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].version, 1, "applied exactly once");
+    assert_eq!(found[0].mod_revision, revision);
 }
 
 /// Members serve the listening sockets the harness hands them (`--listen-fds`) on ports the

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::strace;
 use common::*;
 use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
 use flotilla_proto::etcdserverpb::watch_client::WatchClient;
@@ -660,27 +661,12 @@ async fn a_leaders_stalled_disk_delays_no_write_and_expires_no_lease() {
             .map(|&id| tokio::spawn(keep_alive(url.clone(), id, stop.clone())))
             .collect();
 
-        let pid = cluster.members[leader]
-            .process
-            .as_ref()
-            .expect("the leader runs")
-            .pid()
-            .as_raw_nonzero()
-            .get();
-        let wal = thread_named(pid, "flotilla-wal").expect("the leader has a WAL thread");
         let trace = cluster.dir.path().join("strace.out");
-        let mut tracer = hold_fsyncs(pid, &trace);
-        eventually("strace to attach to the WAL thread", LIMIT, || async {
-            traced(pid, wal).then_some(())
-        })
-        .await;
+        let disk = strace::HeldDisk::hold(cluster.pid(leader), &trace, LIMIT).await;
         // A write makes the WAL fsync; the fsync is held.
         let mut kv = cluster.kv(leader).await;
         put(&mut kv, "stalled/w/first", "v").await.unwrap();
-        eventually("the WAL thread to be held in fdatasync", LIMIT, || async {
-            held_in_fdatasync(pid, wal).then_some(())
-        })
-        .await;
+        disk.wait_holding(LIMIT).await;
         for i in 0..WRITES {
             put(&mut kv, &format!("stalled/w/{i}"), "v")
                 .await
@@ -696,13 +682,15 @@ async fn a_leaders_stalled_disk_delays_no_write_and_expires_no_lease() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(
-            held_in_fdatasync(pid, wal),
+            disk.holding(),
             "the WAL's fsync was released before the writes and renewals were done"
         );
         let fsyncs = std::fs::read_to_string(&trace).unwrap_or_default();
         let wal_fsyncs = fsyncs
             .lines()
-            .filter(|line| line.starts_with(&format!("{wal} ")) && line.contains("fdatasync("))
+            .filter(|line| {
+                line.starts_with(&format!("{} ", disk.wal)) && line.contains("fdatasync(")
+            })
             .count();
         assert_eq!(wal_fsyncs, 1, "one WAL fsync held throughout:\n{fsyncs}");
         let status = cluster.status(leader).await.expect("the leader answers");
@@ -713,12 +701,7 @@ async fn a_leaders_stalled_disk_delays_no_write_and_expires_no_lease() {
         );
 
         // The disk comes back.
-        tracer.signal(rustix::process::Signal::INT);
-        tracer.wait_exit(LIMIT).await;
-        eventually("the held fsync to finish", LIMIT, || async {
-            (!held_in_fdatasync(pid, wal)).then_some(())
-        })
-        .await;
+        disk.release(LIMIT).await;
         stop.store(true, Ordering::SeqCst);
         for keeper in keepers {
             let renewals = keeper.await.expect("every renewal had a positive TTL");
@@ -732,55 +715,6 @@ async fn a_leaders_stalled_disk_delays_no_write_and_expires_no_lease() {
         println!("disk stall: {WRITES} writes acknowledged during it; no lease lost");
     })
     .await;
-}
-
-/// Starts strace holding every fdatasync and fsync of `pid`'s threads at their entry (for at
-/// most 60 s each) until it is interrupted (detaching lets them go); what it traced goes to
-/// `out`. Killed by PID when dropped.
-fn hold_fsyncs(pid: i32, out: &std::path::Path) -> Process {
-    let child = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-p", &pid.to_string(), "-o"])
-        .arg(out)
-        .args(["-e", "trace=fdatasync,fsync"])
-        .args(["-e", "inject=fdatasync,fsync:delay_enter=60000000"])
-        .spawn()
-        .expect("strace (apt-get install strace)");
-    Process { child }
-}
-
-/// The id of `pid`'s thread called `name`.
-fn thread_named(pid: i32, name: &str) -> Option<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .find(|tid: &i32| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                .is_ok_and(|comm| comm.trim() == name)
-        })
-}
-
-fn task_file(pid: i32, tid: i32, file: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/{file}")).unwrap_or_default()
-}
-
-/// The thread has a tracer.
-fn traced(pid: i32, tid: i32) -> bool {
-    task_file(pid, tid, "status")
-        .lines()
-        .any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
-}
-
-/// The thread is stopped by its tracer inside `fdatasync`.
-fn held_in_fdatasync(pid: i32, tid: i32) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    const FDATASYNC: &str = "75";
-    #[cfg(target_arch = "aarch64")]
-    const FDATASYNC: &str = "83";
-    let stopped = task_file(pid, tid, "status")
-        .lines()
-        .any(|line| line.starts_with("State:") && line.contains("tracing stop"));
-    let in_fdatasync = task_file(pid, tid, "syscall").split_whitespace().next() == Some(FDATASYNC);
-    stopped && in_fdatasync
 }
 
 /// Renews lease `id` through `url` every 500 ms until `stop`, reopening the stream when it

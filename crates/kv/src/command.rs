@@ -30,7 +30,7 @@ use prost::Message;
 
 pub use flotilla_proto::flotilla::kv::v1::command::Operation;
 pub use flotilla_proto::flotilla::kv::v1::{
-    Author, ExpireSessions, LeaseCheckpoint, LeaseRemaining,
+    Author, ExpireSessions, LeaseCheckpoint, LeaseRemaining, Origin,
 };
 
 /// The only command format so far.
@@ -51,6 +51,9 @@ pub struct Command {
     pub operation: Operation,
     /// Who sent it, when authentication is on (see [`crate::Authorizer`]).
     pub author: Option<Author>,
+    /// The member that forwarded it to the leader (see [`tag_origin`]); not part of what the
+    /// command does.
+    pub origin: Option<Origin>,
 }
 
 /// Why command bytes could not be decoded.
@@ -76,6 +79,7 @@ impl Command {
             client_request: None,
             operation,
             author: None,
+            origin: None,
         }
     }
 
@@ -134,6 +138,7 @@ impl Command {
     const SESSION_ID_FIELD: u32 = 1;
     const SEQUENCE_FIELD: u32 = 2;
     const AUTHOR_FIELD: u32 = 12;
+    const ORIGIN_FIELD: u32 = 13;
 
     /// The format byte, then the protobuf body. Encodes in place, without copying the request.
     pub fn encode(&self) -> Bytes {
@@ -145,6 +150,9 @@ impl Command {
             + uint64_field_len(Self::SEQUENCE_FIELD, sequence)
             + self.author.as_ref().map_or(0, |author| {
                 prost::encoding::message::encoded_len(Self::AUTHOR_FIELD, author)
+            })
+            + self.origin.as_ref().map_or(0, |origin| {
+                prost::encoding::message::encoded_len(Self::ORIGIN_FIELD, origin)
             });
         let mut buf = Vec::with_capacity(1 + body_bytes);
         buf.put_u8(COMMAND_FORMAT_V1);
@@ -157,6 +165,9 @@ impl Command {
         self.operation.encode(&mut buf);
         if let Some(author) = &self.author {
             prost::encoding::message::encode(Self::AUTHOR_FIELD, author, &mut buf);
+        }
+        if let Some(origin) = &self.origin {
+            prost::encoding::message::encode(Self::ORIGIN_FIELD, origin, &mut buf);
         }
         debug_assert_eq!(buf.len(), 1 + body_bytes);
         Bytes::from(buf)
@@ -184,8 +195,25 @@ impl Command {
             client_request,
             operation,
             author: message.author,
+            origin: message.origin,
         })
     }
+}
+
+/// The encoded command `encoded` with its forwarding member's [`Origin`] added, or `None` if
+/// the bytes are not a command of this format (a server command, say), which is then sent
+/// untagged. A protobuf field appended to an encoded message is read as part of it, so the tag
+/// costs one copy and no re-encoding of the request. Tag a command once: a second tag would
+/// be merged into the first.
+pub fn tag_origin(encoded: &[u8], origin: &Origin) -> Option<Bytes> {
+    if encoded.first() != Some(&COMMAND_FORMAT_V1) {
+        return None;
+    }
+    let field_bytes = prost::encoding::message::encoded_len(Command::ORIGIN_FIELD, origin);
+    let mut buf = Vec::with_capacity(encoded.len() + field_bytes);
+    buf.extend_from_slice(encoded);
+    prost::encoding::message::encode(Command::ORIGIN_FIELD, origin, &mut buf);
+    Some(Bytes::from(buf))
 }
 
 fn uint64_field_len(field: u32, value: u64) -> usize {
@@ -222,6 +250,13 @@ mod tests {
             sample_put()
                 .with_client_request(9, 2)
                 .with_author(Some(Author::default())),
+            Command {
+                origin: Some(Origin {
+                    member_id: 3,
+                    request: 11,
+                }),
+                ..sample_put()
+            },
             Command::register_session(),
             Command::expire_sessions(vec![4, 5]),
         ] {
@@ -247,6 +282,7 @@ mod tests {
             sequence: 2,
             operation: Some(command.operation.clone()),
             author: Some(author),
+            origin: None,
         };
         assert_eq!(&encoded[1..], message.encode_to_vec().as_slice());
     }
@@ -269,6 +305,32 @@ mod tests {
             panic!("expected a put");
         };
         assert_eq!((&put.key[..], &put.value[..]), (&b"a"[..], &b"b"[..]));
+    }
+
+    /// A tagged command decodes as the same command with its origin, whatever it carried
+    /// before; bytes of another format are left alone.
+    #[test]
+    fn an_origin_tag_is_read_as_part_of_the_command() {
+        let origin = Origin {
+            member_id: 0xfeed,
+            request: 1 << 60,
+        };
+        for command in [
+            sample_put(),
+            sample_put()
+                .with_client_request(9, 2)
+                .with_author(Some(Author::default())),
+        ] {
+            let tagged = tag_origin(&command.encode(), &origin).unwrap();
+            let expected = Command {
+                origin: Some(origin),
+                ..command
+            };
+            assert_eq!(Command::decode(&tagged), Ok(expected.clone()));
+            assert_eq!(tagged, expected.encode());
+        }
+        assert_eq!(tag_origin(&[2, 0], &origin), None);
+        assert_eq!(tag_origin(&[], &origin), None);
     }
 
     #[test]

@@ -64,7 +64,7 @@ mod write;
 pub use authorize::{AllowAll, Authorizer};
 pub use command::{
     Author, COMMAND_FORMAT_V1, ClientRequestId, Command, DecodeError, ExpireSessions,
-    LeaseCheckpoint, LeaseRemaining, Operation,
+    LeaseCheckpoint, LeaseRemaining, Operation, Origin, tag_origin,
 };
 pub use error::{ErrorKind, GrpcCode, KvError};
 pub use key_range::KeyRange;

@@ -43,6 +43,8 @@ pub struct ApplyResult {
     pub revision: i64,
     /// True when the entry was a retry answered from the session's memory.
     pub duplicate: bool,
+    /// The command's [`crate::command::Origin`], for the member that forwarded it.
+    pub origin: Option<crate::command::Origin>,
 }
 
 /// The outcome to keep in a session for a retry. Only requests a client can tag with a

@@ -95,6 +95,18 @@ impl KvStore {
         admission: Admission,
         authorizer: &dyn Authorizer,
     ) -> ApplyResult {
+        let mut result = self.execute_command(index, command, admission, authorizer);
+        result.origin = command.origin;
+        result
+    }
+
+    fn execute_command(
+        &mut self,
+        index: u64,
+        command: &Command,
+        admission: Admission,
+        authorizer: &dyn Authorizer,
+    ) -> ApplyResult {
         self.advance_applied_index(index);
         // Decoding refuses these; a command built in process could still carry them.
         if let Some(request) = command.client_request
@@ -166,6 +178,7 @@ impl KvStore {
             events,
             revision: self.current_revision(),
             duplicate,
+            origin: None,
         }
     }
 

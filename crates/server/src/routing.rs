@@ -10,8 +10,12 @@
 //!
 //! A write is sent again only when it certainly did not happen (the member asked was not the
 //! leader, or the connection to the leader was never made) or when its client session makes a
-//! repeat harmless; an unknown outcome is returned as an error, so a write without a session is
-//! applied at most once. A request that finds no leader is held (bounded in count and bytes)
+//! repeat harmless, so a write without a session is applied at most once. When the leader's
+//! answer to a forwarded write is lost (the leader died) or late (it went quiet), the write's
+//! entry may still commit under the next leader: the entry carries the forwarder's origin tag,
+//! and the forwarder answers with the outcome of applying it itself as soon as it does, while
+//! the forward is still waiting or after it failed. Only if that does not happen by the
+//! deadline is the outcome unknown. A request that finds no leader is held (bounded in count and bytes)
 //! until one is known, so a client's first attempt succeeds about one election after a leader
 //! dies.
 
@@ -27,7 +31,7 @@ use tonic::{Request, Status};
 use crate::driver::Refusal;
 use crate::frontend::Frontend;
 use crate::lease::LeaseError;
-use crate::node::{NodeError, NodeStatus};
+use crate::node::{NodeError, NodeStatus, TrackedWrite};
 use crate::peer_proto::{
     ForwardRequest, ForwardResponse, MemberInfo, Members, forward_request, forward_response,
 };
@@ -256,6 +260,10 @@ impl Frontend {
     ) -> Result<Answer, RouteError> {
         let deadline = self.deadline();
         let me = self.identity.member_id;
+        let mut request = request;
+        // Set when a write without a session is first forwarded: then a lost answer is not
+        // the end of it (see `ForwardedWrites`).
+        let mut tracked: Option<TrackedWrite> = None;
         loop {
             if Instant::now() >= deadline {
                 return Err(RouteError::TimedOut);
@@ -265,13 +273,30 @@ impl Frontend {
                 Some(leader) if leader == me => {
                     self.serve_here(&request, session_id, deadline).await
                 }
-                Some(leader) => self.forward(leader, &request, session_id, deadline).await,
+                Some(leader) => {
+                    if tracked.is_none() && session_id == 0 {
+                        tracked = self.tag_forwarded(&mut request);
+                    }
+                    let forwarded = self.forward(leader, &request, session_id, deadline);
+                    match tracked.as_mut() {
+                        // Applied here first (the leader went quiet, and the next one
+                        // committed the entry): that is the outcome.
+                        Some(tracked) => tokio::select! {
+                            asked = forwarded => asked,
+                            applied = tracked.applied() => return applied_outcome(applied),
+                        },
+                        None => forwarded.await,
+                    }
+                }
                 None => {
                     self.hold(&request, deadline, |s| s.leader.is_some())
                         .await?;
                     continue;
                 }
             };
+            if let (Err(RouteError::LeaderUnreachable), Some(tracked)) = (&asked, &mut tracked) {
+                return self.await_applied_here(tracked, deadline).await;
+            }
             match asked {
                 // Leadership moved (or is being handed over) since we looked: wait for news
                 // of the next leader, briefly, and go there.
@@ -381,6 +406,34 @@ impl Frontend {
         }
     }
 
+    /// Tags a write command about to be forwarded with an origin of this member's, so that
+    /// its entry is recognised when it is applied here. `None` for anything else (a server
+    /// command, a lease renewal), which then goes untagged.
+    fn tag_forwarded(&self, request: &mut LeaderRequest) -> Option<TrackedWrite> {
+        let LeaderRequest::Command(data) = request else {
+            return None;
+        };
+        let tracked = self.node.track_forwarded();
+        *data = flotilla_kv::tag_origin(data, &tracked.origin)?;
+        Some(tracked)
+    }
+
+    /// The leader could not be heard from after it may have taken a tagged write: the entry
+    /// may still commit, under that leader or the next. Its outcome is what this member
+    /// applies, as the leader's answer would have been; if it is not applied by the deadline
+    /// (the entry was lost with the leader), the outcome stays unknown, as etcd reports it.
+    async fn await_applied_here(
+        &self,
+        tracked: &mut TrackedWrite,
+        deadline: Instant,
+    ) -> Result<Answer, RouteError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, tracked.applied()).await {
+            Ok(applied) => applied_outcome(applied),
+            Err(_) => Err(RouteError::LeaderUnreachable),
+        }
+    }
+
     /// Holds `request` until `ready` holds of the node's status (a leader is known, or another
     /// than the unreachable one) or the deadline passes. Refused at once when the held
     /// requests are at their bound.
@@ -435,6 +488,14 @@ impl Frontend {
             }
             Err(status) => Err(RouteError::Failed(status)),
         }
+    }
+}
+
+/// A tracked write's outcome as this member applied it (`None`: the apply thread stopped).
+fn applied_outcome(applied: Option<Applied>) -> Result<Answer, RouteError> {
+    match applied {
+        Some(applied) => Answer::of_applied(applied),
+        None => Err(RouteError::Node(NodeError::Stopped)),
     }
 }
 

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod sockets;
+pub mod strace;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -261,6 +262,17 @@ impl TestCluster {
             .as_ref()
             .expect("member is running")
             .signal(signal);
+    }
+
+    /// The process id of running member `i`.
+    pub fn pid(&self, i: usize) -> i32 {
+        self.members[i]
+            .process
+            .as_ref()
+            .expect("member is running")
+            .pid()
+            .as_raw_nonzero()
+            .get()
     }
 
     pub fn running(&self) -> Vec<usize> {

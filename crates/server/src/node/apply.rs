@@ -10,6 +10,7 @@ use flotilla_kv::Limits;
 use flotilla_raft::{Apply, Index, SnapshotMeta};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::forwarded::ForwardedWrites;
 use super::snapshot_pipe::{SnapshotEncoder, SnapshotSaver};
 use super::{ProposalWaiter, SnapshotRequest};
 use crate::metrics::Metrics;
@@ -42,6 +43,8 @@ pub(super) struct ApplyContext {
     pub(super) saving: Arc<std::sync::atomic::AtomicBool>,
     /// An apply batch or a wait for the lock slower than this is logged.
     pub(super) slow_step: std::time::Duration,
+    /// This member's forwarded writes whose leader's answer may be lost.
+    pub(super) forwarded: Arc<ForwardedWrites>,
 }
 
 impl ApplyContext {
@@ -62,6 +65,7 @@ impl ApplyContext {
         let started = Instant::now();
         let entries = items.len();
         let mut replies = Vec::new();
+        let mut forwarded_replies = Vec::new();
         let mut last = None;
         let mut state = Some(self.write_state());
         let mut budget = LockBudget::default();
@@ -79,7 +83,14 @@ impl ApplyContext {
                         _ => {}
                     }
                     if let Some(waiter) = waiter {
+                        // Proposed here: whoever tagged it is the same request, answered
+                        // through the proposal.
                         replies.push((waiter, applied));
+                    } else if let Applied::Kv(result) = &applied
+                        && let Some(origin) = &result.origin
+                        && let Some(claim) = self.forwarded.take(origin)
+                    {
+                        forwarded_replies.push((claim, applied));
                     }
                     if budget.spend(entry_bytes(&entry)) {
                         // Let the readers waiting on the lock in before the next entry.
@@ -116,6 +127,9 @@ impl ApplyContext {
             .fetch_add(replies.len() as u64, Ordering::Relaxed);
         for (waiter, applied) in replies {
             let _ = waiter.send(Ok(applied));
+        }
+        for (claim, applied) in forwarded_replies {
+            let _ = claim.send(applied);
         }
         Ok(())
     }
@@ -390,6 +404,7 @@ mod tests {
             snapshots: snapshots_tx,
             saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             slow_step: std::time::Duration::from_millis(100),
+            forwarded: Arc::new(super::ForwardedWrites::new(1)),
         };
         let (work_tx, work_rx) = mpsc::channel(8);
         let apply_thread = std::thread::spawn(move || context.run(work_rx));

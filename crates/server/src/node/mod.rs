@@ -18,6 +18,7 @@
 //! and `snapshot_pipe.rs` the threads that encode a pinned state into a snapshot beside it.
 
 mod apply;
+mod forwarded;
 mod raft_loop;
 mod snapshot_pipe;
 mod wal_thread;
@@ -32,6 +33,7 @@ use flotilla_raft::{ConfChange, Index, Message, NodeId, RaftNode, Role, Snapshot
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::apply::ApplyContext;
+pub use self::forwarded::{ForwardedWrites, TrackedWrite};
 use self::raft_loop::{RaftInputs, RaftLoop};
 pub(crate) use self::snapshot_pipe::paced;
 use self::wal_thread::wal_thread;
@@ -121,6 +123,7 @@ pub struct NodeHandle {
     pub storage: Arc<dyn DurableStorage>,
     pub metrics: Arc<Metrics>,
     lease: Arc<PublishedLease>,
+    forwarded: Arc<ForwardedWrites>,
 }
 
 /// Why a request to the node failed.
@@ -239,6 +242,12 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)
     }
 
+    /// Tags a write about to be forwarded to the leader, so that its entry is recognised when
+    /// it is applied here (see [`ForwardedWrites`]).
+    pub fn track_forwarded(&self) -> TrackedWrite {
+        self.forwarded.track()
+    }
+
     /// Waits until the status satisfies `ready`, or the deadline passes.
     pub async fn wait_for(
         &self,
@@ -331,6 +340,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
     let (persisted_tx, persisted_rx) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(applied);
     let (snapshot_tx, snapshot_rx) = mpsc::channel(2);
+    let forwarded = Arc::new(ForwardedWrites::new(parts.options.raft.id));
 
     let wal_thread = {
         let storage = parts.storage.clone();
@@ -353,6 +363,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
             snapshots: snapshot_tx,
             saving: Arc::default(),
             slow_step: parts.options.slow_step,
+            forwarded: forwarded.clone(),
         };
         std::thread::Builder::new()
             .name("flotilla-apply".into())
@@ -394,6 +405,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         storage: parts.storage,
         metrics: parts.metrics,
         lease,
+        forwarded,
     };
     Ok(RunningNode {
         handle,
