@@ -262,7 +262,7 @@ fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
 
 /// Resolves when the node stops without being asked: removed, or a fatal error.
 async fn stopped_by_itself(handle: &NodeHandle) -> anyhow::Result<Exit> {
-    let mut status = handle.status_watch();
+    let mut status = handle.role_watch();
     let status = status
         .wait_for(|s| s.stopped || s.removed)
         .await

@@ -98,6 +98,12 @@ impl LeaseClock {
         self.role.next(role)
     }
 
+    /// This member leads and waits to apply its term's first entry before it keeps time: only
+    /// then does the applied index matter to [`LeaseClock::follow`], and not only the role.
+    pub fn awaiting_promotion(&self) -> bool {
+        self.role.pending.is_some()
+    }
+
     /// The second half of [`LeaseClock::follow`]: carries out `change`, the answer of
     /// [`LeaseClock::role_change`].
     pub fn change_role(&mut self, now: Duration, change: RoleChange, kv: &KvStore) {
@@ -313,6 +319,28 @@ mod tests {
         assert_eq!(role.next(view(true, 2, 9, 9)), NOTHING, "already primary");
         assert_eq!(role.next(view(false, 3, 9, 9)), DEMOTE);
         assert_eq!(role.next(view(false, 3, 9, 9)), NOTHING);
+    }
+
+    /// The server's lessor follows every status change only while a promotion waits for its
+    /// entries to be applied, and otherwise the role alone: the wait must be visible from its
+    /// start to the promotion, and only then.
+    #[test]
+    fn a_promotion_is_awaited_from_leading_until_applied() {
+        let mut clock = LeaseClock::new(LessorSettings {
+            extend: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(300),
+        });
+        let kv = KvStore::new(flotilla_kv::Limits::default());
+        let mut follow = |leading, applied| {
+            clock.follow(Duration::ZERO, view(leading, 2, applied, 8), &kv);
+            clock.awaiting_promotion()
+        };
+        assert!(!follow(false, 5), "a follower awaits nothing");
+        assert!(follow(true, 5), "the new leader waits for entry 8");
+        assert!(follow(true, 7));
+        assert!(!follow(true, 8), "promoted");
+        assert!(!follow(true, 9));
+        assert!(!follow(false, 9));
     }
 
     /// Roles are coalesced: a leader may be seen leading in term 2, then in term 4 with

@@ -237,10 +237,17 @@ fn node_error_status(error: NodeError) -> Status {
 /// checkpoints. Runs until aborted or the node stops.
 pub async fn run(lessor: Arc<Lessor>, node: NodeHandle, request_timeout: Duration) {
     let mut status = node.status_watch();
+    let mut role = node.role_watch();
     let revokes = Arc::new(Semaphore::new(REVOKES_IN_FLIGHT_MAX));
     loop {
+        role.borrow_and_update();
         let current = status.borrow_and_update().clone();
         lessor.follow(&node, &current);
+        // The full status changes with every commit; only a promotion in wait needs those
+        // changes (it waits for an index to be applied). Otherwise the role is enough, and
+        // this task is not woken by every write. (The role is published after the status it
+        // was taken from, so on its change the status read above is as new.)
+        let awaiting_promotion = lessor.lock().awaiting_promotion();
         // Status changes with every commit; only a due deadline is worth the locks.
         if lessor.next_wakeup().is_some_and(|at| at <= Instant::now()) {
             revoke_expired(&lessor, &node, &revokes, request_timeout);
@@ -251,7 +258,8 @@ pub async fn run(lessor: Arc<Lessor>, node: NodeHandle, request_timeout: Duratio
             tokio::time::Instant::from_std(at).max(now + ROUND_GAP_MIN)
         });
         tokio::select! {
-            changed = status.changed() => if changed.is_err() { return },
+            changed = status.changed(), if awaiting_promotion => if changed.is_err() { return },
+            changed = role.changed() => if changed.is_err() { return },
             () = lessor.wake.notified() => {}
             () = tokio::time::sleep_until(wakeup) => {}
         }

@@ -94,6 +94,34 @@ pub struct NodeStatus {
     pub fatal: Option<String>,
 }
 
+/// The part of [`NodeStatus`] that changes only with elections and the member's life: what a
+/// long-lived waiter on the role or the leader watches, so that it is not woken by every
+/// commit (the full status changes several times per write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleStatus {
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub is_learner: bool,
+    pub removed: bool,
+    pub stopped: bool,
+    pub fatal: Option<String>,
+}
+
+impl RoleStatus {
+    pub fn of(status: &NodeStatus) -> RoleStatus {
+        RoleStatus {
+            role: status.role,
+            term: status.term,
+            leader: status.leader,
+            is_learner: status.is_learner,
+            removed: status.removed,
+            stopped: status.stopped,
+            fatal: status.fatal.clone(),
+        }
+    }
+}
+
 /// Timing and bounds of the shell.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
@@ -119,6 +147,7 @@ pub struct NodeOptions {
 pub struct NodeHandle {
     requests: mpsc::Sender<NodeRequest>,
     status: watch::Receiver<NodeStatus>,
+    role: watch::Receiver<RoleStatus>,
     pub state: Arc<RwLock<StateMachine>>,
     pub storage: Arc<dyn DurableStorage>,
     pub metrics: Arc<Metrics>,
@@ -143,6 +172,11 @@ impl NodeHandle {
 
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
+    }
+
+    /// The role, leader and life of the member, changing only with them (see [`RoleStatus`]).
+    pub fn role_watch(&self) -> watch::Receiver<RoleStatus> {
+        self.role.clone()
     }
 
     pub fn id(&self) -> NodeId {
@@ -333,6 +367,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
     let raft = RaftNode::new(parts.options.raft.clone(), parts.storage.clone(), applied)?;
     let driver = Driver::new(raft, parts.options.proposals_max);
     let initial = status_of(&driver, false, false, None);
+    let (role_tx, role_rx) = watch::channel(RoleStatus::of(&initial));
     let (status_tx, status_rx) = watch::channel(initial);
     let (requests_tx, requests_rx) = mpsc::channel(REQUESTS_QUEUE);
     let (wal_tx, wal_rx) = mpsc::channel(WAL_QUEUE);
@@ -383,6 +418,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         apply_tx,
         apply_backlog: VecDeque::new(),
         status: status_tx,
+        role_status: role_tx,
         metrics: parts.metrics.clone(),
         role: None,
         removed: false,
@@ -401,6 +437,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
     let handle = NodeHandle {
         requests: requests_tx,
         status: status_rx,
+        role: role_rx,
         state: parts.state,
         storage: parts.storage,
         metrics: parts.metrics,

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::apply::ApplyWork;
 use super::{
-    NodeDriver, NodeOptions, NodeRequest, NodeStatus, ProposalWaiter, ReadWaiter, SnapshotRequest,
-    status_of,
+    NodeDriver, NodeOptions, NodeRequest, NodeStatus, ProposalWaiter, ReadWaiter, RoleStatus,
+    SnapshotRequest, status_of,
 };
 use crate::driver::{Actions, Refusal};
 use crate::metrics::Metrics;
@@ -43,6 +43,8 @@ pub(super) struct RaftLoop {
     pub(super) apply_tx: mpsc::Sender<ApplyWork>,
     pub(super) apply_backlog: VecDeque<ApplyWork>,
     pub(super) status: watch::Sender<NodeStatus>,
+    /// The same status, published only when its role part changes.
+    pub(super) role_status: watch::Sender<RoleStatus>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) role: Option<RoleState>,
     pub(super) removed: bool,
@@ -434,11 +436,20 @@ impl RaftLoop {
         self.metrics
             .proposals_pending
             .store(self.driver.pending_proposals() as u64, Ordering::Relaxed);
+        let role = RoleStatus::of(&status);
         self.status.send_if_modified(|current| {
             if *current == status {
                 false
             } else {
                 *current = status;
+                true
+            }
+        });
+        self.role_status.send_if_modified(|current| {
+            if *current == role {
+                false
+            } else {
+                *current = role;
                 true
             }
         });

@@ -21,7 +21,7 @@ use super::hub::WatchHub;
 use super::watcher::{Batch, Sources, Step, WatchSpec, Watcher, step_all};
 use crate::errors::{NO_LEADER, SERVER_STOPPED};
 use crate::frontend::Frontend;
-use crate::node::NodeStatus;
+use crate::node::RoleStatus;
 
 /// etcd's texts for refused creations.
 pub const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
@@ -105,7 +105,7 @@ impl Session {
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let no_leader_limit = NO_LEADER_ELECTION_TIMEOUTS * self.context.frontend.election_timeout;
         let leader_lost = leader_lost_for(
-            self.context.frontend.node.status_watch(),
+            self.context.frontend.node.role_watch(),
             no_leader_limit,
             require_leader,
         );
@@ -410,7 +410,7 @@ pub async fn stopped(stopping: &mut watch::Receiver<bool>) {
 /// Resolves once the member has had no leader for `limit` on end (never, unless
 /// `require_leader`).
 async fn leader_lost_for(
-    mut status: watch::Receiver<NodeStatus>,
+    mut status: watch::Receiver<RoleStatus>,
     limit: Duration,
     require_leader: bool,
 ) {
