@@ -900,6 +900,89 @@ async fn forwarded_write_outlives_its_leader(fate: LeaderFate) {
     .await;
 }
 
+/// A follower answers a forwarded write once it has applied the entry itself, which may be
+/// before the leader has: a request the leader answers from its own state (here a lease's
+/// keys) must still see that write. strace holds the leader's apply thread while the follower
+/// writes and applies a key under a lease, then the lease's keys are asked through the
+/// follower: the leader answers with both keys or, while its apply is held, not at all
+/// (without the wait for its apply it answered at once, missing the new key: CI's
+/// Kubernetes-shapes check once listed 11 keys of 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs strace and ptrace (apt-get install strace); .ci/run runs it"]
+async fn a_lease_read_at_the_leader_sees_a_write_its_follower_already_answered() {
+    use flotilla_proto::etcdserverpb::LeaseTimeToLiveRequest;
+    use flotilla_proto::etcdserverpb::lease_client::LeaseClient;
+    let cluster = TestCluster::start(3, &[]);
+    bounded(LIMIT, async {
+        let leader = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let follower = (leader + 1) % 3;
+        let channel = cluster.channel(follower).await;
+        let mut kv = KvClient::new(channel.clone());
+        let lease = grant(&channel).await;
+        let put_leased = |key: &str| PutRequest {
+            key: key.to_string().into(),
+            value: "v".into(),
+            lease,
+            ..Default::default()
+        };
+        kv.put(put_leased("before")).await.unwrap();
+        let applied = cluster.status(leader).await.unwrap().raft_applied_index;
+        for i in 0..3 {
+            cluster.wait_applied(i, applied).await;
+        }
+        let dir = cluster.dir.path().to_owned();
+        let apply = strace::HeldThread::hold(
+            cluster.pid(leader),
+            "flotilla-apply",
+            &dir.join("apply.strace"),
+            LIMIT,
+        )
+        .await;
+        apply.wait_holding(LIMIT).await;
+
+        kv.put(put_leased("after"))
+            .await
+            .expect("the follower answers from its own apply");
+        let mut leases = LeaseClient::new(channel.clone());
+        let both = vec![bytes::Bytes::from("after"), bytes::Bytes::from("before")];
+        // While the leader's apply is held, the leader either answers with both keys or not
+        // at all (the request's own short deadline passes): never without "after".
+        let mut held_ask = tonic::Request::new(LeaseTimeToLiveRequest {
+            id: lease,
+            keys: true,
+        });
+        held_ask.set_timeout(Duration::from_secs(1));
+        match leases.lease_time_to_live(held_ask).await {
+            Ok(answer) => assert_eq!(answer.into_inner().keys, both, "answered while held"),
+            Err(status) => assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Cancelled // the client's own timer
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unavailable
+                ),
+                "{status:?}"
+            ),
+        }
+        assert!(
+            apply.holding(),
+            "the leader's apply thread was held throughout"
+        );
+        apply.release(LIMIT).await;
+        let keys = leases
+            .lease_time_to_live(LeaseTimeToLiveRequest {
+                id: lease,
+                keys: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        assert_eq!(keys, both, "the lease's keys once the leader has applied");
+    })
+    .await;
+}
+
 /// `key` exists, was written once, and by the write answered with `revision`.
 async fn assert_written_once(kv: &mut KvClient<Channel>, key: &str, revision: i64) {
     let found = kv

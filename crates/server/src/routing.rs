@@ -239,6 +239,17 @@ fn answered_revision(result: &AnswerResult) -> Option<i64> {
     header.map(|header| header.revision)
 }
 
+/// Answered from the leader's state machine (a lease's keys and expiry, a session's
+/// existence) rather than through the log.
+fn reads_state(request: &LeaderRequest) -> bool {
+    matches!(
+        request,
+        LeaderRequest::LeaseKeepAlive(_)
+            | LeaderRequest::LeaseTimeToLive(_)
+            | LeaderRequest::SessionKeepAlive(_)
+    )
+}
+
 /// May be sent again after an unknown outcome: renewing a lease, asking its time to live or
 /// a session's liveness does the same whether it happens once or twice.
 fn repeatable(request: &LeaderRequest) -> bool {
@@ -338,6 +349,9 @@ impl Frontend {
         deadline: Instant,
     ) -> Result<Answer, RouteError> {
         let revision = || self.current_revision();
+        if reads_state(request) {
+            self.apply_committed_here(deadline).await?;
+        }
         match request {
             LeaderRequest::Command(data) => {
                 let applied = self.node.propose(data.clone(), deadline).await?;
@@ -367,6 +381,28 @@ impl Frontend {
                 ),
                 revision: revision(),
             }),
+        }
+    }
+
+    /// Waits until this leader has applied every entry it knows to be committed. A write
+    /// forwarded by a follower may be answered by that follower as soon as it applies the
+    /// entry itself (see `ForwardedWrites`), possibly before the leader's own apply thread
+    /// gets there: without this wait, a lease's keys read here right after such a write
+    /// could miss it (CI's Kubernetes-shapes check once saw 11 of 12 keys).
+    async fn apply_committed_here(&self, deadline: Instant) -> Result<(), RouteError> {
+        let now = self.node.status();
+        if now.applied >= now.commit {
+            return Ok(());
+        }
+        let commit = now.commit;
+        match self
+            .node
+            .wait_for(deadline, |s| s.applied >= commit || s.stopped)
+            .await
+        {
+            Some(status) if !status.stopped => Ok(()),
+            Some(_) => Err(RouteError::Node(NodeError::Stopped)),
+            None => Err(RouteError::TimedOut),
         }
     }
 

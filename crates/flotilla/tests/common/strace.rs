@@ -1,6 +1,6 @@
-//! Holding a member's disk with strace, as a hung disk would: every fsync of the process is
-//! stopped at its entry until the tracer is interrupted, and the test reads in /proc where each
-//! thread is, so nothing about the stall is judged by time.
+//! Holding a member's disk with strace, as a hung disk would (every fsync of the process is
+//! stopped at its entry until the tracer is killed), or one of its threads: the test reads in
+//! /proc where each thread is, so nothing about the stall is judged by time.
 
 use std::path::Path;
 use std::time::Duration;
@@ -96,9 +96,65 @@ pub fn held_in_fdatasync(pid: i32, tid: i32) -> bool {
     const FDATASYNC: &str = "75";
     #[cfg(target_arch = "aarch64")]
     const FDATASYNC: &str = "83";
-    let stopped = task_file(pid, tid, "status")
-        .lines()
-        .any(|line| line.starts_with("State:") && line.contains("tracing stop"));
+    let stopped = tracing_stop(pid, tid);
     let in_fdatasync = task_file(pid, tid, "syscall").split_whitespace().next() == Some(FDATASYNC);
     stopped && in_fdatasync
+}
+
+/// One thread of a member process that strace holds at the entry of its next system call
+/// (whatever it is) until [`HeldThread::release`] or the drop kills strace. Only that thread
+/// is traced: the rest of the process runs on.
+pub struct HeldThread {
+    pub pid: i32,
+    pub tid: i32,
+    tracer: Process,
+}
+
+impl HeldThread {
+    /// Holds `pid`'s thread called `name`; returns once strace is attached to it.
+    pub async fn hold(pid: i32, name: &str, out: &Path, limit: Duration) -> HeldThread {
+        let tid = thread_named(pid, name).unwrap_or_else(|| panic!("no thread named {name}"));
+        let child = std::process::Command::new("strace")
+            .args(["-qq", "-p", &tid.to_string(), "-o"])
+            .arg(out)
+            .args(["-e", "inject=all:delay_enter=60000000"])
+            .spawn()
+            .expect("strace (apt-get install strace)");
+        let tracer = Process { child };
+        eventually("strace to attach to the thread", limit, || async {
+            traced(pid, tid).then_some(())
+        })
+        .await;
+        HeldThread { pid, tid, tracer }
+    }
+
+    /// Waits until the thread is stopped by its tracer (held in a system call's entry).
+    pub async fn wait_holding(&self, limit: Duration) {
+        eventually("the thread to be held by strace", limit, || async {
+            tracing_stop(self.pid, self.tid).then_some(())
+        })
+        .await;
+    }
+
+    /// The thread is stopped by its tracer now.
+    pub fn holding(&self) -> bool {
+        tracing_stop(self.pid, self.tid)
+    }
+
+    /// Lets the thread go (strace is killed; the kernel detaches it).
+    pub async fn release(self, limit: Duration) {
+        let HeldThread { pid, tid, tracer } = self;
+        drop(tracer);
+        eventually("the held thread to run again", limit, || async {
+            (!traced(pid, tid)).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The thread is stopped by its tracer.
+fn tracing_stop(pid: i32, tid: i32) -> bool {
+    task_file(pid, tid, "status")
+        .lines()
+        .any(|line| line.starts_with("State:") && line.contains("tracing stop"))
 }
