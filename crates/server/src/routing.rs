@@ -240,19 +240,10 @@ fn answered_revision(result: &AnswerResult) -> Option<i64> {
 }
 
 /// Answered from the leader's state machine (a lease's keys and expiry, a session's
-/// existence) rather than through the log.
-fn reads_state(request: &LeaderRequest) -> bool {
-    matches!(
-        request,
-        LeaderRequest::LeaseKeepAlive(_)
-            | LeaderRequest::LeaseTimeToLive(_)
-            | LeaderRequest::SessionKeepAlive(_)
-    )
-}
-
-/// May be sent again after an unknown outcome: renewing a lease, asking its time to live or
-/// a session's liveness does the same whether it happens once or twice.
-fn repeatable(request: &LeaderRequest) -> bool {
+/// existence) rather than through the log; so it may be sent again after an unknown outcome
+/// (renewing a lease, asking its time to live or a session's liveness does the same whether
+/// it happens once or twice).
+fn reads_leader_state(request: &LeaderRequest) -> bool {
     matches!(
         request,
         LeaderRequest::LeaseKeepAlive(_)
@@ -330,7 +321,7 @@ impl Frontend {
                 // The leader went quiet: for a request that may be repeated, wait for news of
                 // another, up to an election timeout at a time, and ask again.
                 Err(RouteError::LeaderUnreachable | RouteError::TimedOut)
-                    if repeatable(&request) && Instant::now() < deadline =>
+                    if reads_leader_state(&request) && Instant::now() < deadline =>
                 {
                     let wait = (Instant::now() + self.election_timeout).min(deadline);
                     self.node.wait_for(wait, |s| s.leader != leader).await;
@@ -349,7 +340,7 @@ impl Frontend {
         deadline: Instant,
     ) -> Result<Answer, RouteError> {
         let revision = || self.current_revision();
-        if reads_state(request) {
+        if reads_leader_state(request) {
             self.apply_committed_here(deadline).await?;
         }
         match request {
