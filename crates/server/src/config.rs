@@ -120,6 +120,12 @@ pub struct ServeArgs {
     /// [default: 0].
     #[arg(long, env = "FLOTILLA_EXPERIMENTAL_CORRUPT_CHECK_TIME", value_parser = parse_go_duration)]
     pub experimental_corrupt_check_time: Option<Duration>,
+    /// Publish this member's Raft state (role, term, vote, election timer, commit and apply
+    /// indexes, the log's tail, messages sent) on the metrics listener, as JSON at
+    /// `/debug/raft` and as server-sent events at `/debug/raft/events`, for the cluster view
+    /// of `flotilla dev` (see docs/raft-view.md) [default: false].
+    #[arg(long, env = "FLOTILLA_EXPERIMENTAL_RAFT_VIEW", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_raft_view: Option<bool>,
     /// A step of the write path (a WAL group commit, preparing a segment, applying a batch,
     /// waiting for the state's lock, a raft round) slower than this is logged as a warning
     /// with its cause, as a Go duration (etcd's flag) [default: 100ms].
@@ -232,6 +238,7 @@ struct FileConfig {
     experimental_watch_progress_notify_interval: Option<String>,
     experimental_initial_corrupt_check: Option<bool>,
     experimental_corrupt_check_time: Option<String>,
+    experimental_raft_view: Option<bool>,
     warning_apply_duration: Option<String>,
     lease_reads: Option<bool>,
     lease_clock_drift: Option<u64>,
@@ -289,6 +296,8 @@ pub struct ServerConfig {
     pub corrupt_check_interval: Option<Duration>,
     /// Write-path steps slower than this are logged (`--warning-apply-duration`).
     pub slow_step: Duration,
+    /// `--experimental-raft-view`.
+    pub raft_view: bool,
     pub lease_reads: bool,
     pub lease_clock_drift: Duration,
     pub unsafe_no_fsync: bool,
@@ -610,6 +619,10 @@ impl ServeArgs {
             corrupt_check_interval: (!corrupt_check_interval.is_zero())
                 .then_some(corrupt_check_interval),
             slow_step,
+            raft_view: self
+                .experimental_raft_view
+                .or(file.experimental_raft_view)
+                .unwrap_or(false),
             lease_reads,
             lease_clock_drift: Duration::from_millis(lease_clock_drift_ms),
             unsafe_no_fsync: self

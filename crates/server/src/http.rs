@@ -1,6 +1,7 @@
 //! The metrics listener: `/metrics` (Prometheus text), `/health` (etcd's JSON: a leader is
-//! known and a linearizable read succeeds), `/readyz` (can serve traffic) and `/livez` (the
-//! node is running).
+//! known and a linearizable read succeeds), `/readyz` (can serve traffic), `/livez` (the
+//! node is running) and, with `--experimental-raft-view`, `/debug/raft` and
+//! `/debug/raft/events` (the member's Raft state: see `node::view`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +27,8 @@ pub fn router(frontend: Arc<Frontend>, metrics: Arc<Metrics>) -> Router {
         .route("/health", get(health))
         .route("/readyz", get(readyz))
         .route("/livez", get(livez))
+        .route("/debug/raft", get(raft_view))
+        .route("/debug/raft/events", get(raft_view_events))
         .with_state(HttpState { frontend, metrics })
 }
 
@@ -92,4 +95,56 @@ async fn livez(State(state): State<HttpState>) -> impl IntoResponse {
     } else {
         (StatusCode::OK, "ok\n")
     }
+}
+
+/// At most one view event per interval for each subscriber: the raft task publishes a view
+/// at every round and tick, and a page needs no more than this to draw it.
+const VIEW_EVENTS_INTERVAL: Duration = Duration::from_millis(50);
+
+fn raft_view_off() -> axum::response::Response {
+    (
+        StatusCode::NOT_FOUND,
+        "the Raft view is off: start the member with --experimental-raft-view\n",
+    )
+        .into_response()
+}
+
+/// The member's Raft state now, as JSON.
+async fn raft_view(State(state): State<HttpState>) -> axum::response::Response {
+    let Some(view) = state.frontend.node.raft_view() else {
+        return raft_view_off();
+    };
+    let json = serde_json::to_string(&*view.borrow()).expect("a view encodes as JSON");
+    ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+}
+
+/// The member's Raft state as server-sent events (`event: view`), the current one first, then
+/// the latest at most every [`VIEW_EVENTS_INTERVAL`] while it changes; the stream ends after
+/// the view that says the member stopped.
+async fn raft_view_events(State(state): State<HttpState>) -> axum::response::Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let Some(mut view) = state.frontend.node.raft_view() else {
+        return raft_view_off();
+    };
+    let (events, stream) = tokio::sync::mpsc::channel::<Result<Event, std::convert::Infallible>>(4);
+    tokio::spawn(async move {
+        loop {
+            let json =
+                serde_json::to_string(&*view.borrow_and_update()).expect("a view encodes as JSON");
+            if events
+                .send(Ok(Event::default().event("view").data(json)))
+                .await
+                .is_err()
+            {
+                return; // the subscriber went away
+            }
+            tokio::time::sleep(VIEW_EVENTS_INTERVAL).await;
+            if view.changed().await.is_err() {
+                return; // the raft task is gone; its last view was sent
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(stream))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

@@ -257,6 +257,7 @@ fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
         limits,
         lease_duration,
         slow_step: config.slow_step,
+        raft_view: config.raft_view,
     }
 }
 

@@ -275,6 +275,17 @@ impl<S: LogStorage> RaftNode<S> {
         self.term
     }
 
+    /// Ticks since the election timer was last reset (for a leader, since its last
+    /// check-quorum round): what a view of the cluster draws as the timer's progress.
+    pub fn election_elapsed_ticks(&self) -> u64 {
+        self.election_elapsed_ticks
+    }
+
+    /// The election timeout drawn at the last reset, in [T, 2T) (§5.2).
+    pub fn election_timeout_ticks(&self) -> u64 {
+        self.election_timeout_randomized_ticks
+    }
+
     pub fn vote(&self) -> NodeId {
         self.vote
     }

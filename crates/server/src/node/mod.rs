@@ -21,6 +21,7 @@ mod apply;
 mod forwarded;
 mod raft_loop;
 mod snapshot_pipe;
+pub mod view;
 mod wal_thread;
 
 use std::collections::VecDeque;
@@ -140,6 +141,8 @@ pub struct NodeOptions {
     /// wait for the state's lock, a raft round) slower than this is logged as a warning with
     /// what it did, as etcd warns of slow applies: a put stall then has a named cause.
     pub slow_step: Duration,
+    /// Publish the Raft view (see [`view`]) after each round (`--experimental-raft-view`).
+    pub raft_view: bool,
 }
 
 /// A running node, for the services: submit requests, watch the status, read the state.
@@ -153,6 +156,7 @@ pub struct NodeHandle {
     pub metrics: Arc<Metrics>,
     lease: Arc<PublishedLease>,
     forwarded: Arc<ForwardedWrites>,
+    view: Option<watch::Receiver<view::RaftView>>,
 }
 
 /// Why a request to the node failed.
@@ -168,6 +172,11 @@ pub enum NodeError {
 impl NodeHandle {
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
+    }
+
+    /// The Raft view, if the member publishes it (`--experimental-raft-view`).
+    pub fn raft_view(&self) -> Option<watch::Receiver<view::RaftView>> {
+        self.view.clone()
     }
 
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
@@ -407,6 +416,12 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
     };
     let lease = Arc::new(PublishedLease::default());
     let clock = TickClock::new(driver.node().ticks(), Instant::now());
+    let (view_tx, view_rx) = if parts.options.raft_view {
+        let (tx, rx) = watch::channel(view::RaftView::default());
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     let raft_loop = RaftLoop {
         driver,
         clock,
@@ -424,6 +439,8 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         removed: false,
         fatal: None,
         snapshots_deferred: 0,
+        view: view_tx,
+        sent: Default::default(),
     };
     let raft_task = tokio::spawn(raft_loop.run(RaftInputs {
         requests: requests_rx,
@@ -443,6 +460,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         metrics: parts.metrics,
         lease,
         forwarded,
+        view: view_rx,
     };
     Ok(RunningNode {
         handle,

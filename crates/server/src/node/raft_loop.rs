@@ -11,6 +11,7 @@ use flotilla_raft::{Index, Message, PersistBatch, PersistId, Role, RoleState};
 use tokio::sync::{mpsc, watch};
 
 use super::apply::ApplyWork;
+use super::view::{RaftView, SentMessages};
 use super::{
     NodeDriver, NodeOptions, NodeRequest, NodeStatus, ProposalWaiter, ReadWaiter, RoleStatus,
     SnapshotRequest, status_of,
@@ -51,6 +52,10 @@ pub(super) struct RaftLoop {
     pub(super) fatal: Option<String>,
     /// Snapshot policy signals this leader let pass (see `on_snapshot_due`).
     pub(super) snapshots_deferred: u32,
+    /// With `--experimental-raft-view`: the view published after each round, and the count
+    /// of messages sent that it shows.
+    pub(super) view: Option<watch::Sender<RaftView>>,
+    pub(super) sent: SentMessages,
 }
 
 /// How many snapshot policy signals a leader lets pass before it saves a snapshot.
@@ -315,6 +320,9 @@ impl RaftLoop {
             self.queue_wal(batch);
         }
         for msg in actions.messages {
+            if self.view.is_some() {
+                self.sent.count(&msg);
+            }
             if !self.router.send(msg) {
                 self.metrics
                     .peer_messages_dropped
@@ -453,6 +461,18 @@ impl RaftLoop {
                 true
             }
         });
+        if let Some(view) = &self.view {
+            let tick_ms = self.options.tick.as_millis() as u64;
+            let now = RaftView::of(&self.driver, tick_ms, &self.sent, stopped);
+            view.send_if_modified(|current| {
+                if *current == now {
+                    false
+                } else {
+                    *current = now;
+                    true
+                }
+            });
+        }
     }
 
     /// Fails every waiting client and lets the threads finish: closing the channels makes the
