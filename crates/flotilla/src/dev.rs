@@ -37,7 +37,21 @@ pub struct DevArgs {
     /// CA made in `<data-dir>/tls`.
     #[arg(long)]
     tls: bool,
+    /// Where the cluster view (a web page of the live cluster, with controls) listens; an
+    /// address other than loopback lets anyone who reaches it kill members.
+    #[arg(long, default_value = "127.0.0.1:2378")]
+    ui_addr: std::net::SocketAddr,
+    /// No cluster view.
+    #[arg(long)]
+    no_ui: bool,
+    /// Heartbeats every 500 ms and elections after 5 to 10 s (instead of 100 ms and 1 to
+    /// 2 s), so that a person can follow an election in the cluster view.
+    #[arg(long)]
+    slow_motion: bool,
 }
+
+/// `--slow-motion`'s timing, passed to every member.
+const SLOW_MOTION_FLAGS: [&str; 2] = ["--heartbeat-interval=500", "--election-timeout=5000"];
 
 /// The throwaway PKI of `--tls`, in `<data-dir>/tls`.
 struct DevTls {
@@ -125,7 +139,135 @@ struct Member {
     peer_url: String,
     metrics_url: String,
     child: Option<Child>,
+    /// Why the process is gone when it exited on its own.
     exited: Option<String>,
+    /// Killed from the cluster view (and not restarted since).
+    killed: bool,
+    /// Stopped with SIGSTOP from the cluster view.
+    paused: bool,
+}
+
+/// The running cluster, shared by the status table and the cluster view's controls.
+pub(crate) struct Cluster {
+    args: DevArgs,
+    tls: Option<DevTls>,
+    client_tls: Option<std::sync::Arc<flotilla_tls::ClientConfig>>,
+    initial_cluster: String,
+    members: std::sync::Mutex<Vec<Member>>,
+    /// Set once `dev` is stopping: no member is started again.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Member>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn member_names(&self) -> Vec<String> {
+        self.members().iter().map(|m| m.name.clone()).collect()
+    }
+
+    pub(crate) fn slow_motion(&self) -> bool {
+        self.args.slow_motion
+    }
+
+    /// The member's metrics listener as host:port.
+    pub(crate) fn metrics_addr(&self, name: &str) -> Option<String> {
+        let members = self.members();
+        let member = members.iter().find(|m| m.name == name)?;
+        Some(member.metrics_url.trim_start_matches("http://").to_string())
+    }
+
+    /// `running`, `paused`, `killed` or `exited`.
+    pub(crate) fn process_state(&self, name: &str) -> Option<&'static str> {
+        let members = self.members();
+        let member = members.iter().find(|m| m.name == name)?;
+        Some(match (&member.child, member.paused, member.killed) {
+            (Some(_), true, _) => "paused",
+            (Some(_), false, _) => "running",
+            (None, _, true) => "killed",
+            (None, _, false) => "exited",
+        })
+    }
+
+    pub(crate) fn running_members(&self) -> Vec<String> {
+        self.members()
+            .iter()
+            .filter(|m| m.child.is_some() && !m.paused)
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    /// A gRPC channel to the member's client port (connected lazily).
+    pub(crate) fn channel(&self, name: &str) -> Option<tonic::transport::Channel> {
+        let url = {
+            let members = self.members();
+            let member = members
+                .iter()
+                .find(|m| m.name == name && m.child.is_some())?;
+            member.client_url.clone()
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(url).ok()?;
+        flotilla_tls::channel(endpoint, self.client_tls.as_ref()).ok()
+    }
+
+    /// Sends `signal` (SIGSTOP or SIGCONT) to a running member.
+    pub(crate) fn signal(&self, name: &str, signal: rustix::process::Signal) -> Result<(), String> {
+        let mut members = self.members();
+        let member = members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .ok_or_else(|| format!("no member {name}"))?;
+        let child = member
+            .child
+            .as_ref()
+            .ok_or_else(|| format!("{name} is not running"))?;
+        let pid = rustix::process::Pid::from_raw(child.id() as i32)
+            .ok_or_else(|| format!("{name} has no process id"))?;
+        rustix::process::kill_process(pid, signal).map_err(|e| format!("{name}: {e}"))?;
+        member.paused = signal == rustix::process::Signal::STOP;
+        Ok(())
+    }
+
+    /// SIGKILL, by PID, and reaps it.
+    pub(crate) fn kill(&self, name: &str) -> Result<(), String> {
+        let mut members = self.members();
+        let member = members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .ok_or_else(|| format!("no member {name}"))?;
+        let mut child = member
+            .child
+            .take()
+            .ok_or_else(|| format!("{name} is not running"))?;
+        let _ = child.kill();
+        let _ = child.wait();
+        member.killed = true;
+        member.paused = false;
+        Ok(())
+    }
+
+    /// Starts a member that was killed or exited again, from its data.
+    pub(crate) fn restart(&self, name: &str) -> Result<(), String> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("the cluster is stopping".into());
+        }
+        let mut members = self.members();
+        let member = members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .ok_or_else(|| format!("no member {name}"))?;
+        if member.child.is_some() {
+            return Err(format!("{name} is running"));
+        }
+        let child = spawn_member(member, &self.args, &self.initial_cluster, self.tls.as_ref())
+            .map_err(|e| format!("{e:#}"))?;
+        member.child = Some(child);
+        member.exited = None;
+        member.killed = false;
+        member.paused = false;
+        Ok(())
+    }
 }
 
 /// etcd's convention: 2379, 22379, 32379, ... (and +1 for peers, +2 for metrics).
@@ -195,6 +337,8 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
                 metrics_url: format!("http://127.0.0.1:{}", port + 2),
                 child: None,
                 exited: None,
+                killed: false,
+                paused: false,
             }
         })
         .collect();
@@ -212,15 +356,39 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
             }
         }
     }
-    print_endpoints(&members, &args.data_dir, tls.as_ref());
-    let status_tls = match &tls {
+    let client_tls = match &tls {
         Some(tls) => Some(tls.client_tls().config()?),
         None => None,
     };
-    let result = show_status_until_stopped(&mut members, status_tls).await;
+    let cluster = std::sync::Arc::new(Cluster {
+        args,
+        tls,
+        client_tls,
+        initial_cluster,
+        members: std::sync::Mutex::new(members),
+        stopping: Default::default(),
+    });
+    let ui = if cluster.args.no_ui {
+        None
+    } else {
+        match crate::dev_ui::serve(cluster.clone(), cluster.args.ui_addr).await {
+            Ok(addr) => Some(addr),
+            Err(err) => {
+                let mut members = std::mem::take(&mut *cluster.members());
+                stop_all(&mut members).await;
+                return Err(err);
+            }
+        }
+    };
+    print_endpoints(&cluster, ui);
+    let result = show_status_until_stopped(&cluster).await;
+    cluster
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut members = std::mem::take(&mut *cluster.members());
     println!("\nstopping {} members...", members.len());
     stop_all(&mut members).await;
-    println!("stopped; data kept in {}", args.data_dir.display());
+    println!("stopped; data kept in {}", cluster.args.data_dir.display());
     result
 }
 
@@ -250,7 +418,15 @@ fn spawn_member(
         .args(["--listen-metrics-urls", &member.metrics_url])
         .args(["--initial-cluster", initial_cluster])
         .args(["--initial-cluster-token", "flotilla-dev"])
+        // The members' Raft state for anyone who wants to watch it (`/debug/raft` on each
+        // metrics port): cheap, and this is a cluster for looking at.
+        .arg("--experimental-raft-view")
         .args(tls.map(DevTls::serve_flags).unwrap_or_default())
+        .args(if args.slow_motion {
+            &SLOW_MOTION_FLAGS[..]
+        } else {
+            &[]
+        })
         .args(&args.serve_args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -263,7 +439,15 @@ fn spawn_member(
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", member.name))
 }
 
-fn print_endpoints(members: &[Member], data_dir: &Path, tls: Option<&DevTls>) {
+fn print_endpoints(cluster: &Cluster, ui: Option<std::net::SocketAddr>) {
+    let (members, data_dir, tls) = (
+        &*cluster.members(),
+        &cluster.args.data_dir,
+        cluster.tls.as_ref(),
+    );
+    if let Some(ui) = ui {
+        println!("flotilla dev: the cluster view is at http://{ui}/");
+    }
     println!("flotilla dev: {} members", members.len());
     for m in members {
         println!(
@@ -304,10 +488,8 @@ struct Row {
     leader: u64,
 }
 
-async fn show_status_until_stopped(
-    members: &mut [Member],
-    tls: Option<std::sync::Arc<flotilla_tls::ClientConfig>>,
-) -> anyhow::Result<()> {
+async fn show_status_until_stopped(cluster: &Cluster) -> anyhow::Result<()> {
+    let tls = cluster.client_tls.clone();
     let tty = std::io::stdout().is_terminal();
     // Created once: a signal that arrives while the table is being queried is kept for the
     // next `recv`, not lost (a fresh `ctrl_c()` per iteration would miss it).
@@ -323,19 +505,36 @@ async fn show_status_until_stopped(
             _ = term.recv() => return Ok(()),
             _ = ticker.tick() => {}
         }
-        reap_exited(members);
-        if members.iter().all(|m| m.exited.is_some()) {
-            let first_error = members
+        // What to query, taken under the lock; the queries run without it.
+        let queries: Vec<(String, String, Option<String>)> = {
+            let mut members = cluster.members();
+            reap_exited(&mut members);
+            if members.iter().all(|m| m.exited.is_some()) {
+                let first_error = members
+                    .iter()
+                    .find_map(|m| last_error_line(&m.log))
+                    .unwrap_or_else(|| "no error logged".into());
+                anyhow::bail!("every member exited (first error: {first_error}); see their logs");
+            }
+            members
                 .iter()
-                .find_map(|m| last_error_line(&m.log))
-                .unwrap_or_else(|| "no error logged".into());
-            anyhow::bail!("every member exited (first error: {first_error}); see their logs");
-        }
+                .map(|m| {
+                    let down = match (&m.exited, m.killed, m.paused) {
+                        (Some(exited), _, _) => Some(exited.clone()),
+                        (None, true, _) => Some("killed from the cluster view".to_string()),
+                        (None, false, true) => Some("paused from the cluster view".to_string()),
+                        (None, false, false) => None,
+                    };
+                    (m.name.clone(), m.client_url.clone(), down)
+                })
+                .collect()
+        };
         let mut rows = Vec::new();
-        for m in members.iter() {
-            rows.push(status_row(m, tls.as_ref()).await);
+        for (name, client_url, down) in &queries {
+            rows.push(status_row(name, client_url, down.as_deref(), tls.as_ref()).await);
         }
-        let table = render_table(members, &rows);
+        let names: Vec<&str> = queries.iter().map(|(name, _, _)| name.as_str()).collect();
+        let table = render_table(&names, &rows);
         if tty {
             // Move up over the previous table and redraw it.
             if drawn_lines > 0 {
@@ -379,11 +578,13 @@ fn reap_exited(members: &mut [Member]) {
 }
 
 async fn status_row(
-    member: &Member,
+    name: &str,
+    client_url: &str,
+    down: Option<&str>,
     tls: Option<&std::sync::Arc<flotilla_tls::ClientConfig>>,
 ) -> Row {
     let unknown = |role: &str| Row {
-        name: member.name.clone(),
+        name: name.to_string(),
         id: 0,
         role: role.to_string(),
         term: 0,
@@ -391,11 +592,11 @@ async fn status_row(
         applied: 0,
         leader: 0,
     };
-    if let Some(exited) = &member.exited {
-        return unknown(exited);
+    if let Some(down) = down {
+        return unknown(down);
     }
     let query = async {
-        let endpoint = tonic::transport::Endpoint::from_shared(member.client_url.clone()).ok()?;
+        let endpoint = tonic::transport::Endpoint::from_shared(client_url.to_string()).ok()?;
         let channel = flotilla_tls::channel(endpoint, tls).ok()?;
         let mut client = MaintenanceClient::new(channel);
         client
@@ -418,7 +619,7 @@ async fn status_row(
         "follower"
     };
     Row {
-        name: member.name.clone(),
+        name: name.to_string(),
         id,
         role: role.to_string(),
         term: status.raft_term,
@@ -428,7 +629,7 @@ async fn status_row(
     }
 }
 
-fn render_table(members: &[Member], rows: &[Row]) -> String {
+fn render_table(members: &[&str], rows: &[Row]) -> String {
     let mut out = format!(
         "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",
         "MEMBER", "ID", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER"
@@ -446,7 +647,7 @@ fn render_table(members: &[Member], rows: &[Row]) -> String {
                         format!("{:x}", row.leader)
                     }
                 },
-                |(m, _)| m.name.clone(),
+                |(name, _)| name.to_string(),
             );
         out.push_str(&format!(
             "{:<7} {:<17} {:<22} {:>6} {:>10} {:>10}  {:<16}\n",

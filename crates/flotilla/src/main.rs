@@ -3,6 +3,7 @@
 //! `chaos` from `flotilla-chaos`.
 
 mod dev;
+mod dev_ui;
 mod snapshot;
 
 use std::io::Write;
