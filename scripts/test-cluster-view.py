@@ -6,7 +6,8 @@ drives the page through the Chrome DevTools Protocol (a small WebSocket client b
 library only): the page must show three members and one leader with its log; a put made with
 the page's form must show as a committed entry on every member; killing the leader with the
 page's button must show a new leader in a higher term; restarting the old one with its button
-must show it back as a follower. Each wait is for a state of the page, bounded. Screenshots of
+must show it back as a follower; cutting the new leader off from the others with its button
+must show yet another leader and the cut links, and healing it must show it following again. Each wait is for a state of the page, bounded. Screenshots of
 each stage go to the artifacts directory. The page's own event stream (/events) is checked
 too, and the controls refuse a request without the page's header.
 
@@ -321,6 +322,27 @@ def run(binary, artifacts):
         page.wait_for(f"{old} back as a follower", f"document.querySelector('.member[data-name={old}]').dataset.role === 'follower'")
         ok(f"{old}, restarted from the page, is a follower again")
         page.screenshot(os.path.join(artifacts, "4-restarted.png"))
+
+        cut, cut_term = new
+        page.eval(f"document.querySelector('button[data-action=partition][data-member={cut}]').click()")
+        after = page.wait_for(
+            "a new leader once the leader is cut off",
+            f"(() => {{ const l = [...document.querySelectorAll('.member[data-role=leader]')]"
+            f".filter(m => m.dataset.name !== '{cut}');"
+            f" return l.length === 1 && Number(l[0].dataset.term) > {cut_term}"
+            f" ? [l[0].dataset.name, Number(l[0].dataset.term)] : null; }})()",
+        )
+        page.wait_for("the cut links drawn", "document.querySelectorAll('line.edge.cut').length === 2")
+        ok(f"after cutting {cut} off from the page: {after[0]} leads term {after[1]}")
+        page.screenshot(os.path.join(artifacts, "5-partitioned.png"))
+        page.eval(f"document.querySelector('button[data-action=heal][data-member={cut}]').click()")
+        page.wait_for(
+            f"{cut} following {after[0]} once healed",
+            f"document.querySelector('.member[data-name={cut}]').dataset.role === 'follower'"
+            f" && document.querySelectorAll('line.edge.cut').length === 0"
+            f" && document.querySelectorAll('.member[data-role=leader]').length === 1",
+        )
+        ok(f"{cut}, healed from the page, follows again")
     finally:
         stop(chrome, "chromium", grace_s=5)
         stop(dev, "flotilla dev")

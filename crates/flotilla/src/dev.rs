@@ -156,6 +156,8 @@ pub(crate) struct Cluster {
     members: std::sync::Mutex<Vec<Member>>,
     /// Set once `dev` is stopping: no member is started again.
     stopping: std::sync::atomic::AtomicBool,
+    /// The members cut off from all the others (from the cluster view).
+    cut_off: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Cluster {
@@ -188,6 +190,56 @@ impl Cluster {
             (None, _, true) => "killed",
             (None, _, false) => "exited",
         })
+    }
+
+    /// The members cut off from the others now.
+    pub(crate) fn cut_off(&self) -> std::collections::BTreeSet<String> {
+        self.cut_off
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Cuts `name` off from every other member (`cut` true) or heals it, and returns what
+    /// each member must drop: an isolated member drops everyone else, the others drop the
+    /// isolated ones.
+    pub(crate) fn set_cut_off(
+        &self,
+        name: &str,
+        cut: bool,
+    ) -> Result<Vec<(String, std::collections::BTreeSet<String>)>, String> {
+        let names = self.member_names();
+        if !names.iter().any(|n| n == name) {
+            return Err(format!("no member {name}"));
+        }
+        {
+            let mut isolated = self.cut_off.lock().unwrap_or_else(|p| p.into_inner());
+            if cut {
+                isolated.insert(name.to_string());
+            } else {
+                isolated.remove(name);
+            }
+        }
+        Ok(names
+            .into_iter()
+            .map(|member| {
+                let drops = self.cut_off_plan(&member);
+                (member, drops)
+            })
+            .collect())
+    }
+
+    /// What `name` must drop under the current partition (empty: nothing).
+    pub(crate) fn cut_off_plan(&self, name: &str) -> std::collections::BTreeSet<String> {
+        let isolated = self.cut_off();
+        if isolated.contains(name) {
+            self.member_names()
+                .into_iter()
+                .filter(|n| n != name)
+                .collect()
+        } else {
+            isolated
+        }
     }
 
     pub(crate) fn running_members(&self) -> Vec<String> {
@@ -367,6 +419,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
         initial_cluster,
         members: std::sync::Mutex::new(members),
         stopping: Default::default(),
+        cut_off: Default::default(),
     });
     let ui = if cluster.args.no_ui {
         None
@@ -421,6 +474,8 @@ fn spawn_member(
         // The members' Raft state for anyone who wants to watch it (`/debug/raft` on each
         // metrics port): cheap, and this is a cluster for looking at.
         .arg("--experimental-raft-view")
+        // And they take partitions from the cluster view (dropped in their transport).
+        .arg("--experimental-dev-faults")
         .args(tls.map(DevTls::serve_flags).unwrap_or_default())
         .args(if args.slow_motion {
             &SLOW_MOTION_FLAGS[..]

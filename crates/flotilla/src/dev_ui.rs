@@ -74,6 +74,8 @@ pub async fn serve(cluster: Arc<Cluster>, addr: SocketAddr) -> anyhow::Result<So
         .route("/api/resume", post(resume))
         .route("/api/put", post(put))
         .route("/api/transfer", post(transfer))
+        .route("/api/partition", post(partition))
+        .route("/api/heal", post(heal))
         .with_state(ui);
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, router).await {
@@ -100,9 +102,82 @@ impl Ui {
     }
 
     fn publish_process(&self, name: &str) {
-        if let Some(state) = self.cluster.process_state(name) {
-            self.publish("process", json!({ "name": name, "state": state }));
+        if let Some(event) = process_event(&self.cluster, name) {
+            let _ = self.events.send(("process".to_string(), event));
         }
+    }
+
+    /// Member ids (hexadecimal) by name, from the views seen so far.
+    fn member_ids(&self) -> BTreeMap<String, String> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|data| {
+                let event: serde_json::Value = serde_json::from_str(data).ok()?;
+                let name = event["name"].as_str()?.to_string();
+                Some((name, event["view"]["member"].as_str()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Tells `name` which members to drop (none: healed). A member that is down or paused
+    /// misses it; it is told again when its view stream comes back.
+    async fn push_drops(
+        &self,
+        name: &str,
+        drops: &std::collections::BTreeSet<String>,
+    ) -> Result<(), String> {
+        let ids = self.member_ids();
+        let peers: Vec<&str> = drops
+            .iter()
+            .map(|n| {
+                ids.get(n)
+                    .map(String::as_str)
+                    .ok_or_else(|| format!("no view of {n} yet"))
+            })
+            .collect::<Result<_, _>>()?;
+        let metrics = self
+            .cluster
+            .metrics_addr(name)
+            .ok_or_else(|| format!("no member {name}"))?;
+        let path = if peers.is_empty() {
+            "/debug/faults/heal".to_string()
+        } else {
+            format!("/debug/faults/partition?peers={}", peers.join(","))
+        };
+        post_to_member(&metrics, &path).await
+    }
+}
+
+/// The `process` event of a member: its process state and whether it is cut off.
+fn process_event(cluster: &Cluster, name: &str) -> Option<String> {
+    let state = cluster.process_state(name)?;
+    let cut_off = cluster.cut_off().contains(name);
+    Some(json!({ "name": name, "state": state, "cut_off": cut_off }).to_string())
+}
+
+/// How long a request to a member's metrics listener may take (a paused member never answers).
+const MEMBER_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A bodiless POST to a member's metrics listener; Ok on 200.
+async fn post_to_member(metrics: &str, path: &str) -> Result<(), String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(metrics).await?;
+        let request =
+            format!("POST {path} HTTP/1.0\r\nHost: {metrics}\r\nContent-Length: 0\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut status = String::new();
+        BufReader::new(stream).read_line(&mut status).await?;
+        std::io::Result::Ok(status)
+    };
+    match tokio::time::timeout(MEMBER_REQUEST_TIMEOUT, exchange).await {
+        Ok(Ok(status)) if status.split_whitespace().nth(1) == Some("200") => Ok(()),
+        Ok(Ok(status)) => Err(format!("{metrics}{path}: {}", status.trim())),
+        Ok(Err(err)) => Err(format!("{metrics}: {err}")),
+        Err(_) => Err(format!(
+            "{metrics}: no answer within {MEMBER_REQUEST_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -127,6 +202,13 @@ async fn read_views(ui: &Ui, name: &str, metrics: &str) -> std::io::Result<()> {
     while let Some(line) = lines.next_line().await? {
         if !in_body {
             in_body = line.is_empty();
+            if in_body {
+                // Back (or first up): it must drop whom the partition says, if anyone.
+                let drops = ui.cluster.cut_off_plan(name);
+                if !drops.is_empty() {
+                    let _ = ui.push_drops(name, &drops).await;
+                }
+            }
             continue;
         }
         if let Some(data) = line.strip_prefix("data: ") {
@@ -172,11 +254,8 @@ async fn events(State(ui): State<Arc<Ui>>) -> Response {
         .to_string(),
     )];
     for name in ui.cluster.member_names() {
-        if let Some(state) = ui.cluster.process_state(&name) {
-            first.push((
-                "process".to_string(),
-                json!({ "name": name, "state": state }).to_string(),
-            ));
+        if let Some(event) = process_event(&ui.cluster, &name) {
+            first.push(("process".to_string(), event));
         }
     }
     first.extend(
@@ -395,4 +474,53 @@ async fn transfer(
         Ok(text)
     };
     answer(result.await)
+}
+
+/// Cuts a member off from all the others (every member drops the messages between them).
+async fn partition(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Query(q): Query<MemberQuery>,
+) -> Response {
+    answer(set_partition(&ui, &headers, &q.member, true).await)
+}
+
+/// Ends a member's partition.
+async fn heal(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Query(q): Query<MemberQuery>,
+) -> Response {
+    answer(set_partition(&ui, &headers, &q.member, false).await)
+}
+
+async fn set_partition(ui: &Ui, headers: &HeaderMap, name: &str, cut: bool) -> Control {
+    check_origin(headers)?;
+    if cut && ui.cluster.cut_off().contains(name) {
+        return Err(bad(format!("{name} is cut off already")));
+    }
+    let plan = ui.cluster.set_cut_off(name, cut).map_err(bad)?;
+    // Members that are down learn it when they come back (see `read_views`).
+    let mut missed = Vec::new();
+    for (member, drops) in &plan {
+        if !ui.cluster.running_members().contains(member) {
+            continue;
+        }
+        if let Err(err) = ui.push_drops(member, drops).await {
+            missed.push(format!("{member}: {err}"));
+        }
+    }
+    let mut text = if cut {
+        format!("{name} cut off from the others (messages both ways dropped)")
+    } else {
+        format!("{name} healed")
+    };
+    if !missed.is_empty() {
+        text.push_str(&format!("; not told yet: {}", missed.join("; ")));
+    }
+    ui.note(&text);
+    for member in ui.cluster.member_names() {
+        ui.publish_process(&member);
+    }
+    Ok(text)
 }

@@ -180,9 +180,93 @@ async fn members_show_their_raft_state_and_a_new_leader_after_a_kill() {
     .await;
 }
 
-/// Without the flag nothing is published, and the endpoint says how to turn it on.
+/// A bodiless POST to a member's metrics listener: the status line and the body.
+async fn post(port: u16, path: &str) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!("POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// With `--experimental-dev-faults` a partition is made in the members' transport: a leader
+/// cut off from both followers (each side drops the other's messages) is replaced by a leader
+/// of a higher term among them and steps down itself (check-quorum); healed, all three follow
+/// the new leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_raft_view_is_off_unless_asked_for() {
+async fn a_leader_cut_off_in_the_transport_is_replaced_and_follows_once_healed() {
+    let cluster = TestCluster::start(
+        3,
+        &["--experimental-raft-view", "--experimental-dev-faults"],
+    );
+    bounded(LIMIT, async {
+        let old = cluster.wait_for_leader(&[0, 1, 2]).await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(member_hex(&cluster, i).await);
+        }
+        let old_term = number(&view(&cluster, old).await.unwrap(), "term");
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let port = |i: usize| cluster.members[i].metrics_port();
+        let cut_others = format!(
+            "/debug/faults/partition?peers={},{}",
+            ids[others[0]], ids[others[1]]
+        );
+        assert_eq!(post(port(old), &cut_others).await.0, "HTTP/1.0 200 OK");
+        for &i in &others {
+            let cut_old = format!("/debug/faults/partition?peers={}", ids[old]);
+            assert_eq!(post(port(i), &cut_old).await.0, "HTTP/1.0 200 OK");
+        }
+
+        let new_leader = eventually("a new leader among the others", LIMIT, || async {
+            for &i in &others {
+                let view = view(&cluster, i).await?;
+                if text(&view, "role") == "leader" && number(&view, "term") > old_term {
+                    return Some(text(&view, "member"));
+                }
+            }
+            None
+        })
+        .await;
+        eventually("the cut-off leader to step down", LIMIT, || async {
+            (text(&view(&cluster, old).await?, "role") != "leader").then_some(())
+        })
+        .await;
+
+        for i in 0..3 {
+            assert_eq!(
+                post(port(i), "/debug/faults/heal").await.0,
+                "HTTP/1.0 200 OK"
+            );
+        }
+        eventually("all three to follow the new leader", LIMIT, || async {
+            for i in 0..3 {
+                (text(&view(&cluster, i).await?, "leader") == new_leader).then_some(())?;
+            }
+            Some(())
+        })
+        .await;
+        let (status, body) = post(port(old), "/debug/faults/partition?peers=xyz").await;
+        assert!(
+            status.contains("400") && body.contains("xyz"),
+            "{status} {body}"
+        );
+    })
+    .await;
+}
+
+/// Without the flags nothing is published or injected, and the endpoints say how to turn
+/// them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raft_view_and_dev_faults_are_off_unless_asked_for() {
     let cluster = TestCluster::start(1, &[]);
     bounded(LIMIT, async {
         cluster.wait_for_leader(&[0]).await;
@@ -192,6 +276,13 @@ async fn the_raft_view_is_off_unless_asked_for() {
                 .await
                 .unwrap();
             assert!(body.contains("--experimental-raft-view"), "{path}: {body}");
+        }
+        for path in ["/debug/faults/partition?peers=1", "/debug/faults/heal"] {
+            let (status, body) = post(port, path).await;
+            assert!(
+                status.contains("404") && body.contains("--experimental-dev-faults"),
+                "{path}: {status} {body}"
+            );
         }
     })
     .await;

@@ -126,6 +126,12 @@ pub struct ServeArgs {
     /// of `flotilla dev` (see docs/raft-view.md) [default: false].
     #[arg(long, env = "FLOTILLA_EXPERIMENTAL_RAFT_VIEW", num_args = 0..=1, default_missing_value = "true")]
     pub experimental_raft_view: Option<bool>,
+    /// Accept fault injection on the metrics listener, for `flotilla dev`'s cluster view:
+    /// `POST /debug/faults/partition?peers=<id>,<id>` drops every message to and from those
+    /// members (a partition made in the transport), `POST /debug/faults/heal` ends it. Never
+    /// for a real cluster [default: false].
+    #[arg(long, env = "FLOTILLA_EXPERIMENTAL_DEV_FAULTS", num_args = 0..=1, default_missing_value = "true")]
+    pub experimental_dev_faults: Option<bool>,
     /// A step of the write path (a WAL group commit, preparing a segment, applying a batch,
     /// waiting for the state's lock, a raft round) slower than this is logged as a warning
     /// with its cause, as a Go duration (etcd's flag) [default: 100ms].
@@ -239,6 +245,7 @@ struct FileConfig {
     experimental_initial_corrupt_check: Option<bool>,
     experimental_corrupt_check_time: Option<String>,
     experimental_raft_view: Option<bool>,
+    experimental_dev_faults: Option<bool>,
     warning_apply_duration: Option<String>,
     lease_reads: Option<bool>,
     lease_clock_drift: Option<u64>,
@@ -298,6 +305,8 @@ pub struct ServerConfig {
     pub slow_step: Duration,
     /// `--experimental-raft-view`.
     pub raft_view: bool,
+    /// `--experimental-dev-faults`.
+    pub dev_faults: bool,
     pub lease_reads: bool,
     pub lease_clock_drift: Duration,
     pub unsafe_no_fsync: bool,
@@ -622,6 +631,10 @@ impl ServeArgs {
             raft_view: self
                 .experimental_raft_view
                 .or(file.experimental_raft_view)
+                .unwrap_or(false),
+            dev_faults: self
+                .experimental_dev_faults
+                .or(file.experimental_dev_faults)
                 .unwrap_or(false),
             lease_reads,
             lease_clock_drift: Duration::from_millis(lease_clock_drift_ms),

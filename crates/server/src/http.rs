@@ -1,7 +1,8 @@
 //! The metrics listener: `/metrics` (Prometheus text), `/health` (etcd's JSON: a leader is
 //! known and a linearizable read succeeds), `/readyz` (can serve traffic), `/livez` (the
-//! node is running) and, with `--experimental-raft-view`, `/debug/raft` and
-//! `/debug/raft/events` (the member's Raft state: see `node::view`).
+//! node is running), with `--experimental-raft-view`, `/debug/raft` and
+//! `/debug/raft/events` (the member's Raft state: see `node::view`), and with
+//! `--experimental-dev-faults`, `/debug/faults/partition` and `/debug/faults/heal`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ pub fn router(frontend: Arc<Frontend>, metrics: Arc<Metrics>) -> Router {
         .route("/livez", get(livez))
         .route("/debug/raft", get(raft_view))
         .route("/debug/raft/events", get(raft_view_events))
+        .route("/debug/faults/partition", axum::routing::post(partition))
+        .route("/debug/faults/heal", axum::routing::post(heal))
         .with_state(HttpState { frontend, metrics })
 }
 
@@ -147,4 +150,51 @@ async fn raft_view_events(State(state): State<HttpState>) -> axum::response::Res
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(stream))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PartitionQuery {
+    /// Member ids in hexadecimal, comma-separated.
+    peers: String,
+}
+
+fn dev_faults_off() -> axum::response::Response {
+    (
+        StatusCode::NOT_FOUND,
+        "fault injection is off: start the member with --experimental-dev-faults\n",
+    )
+        .into_response()
+}
+
+/// Cuts this member off from `peers` (see `transport::CutOff`); replaces any earlier cut.
+async fn partition(
+    State(state): State<HttpState>,
+    axum::extract::Query(query): axum::extract::Query<PartitionQuery>,
+) -> axum::response::Response {
+    let Some(cut_off) = &state.frontend.identity.cut_off else {
+        return dev_faults_off();
+    };
+    let mut peers = std::collections::BTreeSet::new();
+    for hex in query.peers.split(',').filter(|hex| !hex.is_empty()) {
+        match u64::from_str_radix(hex, 16) {
+            Ok(id) => peers.insert(id),
+            Err(_) => {
+                let why = format!("not a member id in hexadecimal: {hex:?}\n");
+                return (StatusCode::BAD_REQUEST, why).into_response();
+            }
+        };
+    }
+    tracing::warn!(?peers, "dev fault: cut off from these members");
+    cut_off.set(peers);
+    (StatusCode::OK, "cut off\n").into_response()
+}
+
+/// Ends this member's partition.
+async fn heal(State(state): State<HttpState>) -> axum::response::Response {
+    let Some(cut_off) = &state.frontend.identity.cut_off else {
+        return dev_faults_off();
+    };
+    tracing::warn!("dev fault: healed");
+    cut_off.set(Default::default());
+    (StatusCode::OK, "healed\n").into_response()
 }

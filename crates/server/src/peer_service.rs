@@ -91,6 +91,9 @@ impl PeerService {
             if self.is_removed_if_free(from) {
                 return Err(Status::failed_precondition(REMOVED_MESSAGE));
             }
+            if self.frontend.identity.is_cut_off_from(from) {
+                continue; // lost in the (dev) partition
+            }
             self.frontend.note_peer_activity(from);
             for bytes in batch.messages {
                 let msg = codec::decode_message_exact(bytes)
@@ -134,7 +137,12 @@ impl Peer for PeerService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        self.check_peer(&request)?;
+        let from = self.check_peer(&request)?;
+        if self.frontend.identity.is_cut_off_from(from) {
+            return Err(Status::unavailable(format!(
+                "flotilla: cut off from {from:x} (a partition made by flotilla dev)"
+            )));
+        }
         let forward = request.into_inner();
         let Some(leader_request) = forward.request else {
             return Err(Status::invalid_argument("flotilla: empty forward request"));

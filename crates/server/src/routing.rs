@@ -488,6 +488,9 @@ impl Frontend {
         session_id: u64,
         deadline: Instant,
     ) -> Result<Answer, RouteError> {
+        if self.identity.is_cut_off_from(leader) {
+            return Err(RouteError::Undelivered); // the (dev) partition
+        }
         let mut client = self.peer(leader)?;
         let mut call = Request::new(ForwardRequest {
             request: Some(request.clone()),

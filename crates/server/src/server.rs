@@ -134,6 +134,7 @@ pub async fn run(
         cluster_id: identity.cluster_id,
         member_id: identity.member_id,
         dial_tls: tls.dial_peers.clone(),
+        cut_off: config.dev_faults.then(Default::default),
     };
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_MESSAGES);
     let (events_tx, events_rx) = mpsc::channel(1024);

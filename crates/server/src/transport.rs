@@ -87,9 +87,41 @@ pub struct PeerIdentity {
     pub member_id: NodeId,
     /// What this member presents and trusts when it dials a peer's https:// URL.
     pub dial_tls: Option<Arc<flotilla_tls::ClientConfig>>,
+    /// With `--experimental-dev-faults`: the peers this member is cut off from, as a network
+    /// partition would (`flotilla dev`'s cluster view sets them). `None` otherwise.
+    pub cut_off: Option<Arc<CutOff>>,
+}
+
+/// The peers a member drops every message to and from (a partition made in the transport,
+/// for `flotilla dev`): Raft messages both ways, and requests forwarded between them.
+#[derive(Debug, Default)]
+pub struct CutOff {
+    peers: RwLock<std::collections::BTreeSet<NodeId>>,
+}
+
+impl CutOff {
+    pub fn set(&self, peers: std::collections::BTreeSet<NodeId>) {
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    pub fn peers(&self) -> std::collections::BTreeSet<NodeId> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn contains(&self, peer: NodeId) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&peer)
+    }
 }
 
 impl PeerIdentity {
+    /// Messages to and from `peer` are dropped (a dev partition: see [`CutOff`]).
+    pub fn is_cut_off_from(&self, peer: NodeId) -> bool {
+        self.cut_off.as_ref().is_some_and(|cut| cut.contains(peer))
+    }
+
     /// A lazily connecting channel to a peer (over TLS for an https:// URL).
     pub fn channel(&self, endpoint: Endpoint) -> Result<Channel, String> {
         flotilla_tls::channel(endpoint, self.dial_tls.as_ref()).map_err(|e| e.to_string())
@@ -126,6 +158,9 @@ impl PeerRouter {
     /// Queues a message; false if it was dropped.
     pub fn send(&mut self, msg: Message) -> bool {
         let to = msg.to;
+        if self.identity.is_cut_off_from(to) {
+            return true; // lost in the (dev) partition, as the network would lose it
+        }
         // The member table is consulted for a new peer, and about once a second for a known
         // one (its URL may change with MemberUpdate), not for every message.
         let fresh = self
@@ -470,6 +505,7 @@ mod tests {
             cluster_id: 7,
             member_id: 1,
             dial_tls: None,
+            cut_off: None,
         };
         let mut router = PeerRouter::new(identity, state.clone(), hints, events);
         assert!(router.send(heartbeat(2)));
@@ -493,6 +529,7 @@ mod tests {
             cluster_id: u64::MAX,
             member_id: 7,
             dial_tls: None,
+            cut_off: None,
         };
         let mut metadata = MetadataMap::new();
         identity.stamp(&mut metadata, 9);

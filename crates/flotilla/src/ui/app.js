@@ -38,6 +38,8 @@ const state = {
   slowMotion: false,
   views: new Map(),   // name -> { view, at }
   process: new Map(), // name -> running | paused | killed | exited
+  cutOff: new Set(),  // names cut off from the others (a partition)
+  edges: [],          // { a, b, line }
   sent: new Map(),    // name -> Map("to|kind" -> count)
   rates: [],          // { at, from, kind, count } in the last second
   nodes: new Map(),   // name -> svg parts
@@ -76,10 +78,12 @@ function buildCluster() {
   svg.replaceChildren();
   state.nodes.clear();
   const edges = el("g", {}, svg, SVG);
+  state.edges = [];
   state.members.forEach((a, i) => state.members.forEach((b, j) => {
     if (j <= i) return;
     const p = position(i), q = position(j);
-    el("line", { class: "edge", x1: p.x, y1: p.y, x2: q.x, y2: q.y }, edges, SVG);
+    const line = el("line", { class: "edge", x1: p.x, y1: p.y, x2: q.x, y2: q.y }, edges, SVG);
+    state.edges.push({ a, b, line });
   }));
   state.dotLayer = el("g", {}, svg, SVG);
   state.members.forEach((name, i) => {
@@ -101,6 +105,14 @@ function buildCluster() {
   });
   buildControls();
   buildLegend();
+}
+
+function drawEdges() {
+  for (const { a, b, line } of state.edges) {
+    const cut = state.cutOff.has(a) || state.cutOff.has(b);
+    line.setAttribute("class", cut ? "edge cut" : "edge");
+    line.innerHTML = cut ? "<title>partitioned: every message on this link is dropped</title>" : "";
+  }
 }
 
 function buildLegend() {
@@ -136,7 +148,8 @@ function drawMember(name) {
     const v = entry.view;
     node.g.setAttribute("data-term", v.term);
     node.term.textContent = `term ${v.term}`;
-    node.vote.textContent = up && v.vote && role !== "leader" ? `voted for ${nameOf(v.vote)} in term ${v.term}` : "";
+    node.vote.textContent = state.cutOff.has(name) ? "cut off from the others"
+      : up && v.vote && role !== "leader" ? `voted for ${nameOf(v.vote)} in term ${v.term}` : "";
     node.title.textContent = `${name} (${v.member}): ${ROLE_HELP[v.learner ? "learner" : v.role] || role}.\n` +
       `Term ${v.term}; voted for ${v.vote ? nameOf(v.vote) : "nobody"} in it (§5.2: one vote per term).\n` +
       `Commit ${v.commit}, applied ${v.applied}, last index ${v.last_index}.\n` +
@@ -182,12 +195,14 @@ function flyDot(from, to, kind) {
   state.dots++;
   const dot = el("circle", { class: "dot", r: 5, fill: KIND_COLORS[kind] || "#444" }, state.dotLayer, SVG);
   const duration = state.slowMotion ? 1500 : 450;
+  // Across a partition a message is lost on the way: it stops halfway.
+  const end = state.cutOff.has(from) || state.cutOff.has(to) ? 0.5 : 1;
   const start = performance.now();
   const step = (now) => {
-    const t = Math.min((now - start) / duration, 1);
+    const t = Math.min((now - start) / duration, end);
     dot.setAttribute("cx", a.pos.x + (b.pos.x - a.pos.x) * t);
     dot.setAttribute("cy", a.pos.y + (b.pos.y - a.pos.y) * t);
-    if (t < 1) requestAnimationFrame(step);
+    if (t < end) requestAnimationFrame(step);
     else { dot.remove(); state.dots--; }
   };
   requestAnimationFrame(step);
@@ -259,6 +274,8 @@ function buildControls() {
     ["pause", "Pause", "SIGSTOP: the process stops, its connections stay open"],
     ["resume", "Resume", "SIGCONT"],
     ["transfer", "Lead", "ask the leader to hand leadership to this member (thesis §3.10)"],
+    ["partition", "Cut off", "drop every message between this member and the others, both ways (a partition made in the members' transport)"],
+    ["heal", "Heal", "end this member's partition"],
   ];
   for (const name of state.members) {
     el("span", { id: `state-${name}` }, box).textContent = name;
@@ -279,13 +296,15 @@ function drawControls() {
       restart: process === "killed" || process === "exited",
       pause: process === "running",
       resume: process === "paused",
-      transfer: process === "running" && role === "follower",
+      transfer: process === "running" && role === "follower" && !state.cutOff.has(name),
+      partition: process === "running" && !state.cutOff.has(name),
+      heal: state.cutOff.has(name),
     };
     for (const b of document.querySelectorAll(`button[data-member="${name}"]`)) {
       b.disabled = !allowed[b.dataset.action];
     }
     const label = $(`state-${name}`);
-    if (label) label.textContent = `${name} (${role})`;
+    if (label) label.textContent = `${name} (${role}${state.cutOff.has(name) ? ", cut off" : ""})`;
   }
 }
 
@@ -334,6 +353,7 @@ function summary() {
 
 function redraw() {
   state.members.forEach(drawMember);
+  drawEdges();
   drawLogs();
   drawControls();
   summary();
@@ -397,6 +417,7 @@ events.addEventListener("cluster", (e) => {
 events.addEventListener("process", (e) => {
   const data = JSON.parse(e.data);
   state.process.set(data.name, data.state);
+  if (data.cut_off) state.cutOff.add(data.name); else state.cutOff.delete(data.name);
   redraw();
 });
 events.addEventListener("note", (e) => {
