@@ -7,7 +7,8 @@ library only): the page must show three members and one leader with its log; a p
 the page's form must show as a committed entry on every member; killing the leader with the
 page's button must show a new leader in a higher term; restarting the old one with its button
 must show it back as a follower; cutting the new leader off from the others with its button
-must show yet another leader and the cut links, and healing it must show it following again. Each wait is for a state of the page, bounded. Screenshots of
+must show yet another leader and the cut links, and healing it must show it following again;
+a learner added from the page must catch up, be promoted, and be removed. Each wait is for a state of the page, bounded. Screenshots of
 each stage go to the artifacts directory. The page's own event stream (/events) is checked
 too, and the controls refuse a request without the page's header.
 
@@ -343,6 +344,35 @@ def run(binary, artifacts):
             f" && document.querySelectorAll('.member[data-role=leader]').length === 1",
         )
         ok(f"{cut}, healed from the page, follows again")
+
+        page.eval("document.getElementById('add-learner').click()")
+        page.wait_for("node4 as a learner", "document.querySelector('.member[data-name=node4]')?.dataset.role === 'learner'")
+        # Promotion is refused until the learner has caught up: wait for its log to end where
+        # the leader's does, committed.
+        page.wait_for(
+            "node4's log caught up",
+            "(() => { const rows = [...document.querySelectorAll('.log')];"
+            " const last = (row) => { const e = row.querySelectorAll('.entry'); return e.length ? e[e.length - 1].textContent : null; };"
+            " const leader = document.querySelector('.member[data-role=leader]')?.dataset.name;"
+            " const of = (name) => rows.find(r => r.querySelector('.who').textContent === name);"
+            " return leader && of('node4') && last(of('node4')) !== null && last(of('node4')) === last(of(leader)); })()",
+        )
+        ok("a learner added from the page joins and catches up")
+        page.eval("document.querySelector('button[data-action=promote][data-member=node4]').click()")
+        page.wait_for(
+            "node4 promoted",
+            "document.querySelector('.member[data-name=node4]').dataset.role === 'follower'"
+            " && document.getElementById('summary').textContent.endsWith(', 4 voters')",
+        )
+        ok("node4, promoted from the page, is a voting follower")
+        page.screenshot(os.path.join(artifacts, "6-four-members.png"))
+        page.eval("document.querySelector('button[data-action=remove][data-member=node4]').click()")
+        page.wait_for("node4 removed", "document.querySelector('.member[data-name=node4]').dataset.role === 'removed'")
+        page.wait_for(
+            "three voters again",
+            "document.getElementById('summary').textContent.endsWith(', 3 voters')",
+        )
+        ok("node4, removed from the page, is gone from the cluster")
     finally:
         stop(chrome, "chromium", grace_s=5)
         stop(dev, "flotilla dev")

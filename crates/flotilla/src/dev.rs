@@ -145,6 +145,12 @@ struct Member {
     killed: bool,
     /// Stopped with SIGSTOP from the cluster view.
     paused: bool,
+    /// Removed from the cluster from the cluster view (it stops itself).
+    removed: bool,
+    /// `--initial-cluster` and `--initial-cluster-state` it was created with (a member added
+    /// later joins an existing cluster).
+    initial_cluster: String,
+    cluster_state: &'static str,
 }
 
 /// The running cluster, shared by the status table and the cluster view's controls.
@@ -152,7 +158,7 @@ pub(crate) struct Cluster {
     args: DevArgs,
     tls: Option<DevTls>,
     client_tls: Option<std::sync::Arc<flotilla_tls::ClientConfig>>,
-    initial_cluster: String,
+    scheme: &'static str,
     members: std::sync::Mutex<Vec<Member>>,
     /// Set once `dev` is stopping: no member is started again.
     stopping: std::sync::atomic::AtomicBool,
@@ -185,11 +191,63 @@ impl Cluster {
         let members = self.members();
         let member = members.iter().find(|m| m.name == name)?;
         Some(match (&member.child, member.paused, member.killed) {
+            _ if member.removed => "removed",
             (Some(_), true, _) => "paused",
             (Some(_), false, _) => "running",
             (None, _, true) => "killed",
             (None, _, false) => "exited",
         })
+    }
+
+    /// Makes the next member (`node<N+1>`, on the next ports of the convention) and starts it
+    /// to join the cluster, once `add` (the MemberAdd call) has accepted its peer URL.
+    pub(crate) async fn add_member<F, Fut>(&self, add: F) -> Result<String, String>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("the cluster is stopping".into());
+        }
+        let (mut member, joined) = {
+            let members = self.members();
+            let index = members.len();
+            if index >= MEMBERS_MAX {
+                return Err(format!(
+                    "at most {MEMBERS_MAX} members (the port convention ends there)"
+                ));
+            }
+            let member = new_member(
+                &self.args.data_dir,
+                self.scheme,
+                index,
+                String::new(),
+                "existing",
+            );
+            let _ = std::fs::remove_dir_all(self.args.data_dir.join(&member.name));
+            let mut joined: Vec<String> = members
+                .iter()
+                .filter(|m| !m.removed)
+                .map(|m| format!("{}={}", m.name, m.peer_url))
+                .collect();
+            joined.push(format!("{}={}", member.name, member.peer_url));
+            (member, joined.join(","))
+        };
+        add(member.peer_url.clone()).await?;
+        member.initial_cluster = joined;
+        let child =
+            spawn_member(&member, &self.args, self.tls.as_ref()).map_err(|e| format!("{e:#}"))?;
+        member.child = Some(child);
+        let name = member.name.clone();
+        self.members().push(member);
+        Ok(name)
+    }
+
+    /// Marks a member removed (the MemberRemove call was accepted): it stops by itself.
+    pub(crate) fn mark_removed(&self, name: &str) {
+        if let Some(member) = self.members().iter_mut().find(|m| m.name == name) {
+            member.removed = true;
+        }
     }
 
     /// The members cut off from the others now.
@@ -312,8 +370,11 @@ impl Cluster {
         if member.child.is_some() {
             return Err(format!("{name} is running"));
         }
-        let child = spawn_member(member, &self.args, &self.initial_cluster, self.tls.as_ref())
-            .map_err(|e| format!("{e:#}"))?;
+        if member.removed {
+            return Err(format!("{name} was removed from the cluster"));
+        }
+        let child =
+            spawn_member(member, &self.args, self.tls.as_ref()).map_err(|e| format!("{e:#}"))?;
         member.child = Some(child);
         member.exited = None;
         member.killed = false;
@@ -379,28 +440,18 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot make the TLS certificates: {e:#}"))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut members: Vec<Member> = (0..args.nodes)
-        .map(|i| {
-            let port = client_port(i);
-            Member {
-                name: format!("node{}", i + 1),
-                log: args.data_dir.join(format!("node{}.log", i + 1)),
-                client_url: format!("{scheme}://127.0.0.1:{port}"),
-                peer_url: format!("{scheme}://127.0.0.1:{}", port + 1),
-                metrics_url: format!("http://127.0.0.1:{}", port + 2),
-                child: None,
-                exited: None,
-                killed: false,
-                paused: false,
-            }
-        })
+        .map(|i| new_member(&args.data_dir, scheme, i, String::new(), "new"))
         .collect();
     let initial_cluster = members
         .iter()
         .map(|m| format!("{}={}", m.name, m.peer_url))
         .collect::<Vec<_>>()
         .join(",");
+    for member in &mut members {
+        member.initial_cluster = initial_cluster.clone();
+    }
     for i in 0..members.len() {
-        match spawn_member(&members[i], &args, &initial_cluster, tls.as_ref()) {
+        match spawn_member(&members[i], &args, tls.as_ref()) {
             Ok(child) => members[i].child = Some(child),
             Err(err) => {
                 stop_all(&mut members).await;
@@ -416,7 +467,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
         args,
         tls,
         client_tls,
-        initial_cluster,
+        scheme,
         members: std::sync::Mutex::new(members),
         stopping: Default::default(),
         cut_off: Default::default(),
@@ -445,12 +496,32 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-fn spawn_member(
-    member: &Member,
-    args: &DevArgs,
-    initial_cluster: &str,
-    tls: Option<&DevTls>,
-) -> anyhow::Result<Child> {
+/// Member `index` (from 0) of the port convention, not started.
+fn new_member(
+    data_dir: &Path,
+    scheme: &str,
+    index: usize,
+    initial_cluster: String,
+    cluster_state: &'static str,
+) -> Member {
+    let port = client_port(index);
+    Member {
+        name: format!("node{}", index + 1),
+        log: data_dir.join(format!("node{}.log", index + 1)),
+        client_url: format!("{scheme}://127.0.0.1:{port}"),
+        peer_url: format!("{scheme}://127.0.0.1:{}", port + 1),
+        metrics_url: format!("http://127.0.0.1:{}", port + 2),
+        child: None,
+        exited: None,
+        killed: false,
+        paused: false,
+        removed: false,
+        initial_cluster,
+        cluster_state,
+    }
+}
+
+fn spawn_member(member: &Member, args: &DevArgs, tls: Option<&DevTls>) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let log_path = &member.log;
     let log = std::fs::OpenOptions::new()
@@ -469,7 +540,8 @@ fn spawn_member(
         .args(["--listen-peer-urls", &member.peer_url])
         .args(["--initial-advertise-peer-urls", &member.peer_url])
         .args(["--listen-metrics-urls", &member.metrics_url])
-        .args(["--initial-cluster", initial_cluster])
+        .args(["--initial-cluster", &member.initial_cluster])
+        .args(["--initial-cluster-state", member.cluster_state])
         .args(["--initial-cluster-token", "flotilla-dev"])
         // The members' Raft state for anyone who wants to watch it (`/debug/raft` on each
         // metrics port): cheap, and this is a cluster for looking at.

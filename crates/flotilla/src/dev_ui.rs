@@ -20,9 +20,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use flotilla_proto::etcdserverpb::cluster_client::ClusterClient;
 use flotilla_proto::etcdserverpb::kv_client::KvClient;
 use flotilla_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use flotilla_proto::etcdserverpb::{MoveLeaderRequest, PutRequest};
+use flotilla_proto::etcdserverpb::{
+    MemberAddRequest, MemberPromoteRequest, MemberRemoveRequest, MoveLeaderRequest, PutRequest,
+};
 use rustix::process::Signal;
 use serde::Deserialize;
 use serde_json::json;
@@ -76,6 +79,9 @@ pub async fn serve(cluster: Arc<Cluster>, addr: SocketAddr) -> anyhow::Result<So
         .route("/api/transfer", post(transfer))
         .route("/api/partition", post(partition))
         .route("/api/heal", post(heal))
+        .route("/api/add-learner", post(add_learner))
+        .route("/api/promote", post(promote))
+        .route("/api/remove", post(remove))
         .with_state(ui);
     tokio::spawn(async move {
         if let Err(err) = axum::serve(listener, router).await {
@@ -150,6 +156,11 @@ impl Ui {
     }
 }
 
+/// The `cluster` event: the members (removed ones included) and the timing.
+fn cluster_event(cluster: &Cluster) -> String {
+    json!({ "members": cluster.member_names(), "slow_motion": cluster.slow_motion() }).to_string()
+}
+
 /// The `process` event of a member: its process state and whether it is cut off.
 fn process_event(cluster: &Cluster, name: &str) -> Option<String> {
     let state = cluster.process_state(name)?;
@@ -189,6 +200,9 @@ async fn follow_member(ui: Arc<Ui>, name: String) {
     loop {
         let _ = read_views(&ui, &name, &metrics).await;
         ui.publish_process(&name);
+        if ui.cluster.process_state(&name) == Some("removed") {
+            return;
+        }
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
 }
@@ -245,14 +259,7 @@ async fn script() -> impl IntoResponse {
 async fn events(State(ui): State<Arc<Ui>>) -> Response {
     let mut receiver = ui.events.subscribe();
     let (sender, stream) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    let mut first = vec![(
-        "cluster".to_string(),
-        json!({
-            "members": ui.cluster.member_names(),
-            "slow_motion": ui.cluster.slow_motion(),
-        })
-        .to_string(),
-    )];
+    let mut first = vec![("cluster".to_string(), cluster_event(&ui.cluster))];
     for name in ui.cluster.member_names() {
         if let Some(event) = process_event(&ui.cluster, &name) {
             first.push(("process".to_string(), event));
@@ -523,4 +530,122 @@ async fn set_partition(ui: &Ui, headers: &HeaderMap, name: &str, cut: bool) -> C
         ui.publish_process(&member);
     }
     Ok(text)
+}
+
+/// A cluster client through the first running member that is not `except`.
+fn cluster_client(
+    ui: &Ui,
+    except: &str,
+) -> Result<ClusterClient<tonic::transport::Channel>, (StatusCode, String)> {
+    ui.cluster
+        .running_members()
+        .into_iter()
+        .filter(|name| name != except)
+        .find_map(|name| ui.cluster.channel(&name))
+        .map(ClusterClient::new)
+        .ok_or_else(|| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no member is running".to_string(),
+            )
+        })
+}
+
+fn member_call<T>(request: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(Duration::from_secs(5));
+    request
+}
+
+/// The member's id from its latest view.
+fn member_id(ui: &Ui, name: &str) -> Result<u64, (StatusCode, String)> {
+    ui.member_ids()
+        .get(name)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| bad(format!("no view of {name} yet")))
+}
+
+/// Adds the next member as a learner (MemberAdd), then starts it to join (§6; a learner
+/// receives the log without voting until it is promoted).
+async fn add_learner(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
+    let result = async {
+        check_origin(&headers)?;
+        let mut members = cluster_client(&ui, "")?;
+        let added = ui
+            .cluster
+            .add_member(|peer_url| async move {
+                let request = MemberAddRequest {
+                    peer_urls: vec![peer_url],
+                    is_learner: true,
+                };
+                members
+                    .member_add(member_call(request))
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| status.message().to_string())
+            })
+            .await
+            .map_err(|why| (StatusCode::SERVICE_UNAVAILABLE, why))?;
+        let _ = ui
+            .events
+            .send(("cluster".to_string(), cluster_event(&ui.cluster)));
+        tokio::spawn(follow_member(ui.clone(), added.clone()));
+        ui.publish_process(&added);
+        let text = format!("{added} added as a learner, and started");
+        ui.note(&text);
+        Ok(text)
+    };
+    answer(result.await)
+}
+
+/// Promotes a learner to a voter (etcd refuses it until the learner has caught up).
+async fn promote(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Query(q): Query<MemberQuery>,
+) -> Response {
+    let result = async {
+        check_origin(&headers)?;
+        let id = member_id(&ui, &q.member)?;
+        cluster_client(&ui, "")?
+            .member_promote(member_call(MemberPromoteRequest { id }))
+            .await
+            .map_err(|status| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    status.message().to_string(),
+                )
+            })?;
+        let text = format!("{} promoted to a voter", q.member);
+        ui.note(&text);
+        Ok(text)
+    };
+    answer(result.await)
+}
+
+/// Removes a member from the cluster (MemberRemove through another member); it stops itself.
+async fn remove(
+    State(ui): State<Arc<Ui>>,
+    headers: HeaderMap,
+    Query(q): Query<MemberQuery>,
+) -> Response {
+    let result = async {
+        check_origin(&headers)?;
+        let id = member_id(&ui, &q.member)?;
+        cluster_client(&ui, &q.member)?
+            .member_remove(member_call(MemberRemoveRequest { id }))
+            .await
+            .map_err(|status| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    status.message().to_string(),
+                )
+            })?;
+        ui.cluster.mark_removed(&q.member);
+        ui.publish_process(&q.member);
+        let text = format!("{} removed from the cluster", q.member);
+        ui.note(&text);
+        Ok(text)
+    };
+    answer(result.await)
 }

@@ -44,6 +44,7 @@ const state = {
   rates: [],          // { at, from, kind, count } in the last second
   nodes: new Map(),   // name -> svg parts
   seenLeaders: new Set(),
+  seenConfigs: new Set(),
   dots: 0,
 };
 
@@ -140,6 +141,7 @@ function drawMember(name) {
   if (!node) return;
   const role = roleOf(name);
   const up = ["follower", "pre-candidate", "candidate", "leader", "learner"].includes(role);
+  node.g.style.opacity = role === "removed" ? 0.35 : 1;
   node.g.setAttribute("class", `member ${role}`);
   node.g.setAttribute("data-role", role);
   node.body.setAttribute("fill", up ? `var(--${role})` : "var(--down)");
@@ -276,11 +278,14 @@ function buildControls() {
     ["transfer", "Lead", "ask the leader to hand leadership to this member (thesis §3.10)"],
     ["partition", "Cut off", "drop every message between this member and the others, both ways (a partition made in the members' transport)"],
     ["heal", "Heal", "end this member's partition"],
+    ["promote", "Promote", "make this learner a voter (§6; refused until it has caught up)"],
+    ["remove", "Remove", "remove this member from the configuration (§6); it stops by itself"],
   ];
   for (const name of state.members) {
-    el("span", { id: `state-${name}` }, box).textContent = name;
+    const row = el("div", { class: "control-row" }, box);
+    el("span", { id: `state-${name}`, class: "who" }, row).textContent = name;
     for (const [action, label, help] of actions) {
-      const b = el("button", { "data-action": action, "data-member": name, title: help }, box);
+      const b = el("button", { "data-action": action, "data-member": name, title: help }, row);
       b.textContent = label;
       b.addEventListener("click", () => control(action, name));
     }
@@ -299,6 +304,8 @@ function drawControls() {
       transfer: process === "running" && role === "follower" && !state.cutOff.has(name),
       partition: process === "running" && !state.cutOff.has(name),
       heal: state.cutOff.has(name),
+      promote: process === "running" && role === "learner",
+      remove: process !== "removed" && state.views.has(name) && state.members.filter((n) => state.process.get(n) !== "removed").length > 1,
     };
     for (const b of document.querySelectorAll(`button[data-member="${name}"]`)) {
       b.disabled = !allowed[b.dataset.action];
@@ -329,8 +336,12 @@ function noteChanges(name, before, v) {
       .map(([n]) => n);
     note(`term ${v.term}: ${nameOf(v.leader)} leads` + (voters.length ? ` (votes seen from ${voters.join(", ")})` : "") + " (§5.2)");
   }
-  if (before.voters.join() !== v.voters.join() || before.learners.join() !== v.learners.join()) {
-    note(`${name} sees a new configuration: voters ${v.voters.map(nameOf).join(", ")}` +
+  const config = `${v.voters.join()}|${v.voters_outgoing.join()}|${v.learners.join()}`;
+  if (config !== `${before.voters.join()}|${before.voters_outgoing.join()}|${before.learners.join()}`
+      && !state.seenConfigs.has(config)) {
+    state.seenConfigs.add(config);
+    const joint = v.voters_outgoing.length ? ` (joint consensus with the old voters ${v.voters_outgoing.map(nameOf).join(", ")})` : "";
+    note(`a new configuration, first seen by ${name}: voters ${v.voters.map(nameOf).join(", ")}` + joint +
       (v.learners.length ? `, learners ${v.learners.map(nameOf).join(", ")}` : "") + " (§6)");
   }
   if (v.snapshot_index > before.snapshot_index) {
@@ -346,8 +357,9 @@ function noteChanges(name, before, v) {
 function summary() {
   const leaders = state.members.filter((n) => roleOf(n) === "leader");
   const terms = [...state.views.values()].map((e) => e.view.term);
+  const voters = leaders.length === 1 ? state.views.get(leaders[0]).view.voters.length : 0;
   $("summary").textContent = leaders.length === 1
-    ? `leader ${leaders[0]}, term ${Math.max(...terms)}`
+    ? `leader ${leaders[0]}, term ${Math.max(...terms)}, ${voters} voters`
     : leaders.length === 0 ? "no leader" : `leaders: ${leaders.join(", ")}`;
 }
 
@@ -363,7 +375,7 @@ function redraw() {
 
 async function control(action, member, params = {}) {
   const query = new URLSearchParams(action === "transfer" ? { to: member } : { member, ...params });
-  if (action === "put") query.delete("member");
+  if (action === "put" || action === "add-learner") query.delete("member");
   const status = $("status");
   try {
     const response = await fetch(`/api/${action}?${query}`, {
@@ -374,6 +386,8 @@ async function control(action, member, params = {}) {
     status.textContent = `${action} failed: ${err}`;
   }
 }
+
+$("add-learner").addEventListener("click", () => control("add-learner", ""));
 
 $("put").addEventListener("submit", (event) => {
   event.preventDefault();
