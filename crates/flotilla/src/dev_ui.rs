@@ -339,6 +339,14 @@ fn check_origin(headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
     }
 }
 
+/// A member refused or did not answer a call made for the page.
+fn unavailable(status: tonic::Status) -> (StatusCode, String) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        status.message().to_string(),
+    )
+}
+
 fn bad(why: impl Into<String>) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, why.into())
 }
@@ -411,9 +419,7 @@ async fn put(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(q): Query<PutQ
                 value: q.value.clone().into(),
                 ..Default::default()
             };
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(Duration::from_secs(5));
-            match KvClient::new(channel).put(request).await {
+            match KvClient::new(channel).put(member_call(request)).await {
                 Ok(response) => {
                     let revision = response.into_inner().header.map_or(0, |h| h.revision);
                     let text = format!("put {} through {name}: revision {revision}", q.key);
@@ -465,17 +471,10 @@ async fn transfer(
             .cluster
             .channel(&leader)
             .ok_or_else(|| bad(format!("{leader} is not running")))?;
-        let mut request = tonic::Request::new(MoveLeaderRequest { target_id: target });
-        request.set_timeout(Duration::from_secs(5));
         MaintenanceClient::new(channel)
-            .move_leader(request)
+            .move_leader(member_call(MoveLeaderRequest { target_id: target }))
             .await
-            .map_err(|status| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    status.message().to_string(),
-                )
-            })?;
+            .map_err(unavailable)?;
         let text = format!("leadership handed from {leader} to {}", q.to);
         ui.note(&text);
         Ok(text)
@@ -610,12 +609,7 @@ async fn promote(
         cluster_client(&ui, "")?
             .member_promote(member_call(MemberPromoteRequest { id }))
             .await
-            .map_err(|status| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    status.message().to_string(),
-                )
-            })?;
+            .map_err(unavailable)?;
         let text = format!("{} promoted to a voter", q.member);
         ui.note(&text);
         Ok(text)
@@ -635,12 +629,7 @@ async fn remove(
         cluster_client(&ui, &q.member)?
             .member_remove(member_call(MemberRemoveRequest { id }))
             .await
-            .map_err(|status| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    status.message().to_string(),
-                )
-            })?;
+            .map_err(unavailable)?;
         ui.cluster.mark_removed(&q.member);
         ui.publish_process(&q.member);
         let text = format!("{} removed from the cluster", q.member);
