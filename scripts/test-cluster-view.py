@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The cluster view of `flotilla dev`, tested in a real browser.
 
-Starts `flotilla dev` (three real members on 127.0.0.1) and headless Chromium on its page, and
-drives the page through the Chrome DevTools Protocol (a small WebSocket client below, standard
-library only): the page must show three members and one leader with its log; a put made with
+Starts `flotilla dev` (three real members on 127.0.0.1) and headless Chromium (or Firefox) on
+its page, and drives the page through the Chrome DevTools Protocol (or WebDriver BiDi), with a
+small WebSocket client below (standard library only): the page must show three members and one leader with its log; a put made with
 the page's form must show as a committed entry on every member; killing the leader with the
 page's button must show a new leader in a higher term; restarting the old one with its button
 must show it back as a follower; cutting the new leader off from the others with its button
@@ -12,10 +12,12 @@ a learner added from the page must catch up, be promoted, and be removed. Each w
 each stage go to the artifacts directory. The page's own event stream (/events) is checked
 too, and the controls refuse a request without the page's header.
 
-    scripts/test-cluster-view.py FLOTILLA_BINARY ARTIFACTS_DIR
+    scripts/test-cluster-view.py FLOTILLA_BINARY ARTIFACTS_DIR [chromium|firefox]
 
 Chromium comes from Debian's `chromium` package; without it the test says so and fails
-(CI installs it). Every process started here is stopped by PID at the end.
+(CI installs it and runs the test with it). With `firefox` the same checks run in Firefox
+(Debian's `firefox-esr`) over WebDriver BiDi. Every process started here is stopped by PID at
+the end.
 """
 
 import base64
@@ -153,6 +155,63 @@ class Page:
         print(f"screenshot: {path}", flush=True)
 
 
+class FirefoxPage(Page):
+    """The same page driven over WebDriver BiDi, the protocol Firefox speaks."""
+
+    def __init__(self, ws_url, url):
+        self.ws = WebSocket(ws_url)
+        self.next_id = 0
+        self.call("session.new", capabilities={})
+        self.context = self.call("browsingContext.getTree")["contexts"][0]["context"]
+        self.call("browsingContext.navigate", context=self.context, url=url, wait="complete")
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self.next_id:
+                if message.get("type") == "error":
+                    fail(f"{method}: {message.get('error')}: {message.get('message')}")
+                return message["result"]
+
+    def eval(self, expression):
+        # The value comes back as JSON text, as plain as the DevTools protocol gives it.
+        result = self.call(
+            "script.evaluate",
+            expression=f"JSON.stringify({expression})",
+            target={"context": self.context},
+            awaitPromise=False,
+        )
+        if result.get("type") != "success":
+            fail(f"the page threw evaluating {expression!r}: {result}")
+        text = result["result"].get("value")
+        return None if text is None else json.loads(text)
+
+    def screenshot(self, path):
+        data = self.call("browsingContext.captureScreenshot", context=self.context)["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+        print(f"screenshot: {path}", flush=True)
+
+
+def start_firefox(profile_dir):
+    browser = shutil.which("firefox-esr") or shutil.which("firefox")
+    if browser is None:
+        fail("firefox is not installed (apt-get install firefox-esr)")
+    os.makedirs(profile_dir, exist_ok=True)
+    firefox = subprocess.Popen(
+        [browser, "--headless", "--no-remote", "--profile", profile_dir,
+         "--remote-debugging-port=0", "--window-size=1400,1000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
+    match = first_match(firefox.stderr, r"WebDriver BiDi listening on (ws://127\.0\.0\.1:\d+)", "firefox", "its BiDi address")
+    return firefox, match.group(1) + "/session"
+
+
 def read_events(ui, count):
     """The first `count` events of the page's stream, as (event, data) pairs."""
     conn = http.client.HTTPConnection(ui, timeout=WAIT_S)
@@ -267,7 +326,7 @@ def stop(process, name, grace_s=25):
         process.wait()
 
 
-def run(binary, artifacts):
+def run(binary, artifacts, browser):
     global ARTIFACTS
     ARTIFACTS = artifacts
     os.makedirs(artifacts, exist_ok=True)
@@ -275,9 +334,13 @@ def run(binary, artifacts):
     dev = chrome = None
     try:
         dev, ui = start_dev(binary, os.path.join(work, "dev"))
-        chrome, ws_url = start_chromium(os.path.join(work, "chrome"), f"http://{ui}/")
-        page = Page(ws_url)
-        page.call("Runtime.enable")
+        if browser == "firefox":
+            chrome, ws_url = start_firefox(os.path.join(work, "firefox"))
+            page = FirefoxPage(ws_url, f"http://{ui}/")
+        else:
+            chrome, ws_url = start_chromium(os.path.join(work, "chrome"), f"http://{ui}/")
+            page = Page(ws_url)
+            page.call("Runtime.enable")
 
         page.wait_for("three members", "document.querySelectorAll('.member').length === 3")
         first = page.wait_for(
@@ -374,19 +437,19 @@ def run(binary, artifacts):
         )
         ok("node4, removed from the page, is gone from the cluster")
     finally:
-        stop(chrome, "chromium", grace_s=5)
+        stop(chrome, browser, grace_s=5)
         stop(dev, "flotilla dev")
         shutil.rmtree(work, ignore_errors=True)
     print("cluster view: every check passed", flush=True)
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in ("chromium", "firefox")):
         print(__doc__)
         raise SystemExit(2)
     signal.signal(signal.SIGALRM, lambda *_: fail(f"the test ran past its {LIMIT_S} s bound"))
     signal.alarm(LIMIT_S)
-    run(sys.argv[1], sys.argv[2])
+    run(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else "chromium")
 
 
 if __name__ == "__main__":
