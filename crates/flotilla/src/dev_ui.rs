@@ -254,47 +254,46 @@ async fn script() -> impl IntoResponse {
     )
 }
 
-/// The page's event stream: the cluster's shape, each member's process state and latest
-/// view first, then every event as it happens.
-async fn events(State(ui): State<Arc<Ui>>) -> Response {
-    let mut receiver = ui.events.subscribe();
-    let (sender, stream) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    let mut first = vec![("cluster".to_string(), cluster_event(&ui.cluster))];
+/// What a page needs to draw the cluster now: its shape, each member's process and latest
+/// view, as events.
+fn current_state(ui: &Ui) -> Vec<(String, String)> {
+    let mut state = vec![("cluster".to_string(), cluster_event(&ui.cluster))];
     for name in ui.cluster.member_names() {
         if let Some(event) = process_event(&ui.cluster, &name) {
-            first.push(("process".to_string(), event));
+            state.push(("process".to_string(), event));
         }
     }
-    first.extend(
+    state.extend(
         ui.latest
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .map(|data| ("view".to_string(), data.clone())),
     );
+    state
+}
+
+/// The page's event stream: the current state first, then every event as it happens. A page
+/// too slow to keep up, which misses events, gets the current state again.
+async fn events(State(ui): State<Arc<Ui>>) -> Response {
+    let mut receiver = ui.events.subscribe();
+    let (sender, stream) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        for (event, data) in first {
-            if sender
-                .send(Ok(Event::default().event(event).data(data)))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+        let mut pending = current_state(&ui);
         loop {
-            let (event, data) = match receiver.recv().await {
-                Ok(next) => next,
-                // Too slow: some views were missed; the next ones replace them.
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            for (event, data) in pending.drain(..) {
+                if sender
+                    .send(Ok(Event::default().event(event).data(data)))
+                    .await
+                    .is_err()
+                {
+                    return; // the page went away
+                }
+            }
+            match receiver.recv().await {
+                Ok(next) => pending.push(next),
+                Err(broadcast::error::RecvError::Lagged(_)) => pending = current_state(&ui),
                 Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if sender
-                .send(Ok(Event::default().event(event).data(data)))
-                .await
-                .is_err()
-            {
-                return;
             }
         }
     });
