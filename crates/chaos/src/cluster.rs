@@ -72,6 +72,9 @@ pub struct Member {
     initial_cluster: String,
     initial_state: &'static str,
     pub state: MemberState,
+    /// The id it had when it was last removed: until the cluster has applied the removal,
+    /// the member list still shows that member under its peer URL.
+    pub removed_id: Option<u64>,
     process: Option<Child>,
     /// Exits no fault asked for: a member that crashed by itself.
     pub unexpected_exits: Vec<String>,
@@ -156,6 +159,7 @@ impl Cluster {
                     initial_cluster: String::new(),
                     initial_state: "new",
                     state: MemberState::Down,
+                    removed_id: None,
                     process: None,
                     unexpected_exits: Vec::new(),
                     starts: 0,
@@ -332,11 +336,12 @@ impl Cluster {
     }
 
     /// Marks a member removed and deletes its data directory (it comes back as a new member).
-    pub fn forget_removed(&mut self, index: usize) {
+    pub fn forget_removed(&mut self, index: usize, id: u64) {
         let data_dir = self.member_data_dir(index);
         let _ = std::fs::remove_dir_all(data_dir);
         let member = &mut self.members[index];
         member.state = MemberState::Removed;
+        member.removed_id = Some(id);
         member.data_generation += 1;
     }
 

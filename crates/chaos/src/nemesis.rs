@@ -359,7 +359,7 @@ impl Nemesis {
         let stopped = cluster
             .await_exit_or_kill(victim, REMOVED_EXIT_TIMEOUT)
             .await;
-        cluster.forget_removed(victim);
+        cluster.forget_removed(victim, victim_id);
         self.count("member remove + re-add");
         self.timeline.note(format!(
             "nemesis: member remove {name} ({victim_id:x}){}",
@@ -376,6 +376,7 @@ impl Nemesis {
     async fn readd(&mut self, cluster: &mut Cluster, member: usize) {
         let name = cluster.members[member].name.clone();
         let peer_url = cluster.members[member].peer_url.clone();
+        let removed_id = cluster.members[member].removed_id;
         let Ok(client) = cluster.client_excluding(member).await else {
             return;
         };
@@ -389,11 +390,14 @@ impl Nemesis {
                     break;
                 }
                 Err(error) => {
-                    // Perhaps it was added and the answer lost: then the list has it.
+                    // Perhaps it was added and the answer lost: then the list has it, under a
+                    // new id (the old one is listed until the removal is applied where the
+                    // list is read: a leader that removed itself may stop before its
+                    // followers learn that the removal committed).
                     let listed = client.member_list().await.is_ok_and(|list| {
-                        list.members
-                            .iter()
-                            .any(|listed| listed.peer_urls.contains(&peer_url))
+                        list.members.iter().any(|listed| {
+                            listed.peer_urls.contains(&peer_url) && Some(listed.id) != removed_id
+                        })
                     });
                     if listed {
                         break;
