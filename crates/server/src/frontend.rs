@@ -488,8 +488,9 @@ impl Frontend {
         }
     }
 
-    /// Waits until the local state machine has applied `index`.
-    async fn wait_applied(&self, index: Index, deadline: Instant) -> Result<(), Status> {
+    /// Waits until the local state machine has applied `index`; "stopped" as soon as the node
+    /// stops, "request timed out" at the deadline.
+    pub(crate) async fn wait_applied(&self, index: Index, deadline: Instant) -> Result<(), Status> {
         let applied = || {
             let state = self.node.state.read().unwrap_or_else(|p| p.into_inner());
             state.applied_index()
@@ -497,8 +498,13 @@ impl Frontend {
         if applied() >= index {
             return Ok(());
         }
-        match self.node.wait_for(deadline, |s| s.applied >= index).await {
-            Some(_) => Ok(()),
+        match self
+            .node
+            .wait_for(deadline, |s| s.applied >= index || s.stopped)
+            .await
+        {
+            Some(status) if !status.stopped => Ok(()),
+            Some(_) => Err(node_status(NodeError::Stopped)),
             None => Err(Status::unavailable(REQUEST_TIMED_OUT)),
         }
     }

@@ -381,20 +381,10 @@ impl Frontend {
     /// gets there: without this wait, a lease's keys read here right after such a write
     /// could miss it (CI's Kubernetes-shapes check once saw 11 of 12 keys).
     async fn apply_committed_here(&self, deadline: Instant) -> Result<(), RouteError> {
-        let now = self.node.status();
-        if now.applied >= now.commit {
-            return Ok(());
-        }
-        let commit = now.commit;
-        match self
-            .node
-            .wait_for(deadline, |s| s.applied >= commit || s.stopped)
+        let commit = self.node.status().commit;
+        self.wait_applied(commit, deadline)
             .await
-        {
-            Some(status) if !status.stopped => Ok(()),
-            Some(_) => Err(RouteError::Node(NodeError::Stopped)),
-            None => Err(RouteError::TimedOut),
-        }
+            .map_err(RouteError::Failed)
     }
 
     /// The leader's side of a membership change: proposed once the previous one is done.

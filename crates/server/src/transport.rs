@@ -104,10 +104,6 @@ impl CutOff {
         *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
     }
 
-    pub fn peers(&self) -> std::collections::BTreeSet<NodeId> {
-        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
     fn contains(&self, peer: NodeId) -> bool {
         self.peers
             .read()

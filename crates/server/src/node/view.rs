@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_raft::{Message, NodeId, Role};
+use flotilla_raft::{Message, NodeId};
 use serde::Serialize;
 
 use super::NodeDriver;
@@ -83,10 +83,6 @@ fn hex(id: NodeId) -> String {
     format!("{id:x}")
 }
 
-fn role_name(role: Role) -> String {
-    role.to_string()
-}
-
 impl RaftView {
     pub fn of(driver: &NodeDriver, tick_ms: u64, sent: &SentMessages, stopped: bool) -> Self {
         let node = driver.node();
@@ -105,7 +101,7 @@ impl RaftView {
             .collect();
         RaftView {
             member: hex(node.id()),
-            role: role_name(node.role()),
+            role: node.role().to_string(),
             learner: membership.is_learner(node.id()),
             term: node.term(),
             vote: (node.vote() != flotilla_raft::NODE_NONE).then(|| hex(node.vote())),
