@@ -21,6 +21,7 @@ the end.
 """
 
 import base64
+import glob
 import http.client
 import json
 import os
@@ -128,8 +129,9 @@ class Page:
         while True:
             message = json.loads(self.ws.recv())
             if message.get("id") == self.next_id:
+                # Both protocols answer a failed command with an "error" field.
                 if "error" in message:
-                    fail(f"{method}: {message['error']}")
+                    fail(f"{method}: {message['error']} {message.get('message', '')}")
                 return message["result"]
 
     def eval(self, expression):
@@ -148,8 +150,12 @@ class Page:
             time.sleep(0.1)
         fail(f"the page did not show {what} within {WAIT_S} s: {self.eval('document.body.innerText')[:2000]}")
 
+    def capture(self):
+        """A PNG of the page, base64-encoded."""
+        return self.call("Page.captureScreenshot", format="png")["data"]
+
     def screenshot(self, path):
-        data = self.call("Page.captureScreenshot", format="png")["data"]
+        data = self.capture()
         with open(path, "wb") as f:
             f.write(base64.b64decode(data))
         print(f"screenshot: {path}", flush=True)
@@ -159,21 +165,10 @@ class FirefoxPage(Page):
     """The same page driven over WebDriver BiDi, the protocol Firefox speaks."""
 
     def __init__(self, ws_url, url):
-        self.ws = WebSocket(ws_url)
-        self.next_id = 0
+        super().__init__(ws_url)
         self.call("session.new", capabilities={})
         self.context = self.call("browsingContext.getTree")["contexts"][0]["context"]
         self.call("browsingContext.navigate", context=self.context, url=url, wait="complete")
-
-    def call(self, method, **params):
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                if message.get("type") == "error":
-                    fail(f"{method}: {message.get('error')}: {message.get('message')}")
-                return message["result"]
 
     def eval(self, expression):
         # The value comes back as JSON text, as plain as the DevTools protocol gives it.
@@ -188,11 +183,8 @@ class FirefoxPage(Page):
         text = result["result"].get("value")
         return None if text is None else json.loads(text)
 
-    def screenshot(self, path):
-        data = self.call("browsingContext.captureScreenshot", context=self.context)["data"]
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(data))
-        print(f"screenshot: {path}", flush=True)
+    def capture(self):
+        return self.call("browsingContext.captureScreenshot", context=self.context)["data"]
 
 
 def start_firefox(profile_dir):
@@ -439,6 +431,9 @@ def run(binary, artifacts, browser):
     finally:
         stop(chrome, browser, grace_s=5)
         stop(dev, "flotilla dev")
+        # The members' logs, for a failure's cause.
+        for log in glob.glob(os.path.join(work, "dev", "*.log")):
+            shutil.copy(log, artifacts)
         shutil.rmtree(work, ignore_errors=True)
     print("cluster view: every check passed", flush=True)
 

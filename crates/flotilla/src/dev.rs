@@ -217,13 +217,7 @@ impl Cluster {
                     "at most {MEMBERS_MAX} members (the port convention ends there)"
                 ));
             }
-            let member = new_member(
-                &self.args.data_dir,
-                self.scheme,
-                index,
-                String::new(),
-                "existing",
-            );
+            let member = new_member(&self.args.data_dir, self.scheme, index, "existing");
             let _ = std::fs::remove_dir_all(self.args.data_dir.join(&member.name));
             let mut joined: Vec<String> = members
                 .iter()
@@ -321,40 +315,48 @@ impl Cluster {
         flotilla_tls::channel(endpoint, self.client_tls.as_ref()).ok()
     }
 
-    /// Sends `signal` (SIGSTOP or SIGCONT) to a running member.
-    pub(crate) fn signal(&self, name: &str, signal: rustix::process::Signal) -> Result<(), String> {
+    /// Runs `act` on the member called `name`, under the lock.
+    fn with_member<T>(
+        &self,
+        name: &str,
+        act: impl FnOnce(&mut Member) -> Result<T, String>,
+    ) -> Result<T, String> {
         let mut members = self.members();
         let member = members
             .iter_mut()
             .find(|m| m.name == name)
             .ok_or_else(|| format!("no member {name}"))?;
-        let child = member
-            .child
-            .as_ref()
-            .ok_or_else(|| format!("{name} is not running"))?;
-        let pid = rustix::process::Pid::from_raw(child.id() as i32)
-            .ok_or_else(|| format!("{name} has no process id"))?;
-        rustix::process::kill_process(pid, signal).map_err(|e| format!("{name}: {e}"))?;
-        member.paused = signal == rustix::process::Signal::STOP;
-        Ok(())
+        act(member)
+    }
+
+    /// Sends `signal` (SIGSTOP or SIGCONT) to a running member.
+    pub(crate) fn signal(&self, name: &str, signal: rustix::process::Signal) -> Result<(), String> {
+        self.with_member(name, |member| {
+            let child = member
+                .child
+                .as_ref()
+                .ok_or_else(|| format!("{name} is not running"))?;
+            let pid = rustix::process::Pid::from_raw(child.id() as i32)
+                .ok_or_else(|| format!("{name} has no process id"))?;
+            rustix::process::kill_process(pid, signal).map_err(|e| format!("{name}: {e}"))?;
+            member.paused = signal == rustix::process::Signal::STOP;
+            Ok(())
+        })
     }
 
     /// SIGKILL, by PID, and reaps it.
     pub(crate) fn kill(&self, name: &str) -> Result<(), String> {
-        let mut members = self.members();
-        let member = members
-            .iter_mut()
-            .find(|m| m.name == name)
-            .ok_or_else(|| format!("no member {name}"))?;
-        let mut child = member
-            .child
-            .take()
-            .ok_or_else(|| format!("{name} is not running"))?;
-        let _ = child.kill();
-        let _ = child.wait();
-        member.killed = true;
-        member.paused = false;
-        Ok(())
+        self.with_member(name, |member| {
+            let mut child = member
+                .child
+                .take()
+                .ok_or_else(|| format!("{name} is not running"))?;
+            let _ = child.kill();
+            let _ = child.wait();
+            member.killed = true;
+            member.paused = false;
+            Ok(())
+        })
     }
 
     /// Starts a member that was killed or exited again, from its data.
@@ -362,24 +364,21 @@ impl Cluster {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err("the cluster is stopping".into());
         }
-        let mut members = self.members();
-        let member = members
-            .iter_mut()
-            .find(|m| m.name == name)
-            .ok_or_else(|| format!("no member {name}"))?;
-        if member.child.is_some() {
-            return Err(format!("{name} is running"));
-        }
-        if member.removed {
-            return Err(format!("{name} was removed from the cluster"));
-        }
-        let child =
-            spawn_member(member, &self.args, self.tls.as_ref()).map_err(|e| format!("{e:#}"))?;
-        member.child = Some(child);
-        member.exited = None;
-        member.killed = false;
-        member.paused = false;
-        Ok(())
+        self.with_member(name, |member| {
+            if member.child.is_some() {
+                return Err(format!("{name} is running"));
+            }
+            if member.removed {
+                return Err(format!("{name} was removed from the cluster"));
+            }
+            let child = spawn_member(member, &self.args, self.tls.as_ref())
+                .map_err(|e| format!("{e:#}"))?;
+            member.child = Some(child);
+            member.exited = None;
+            member.killed = false;
+            member.paused = false;
+            Ok(())
+        })
     }
 }
 
@@ -440,7 +439,7 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot make the TLS certificates: {e:#}"))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut members: Vec<Member> = (0..args.nodes)
-        .map(|i| new_member(&args.data_dir, scheme, i, String::new(), "new"))
+        .map(|i| new_member(&args.data_dir, scheme, i, "new"))
         .collect();
     let initial_cluster = members
         .iter()
@@ -496,14 +495,9 @@ async fn run_cluster(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Member `index` (from 0) of the port convention, not started.
-fn new_member(
-    data_dir: &Path,
-    scheme: &str,
-    index: usize,
-    initial_cluster: String,
-    cluster_state: &'static str,
-) -> Member {
+/// Member `index` (from 0) of the port convention, not started; its `initial_cluster` is
+/// set once the whole list is known.
+fn new_member(data_dir: &Path, scheme: &str, index: usize, cluster_state: &'static str) -> Member {
     let port = client_port(index);
     Member {
         name: format!("node{}", index + 1),
@@ -516,7 +510,7 @@ fn new_member(
         killed: false,
         paused: false,
         removed: false,
-        initial_cluster,
+        initial_cluster: String::new(),
         cluster_state,
     }
 }

@@ -49,8 +49,9 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 /// events for the pages.
 pub struct Ui {
     cluster: Arc<Cluster>,
-    /// The latest `view` event's data for each member, for a page that connects later.
-    latest: Mutex<BTreeMap<String, String>>,
+    /// The latest view of each member, by name: for a page that connects later, and for the
+    /// controls that need a member's id or the leader.
+    latest: Mutex<BTreeMap<String, serde_json::Value>>,
     events: broadcast::Sender<(String, String)>,
 }
 
@@ -113,17 +114,15 @@ impl Ui {
         }
     }
 
+    fn latest(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, serde_json::Value>> {
+        self.latest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Member ids (hexadecimal) by name, from the views seen so far.
     fn member_ids(&self) -> BTreeMap<String, String> {
-        self.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(|data| {
-                let event: serde_json::Value = serde_json::from_str(data).ok()?;
-                let name = event["name"].as_str()?.to_string();
-                Some((name, event["view"]["member"].as_str()?.to_string()))
-            })
+        self.latest()
+            .iter()
+            .filter_map(|(name, view)| Some((name.clone(), view["member"].as_str()?.to_string())))
             .collect()
     }
 
@@ -159,6 +158,11 @@ impl Ui {
 /// The `cluster` event: the members (removed ones included) and the timing.
 fn cluster_event(cluster: &Cluster) -> String {
     json!({ "members": cluster.member_names(), "slow_motion": cluster.slow_motion() }).to_string()
+}
+
+/// The `view` event of a member.
+fn view_event(name: &str, view: &serde_json::Value) -> String {
+    json!({ "name": name, "view": view }).to_string()
 }
 
 /// The `process` event of a member: its process state and whether it is cut off.
@@ -229,11 +233,8 @@ async fn read_views(ui: &Ui, name: &str, metrics: &str) -> std::io::Result<()> {
             let Ok(view) = serde_json::from_str::<serde_json::Value>(data) else {
                 continue;
             };
-            let event = json!({ "name": name, "view": view }).to_string();
-            ui.latest
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.to_string(), event.clone());
+            let event = view_event(name, &view);
+            ui.latest().insert(name.to_string(), view);
             let _ = ui.events.send(("view".to_string(), event));
         }
     }
@@ -264,11 +265,9 @@ fn current_state(ui: &Ui) -> Vec<(String, String)> {
         }
     }
     state.extend(
-        ui.latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|data| ("view".to_string(), data.clone())),
+        ui.latest()
+            .iter()
+            .map(|(name, view)| ("view".to_string(), view_event(name, view))),
     );
     state
 }
@@ -441,27 +440,12 @@ async fn transfer(
 ) -> Response {
     let result = async {
         check_origin(&headers)?;
-        let views: Vec<serde_json::Value> = ui
-            .latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter_map(|data| serde_json::from_str(data).ok())
-            .collect();
-        let member_of = |name: &str| {
-            views
-                .iter()
-                .find(|v| v["name"] == name)
-                .and_then(|v| v["view"]["member"].as_str())
-                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-        };
-        let target = member_of(&q.to).ok_or_else(|| bad(format!("no view of {} yet", q.to)))?;
-        let leader = views
+        let target = member_id(&ui, &q.to)?;
+        let leader = ui
+            .latest()
             .iter()
-            .find(|v| {
-                v["view"]["role"] == "leader" && !v["view"]["stopped"].as_bool().unwrap_or(false)
-            })
-            .and_then(|v| v["name"].as_str().map(str::to_string))
+            .find(|(_, view)| view["role"] == "leader" && view["stopped"] != true)
+            .map(|(name, _)| name.clone())
             .ok_or_else(|| bad("no member leads now"))?;
         if leader == q.to {
             return Err(bad(format!("{} leads already", q.to)));
