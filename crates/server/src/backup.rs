@@ -32,7 +32,7 @@ const TRAILER_BYTES: u64 = 16;
 const DIGEST_BYTES: u64 = 32;
 const SECTOR_BYTES: u64 = 512;
 /// How much each encoding step writes: one step holds the state's read lock (about a tenth
-/// of a millisecond), and the encoder idles after it (`crate::node::paced`).
+/// of a millisecond), and the encoder idles after it (`flotilla_runtime::node::paced`).
 pub const STEP_BYTES: usize = 64 << 10;
 
 /// The moment a backup or hash is taken at.
@@ -61,7 +61,7 @@ pub fn encode_state(
         let mut step = Vec::with_capacity(STEP_BYTES + (STEP_BYTES >> 2));
         loop {
             step.clear();
-            let done = crate::node::paced(|| {
+            let done = flotilla_runtime::node::paced(|| {
                 state
                     .read()
                     .unwrap_or_else(|p| p.into_inner())

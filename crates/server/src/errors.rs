@@ -4,9 +4,9 @@
 use flotilla_kv::{GrpcCode, KvError};
 use tonic::{Code, Status};
 
-use crate::driver::Refusal;
 use crate::node::NodeError;
 use crate::routing::RouteError;
+use flotilla_runtime::driver::Refusal;
 
 pub const NO_LEADER: &str = "etcdserver: no leader";
 pub const NOT_LEADER: &str = "etcdserver: not leader";

@@ -23,7 +23,6 @@ use flotilla_raft::{ConfChangeStep, Index, NodeId};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
-use crate::driver::Refusal;
 use crate::errors::{
     INVALID_URLS, MEMBER_NOT_FOUND, NO_LEADER, PEER_URL_EXISTS, REQUEST_TIMED_OUT, kv_status,
     node_status,
@@ -36,6 +35,7 @@ use crate::peer_proto::peer_client::PeerClient;
 use crate::peer_proto::{MemberChange, MemberInfo, ServerCommand, member_change, server_command};
 use crate::routing::{Answer, AnswerResult, LeaderRequest, RouteError};
 use crate::transport::{PeerIdentity, peer_client};
+use flotilla_runtime::driver::Refusal;
 
 /// What a request presented to say who sent it.
 #[derive(Clone, Debug)]

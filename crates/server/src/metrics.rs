@@ -10,6 +10,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use flotilla_raft::{Index, Role, RoleState};
+use flotilla_runtime::NodeMetrics;
+
 /// Bucket upper bounds in seconds: from 0.5 ms to about 8 s, doubling (etcd's fsync buckets).
 const BUCKETS_SECONDS: [f64; 15] = [
     0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
@@ -87,6 +90,61 @@ pub struct Metrics {
     grpc_handled: Mutex<BTreeMap<(&'static str, &'static str, &'static str), u64>>,
     /// By (service, method).
     grpc_handling: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+}
+
+/// What the runtime reports, kept for `/metrics`.
+impl NodeMetrics for Metrics {
+    fn wal_synced(&self, took: Duration) {
+        self.wal_fsync.observe(took);
+    }
+
+    fn role_changed(&self, state: &RoleState, leader_changed: bool) {
+        if leader_changed {
+            self.leader_changes.fetch_add(1, Ordering::Relaxed);
+        }
+        self.is_leader
+            .store(u64::from(state.role == Role::Leader), Ordering::Relaxed);
+        self.has_leader.store(
+            u64::from(state.leader != flotilla_raft::NODE_NONE),
+            Ordering::Relaxed,
+        );
+        self.term.store(state.term, Ordering::Relaxed);
+    }
+
+    fn committed(&self, index: Index) {
+        self.commit_index.store(index, Ordering::Relaxed);
+    }
+
+    fn applied(&self, index: Index, proposals_answered: usize) {
+        self.apply_index.store(index, Ordering::Relaxed);
+        self.proposals_committed
+            .fetch_add(proposals_answered as u64, Ordering::Relaxed);
+    }
+
+    fn proposal_failed(&self) {
+        self.proposals_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn proposals_pending(&self, count: usize) {
+        self.proposals_pending
+            .store(count as u64, Ordering::Relaxed);
+    }
+
+    fn peer_message_dropped(&self) {
+        self.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot_saved(&self, took: Duration) {
+        self.snapshot_save.observe(took);
+    }
+
+    fn snapshot_taken(&self) {
+        self.snapshots_saved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot_restored(&self) {
+        self.snapshots_restored.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {

@@ -28,7 +28,6 @@ use flotilla_raft::{ConfChange, NodeId};
 use prost::Message as _;
 use tonic::{Request, Status};
 
-use crate::driver::Refusal;
 use crate::frontend::Frontend;
 use crate::lease::LeaseError;
 use crate::node::{NodeError, NodeStatus, TrackedWrite};
@@ -36,6 +35,7 @@ use crate::peer_proto::{
     ForwardRequest, ForwardResponse, MemberInfo, Members, forward_request, forward_response,
 };
 use crate::state_machine::Applied;
+use flotilla_runtime::driver::Refusal;
 
 /// A request only the leader can carry out, as it is forwarded to the leader.
 pub type LeaderRequest = forward_request::Request;
@@ -431,7 +431,11 @@ impl Frontend {
             return None;
         };
         let tracked = self.node.track_forwarded();
-        *data = flotilla_kv::tag_origin(data, &tracked.origin)?;
+        let origin = flotilla_kv::Origin {
+            member_id: tracked.origin.member_id,
+            request: tracked.origin.request,
+        };
+        *data = flotilla_kv::tag_origin(data, &origin)?;
         Some(tracked)
     }
 

@@ -43,14 +43,14 @@ use crate::metrics::Metrics;
 use crate::node::{self, NodeHandle, NodeOptions, NodeParts, RunningNode};
 use crate::peer_proto::peer_server::PeerServer;
 use crate::peer_service::PeerService;
-use crate::read_lease;
 use crate::services::{ClientServices, publish_attributes_command};
 use crate::state_machine::{EventSink, StateMachine};
-use crate::storage::DurableStorage;
 use crate::transport::{PEER_MESSAGE_BYTES_MAX, PeerIdentity, PeerRouter};
 use crate::watch::{QueueBounds, WatchContext, WatchHub};
 use flotilla_proto::v3electionpb::election_server::ElectionServer;
 use flotilla_proto::v3lockpb::lock_server::LockServer;
+use flotilla_runtime::DurableStorage;
+use flotilla_runtime::read_lease;
 
 /// What the apply thread tells: events to the watch hub, grants to the lessor.
 #[derive(Debug)]
@@ -127,9 +127,24 @@ pub async fn run(
         },
         ..Limits::default()
     };
-    let table = MemberTable::from_members(identity.bootstrap_table());
-    let state = Arc::new(RwLock::new(StateMachine::new(limits.clone(), table)));
     let metrics = Arc::new(Metrics::default());
+    let hub = Arc::new(WatchHub::with_metrics(
+        QueueBounds::default(),
+        metrics.clone(),
+    ));
+    let lessor = Lessor::new(config.election_timeout);
+    let tokens = Arc::new(crate::auth::Tokens::new(
+        crate::auth::TokenKind::parse(&config.auth_token)?,
+        config.auth_token_ttl,
+    ));
+    let observers = ApplyObservers {
+        hub: hub.clone(),
+        lessor: lessor.clone(),
+        tokens: tokens.clone(),
+    };
+    let table = MemberTable::from_members(identity.bootstrap_table());
+    let state = StateMachine::new(limits, table).with_events(Arc::new(observers));
+    let state = Arc::new(RwLock::new(state));
     let peer_identity = PeerIdentity {
         cluster_id: identity.cluster_id,
         member_id: identity.member_id,
@@ -145,28 +160,13 @@ pub async fn run(
         .collect();
     let router = PeerRouter::new(peer_identity.clone(), state.clone(), hints, events_tx);
     let (stop_node_tx, stop_node_rx) = watch::channel(false);
-    let hub = Arc::new(WatchHub::with_metrics(
-        QueueBounds::default(),
-        metrics.clone(),
-    ));
-    let lessor = Lessor::new(config.election_timeout);
-    let tokens = Arc::new(crate::auth::Tokens::new(
-        crate::auth::TokenKind::parse(&config.auth_token)?,
-        config.auth_token_ttl,
-    ));
-    let observers = ApplyObservers {
-        hub: hub.clone(),
-        lessor: lessor.clone(),
-        tokens: tokens.clone(),
-    };
     let running = node::start(NodeParts {
-        options: node_options(&config, identity.member_id, limits),
+        options: node_options(&config, identity.member_id),
         storage,
         state,
-        router,
+        transport: router,
         inbox: inbox_rx,
         transport_events: events_rx,
-        events: Arc::new(observers),
         metrics: metrics.clone(),
         shutdown: stop_node_rx,
     })
@@ -227,7 +227,7 @@ fn request_timeout(config: &ServerConfig) -> Duration {
     Duration::from_secs(5) + 2 * config.election_timeout
 }
 
-fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
+fn node_options(config: &ServerConfig, id: u64) -> NodeOptions {
     let mut raft = flotilla_raft::Config::new(id);
     let tick_ms = config.heartbeat_interval.as_millis() as u64;
     raft.heartbeat_interval_ticks = 1;
@@ -255,7 +255,6 @@ fn node_options(config: &ServerConfig, id: u64, limits: Limits) -> NodeOptions {
         tick: config.heartbeat_interval,
         apply_backlog_entries_max: 5_000,
         proposals_max: 65_536,
-        limits,
         lease_duration,
         slow_step: config.slow_step,
         raft_view: config.raft_view,

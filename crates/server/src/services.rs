@@ -621,7 +621,7 @@ impl ClientServices {
 /// Runs `work` on a thread of its own; the answer comes back through the returned future.
 /// Encoding a whole state takes a core for a while, and at full speed on a busy machine it
 /// held up the apply and WAL threads (puts stalled for 100+ ms as a backup began): the
-/// encoding paces itself (`crate::node::paced`). It does not run at a lowered priority, which
+/// encoding paces itself (`flotilla_runtime::node::paced`). It does not run at a lowered priority, which
 /// made it hold the state's read lock while preempted (see `lower_this_threads_priority`).
 fn in_background<T: Send + 'static>(
     name: &str,

@@ -11,6 +11,7 @@
 //! ```
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use flotilla_kv::{ApplyResult, KvStore, Limits};
 use flotilla_proto::mvccpb::Event;
@@ -18,6 +19,8 @@ use flotilla_raft::{Entry, EntryPayload, Index};
 
 use flotilla_proto::etcdserverpb::AlarmMember;
 use prost::Message;
+
+use flotilla_runtime::Origin;
 
 use crate::alarms::Alarms;
 use crate::auth::{AuthApplied, AuthError, AuthStore};
@@ -110,6 +113,9 @@ pub struct StateMachine {
     /// Users, roles, and who may run which command (see [`crate::auth`]).
     pub auth: AuthStore,
     limits: Limits,
+    /// Told what each entry the runtime applies did (see [`EventSink`]); a restored state
+    /// keeps it.
+    events: Arc<dyn EventSink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +140,16 @@ impl StateMachine {
             alarms: Alarms::default(),
             auth: AuthStore::default(),
             limits,
+            events: Arc::new(NoWatchers),
         }
+    }
+
+    /// This state machine, telling `events` what the runtime applies to it (see
+    /// [`EventSink`]). A state machine applied through [`StateMachine::apply_entry`] alone
+    /// tells no one.
+    pub fn with_events(mut self, events: Arc<dyn EventSink>) -> StateMachine {
+        self.events = events;
+        self
     }
 
     pub fn applied_index(&self) -> Index {
@@ -296,11 +311,93 @@ impl StateMachine {
             alarms,
             auth,
             limits,
+            events: Arc::new(NoWatchers),
         })
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Tells the observers (watch hub, lessor) what one applied key-value command did.
+    fn observe(&self, result: &flotilla_kv::ApplyResult) {
+        if !result.events.is_empty() {
+            self.events.publish(result.revision, &result.events);
+        }
+        if let Ok(flotilla_kv::Response::LeaseGrant(grant)) = &result.outcome
+            && !result.duplicate
+        {
+            self.events.lease_granted(grant.id, grant.ttl);
+        }
+    }
+}
+
+/// The member's state as the runtime applies it: every entry through
+/// [`StateMachine::apply_entry`], then its observers told (under the state's write lock, so an
+/// observer that also takes the read lock sees each change and the state agree).
+impl flotilla_runtime::StateMachine for StateMachine {
+    type Output = Applied;
+    type SnapshotCursor = StateSnapshotCursor;
+
+    fn applied_index(&self) -> Index {
+        self.kv.applied_index()
+    }
+
+    fn apply(&mut self, entry: &Entry) -> Applied {
+        let applied = self.apply_entry(entry);
+        match &applied {
+            Applied::Kv(result) => self.observe(result),
+            Applied::Auth {
+                outcome: Ok(auth), ..
+            } => self.events.auth_applied(auth),
+            _ => {}
+        }
+        applied
+    }
+
+    fn origin(output: &Applied) -> Option<Origin> {
+        let Applied::Kv(result) = output else {
+            return None;
+        };
+        result.origin.as_ref().map(|origin| Origin {
+            member_id: origin.member_id,
+            request: origin.request,
+        })
+    }
+
+    fn begin_snapshot(&mut self) -> StateSnapshotCursor {
+        StateMachine::begin_snapshot(self)
+    }
+
+    fn continue_snapshot(
+        &self,
+        cursor: &mut StateSnapshotCursor,
+        out: &mut Vec<u8>,
+        bytes_max: usize,
+    ) -> io::Result<bool> {
+        StateMachine::continue_snapshot(self, cursor, out, bytes_max)
+    }
+
+    fn end_snapshot(&mut self, cursor: StateSnapshotCursor) {
+        StateMachine::end_snapshot(self, cursor);
+    }
+
+    fn empty(&self) -> StateMachine {
+        StateMachine::new(self.limits.clone(), MemberTable::default())
+            .with_events(self.events.clone())
+    }
+
+    fn restore(&mut self, snapshot: &mut dyn Read) -> Result<(), String> {
+        let restored =
+            StateMachine::restore(snapshot, self.limits.clone()).map_err(|e| e.to_string())?;
+        *self = restored.with_events(self.events.clone());
+        Ok(())
+    }
+
+    fn replace(&mut self, restored: StateMachine) {
+        let previous_revision = self.kv.current_revision();
+        *self = restored;
+        self.events.state_replaced(previous_revision);
     }
 }
 

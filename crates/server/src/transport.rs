@@ -41,14 +41,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const URL_RECHECK: Duration = Duration::from_secs(1);
 
-/// What the transport tells the raft task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TransportEvent {
-    /// Messages to this peer are not getting through.
-    Unreachable(NodeId),
-    /// A peer refused this member because it was removed from the cluster.
-    Removed { by: NodeId },
-}
+pub use flotilla_runtime::TransportEvent;
 
 /// Which of the two streams to a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,6 +247,16 @@ impl PeerRouter {
     pub fn shutdown(&mut self) {
         let _ = self.shutdown_tx.send(true);
         self.peers.clear();
+    }
+}
+
+impl flotilla_runtime::Transport for PeerRouter {
+    fn send(&mut self, msg: Message) -> bool {
+        PeerRouter::send(self, msg)
+    }
+
+    fn shutdown(&mut self) {
+        PeerRouter::shutdown(self);
     }
 }
 

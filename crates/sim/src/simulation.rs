@@ -19,7 +19,7 @@ use flotilla_raft::{
     Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message,
     MessageBody, NodeId, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
 };
-use flotilla_server::driver::{Actions, Driver};
+use flotilla_runtime::driver::{Actions, Driver};
 use flotilla_server::members::MemberTable;
 use flotilla_server::state_machine::{Applied, EventSink, StateMachine};
 use flotilla_server::watch::hub::{QueueBounds, WatchHub};

@@ -220,8 +220,9 @@ impl Lessor {
     }
 }
 
-type Proposed =
-    tokio::sync::oneshot::Receiver<Result<crate::state_machine::Applied, crate::driver::Refusal>>;
+type Proposed = tokio::sync::oneshot::Receiver<
+    Result<crate::state_machine::Applied, flotilla_runtime::driver::Refusal>,
+>;
 
 /// etcd's minimum TTL: 1.5 election timeouts, rounded up to whole seconds.
 pub fn min_ttl_seconds(election_timeout: Duration) -> i64 {

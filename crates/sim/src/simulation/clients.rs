@@ -18,7 +18,7 @@ use super::{Event, Phase, SimNode, Simulation};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
 use crate::workload::{ClientMemory, REGISTER_KEYS, Request, next_request};
-use flotilla_server::driver::Refusal;
+use flotilla_runtime::driver::Refusal;
 use flotilla_server::lease::RenewDecision;
 use flotilla_server::state_machine::Applied;
 

@@ -6,15 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use flotilla_kv::Limits;
 use flotilla_raft::{Apply, Index, SnapshotMeta};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::forwarded::ForwardedWrites;
 use super::snapshot_pipe::{SnapshotEncoder, SnapshotSaver};
 use super::{ProposalWaiter, SnapshotRequest};
-use crate::metrics::Metrics;
-use crate::state_machine::{Applied, EventSink, StateMachine};
+use crate::metrics::NodeMetrics;
+use crate::state_machine::StateMachine;
 use crate::storage::{DurableStorage, SnapshotReader};
 
 /// The apply thread gives the state's write lock up after applying this many bytes of entries
@@ -26,17 +25,15 @@ const LOCK_HELD_BYTES_MAX: usize = 1 << 20;
 
 /// Work for the apply thread, in log order.
 #[derive(Debug)]
-pub(super) enum ApplyWork {
-    Items(Vec<(Apply, Option<ProposalWaiter>)>),
+pub(super) enum ApplyWork<O> {
+    Items(Vec<(Apply, Option<ProposalWaiter<O>>)>),
     Snapshot,
 }
 
-pub(super) struct ApplyContext {
+pub(super) struct ApplyContext<S: StateMachine> {
     pub(super) storage: Arc<dyn DurableStorage>,
-    pub(super) state: Arc<RwLock<StateMachine>>,
-    pub(super) events: Arc<dyn EventSink>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) limits: Limits,
+    pub(super) state: Arc<RwLock<S>>,
+    pub(super) metrics: Arc<dyn NodeMetrics>,
     pub(super) applied: watch::Sender<Index>,
     pub(super) snapshots: mpsc::Sender<SnapshotRequest>,
     /// A snapshot is being saved in the background.
@@ -44,11 +41,11 @@ pub(super) struct ApplyContext {
     /// An apply batch or a wait for the lock slower than this is logged.
     pub(super) slow_step: std::time::Duration,
     /// This member's forwarded writes whose leader's answer may be lost.
-    pub(super) forwarded: Arc<ForwardedWrites>,
+    pub(super) forwarded: Arc<ForwardedWrites<S::Output>>,
 }
 
-impl ApplyContext {
-    pub(super) fn run(self, mut work: mpsc::Receiver<ApplyWork>) {
+impl<S: StateMachine> ApplyContext<S> {
+    pub(super) fn run(self, mut work: mpsc::Receiver<ApplyWork<S::Output>>) {
         while let Some(item) = work.blocking_recv() {
             let result = match item {
                 ApplyWork::Items(items) => self.apply(items),
@@ -61,7 +58,7 @@ impl ApplyContext {
         }
     }
 
-    fn apply(&self, items: Vec<(Apply, Option<ProposalWaiter>)>) -> Result<(), String> {
+    fn apply(&self, items: Vec<(Apply, Option<ProposalWaiter<S::Output>>)>) -> Result<(), String> {
         let started = Instant::now();
         let entries = items.len();
         let mut replies = Vec::new();
@@ -74,23 +71,15 @@ impl ApplyContext {
             match item {
                 Apply::Entry(entry) => {
                     let machine = state.get_or_insert_with(|| self.write_state());
-                    let applied = machine.apply_entry(&entry);
-                    match &applied {
-                        Applied::Kv(result) => self.observe(result),
-                        Applied::Auth {
-                            outcome: Ok(auth), ..
-                        } => self.events.auth_applied(auth),
-                        _ => {}
-                    }
+                    let output = machine.apply(&entry);
                     if let Some(waiter) = waiter {
                         // Proposed here: whoever tagged it is the same request, answered
                         // through the proposal.
-                        replies.push((waiter, applied));
-                    } else if let Applied::Kv(result) = &applied
-                        && let Some(origin) = &result.origin
-                        && let Some(claim) = self.forwarded.take(origin)
+                        replies.push((waiter, output));
+                    } else if let Some(origin) = S::origin(&output)
+                        && let Some(claim) = self.forwarded.take(&origin)
                     {
-                        forwarded_replies.push((claim, applied));
+                        forwarded_replies.push((claim, output));
                     }
                     if budget.spend(entry_bytes(&entry)) {
                         // Let the readers waiting on the lock in before the next entry.
@@ -103,14 +92,11 @@ impl ApplyContext {
                     // swap the new state in.
                     state = None;
                     let restored = self.restore(&meta)?;
-                    let mut replaced = self.state.write().unwrap_or_else(|p| p.into_inner());
-                    let previous_revision = replaced.kv.current_revision();
-                    *replaced = restored;
-                    self.events.state_replaced(previous_revision);
-                    drop(replaced);
-                    self.metrics
-                        .snapshots_restored
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.state
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .replace(restored);
+                    self.metrics.snapshot_restored();
                 }
             }
         }
@@ -119,12 +105,9 @@ impl ApplyContext {
             tracing::warn!(entries, took = ?started.elapsed(), "slow apply");
         }
         if let Some(index) = last {
-            self.metrics.apply_index.store(index, Ordering::Relaxed);
+            self.metrics.applied(index, replies.len());
             self.applied.send_replace(index);
         }
-        self.metrics
-            .proposals_committed
-            .fetch_add(replies.len() as u64, Ordering::Relaxed);
         for (waiter, applied) in replies {
             let _ = waiter.send(Ok(applied));
         }
@@ -135,7 +118,7 @@ impl ApplyContext {
     }
 
     /// The state's write lock; a long wait (readers held it) is logged with its length.
-    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, StateMachine> {
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, S> {
         let waiting = Instant::now();
         let state = self.state.write().unwrap_or_else(|p| p.into_inner());
         if waiting.elapsed() > self.slow_step {
@@ -144,22 +127,13 @@ impl ApplyContext {
         state
     }
 
-    /// Tells the observers (watch hub, lessor) what one applied entry did. Called with the
-    /// state's write lock held.
-    fn observe(&self, result: &flotilla_kv::ApplyResult) {
-        if !result.events.is_empty() {
-            self.events.publish(result.revision, &result.events);
-        }
-        if let Ok(flotilla_kv::Response::LeaseGrant(grant)) = &result.outcome
-            && !result.duplicate
-        {
-            self.events.lease_granted(grant.id, grant.ttl);
-        }
-    }
-
-    fn restore(&self, meta: &SnapshotMeta) -> Result<StateMachine, String> {
+    /// A state machine restored from the snapshot `meta` names, built beside the current one
+    /// (readers go on meanwhile).
+    fn restore(&self, meta: &SnapshotMeta) -> Result<S, String> {
         let mut reader = SnapshotReader::new(&*self.storage, meta.last);
-        let restored = StateMachine::restore(&mut reader, self.limits.clone())
+        let mut restored = self.state.read().unwrap_or_else(|p| p.into_inner()).empty();
+        restored
+            .restore(&mut reader)
             .map_err(|e| format!("restoring snapshot {}: {e}", meta.last))?;
         if restored.applied_index() != meta.last.index {
             return Err(format!(
@@ -272,15 +246,107 @@ mod tests {
     use std::time::Duration;
 
     use bytes::Bytes;
-
-    use flotilla_kv::Command;
-    use flotilla_proto::etcdserverpb::PutRequest;
     use flotilla_raft::{Entry, EntryId, EntryPayload, LogStorage, MemStorage, Membership};
 
     use super::*;
-    use crate::members::MemberTable;
-    use crate::state_machine::NoWatchers;
-    use crate::storage::MemDurable;
+    use crate::metrics::NoMetrics;
+    use crate::storage::{MemDurable, StorageFailure};
+
+    /// Keeps every command in order. A snapshot pins the commands applied so far: later ones
+    /// are appended after them and never change them, so the pinned prefix is the state at
+    /// the snapshot's index however long the encoding takes.
+    #[derive(Debug, Default)]
+    struct Appends {
+        applied: Index,
+        commands: Vec<(Index, Bytes)>,
+    }
+
+    /// The commands pinned (`pinned`), those encoded so far (`next`), and whether the header
+    /// (the applied index at the pin) is written.
+    #[derive(Debug)]
+    struct AppendsCursor {
+        applied: Index,
+        pinned: usize,
+        next: usize,
+        header_written: bool,
+    }
+
+    impl StateMachine for Appends {
+        type Output = Index;
+        type SnapshotCursor = AppendsCursor;
+
+        fn applied_index(&self) -> Index {
+            self.applied
+        }
+
+        fn apply(&mut self, entry: &Entry) -> Index {
+            if let EntryPayload::Command(data) = &entry.payload {
+                self.commands.push((entry.index, data.clone()));
+            }
+            self.applied = entry.index;
+            entry.index
+        }
+
+        fn begin_snapshot(&mut self) -> AppendsCursor {
+            AppendsCursor {
+                applied: self.applied,
+                pinned: self.commands.len(),
+                next: 0,
+                header_written: false,
+            }
+        }
+
+        fn continue_snapshot(
+            &self,
+            cursor: &mut AppendsCursor,
+            out: &mut Vec<u8>,
+            bytes_max: usize,
+        ) -> std::io::Result<bool> {
+            if !cursor.header_written {
+                out.extend_from_slice(&cursor.applied.to_le_bytes());
+                cursor.header_written = true;
+            }
+            while cursor.next < cursor.pinned && out.len() < bytes_max {
+                let (index, data) = &self.commands[cursor.next];
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                out.extend_from_slice(data);
+                cursor.next += 1;
+            }
+            Ok(cursor.next == cursor.pinned)
+        }
+
+        fn end_snapshot(&mut self, _cursor: AppendsCursor) {}
+
+        fn empty(&self) -> Appends {
+            Appends::default()
+        }
+
+        fn restore(&mut self, snapshot: &mut dyn Read) -> Result<(), String> {
+            let mut bytes = Vec::new();
+            snapshot
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?;
+            let take = |bytes: &mut &[u8], n: usize| -> Result<Vec<u8>, String> {
+                if bytes.len() < n {
+                    return Err("truncated".into());
+                }
+                let (head, rest) = bytes.split_at(n);
+                *bytes = rest;
+                Ok(head.to_vec())
+            };
+            let mut rest = &bytes[..];
+            let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            self.applied = u64_of(take(&mut rest, 8)?);
+            while !rest.is_empty() {
+                let index = u64_of(take(&mut rest, 8)?);
+                let length = u32::from_le_bytes(take(&mut rest, 4)?.try_into().expect("4"));
+                let data = take(&mut rest, length as usize)?;
+                self.commands.push((index, Bytes::from(data)));
+            }
+            Ok(())
+        }
+    }
 
     /// Storage whose snapshot saving waits until the test lets it go on.
     #[derive(Debug)]
@@ -326,43 +392,35 @@ mod tests {
     }
 
     impl DurableStorage for HeldSnapshots {
-        fn write(
-            &self,
-            batch: &flotilla_raft::PersistBatch,
-        ) -> Result<(), crate::storage::StorageFailure> {
+        fn write(&self, batch: &flotilla_raft::PersistBatch) -> Result<(), StorageFailure> {
             self.inner.write(batch)
         }
-        fn sync(&self) -> Result<Option<flotilla_raft::PersistId>, crate::storage::StorageFailure> {
+        fn sync(&self) -> Result<Option<flotilla_raft::PersistId>, StorageFailure> {
             self.inner.sync()
         }
         fn save_snapshot(
             &self,
             meta: &SnapshotMeta,
             data: &mut dyn Read,
-        ) -> Result<(), crate::storage::StorageFailure> {
+        ) -> Result<(), StorageFailure> {
             let _ = self.go.lock().unwrap().recv();
             self.inner.save_snapshot(meta, data)
         }
-        fn close(&self) -> Result<(), crate::storage::StorageFailure> {
+        fn close(&self) -> Result<(), StorageFailure> {
             self.inner.close()
         }
     }
 
-    fn put_entry(index: Index, key: usize) -> Apply {
-        let put = Command::put(PutRequest {
-            key: format!("key-{key:06}").into(),
-            value: vec![b'v'; 1024].into(),
-            ..Default::default()
-        });
+    fn command_entry(index: Index) -> Apply {
         Apply::Entry(Entry {
             term: 1,
             index,
-            payload: EntryPayload::Command(put.encode()),
+            payload: EntryPayload::Command(Bytes::from(vec![b'v'; 1024])),
         })
     }
 
-    /// A batch of 64 MiB of 1 KiB puts gives the write lock up every 1 MiB, not once at the
-    /// end; a batch of small entries keeps it throughout.
+    /// A batch of 64 MiB of 1 KiB commands gives the write lock up every 1 MiB, not once at
+    /// the end; a batch of small entries keeps it throughout.
     #[test]
     fn the_write_lock_is_given_up_every_mebibyte_of_entries() {
         let mut budget = LockBudget::default();
@@ -388,23 +446,18 @@ mod tests {
             ]))),
             go: Mutex::new(go_rx),
         });
-        let state = Arc::new(RwLock::new(StateMachine::new(
-            Limits::default(),
-            MemberTable::default(),
-        )));
+        let state = Arc::new(RwLock::new(Appends::default()));
         let (applied_tx, mut applied_rx) = watch::channel(0);
         let (snapshots_tx, mut snapshots_rx) = mpsc::channel(2);
         let context = ApplyContext {
             storage: storage.clone(),
             state: state.clone(),
-            events: Arc::new(NoWatchers),
-            metrics: Arc::new(Metrics::default()),
-            limits: Limits::default(),
+            metrics: Arc::new(NoMetrics),
             applied: applied_tx,
             snapshots: snapshots_tx,
             saving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            slow_step: std::time::Duration::from_millis(100),
-            forwarded: Arc::new(super::ForwardedWrites::new(1)),
+            slow_step: Duration::from_millis(100),
+            forwarded: Arc::new(ForwardedWrites::new(1)),
         };
         let (work_tx, work_rx) = mpsc::channel(8);
         let apply_thread = std::thread::spawn(move || context.run(work_rx));
@@ -414,9 +467,7 @@ mod tests {
             .unwrap();
 
         // 8 MiB of state: far more than the pipe to the blocked saver holds.
-        let before: Vec<_> = (1..=8192)
-            .map(|i| (put_entry(i, i as usize), None))
-            .collect();
+        let before: Vec<_> = (1..=8192).map(|i| (command_entry(i), None)).collect();
         work_tx.blocking_send(ApplyWork::Items(before)).unwrap();
         work_tx.blocking_send(ApplyWork::Snapshot).unwrap();
         let Some(SnapshotRequest::Meta { index, reply }) = snapshots_rx.blocking_recv() else {
@@ -429,7 +480,7 @@ mod tests {
         };
         reply.send(Ok(meta.clone())).unwrap();
 
-        let after: Vec<_> = (8193..=8292).map(|i| (put_entry(i, 1), None)).collect();
+        let after: Vec<_> = (8193..=8292).map(|i| (command_entry(i), None)).collect();
         work_tx.blocking_send(ApplyWork::Items(after)).unwrap();
         // Bounded so that an apply thread stuck behind the snapshot fails the test, not hangs it.
         let applied = runtime.block_on(async {
@@ -450,26 +501,17 @@ mod tests {
             panic!("the snapshot was not saved");
         };
         assert_eq!(saved, meta);
-        let mut reader = SnapshotReader::new(&*storage, meta.last);
-        let restored = StateMachine::restore(&mut reader, Limits::default()).unwrap();
+        let mut restored = Appends::default();
+        restored
+            .restore(&mut SnapshotReader::new(&*storage, meta.last))
+            .unwrap();
         assert_eq!(restored.applied_index(), 8192);
-        let read = |machine: &StateMachine| {
-            machine
-                .kv
-                .range(&flotilla_proto::etcdserverpb::RangeRequest {
-                    key: "key-000001".into(),
-                    ..Default::default()
-                })
-                .unwrap()
-                .kvs[0]
-                .mod_revision
-        };
         assert_eq!(
-            read(&restored),
-            2,
+            restored.commands.len(),
+            8192,
             "the snapshot holds the state at its index"
         );
-        assert_eq!(read(&state.read().unwrap()), 8293);
+        assert_eq!(state.read().unwrap().commands.len(), 8292);
         drop(work_tx);
         apply_thread.join().unwrap();
     }

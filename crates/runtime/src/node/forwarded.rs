@@ -14,21 +14,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use flotilla_kv::Origin;
 use flotilla_raft::NodeId;
 use tokio::sync::oneshot;
 
-use crate::state_machine::Applied;
+use crate::state_machine::Origin;
 
-/// The forwarded writes of one member that wait for their entry.
+/// The forwarded writes of one member that wait for their entry; `O` is the state machine's
+/// output.
 #[derive(Debug)]
-pub struct ForwardedWrites {
+pub struct ForwardedWrites<O> {
     member_id: NodeId,
     /// The next request number. Starts from the wall clock in nanoseconds, so that an entry
     /// tagged by a previous run of this member (replayed from the log, or committed late)
     /// never matches a request of this run.
     next_request: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Applied>>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<O>>>,
     /// `waiting.len()`, read without the lock: the apply thread looks up nothing while no
     /// forwarded write waits, which is always the case on the leader.
     waiting_count: AtomicUsize,
@@ -38,14 +38,14 @@ pub struct ForwardedWrites {
 /// client request in flight, so the requests' own bounds (streams per connection, held
 /// requests) bound these too.
 #[derive(Debug)]
-pub struct TrackedWrite {
+pub struct TrackedWrite<O> {
     pub origin: Origin,
-    applied: oneshot::Receiver<Applied>,
-    writes: Arc<ForwardedWrites>,
+    applied: oneshot::Receiver<O>,
+    writes: Arc<ForwardedWrites<O>>,
 }
 
-impl ForwardedWrites {
-    pub fn new(member_id: NodeId) -> ForwardedWrites {
+impl<O> ForwardedWrites<O> {
+    pub fn new(member_id: NodeId) -> ForwardedWrites<O> {
         let started_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| since.as_nanos() as u64);
@@ -59,7 +59,7 @@ impl ForwardedWrites {
 
     /// A new origin for a write about to be forwarded; the entry that carries it, once applied
     /// here, is handed to the returned claim.
-    pub fn track(self: &Arc<ForwardedWrites>) -> TrackedWrite {
+    pub fn track(self: &Arc<ForwardedWrites<O>>) -> TrackedWrite<O> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (sender, applied) = oneshot::channel();
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
@@ -78,7 +78,7 @@ impl ForwardedWrites {
 
     /// The claim on an entry tagged with `origin`, if it is one of this member's and still
     /// waited for. Called by the apply thread for every applied command that has an origin.
-    pub(super) fn take(&self, origin: &Origin) -> Option<oneshot::Sender<Applied>> {
+    pub(super) fn take(&self, origin: &Origin) -> Option<oneshot::Sender<O>> {
         if origin.member_id != self.member_id || self.waiting_count.load(Ordering::Acquire) == 0 {
             return None;
         }
@@ -95,15 +95,15 @@ impl ForwardedWrites {
     }
 }
 
-impl TrackedWrite {
+impl<O> TrackedWrite<O> {
     /// Waits for the entry to be applied here. `None` if the apply thread stopped; the caller
     /// bounds the wait with its deadline.
-    pub async fn applied(&mut self) -> Option<Applied> {
+    pub async fn applied(&mut self) -> Option<O> {
         (&mut self.applied).await.ok()
     }
 }
 
-impl Drop for TrackedWrite {
+impl<O> Drop for TrackedWrite<O> {
     fn drop(&mut self) {
         self.writes.withdraw(self.origin.request);
     }
@@ -113,15 +113,11 @@ impl Drop for TrackedWrite {
 mod tests {
     use super::*;
 
-    fn applied(revision: i64) -> Applied {
-        Applied::Server { revision }
-    }
-
     /// An origin is handed out once, its entry reaches its claim, and a dropped claim is
     /// withdrawn; another member's origin or an unknown number finds nothing.
     #[tokio::test]
     async fn an_entry_reaches_the_claim_of_its_origin_only() {
-        let writes = Arc::new(ForwardedWrites::new(7));
+        let writes = Arc::new(ForwardedWrites::<i64>::new(7));
         let mut first = writes.track();
         let second = writes.track();
         assert_ne!(first.origin, second.origin);
@@ -138,15 +134,8 @@ mod tests {
         };
         assert!(writes.take(&unknown).is_none());
 
-        writes
-            .take(&first.origin)
-            .unwrap()
-            .send(applied(5))
-            .unwrap();
-        assert!(matches!(
-            first.applied().await,
-            Some(Applied::Server { revision: 5 })
-        ));
+        writes.take(&first.origin).unwrap().send(5).unwrap();
+        assert_eq!(first.applied().await, Some(5));
         // Taken once only.
         assert!(writes.take(&first.origin).is_none());
 

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::SnapshotRequest;
 use super::snapshot_pipe::lower_this_threads_priority;
-use crate::metrics::Metrics;
+use crate::metrics::NodeMetrics;
 use crate::storage::{DurableStorage, StorageFailure};
 
 /// Writes every batch waiting, then makes them all durable with one fsync (group commit).
@@ -19,7 +19,7 @@ pub(super) fn wal_thread(
     batches: mpsc::Receiver<PersistBatch>,
     persisted: watch::Sender<Option<PersistId>>,
     fatal: mpsc::Sender<SnapshotRequest>,
-    metrics: &Metrics,
+    metrics: &dyn NodeMetrics,
     slow_step: Duration,
 ) -> Result<(), StorageFailure> {
     std::thread::scope(|scope| {
@@ -54,7 +54,7 @@ fn write_and_sync(
     mut batches: mpsc::Receiver<PersistBatch>,
     persisted: &watch::Sender<Option<PersistId>>,
     fatal: &mpsc::Sender<SnapshotRequest>,
-    metrics: &Metrics,
+    metrics: &dyn NodeMetrics,
     reap: &std::sync::mpsc::SyncSender<()>,
     slow_step: Duration,
 ) -> Result<(), StorageFailure> {
@@ -70,7 +70,7 @@ fn write_and_sync(
             let syncing = Instant::now();
             let durable = storage.sync()?;
             let synced = Instant::now();
-            metrics.wal_fsync.observe(synced - syncing);
+            metrics.wal_synced(synced - syncing);
             if synced - writing > slow_step {
                 tracing::warn!(
                     batches = written,

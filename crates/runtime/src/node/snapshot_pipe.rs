@@ -12,8 +12,8 @@ use flotilla_raft::SnapshotMeta;
 use tokio::sync::mpsc;
 
 use super::SnapshotRequest;
-use crate::metrics::Metrics;
-use crate::state_machine::{StateMachine, StateSnapshotCursor};
+use crate::metrics::NodeMetrics;
+use crate::state_machine::StateMachine;
 use crate::storage::DurableStorage;
 
 /// The nice value of background threads that hold no lock the write path needs (the WAL's
@@ -28,7 +28,7 @@ const BACKGROUND_THREAD_NICE: i32 = 10;
 /// thread waiting 20–50 ms for the write lock on a busy machine (priority inversion; the
 /// `--warning-apply-duration` warnings showed it). The encoder paces itself instead
 /// ([`ENCODE_IDLE_PER_BUSY`]).
-pub(crate) fn lower_this_threads_priority() {
+pub fn lower_this_threads_priority() {
     if let Err(err) = rustix::process::nice(BACKGROUND_THREAD_NICE) {
         tracing::debug!("the background thread keeps its priority: {err}");
     }
@@ -40,8 +40,9 @@ pub(crate) fn lower_this_threads_priority() {
 /// takes three times its encoding time.
 const ENCODE_IDLE_PER_BUSY: u32 = 2;
 
-/// Runs one step of encoding a state, then idles per [`ENCODE_IDLE_PER_BUSY`].
-pub(crate) fn paced<T>(step: impl FnOnce() -> T) -> T {
+/// Runs one step of encoding a state, then idles twice as long as the step took, so that an
+/// encoder (a snapshot, a backup, a hash of the state) takes at most a third of a core.
+pub fn paced<T>(step: impl FnOnce() -> T) -> T {
     let started = Instant::now();
     let done = step();
     std::thread::sleep(started.elapsed() * ENCODE_IDLE_PER_BUSY);
@@ -50,15 +51,15 @@ pub(crate) fn paced<T>(step: impl FnOnce() -> T) -> T {
 
 /// Encodes a pinned state in steps into the pipe a [`SnapshotSaver`] streams into storage, then
 /// releases the pin and, once the saver is done, lets the next snapshot begin.
-pub(super) struct SnapshotEncoder {
-    pub(super) state: Arc<RwLock<StateMachine>>,
+pub(super) struct SnapshotEncoder<S> {
+    pub(super) state: Arc<RwLock<S>>,
     pub(super) saving: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl SnapshotEncoder {
+impl<S: StateMachine> SnapshotEncoder<S> {
     pub(super) fn run(
         self,
-        mut cursor: StateSnapshotCursor,
+        mut cursor: S::SnapshotCursor,
         meta: SnapshotMeta,
         saver: SnapshotSaver,
     ) {
@@ -91,7 +92,7 @@ impl SnapshotEncoder {
     /// ([`ENCODE_IDLE_PER_BUSY`]).
     fn encode(
         &self,
-        cursor: &mut StateSnapshotCursor,
+        cursor: &mut S::SnapshotCursor,
         chunks: &std::sync::mpsc::SyncSender<PipeChunk>,
     ) -> io::Result<()> {
         loop {
@@ -111,7 +112,7 @@ impl SnapshotEncoder {
         }
     }
 
-    fn release(&self, cursor: StateSnapshotCursor) {
+    fn release(&self, cursor: S::SnapshotCursor) {
         self.state
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -123,7 +124,7 @@ impl SnapshotEncoder {
 pub(super) struct SnapshotSaver {
     pub(super) storage: Arc<dyn DurableStorage>,
     pub(super) snapshots: mpsc::Sender<SnapshotRequest>,
-    pub(super) metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<dyn NodeMetrics>,
 }
 
 impl SnapshotSaver {
@@ -136,7 +137,7 @@ impl SnapshotSaver {
         };
         match self.storage.save_snapshot(&meta, &mut reader) {
             Ok(()) => {
-                self.metrics.snapshot_save.observe(started.elapsed());
+                self.metrics.snapshot_saved(started.elapsed());
                 tracing::info!(snapshot = %meta.last, elapsed = ?started.elapsed(), "saved a snapshot");
                 let _ = self.snapshots.blocking_send(SnapshotRequest::Saved(meta));
             }

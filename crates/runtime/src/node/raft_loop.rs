@@ -4,10 +4,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use flotilla_raft::{Index, Message, PersistBatch, PersistId, Role, RoleState};
+use flotilla_raft::{Index, Message, PersistBatch, PersistId, RoleState};
 use tokio::sync::{mpsc, watch};
 
 use super::apply::ApplyWork;
@@ -17,12 +16,12 @@ use super::{
     SnapshotRequest, status_of,
 };
 use crate::driver::{Actions, Refusal};
-use crate::metrics::Metrics;
+use crate::metrics::NodeMetrics;
 use crate::read_lease::{self, Lease, PublishedLease, TickClock};
-use crate::transport::{PeerRouter, TransportEvent};
+use crate::transport::{Transport, TransportEvent};
 
-pub(super) struct RaftInputs {
-    pub(super) requests: mpsc::Receiver<NodeRequest>,
+pub(super) struct RaftInputs<O> {
+    pub(super) requests: mpsc::Receiver<NodeRequest<O>>,
     pub(super) inbox: mpsc::Receiver<Message>,
     pub(super) transport_events: mpsc::Receiver<TransportEvent>,
     pub(super) persisted: watch::Receiver<Option<PersistId>>,
@@ -31,22 +30,22 @@ pub(super) struct RaftInputs {
     pub(super) shutdown: watch::Receiver<bool>,
 }
 
-pub(super) struct RaftLoop {
-    pub(super) driver: NodeDriver,
+pub(super) struct RaftLoop<O, T, M> {
+    pub(super) driver: NodeDriver<O>,
     /// When recent ticks began, to turn the core's lease into a deadline.
     pub(super) clock: TickClock,
     /// The lease as the handlers see it; updated before each round's messages leave.
     pub(super) lease: Arc<PublishedLease>,
     pub(super) options: NodeOptions,
-    pub(super) router: PeerRouter,
+    pub(super) transport: T,
     pub(super) wal_tx: mpsc::Sender<PersistBatch>,
     pub(super) wal_backlog: WalBacklog,
-    pub(super) apply_tx: mpsc::Sender<ApplyWork>,
-    pub(super) apply_backlog: VecDeque<ApplyWork>,
+    pub(super) apply_tx: mpsc::Sender<ApplyWork<O>>,
+    pub(super) apply_backlog: VecDeque<ApplyWork<O>>,
     pub(super) status: watch::Sender<NodeStatus>,
     /// The same status, published only when its role part changes.
     pub(super) role_status: watch::Sender<RoleStatus>,
-    pub(super) metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<M>,
     pub(super) role: Option<RoleState>,
     pub(super) removed: bool,
     pub(super) fatal: Option<String>,
@@ -119,8 +118,8 @@ impl WalBacklog {
 /// becomes one append and one fsync.
 const ROUND_INPUTS_MAX: usize = 512;
 
-impl RaftLoop {
-    pub(super) async fn run(mut self, mut inputs: RaftInputs) {
+impl<O: Send + 'static, T: Transport, M: NodeMetrics> RaftLoop<O, T, M> {
+    pub(super) async fn run(mut self, mut inputs: RaftInputs<O>) {
         let mut ticker = tokio::time::interval(self.options.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Clones, so that waiting for room in a channel does not borrow `self`.
@@ -220,7 +219,7 @@ impl RaftLoop {
         Ok(())
     }
 
-    fn on_request(&mut self, request: NodeRequest) {
+    fn on_request(&mut self, request: NodeRequest<O>) {
         match request {
             NodeRequest::Propose { data, reply } => {
                 if let Some(refusal) = self.backlog_refusal() {
@@ -228,9 +227,7 @@ impl RaftLoop {
                     return;
                 }
                 if let Err((reply, refusal)) = self.driver.propose(data, reply) {
-                    self.metrics
-                        .proposals_failed
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.metrics.proposal_failed();
                     let _ = reply.send(Err(refusal));
                 }
             }
@@ -290,7 +287,7 @@ impl RaftLoop {
                 if let Err(err) = self.driver.snapshot_saved(&meta) {
                     tracing::warn!("the core did not take snapshot {}: {err}", meta.last);
                 } else {
-                    self.metrics.snapshots_saved.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.snapshot_taken();
                 }
             }
             SnapshotRequest::Fatal(reason) => self.fail(reason),
@@ -309,7 +306,7 @@ impl RaftLoop {
         Ok(())
     }
 
-    fn dispatch(&mut self, actions: Actions<ProposalWaiter, ReadWaiter>) {
+    fn dispatch(&mut self, actions: Actions<ProposalWaiter<O>, ReadWaiter>) {
         // Before any message leaves: a TimeoutNow among them must find the lease withdrawn.
         self.publish_lease();
         if let Some(state) = actions.role_state {
@@ -323,24 +320,18 @@ impl RaftLoop {
             if self.view.is_some() {
                 self.sent.count(&msg);
             }
-            if !self.router.send(msg) {
-                self.metrics
-                    .peer_messages_dropped
-                    .fetch_add(1, Ordering::Relaxed);
+            if !self.transport.send(msg) {
+                self.metrics.peer_message_dropped();
             }
         }
         if !actions.apply.is_empty() {
             let last = actions.apply.last().map(|(item, _)| item.index());
-            self.metrics
-                .commit_index
-                .store(self.driver.node().committed(), Ordering::Relaxed);
+            self.metrics.committed(self.driver.node().committed());
             self.queue_apply(ApplyWork::Items(actions.apply));
             tracing::trace!(?last, "handed entries to the apply thread");
         }
         for (waiter, refusal) in actions.proposals_failed {
-            self.metrics
-                .proposals_failed
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.proposal_failed();
             let _ = waiter.send(Err(refusal));
         }
         for waiter in actions.reads_ready {
@@ -389,7 +380,7 @@ impl RaftLoop {
         }
     }
 
-    fn queue_apply(&mut self, work: ApplyWork) {
+    fn queue_apply(&mut self, work: ApplyWork<O>) {
         if self.apply_backlog.is_empty() {
             match self.apply_tx.try_send(work) {
                 Ok(()) => {}
@@ -405,17 +396,9 @@ impl RaftLoop {
 
     fn on_role_state(&mut self, state: RoleState) {
         let leader_before = self.role.map(|r| r.leader);
-        if leader_before != Some(state.leader) && state.leader != flotilla_raft::NODE_NONE {
-            self.metrics.leader_changes.fetch_add(1, Ordering::Relaxed);
-        }
-        let m = &self.metrics;
-        m.is_leader
-            .store(u64::from(state.role == Role::Leader), Ordering::Relaxed);
-        m.has_leader.store(
-            u64::from(state.leader != flotilla_raft::NODE_NONE),
-            Ordering::Relaxed,
-        );
-        m.term.store(state.term, Ordering::Relaxed);
+        let leader_changed =
+            leader_before != Some(state.leader) && state.leader != flotilla_raft::NODE_NONE;
+        self.metrics.role_changed(&state, leader_changed);
         tracing::info!(
             role = %state.role,
             term = state.term,
@@ -442,8 +425,7 @@ impl RaftLoop {
     fn publish_status(&self, stopped: bool) {
         let status = status_of(&self.driver, self.removed, stopped, self.fatal.clone());
         self.metrics
-            .proposals_pending
-            .store(self.driver.pending_proposals() as u64, Ordering::Relaxed);
+            .proposals_pending(self.driver.pending_proposals());
         let role = RoleStatus::of(&status);
         self.status.send_if_modified(|current| {
             if *current == status {
@@ -487,6 +469,6 @@ impl RaftLoop {
         }
         self.lease.publish(None);
         self.publish_status(true);
-        self.router.shutdown();
+        self.transport.shutdown();
     }
 }

@@ -84,7 +84,7 @@ fn hex(id: NodeId) -> String {
 }
 
 impl RaftView {
-    pub fn of(driver: &NodeDriver, tick_ms: u64, sent: &SentMessages, stopped: bool) -> Self {
+    pub fn of<O>(driver: &NodeDriver<O>, tick_ms: u64, sent: &SentMessages, stopped: bool) -> Self {
         let node = driver.node();
         let membership = node.membership();
         let ids =

@@ -29,36 +29,38 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_kv::Limits;
 use flotilla_raft::{ConfChange, Index, Message, NodeId, RaftNode, Role, SnapshotMeta};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::apply::ApplyContext;
 pub use self::forwarded::{ForwardedWrites, TrackedWrite};
 use self::raft_loop::{RaftInputs, RaftLoop};
-pub(crate) use self::snapshot_pipe::paced;
+pub use self::snapshot_pipe::paced;
 use self::wal_thread::wal_thread;
 use crate::driver::{Driver, Refusal};
-use crate::metrics::Metrics;
+use crate::metrics::NodeMetrics;
 use crate::read_lease::{PublishedLease, TickClock};
-use crate::state_machine::{Applied, EventSink, StateMachine};
+use crate::state_machine::StateMachine;
 use crate::storage::{DurableStorage, StorageFailure};
-use crate::transport::{PeerRouter, TransportEvent};
+use crate::transport::{Transport, TransportEvent};
 
-pub type ProposalWaiter = oneshot::Sender<Result<Applied, Refusal>>;
+/// Where the outcome of a proposal goes: the output of its entry, or why it failed.
+pub type ProposalWaiter<O> = oneshot::Sender<Result<O, Refusal>>;
+/// Where a read barrier's outcome goes.
 pub type ReadWaiter = oneshot::Sender<Result<(), Refusal>>;
-type NodeDriver = Driver<Arc<dyn DurableStorage>, ProposalWaiter, ReadWaiter>;
+type NodeDriver<O> = Driver<Arc<dyn DurableStorage>, ProposalWaiter<O>, ReadWaiter>;
 
-/// Requests from clients (through the gRPC services) to the raft task.
+/// Requests from the application (a [`NodeHandle`]) to the raft task; `O` is the state
+/// machine's output.
 #[derive(Debug)]
-pub enum NodeRequest {
+pub enum NodeRequest<O> {
     Propose {
         data: Bytes,
-        reply: ProposalWaiter,
+        reply: ProposalWaiter<O>,
     },
     Membership {
         change: ConfChange,
-        reply: ProposalWaiter,
+        reply: ProposalWaiter<O>,
     },
     Read {
         reply: ReadWaiter,
@@ -133,7 +135,6 @@ pub struct NodeOptions {
     /// (etcd's "too many requests").
     pub apply_backlog_entries_max: u64,
     pub proposals_max: usize,
-    pub limits: Limits,
     /// With lease reads (`raft.lease_reads`): how long a lease lasts in real time from the
     /// tick its round was sent in (see [`crate::read_lease`]).
     pub lease_duration: Option<Duration>,
@@ -145,18 +146,44 @@ pub struct NodeOptions {
     pub raft_view: bool,
 }
 
-/// A running node, for the services: submit requests, watch the status, read the state.
-#[derive(Clone, Debug)]
-pub struct NodeHandle {
-    requests: mpsc::Sender<NodeRequest>,
+/// A running node, for the application: submit requests, watch the status, read the state.
+/// Cheap to clone; every clone talks to the same node.
+pub struct NodeHandle<S: StateMachine, M> {
+    requests: mpsc::Sender<NodeRequest<S::Output>>,
     status: watch::Receiver<NodeStatus>,
     role: watch::Receiver<RoleStatus>,
-    pub state: Arc<RwLock<StateMachine>>,
+    /// The state machine as the apply thread leaves it: read it under the read lock (a
+    /// serializable read; for a linearizable one, [`NodeHandle::read_index`] first).
+    pub state: Arc<RwLock<S>>,
     pub storage: Arc<dyn DurableStorage>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<M>,
     lease: Arc<PublishedLease>,
-    forwarded: Arc<ForwardedWrites>,
+    forwarded: Arc<ForwardedWrites<S::Output>>,
     view: Option<watch::Receiver<view::RaftView>>,
+}
+
+impl<S: StateMachine, M> Clone for NodeHandle<S, M> {
+    fn clone(&self) -> Self {
+        NodeHandle {
+            requests: self.requests.clone(),
+            status: self.status.clone(),
+            role: self.role.clone(),
+            state: self.state.clone(),
+            storage: self.storage.clone(),
+            metrics: self.metrics.clone(),
+            lease: self.lease.clone(),
+            forwarded: self.forwarded.clone(),
+            view: self.view.clone(),
+        }
+    }
+}
+
+impl<S: StateMachine, M> std::fmt::Debug for NodeHandle<S, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a request to the node failed.
@@ -169,7 +196,7 @@ pub enum NodeError {
     Stopped,
 }
 
-impl NodeHandle {
+impl<S: StateMachine, M> NodeHandle<S, M> {
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
     }
@@ -199,7 +226,7 @@ impl NodeHandle {
 
     async fn call<T>(
         &self,
-        request: NodeRequest,
+        request: NodeRequest<S::Output>,
         reply: oneshot::Receiver<Result<T, Refusal>>,
         deadline: Instant,
     ) -> Result<T, NodeError> {
@@ -220,7 +247,7 @@ impl NodeHandle {
     }
 
     /// Proposes a command and waits until it is applied here.
-    pub async fn propose(&self, data: Bytes, deadline: Instant) -> Result<Applied, NodeError> {
+    pub async fn propose(&self, data: Bytes, deadline: Instant) -> Result<S::Output, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.call(NodeRequest::Propose { data, reply }, rx, deadline)
             .await
@@ -231,7 +258,7 @@ impl NodeHandle {
     pub fn submit(
         &self,
         data: Bytes,
-    ) -> Result<oneshot::Receiver<Result<Applied, Refusal>>, NodeError> {
+    ) -> Result<oneshot::Receiver<Result<S::Output, Refusal>>, NodeError> {
         let (reply, outcome) = oneshot::channel();
         match self.requests.try_send(NodeRequest::Propose { data, reply }) {
             Ok(()) => Ok(outcome),
@@ -246,7 +273,7 @@ impl NodeHandle {
         &self,
         change: ConfChange,
         deadline: Instant,
-    ) -> Result<Applied, NodeError> {
+    ) -> Result<S::Output, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.call(NodeRequest::Membership { change, reply }, rx, deadline)
             .await
@@ -287,7 +314,7 @@ impl NodeHandle {
 
     /// Tags a write about to be forwarded to the leader, so that its entry is recognised when
     /// it is applied here (see [`ForwardedWrites`]).
-    pub fn track_forwarded(&self) -> TrackedWrite {
+    pub fn track_forwarded(&self) -> TrackedWrite<S::Output> {
         self.forwarded.track()
     }
 
@@ -320,14 +347,14 @@ enum SnapshotRequest {
 
 /// The threads and task of a started node.
 #[derive(Debug)]
-pub struct RunningNode {
-    pub handle: NodeHandle,
+pub struct RunningNode<S: StateMachine, M> {
+    pub handle: NodeHandle<S, M>,
     raft_task: tokio::task::JoinHandle<()>,
     wal_thread: std::thread::JoinHandle<Result<(), StorageFailure>>,
     apply_thread: std::thread::JoinHandle<()>,
 }
 
-impl RunningNode {
+impl<S: StateMachine, M> RunningNode<S, M> {
     /// Waits until everything has stopped and the WAL is closed.
     pub async fn join(self) -> Result<(), String> {
         let _ = self.raft_task.await;
@@ -353,21 +380,28 @@ const APPLY_QUEUE: usize = 64;
 
 /// Everything `start` needs.
 #[derive(Debug)]
-pub struct NodeParts {
+pub struct NodeParts<S, T, M> {
     pub options: NodeOptions,
     pub storage: Arc<dyn DurableStorage>,
-    pub state: Arc<RwLock<StateMachine>>,
-    pub router: PeerRouter,
+    pub state: Arc<RwLock<S>>,
+    pub transport: T,
+    /// Messages the transport received for this member.
     pub inbox: mpsc::Receiver<Message>,
     pub transport_events: mpsc::Receiver<TransportEvent>,
-    pub events: Arc<dyn EventSink>,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<M>,
+    /// The node stops when this turns true.
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Starts the node. The state machine must hold what the core will not hand out again (its
+/// Starts the node: the raft task on the current tokio runtime, the WAL and apply threads
+/// beside it. The state machine must hold what the core will not hand out again (its
 /// applied index is passed to the core).
-pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
+pub fn start<S, T, M>(parts: NodeParts<S, T, M>) -> Result<RunningNode<S, M>, flotilla_raft::Error>
+where
+    S: StateMachine,
+    T: Transport,
+    M: NodeMetrics,
+{
     let applied = parts
         .state
         .read()
@@ -393,16 +427,14 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         let slow_step = parts.options.slow_step;
         std::thread::Builder::new()
             .name("flotilla-wal".into())
-            .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &metrics, slow_step))
+            .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &*metrics, slow_step))
             .expect("spawn the WAL thread")
     };
     let apply_thread = {
         let context = ApplyContext {
             storage: parts.storage.clone(),
             state: parts.state.clone(),
-            events: parts.events.clone(),
             metrics: parts.metrics.clone(),
-            limits: parts.options.limits.clone(),
             applied: applied_tx,
             snapshots: snapshot_tx,
             saving: Arc::default(),
@@ -427,7 +459,7 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
         clock,
         lease: lease.clone(),
         options: parts.options,
-        router: parts.router,
+        transport: parts.transport,
         wal_tx,
         wal_backlog: Default::default(),
         apply_tx,
@@ -470,8 +502,8 @@ pub fn start(parts: NodeParts) -> Result<RunningNode, flotilla_raft::Error> {
     })
 }
 
-fn status_of(
-    driver: &NodeDriver,
+fn status_of<O>(
+    driver: &NodeDriver<O>,
     removed: bool,
     stopped: bool,
     fatal: Option<String>,
