@@ -20,22 +20,32 @@ use flotilla_raft::{
 };
 
 /// Why a request could not be carried out.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// This member is not the leader; the leader it knows of, if any.
+    #[error("not the leader (the leader is {})", leader_name(*.0))]
     NotLeader(Option<NodeId>),
     /// Leadership changed before the request was decided: it did not happen (the entry was
     /// overwritten, or the read was never confirmed).
+    #[error("the leader changed before the request was decided; it did not happen")]
     LeaderChanged,
     /// Too much is waiting already; retry later.
+    #[error("overloaded: {0}")]
     Overloaded(String),
     /// The node is stopping.
+    #[error("the node is stopping")]
     Stopped,
     /// A read index asked of the leader got no answer in time; it did not happen.
+    #[error("the leader did not confirm the read in time")]
     TimedOut,
     /// The core refused the request for a reason of its own (an invalid membership change,
     /// a transfer in progress, ...).
+    #[error("refused: {0}")]
     Refused(Error),
+}
+
+fn leader_name(leader: Option<NodeId>) -> String {
+    leader.map_or_else(|| "not known".into(), |id| format!("{id:x}"))
 }
 
 /// Everything the shell must do after some inputs, in this order.

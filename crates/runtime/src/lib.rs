@@ -19,6 +19,9 @@ pub mod state_machine;
 pub mod storage;
 pub mod transport;
 
+pub use flotilla_raft as raft;
+pub use flotilla_raft::{ConfChange, Config, Entry, EntryPayload, Index, Membership, NodeId, Role};
+
 pub use driver::{Driver, Refusal};
 pub use metrics::{NoMetrics, NodeMetrics};
 pub use node::{
@@ -26,5 +29,8 @@ pub use node::{
     RunningNode, start,
 };
 pub use state_machine::{Origin, SmallStateMachine, StateMachine};
-pub use storage::{DurableStorage, MemDurable, SnapshotReader, StorageFailure};
-pub use transport::{Transport, TransportEvent};
+pub use storage::{DurableStorage, MemDurable, SnapshotReader, StorageFailure, open_wal};
+pub use transport::{
+    LocalMember, LocalNetwork, LocalTransport, PeerAddresses, TcpMember, TcpTransport, Transport,
+    TransportEvent,
+};

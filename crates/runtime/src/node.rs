@@ -146,6 +146,24 @@ pub struct NodeOptions {
     pub raft_view: bool,
 }
 
+impl NodeOptions {
+    /// The runtime's defaults around a core configuration: a tick of 100 ms (so the core's
+    /// default election timeout of 10 ticks is 1 s, and heartbeats go every 100 ms), at most
+    /// 5,000 committed entries waiting to apply and 65,536 waiting proposals before new ones
+    /// are refused, no lease reads, slow steps logged from 1 s, no Raft view.
+    pub fn new(raft: flotilla_raft::Config) -> NodeOptions {
+        NodeOptions {
+            raft,
+            tick: Duration::from_millis(100),
+            apply_backlog_entries_max: 5_000,
+            proposals_max: 65_536,
+            lease_duration: None,
+            slow_step: Duration::from_secs(1),
+            raft_view: false,
+        }
+    }
+}
+
 /// A running node, for the application: submit requests, watch the status, read the state.
 /// Cheap to clone; every clone talks to the same node.
 pub struct NodeHandle<S: StateMachine, M> {
@@ -187,12 +205,16 @@ impl<S: StateMachine, M> std::fmt::Debug for NodeHandle<S, M> {
 }
 
 /// Why a request to the node failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The node answered that it could not carry the request out (it did not happen).
+    #[error("{0}")]
     Refused(Refusal),
     /// No answer within the deadline: the outcome is unknown.
+    #[error("no answer within the deadline; the request may or may not have taken effect")]
     Timeout,
     /// The node is stopping or stopped.
+    #[error("the node is stopping")]
     Stopped,
 }
 

@@ -225,3 +225,26 @@ impl DurableStorage for flotilla_wal::Wal {
         self.used_bytes()
     }
 }
+
+/// Opens the write-ahead log in `dir` for member `id` of cluster `cluster_id`, creating it
+/// if it is new (a new log starts with `membership`). A directory of another cluster or
+/// member is refused, naming both.
+pub fn open_wal(
+    dir: &std::path::Path,
+    cluster_id: u64,
+    id: flotilla_raft::NodeId,
+    membership: flotilla_raft::Membership,
+) -> Result<std::sync::Arc<dyn DurableStorage>, StorageFailure> {
+    let options =
+        flotilla_wal::WalOptions::new(cluster_id, id).with_bootstrap_membership(membership);
+    let (wal, report) = flotilla_wal::Wal::open(dir, options).map_err(|err| {
+        StorageFailure(format!(
+            "cannot open the write-ahead log in {}: {err}",
+            dir.display()
+        ))
+    })?;
+    if let Some(torn) = &report.torn_tail {
+        tracing::warn!("cut away a record torn by a crash (never acknowledged): {torn:?}");
+    }
+    Ok(std::sync::Arc::new(wal))
+}

@@ -25,3 +25,9 @@ pub enum TransportEvent {
     /// A peer refused this member because it was removed from the cluster: the node stops.
     Removed { by: NodeId },
 }
+
+mod local;
+mod tcp;
+
+pub use local::{LocalMember, LocalNetwork, LocalTransport};
+pub use tcp::{PeerAddresses, TcpMember, TcpTransport};
