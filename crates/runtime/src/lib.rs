@@ -15,6 +15,7 @@ pub mod driver;
 pub mod metrics;
 pub mod node;
 pub mod read_lease;
+pub mod sessions;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;
@@ -28,6 +29,7 @@ pub use node::{
     NodeError, NodeHandle, NodeOptions, NodeParts, NodeRequest, NodeStatus, RoleStatus,
     RunningNode, start,
 };
+pub use sessions::{RememberedOutput, SessionClient, SessionReply, Sessions};
 pub use state_machine::{Origin, SmallStateMachine, StateMachine};
 pub use storage::{DurableStorage, MemDurable, SnapshotReader, StorageFailure, open_wal};
 pub use transport::{
