@@ -11,6 +11,7 @@
 //!
 //! The etcd-compatible server (`flotilla-server`) is one such application.
 
+pub mod conformance;
 pub mod driver;
 pub mod metrics;
 pub mod node;

@@ -2,6 +2,8 @@
 //! the in-process network with in-memory storage: a template for testing a state machine of
 //! your own under the runtime. Copy it, replace the state machine and the commands.
 
+// Shared with the examples; each user of it uses a part.
+#[allow(dead_code)]
 #[path = "../examples/shared/hash_map.rs"]
 mod hash_map;
 

@@ -1,7 +1,6 @@
 //! Integration tests of the write-ahead log, in one binary to keep builds short.
 
 mod behaviour;
-mod conformance;
 mod corruption;
 mod crash;
 mod model;

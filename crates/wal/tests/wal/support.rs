@@ -12,7 +12,7 @@ use flotilla_raft::{
     MembershipEntry, PersistBatch, Prng, SnapshotChunk, SnapshotInfo, SnapshotInstall,
     SnapshotMeta, StorageError, Term,
 };
-use flotilla_wal::{Fs, RealFs, SimFs, Wal, WalError, WalOptions};
+use flotilla_wal::{Fs, SimFs, Wal, WalError, WalOptions};
 
 pub const CLUSTER_ID: u64 = 0xf107_111a;
 pub const NODE_ID: u64 = 1;
@@ -67,7 +67,6 @@ pub trait WritableStorage: LogStorage {
     fn save_snapshot(&mut self, meta: &SnapshotMeta, data: Bytes) -> Result<(), String>;
     /// A clean restart.
     fn reopen(self) -> Self;
-    fn hard_state(&self) -> HardState;
 }
 
 impl WritableStorage for MemStorage {
@@ -81,10 +80,6 @@ impl WritableStorage for MemStorage {
 
     fn reopen(self) -> Self {
         self
-    }
-
-    fn hard_state(&self) -> HardState {
-        MemStorage::hard_state(self)
     }
 }
 
@@ -103,13 +98,6 @@ impl WalUnderTest {
         let fs = SimFs::new(seed);
         let options = options(Arc::new(fs), segment_bytes, membership);
         Self::open(PathBuf::from("/sim/node1/wal"), options, None)
-    }
-
-    /// A WAL on the real file system, in a temporary directory.
-    pub fn real(segment_bytes: u64, membership: Membership) -> Self {
-        let temp = Arc::new(TempDir::new("wal"));
-        let options = options(Arc::new(RealFs), segment_bytes, membership);
-        Self::open(temp.path().join("wal"), options, Some(temp))
     }
 
     fn open(dir: PathBuf, options: WalOptions, temp: Option<Arc<TempDir>>) -> Self {
@@ -192,10 +180,6 @@ impl WritableStorage for WalUnderTest {
         } = self;
         drop(wal);
         Self::open(dir, options, _temp)
-    }
-
-    fn hard_state(&self) -> HardState {
-        self.wal.hard_state()
     }
 }
 

@@ -1,39 +1,168 @@
-//! The storage conformance suite: the same checks, with exact expected answers, run against
-//! `MemStorage` (the reference) and the WAL on the simulated and the real file system.
+//! The storage conformance suite: what the runtime and the core expect of a
+//! [`DurableStorage`], as checks with exact expected answers. The write-ahead log, the
+//! in-memory storage and the simulator's storage pass it; run it against your own:
+//!
+//! ```no_run
+//! # use flotilla_runtime::{MemDurable, Membership, raft::MemStorage};
+//! // In a test of your crate:
+//! flotilla_runtime::conformance::storage::run_suite(
+//!     |membership: Membership| MemDurable::new(MemStorage::new_with_membership(membership)),
+//!     |storage| storage, // nothing to reopen: it keeps nothing across a restart
+//! );
+//! ```
+//!
+//! The factory gets the membership a new storage must start with (its bootstrap
+//! membership) and returns an empty storage. A check that fails panics with what it expected.
 
 use bytes::Bytes;
-use flotilla_raft::{EntryId, HardState, MemStorage, Membership, PersistBatch, StorageError};
+use flotilla_raft::{
+    Entry, EntryId, EntryPayload, HardState, Index, LogStorage, Membership, MembershipEntry,
+    PersistBatch, Prng, SnapshotChunk, SnapshotInfo, SnapshotInstall, SnapshotMeta, StorageError,
+    Term,
+};
 
-use crate::support::*;
+use crate::storage::DurableStorage;
 
-/// Runs every check of the suite against fresh storages from `make`.
-fn run_suite<S: WritableStorage>(make: impl Fn() -> S) {
-    empty_storage(make());
-    append_and_read(make());
-    entries_byte_limits(make());
-    truncate_replaces_the_suffix(make());
-    compact_after_a_snapshot(make());
-    install_snapshot_keeping_a_matching_suffix(make());
-    install_snapshot_past_the_log(make());
-    staging_restarts_at_offset_zero(make());
-    snapshot_chunks_and_replacement(make());
-    hard_state_and_restart(make());
-    reads_across_segment_boundaries(make());
+/// Runs every check of the suite, each against a fresh storage from `make`. `reopen`
+/// closes a storage and opens it again from what it made durable, as a restarted member
+/// would (storage without durability returns it as it is).
+pub fn run_suite<S: DurableStorage>(make: impl Fn(Membership) -> S, reopen: impl Fn(S) -> S) {
+    empty_storage(make(voters()), &reopen);
+    append_and_read(make(voters()), &reopen);
+    entries_byte_limits(make(voters()), &reopen);
+    truncate_replaces_the_suffix(make(voters()), &reopen);
+    compact_after_a_snapshot(make(voters()), &reopen);
+    install_snapshot_keeping_a_matching_suffix(make(voters()), &reopen);
+    install_snapshot_past_the_log(make(voters()), &reopen);
+    staging_restarts_at_offset_zero(make(voters()), &reopen);
+    snapshot_chunks_and_replacement(make(voters()), &reopen);
+    hard_state_and_restart(make(voters()), &reopen);
+    reads_across_segment_boundaries(make(voters()), &reopen);
 }
 
-#[test]
-fn mem_storage_passes_the_suite() {
-    run_suite(|| MemStorage::new_with_membership(voters()));
+/// Writes a batch and makes it durable, as the WAL thread does; sync must report it.
+fn persist<S: DurableStorage>(s: &mut S, batch: &PersistBatch) -> Result<(), String> {
+    s.write(batch).map_err(|e| e.to_string())?;
+    let durable = s.sync().map_err(|e| e.to_string())?;
+    s.prepare_ahead().map_err(|e| e.to_string())?;
+    s.reap().map_err(|e| e.to_string())?;
+    assert_eq!(
+        durable,
+        Some(batch.id),
+        "sync reports the batch just written"
+    );
+    Ok(())
 }
 
-#[test]
-fn wal_on_sim_fs_passes_the_suite() {
-    run_suite(|| WalUnderTest::sim(11, 4096, voters()));
+fn save_snapshot<S: DurableStorage>(
+    s: &mut S,
+    meta: &SnapshotMeta,
+    data: Bytes,
+) -> Result<(), String> {
+    DurableStorage::save_snapshot(s, meta, &mut &data[..]).map_err(|e| e.to_string())
 }
 
-#[test]
-fn wal_on_the_real_file_system_passes_the_suite() {
-    run_suite(|| WalUnderTest::real(8192, voters()));
+fn hard_state<S: DurableStorage>(s: &S) -> HardState {
+    s.initial_state().expect("the initial state").hard_state
+}
+
+/// Reads `[low, high)` in pieces of at most 4 KiB, as the core does.
+fn read_all_entries(storage: &impl LogStorage, low: Index, high: Index) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut next = low;
+    while next < high {
+        let batch = storage
+            .entries(next, high, 4096)
+            .expect("entries inside the log");
+        assert!(!batch.is_empty(), "at least one entry per read");
+        next += batch.len() as u64;
+        entries.extend(batch);
+    }
+    entries
+}
+
+fn read_snapshot(storage: &impl LogStorage, info: &SnapshotInfo) -> Bytes {
+    let mut data = Vec::new();
+    loop {
+        let chunk = storage
+            .snapshot_chunk(info.meta.last, data.len() as u64, 1000)
+            .expect("snapshot chunk");
+        if chunk.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&chunk);
+    }
+    assert_eq!(data.len() as u64, info.data_bytes);
+    Bytes::from(data)
+}
+
+fn command(term: Term, index: Index, bytes: usize) -> Entry {
+    let data: Vec<u8> = (0..bytes)
+        .map(|i| (index as usize * 31 + i * 7 + term as usize) as u8)
+        .collect();
+    Entry {
+        term,
+        index,
+        payload: EntryPayload::Command(Bytes::from(data)),
+    }
+}
+
+fn entries(term: Term, indexes: std::ops::RangeInclusive<Index>, bytes: usize) -> Vec<Entry> {
+    indexes.map(|index| command(term, index, bytes)).collect()
+}
+
+fn membership_entry(term: Term, index: Index) -> Entry {
+    Entry {
+        term,
+        index,
+        payload: EntryPayload::Membership(MembershipEntry {
+            membership: Membership::with_voters([1, 2, 3]),
+            context: Bytes::from_static(b"ctx"),
+        }),
+    }
+}
+
+/// The bootstrap membership of every storage the suite makes.
+pub fn voters() -> Membership {
+    Membership::with_voters([1, 2, 3])
+}
+
+fn snapshot_meta(term: Term, index: Index) -> SnapshotMeta {
+    SnapshotMeta {
+        last: EntryId::new(term, index),
+        membership: voters(),
+    }
+}
+
+fn snapshot_bytes(seed: u64, len: usize) -> Bytes {
+    let mut prng = Prng::new(seed);
+    Bytes::from((0..len).map(|_| prng.next_u64() as u8).collect::<Vec<u8>>())
+}
+
+/// The chunks of a snapshot sent from the leader, `chunk_bytes` at a time.
+fn chunks(meta: &SnapshotMeta, data: &Bytes, chunk_bytes: usize) -> Vec<SnapshotChunk> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let end = (offset + chunk_bytes).min(data.len());
+        out.push(SnapshotChunk {
+            meta: meta.clone(),
+            data_bytes: data.len() as u64,
+            offset: offset as u64,
+            data: data.slice(offset..end),
+        });
+        offset = end;
+        if offset >= data.len() {
+            return out;
+        }
+    }
+}
+
+fn install(meta: &SnapshotMeta, keep_through: Index) -> Option<SnapshotInstall> {
+    Some(SnapshotInstall {
+        meta: meta.clone(),
+        keep_through,
+    })
 }
 
 fn batch(id: u64) -> PersistBatch {
@@ -43,15 +172,15 @@ fn batch(id: u64) -> PersistBatch {
     }
 }
 
-fn append(storage: &mut impl WritableStorage, id: u64, entries: Vec<flotilla_raft::Entry>) {
+fn append<S: DurableStorage>(storage: &mut S, id: u64, entries: Vec<flotilla_raft::Entry>) {
     let batch = PersistBatch {
         entries,
         ..batch(id)
     };
-    storage.persist(&batch).expect("append");
+    persist(storage, &batch).expect("append");
 }
 
-fn empty_storage(s: impl WritableStorage) {
+fn empty_storage<S: DurableStorage>(s: S, reopen: &dyn Fn(S) -> S) {
     assert_eq!((s.first_index(), s.last_index()), (1, 0));
     assert_eq!(s.term(0), Ok(0));
     assert_eq!(
@@ -81,9 +210,16 @@ fn empty_storage(s: impl WritableStorage) {
             current: EntryId::default()
         })
     );
+    let s = reopen(s);
+    assert_eq!(
+        (s.first_index(), s.last_index()),
+        (1, 0),
+        "empty after a restart"
+    );
+    assert_eq!(s.initial_state().unwrap().bootstrap_membership, voters());
 }
 
-fn append_and_read(mut s: impl WritableStorage) {
+fn append_and_read<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     let mut written = entries(1, 1..=3, 10);
     written.push(membership_entry(2, 4));
     written.push(flotilla_raft::Entry {
@@ -107,9 +243,15 @@ fn append_and_read(mut s: impl WritableStorage) {
             last_index: 7
         })
     );
+    let s = reopen(s);
+    assert_eq!(
+        s.entries(1, 8, u64::MAX).unwrap(),
+        written,
+        "after a restart"
+    );
 }
 
-fn entries_byte_limits(mut s: impl WritableStorage) {
+fn entries_byte_limits<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     let written = entries(1, 1..=10, 100);
     append(&mut s, 1, written.clone());
     let size = written[0].size_bytes();
@@ -120,9 +262,11 @@ fn entries_byte_limits(mut s: impl WritableStorage) {
     assert_eq!(s.entries(1, 11, 4 * size - 1).unwrap().len(), 3);
     assert_eq!(s.entries(2, 11, 4 * size).unwrap(), written[1..5].to_vec());
     assert_eq!(s.entries(1, 11, u64::MAX).unwrap(), written);
+    let s = reopen(s);
+    assert_eq!(s.entries(2, 11, 4 * size).unwrap(), written[1..5].to_vec());
 }
 
-fn truncate_replaces_the_suffix(mut s: impl WritableStorage) {
+fn truncate_replaces_the_suffix<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     append(&mut s, 1, entries(1, 1..=10, 20));
     append(&mut s, 2, entries(2, 6..=8, 30));
     assert_eq!(s.last_index(), 8);
@@ -137,15 +281,15 @@ fn truncate_replaces_the_suffix(mut s: impl WritableStorage) {
     append(&mut s, 4, entries(4, 1..=2, 1));
     assert_eq!(s.last_index(), 2);
     assert_eq!(s.entries(1, 3, u64::MAX).unwrap(), entries(4, 1..=2, 1));
-    let s = s.reopen();
+    let s = reopen(s);
     assert_eq!(s.last_index(), 2);
     assert_eq!(s.entries(1, 3, u64::MAX).unwrap(), entries(4, 1..=2, 1));
 }
 
-fn compact_after_a_snapshot(mut s: impl WritableStorage) {
+fn compact_after_a_snapshot<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     append(&mut s, 1, entries(1, 1..=10, 20));
     let data = snapshot_bytes(1, 100);
-    s.save_snapshot(&snapshot_meta(1, 7), data.clone()).unwrap();
+    save_snapshot(&mut s, &snapshot_meta(1, 7), data.clone()).unwrap();
     assert_eq!(
         s.first_index(),
         1,
@@ -155,7 +299,7 @@ fn compact_after_a_snapshot(mut s: impl WritableStorage) {
         compact_to: Some(to),
         ..batch(2)
     };
-    s.persist(&compact(5)).unwrap();
+    persist(&mut s, &compact(5)).unwrap();
     assert_eq!((s.first_index(), s.last_index()), (6, 10));
     assert_eq!(s.term(5), Ok(1), "the compaction point's term is kept");
     assert_eq!(
@@ -173,14 +317,14 @@ fn compact_after_a_snapshot(mut s: impl WritableStorage) {
         })
     );
     assert_eq!(s.entries(6, 11, u64::MAX).unwrap(), entries(1, 6..=10, 20));
-    let mut s = s.reopen();
+    let mut s = reopen(s);
     assert_eq!((s.first_index(), s.last_index()), (6, 10));
     assert_eq!(s.term(5), Ok(1));
     let no_op = PersistBatch {
         compact_to: Some(3),
         ..batch(3)
     };
-    s.persist(&no_op).unwrap();
+    persist(&mut s, &no_op).unwrap();
     assert_eq!(
         s.first_index(),
         6,
@@ -191,7 +335,10 @@ fn compact_after_a_snapshot(mut s: impl WritableStorage) {
     assert_eq!(read_snapshot(&s, &info), data);
 }
 
-fn install_snapshot_keeping_a_matching_suffix(mut s: impl WritableStorage) {
+fn install_snapshot_keeping_a_matching_suffix<S: DurableStorage>(
+    mut s: S,
+    reopen: &dyn Fn(S) -> S,
+) {
     append(&mut s, 1, entries(1, 1..=10, 20));
     let meta = snapshot_meta(1, 7);
     let data = snapshot_bytes(2, 2500);
@@ -200,7 +347,7 @@ fn install_snapshot_keeping_a_matching_suffix(mut s: impl WritableStorage) {
         snapshot_chunks: pieces[..2].to_vec(),
         ..batch(2)
     };
-    s.persist(&first).unwrap();
+    persist(&mut s, &first).unwrap();
     assert_eq!(s.snapshot_info(), None, "a staged snapshot is not current");
     let last = PersistBatch {
         snapshot_chunks: pieces[2..].to_vec(),
@@ -212,19 +359,19 @@ fn install_snapshot_keeping_a_matching_suffix(mut s: impl WritableStorage) {
         }),
         ..batch(3)
     };
-    s.persist(&last).unwrap();
+    persist(&mut s, &last).unwrap();
     assert_eq!((s.first_index(), s.last_index()), (8, 10));
     assert_eq!(s.term(7), Ok(1));
     assert_eq!(s.entries(8, 11, u64::MAX).unwrap(), entries(1, 8..=10, 20));
-    let s = s.reopen();
+    let s = reopen(s);
     let info = s.snapshot_info().unwrap();
     assert_eq!(info.meta, meta);
     assert_eq!(read_snapshot(&s, &info), data);
     assert_eq!((s.first_index(), s.last_index()), (8, 10));
-    assert_eq!(s.hard_state().commit, 7);
+    assert_eq!(hard_state(&s).commit, 7);
 }
 
-fn install_snapshot_past_the_log(mut s: impl WritableStorage) {
+fn install_snapshot_past_the_log<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     append(&mut s, 1, entries(1, 1..=3, 20));
     let meta = snapshot_meta(2, 10);
     let data = snapshot_bytes(3, 10);
@@ -234,16 +381,16 @@ fn install_snapshot_past_the_log(mut s: impl WritableStorage) {
         entries: entries(2, 11..=12, 5),
         ..batch(2)
     };
-    s.persist(&install_batch).unwrap();
+    persist(&mut s, &install_batch).unwrap();
     assert_eq!((s.first_index(), s.last_index()), (11, 12));
     assert_eq!(s.term(10), Ok(2));
-    let s = s.reopen();
+    let s = reopen(s);
     assert_eq!((s.first_index(), s.last_index()), (11, 12));
     assert_eq!(s.entries(11, 13, u64::MAX).unwrap(), entries(2, 11..=12, 5));
     assert_eq!(s.term(10), Ok(2));
 }
 
-fn staging_restarts_at_offset_zero(mut s: impl WritableStorage) {
+fn staging_restarts_at_offset_zero<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     append(&mut s, 1, entries(1, 1..=5, 20));
     let abandoned = snapshot_meta(1, 3);
     let abandoned_data = snapshot_bytes(4, 300);
@@ -251,7 +398,7 @@ fn staging_restarts_at_offset_zero(mut s: impl WritableStorage) {
         snapshot_chunks: chunks(&abandoned, &abandoned_data, 100)[..2].to_vec(),
         ..batch(2)
     };
-    s.persist(&first).unwrap();
+    persist(&mut s, &first).unwrap();
     let meta = snapshot_meta(3, 8);
     let data = snapshot_bytes(5, 250);
     let second = PersistBatch {
@@ -259,27 +406,27 @@ fn staging_restarts_at_offset_zero(mut s: impl WritableStorage) {
         snapshot_install: install(&meta, 8),
         ..batch(3)
     };
-    s.persist(&second).unwrap();
+    persist(&mut s, &second).unwrap();
     let info = s.snapshot_info().unwrap();
     assert_eq!(info.meta, meta);
     assert_eq!(read_snapshot(&s, &info), data);
     assert_eq!((s.first_index(), s.last_index()), (9, 8));
-    let s = s.reopen();
+    let s = reopen(s);
     assert_eq!((s.first_index(), s.last_index()), (9, 8));
     assert_eq!(read_snapshot(&s, &s.snapshot_info().unwrap()), data);
 }
 
-fn snapshot_chunks_and_replacement(mut s: impl WritableStorage) {
+fn snapshot_chunks_and_replacement<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     append(&mut s, 1, entries(1, 1..=6, 20));
     let old = snapshot_meta(1, 3);
     let data = Bytes::from_static(b"0123456789");
-    s.save_snapshot(&old, data.clone()).unwrap();
+    save_snapshot(&mut s, &old, data.clone()).unwrap();
     assert_eq!(s.snapshot_chunk(old.last, 0, 4).unwrap(), data.slice(0..4));
     assert_eq!(s.snapshot_chunk(old.last, 8, 4).unwrap(), data.slice(8..10));
     assert_eq!(s.snapshot_chunk(old.last, 10, 4).unwrap(), Bytes::new());
     assert_eq!(s.snapshot_chunk(old.last, 99, 4).unwrap(), Bytes::new());
     let new = snapshot_meta(1, 5);
-    s.save_snapshot(&new, Bytes::from_static(b"abc")).unwrap();
+    save_snapshot(&mut s, &new, Bytes::from_static(b"abc")).unwrap();
     assert_eq!(
         s.snapshot_chunk(old.last, 0, 4),
         Err(StorageError::SnapshotGone {
@@ -288,35 +435,35 @@ fn snapshot_chunks_and_replacement(mut s: impl WritableStorage) {
         })
     );
     assert!(
-        s.save_snapshot(&old, data).is_err(),
+        save_snapshot(&mut s, &old, data).is_err(),
         "an older snapshot is refused"
     );
-    let s = s.reopen();
+    let s = reopen(s);
     assert_eq!(
         s.snapshot_chunk(new.last, 1, 10).unwrap(),
         Bytes::from_static(b"bc")
     );
 }
 
-fn hard_state_and_restart(mut s: impl WritableStorage) {
+fn hard_state_and_restart<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     let hs = |term, vote, commit| HardState { term, vote, commit };
     let only_hard_state = |id, hard_state| PersistBatch {
         hard_state: Some(hard_state),
         ..batch(id)
     };
-    s.persist(&only_hard_state(1, hs(1, 2, 0))).unwrap();
+    persist(&mut s, &only_hard_state(1, hs(1, 2, 0))).unwrap();
     append(&mut s, 2, entries(1, 1..=4, 8));
-    s.persist(&only_hard_state(3, hs(2, 3, 4))).unwrap();
-    assert_eq!(s.hard_state(), hs(2, 3, 4));
-    let s = s.reopen();
-    assert_eq!(s.hard_state(), hs(2, 3, 4));
+    persist(&mut s, &only_hard_state(3, hs(2, 3, 4))).unwrap();
+    assert_eq!(hard_state(&s), hs(2, 3, 4));
+    let s = reopen(s);
+    assert_eq!(hard_state(&s), hs(2, 3, 4));
     assert_eq!(s.initial_state().unwrap().hard_state, hs(2, 3, 4));
     assert_eq!(s.initial_state().unwrap().bootstrap_membership, voters());
     assert_eq!(s.last_index(), 4);
-    let mut s = s.reopen();
+    let mut s = reopen(s);
     append(&mut s, 1, entries(2, 5..=5, 8));
     assert_eq!(
-        s.hard_state(),
+        hard_state(&s),
         hs(2, 3, 4),
         "appending leaves the hard state alone"
     );
@@ -325,7 +472,7 @@ fn hard_state_and_restart(mut s: impl WritableStorage) {
 
 /// Many entries in small segments: reads span segments, compaction deletes whole segments,
 /// and everything survives restarts.
-fn reads_across_segment_boundaries(mut s: impl WritableStorage) {
+fn reads_across_segment_boundaries<S: DurableStorage>(mut s: S, reopen: &dyn Fn(S) -> S) {
     let mut written = Vec::new();
     for round in 0..20u64 {
         let batch_entries = entries(1, round * 25 + 1..=round * 25 + 25, 90 + round as usize);
@@ -337,20 +484,22 @@ fn reads_across_segment_boundaries(mut s: impl WritableStorage) {
         s.entries(20, 480, u64::MAX).unwrap(),
         written[19..479].to_vec()
     );
-    let mut s = s.reopen();
+    let mut s = reopen(s);
     assert_eq!(s.entries(1, 501, u64::MAX).unwrap(), written);
-    s.save_snapshot(&snapshot_meta(1, 300), snapshot_bytes(6, 50))
-        .unwrap();
-    s.persist(&PersistBatch {
-        compact_to: Some(250),
-        ..batch(100)
-    })
+    save_snapshot(&mut s, &snapshot_meta(1, 300), snapshot_bytes(6, 50)).unwrap();
+    persist(
+        &mut s,
+        &PersistBatch {
+            compact_to: Some(250),
+            ..batch(100)
+        },
+    )
     .unwrap();
     assert_eq!(
         s.entries(251, 501, u64::MAX).unwrap(),
         written[250..].to_vec()
     );
-    let s = s.reopen();
+    let s = reopen(s);
     assert_eq!((s.first_index(), s.last_index()), (251, 500));
     assert_eq!(
         s.entries(251, 501, u64::MAX).unwrap(),
