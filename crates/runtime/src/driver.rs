@@ -32,6 +32,14 @@ pub enum Refusal {
     /// Too much is waiting already; retry later.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The proposal is larger than the node takes ([`crate::NodeOptions::proposal_bytes_max`]).
+    #[error("the proposal of {bytes} bytes is over the limit of {limit_bytes}")]
+    TooLarge {
+        /// The proposal's size.
+        bytes: usize,
+        /// The node's limit.
+        limit_bytes: usize,
+    },
     /// The node is stopping.
     #[error("the node is stopping")]
     Stopped,
@@ -62,6 +70,7 @@ pub struct Actions<P, R> {
     pub proposals_failed: Vec<(P, Refusal)>,
     /// Linearizable reads that may be served from the applied state now.
     pub reads_ready: Vec<R>,
+    /// Linearizable reads that failed (leadership lost before they were confirmed).
     pub reads_failed: Vec<(R, Refusal)>,
     /// Set when role, term or leader changed.
     pub role_state: Option<RoleState>,
@@ -72,6 +81,7 @@ pub struct Actions<P, R> {
 }
 
 impl<P, R> Actions<P, R> {
+    /// Nothing to do.
     pub fn is_empty(&self) -> bool {
         self.persist.is_none()
             && self.messages.is_empty()
@@ -112,6 +122,7 @@ impl<S: LogStorage, P, R> std::fmt::Debug for Driver<S, P, R> {
 }
 
 impl<S: LogStorage, P, R> Driver<S, P, R> {
+    /// Drives `node`, keeping at most `proposals_max` proposals waiting.
     pub fn new(node: RaftNode<S>, proposals_max: usize) -> Self {
         Driver {
             node,
@@ -124,6 +135,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         }
     }
 
+    /// The core, to read its state.
     pub fn node(&self) -> &RaftNode<S> {
         &self.node
     }
@@ -134,6 +146,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         self.node.storage()
     }
 
+    /// The storage, to write what the core asked to persist.
     pub fn storage_mut(&mut self) -> &mut S {
         self.node.storage_mut()
     }
@@ -148,14 +161,17 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         self.node.campaign()
     }
 
+    /// Proposals waiting for their entries.
     pub fn pending_proposals(&self) -> usize {
         self.proposals.len()
     }
 
+    /// One tick of the logical clock.
     pub fn tick(&mut self) -> Result<(), Error> {
         self.node.tick()
     }
 
+    /// A message from a peer.
     pub fn step(&mut self, msg: Message) -> Result<(), Error> {
         match self.node.step(msg) {
             // A message for another id (a stale address) is not this node's problem.
@@ -164,6 +180,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         }
     }
 
+    /// The transport could not deliver to `to`: the leader probes it instead of streaming.
     pub fn report_unreachable(&mut self, to: NodeId) {
         self.node.report_unreachable(to);
     }
@@ -180,6 +197,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         }
     }
 
+    /// Proposes a membership change. On refusal the waiter comes back with the reason.
     pub fn propose_membership(
         &mut self,
         change: ConfChange,
@@ -219,6 +237,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         }
     }
 
+    /// Starts handing leadership to `to` (thesis §3.10).
     pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), Refusal> {
         self.node.transfer_leader(to).map_err(refusal)
     }
@@ -246,6 +265,7 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         self.node.on_persisted(id)
     }
 
+    /// The state machine has applied everything up to `index`.
     pub fn applied(&mut self, index: Index) -> Result<(), Error> {
         if index > self.node.applied() {
             self.node.on_applied(index)?;
@@ -258,6 +278,8 @@ impl<S: LogStorage, P, R> Driver<S, P, R> {
         self.node.snapshot_meta(index)
     }
 
+    /// A snapshot of the state machine at `meta` is saved in storage: the core may compact
+    /// the log behind it.
     pub fn snapshot_saved(&mut self, meta: &SnapshotMeta) -> Result<(), Error> {
         self.node.on_snapshot_saved(meta)
     }

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!   ticker ─┐                    ┌─► WAL thread: write batches, one fsync for all ─► persisted
-//!   peers ──┼─► raft task ───────┼─► peer transport (at once, in parallel with the fsync)
-//!   clients ┘   (Driver)         └─► apply thread: state machine, answer proposals ─► applied
+//!   peers ──┼─► raft task ───────┼─► transport (at once, in parallel with the fsync)
+//!   handles ┘   (Driver)         └─► apply thread: state machine, answer proposals ─► applied
 //! ```
 //!
 //! Every channel is bounded. The raft task never blocks on a slow consumer: batches for the WAL
@@ -13,7 +13,7 @@
 //! threads report progress through `watch` channels, which hold only the latest value and so
 //! can never fill up.
 //!
-//! One concept per file: this one holds the handle the services use and starts the rest;
+//! One concept per file: this one holds the handle the application uses and starts the rest;
 //! `raft_loop.rs` is the raft task, `wal_thread.rs` the WAL thread, `apply.rs` the apply thread
 //! and `snapshot_pipe.rs` the threads that encode a pinned state into a snapshot beside it.
 
@@ -33,7 +33,8 @@ use flotilla_raft::{ConfChange, Index, Message, NodeId, RaftNode, Role, Snapshot
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::apply::ApplyContext;
-pub use self::forwarded::{ForwardedWrites, TrackedWrite};
+use self::forwarded::ForwardedWrites;
+pub use self::forwarded::TrackedWrite;
 use self::raft_loop::{RaftInputs, RaftLoop};
 pub use self::snapshot_pipe::paced;
 use self::wal_thread::wal_thread;
@@ -45,15 +46,15 @@ use crate::storage::{DurableStorage, StorageFailure};
 use crate::transport::{Transport, TransportEvent};
 
 /// Where the outcome of a proposal goes: the output of its entry, or why it failed.
-pub type ProposalWaiter<O> = oneshot::Sender<Result<O, Refusal>>;
+pub(crate) type ProposalWaiter<O> = oneshot::Sender<Result<O, Refusal>>;
 /// Where a read barrier's outcome goes.
-pub type ReadWaiter = oneshot::Sender<Result<(), Refusal>>;
+pub(crate) type ReadWaiter = oneshot::Sender<Result<(), Refusal>>;
 type NodeDriver<O> = Driver<Arc<dyn DurableStorage>, ProposalWaiter<O>, ReadWaiter>;
 
 /// Requests from the application (a [`NodeHandle`]) to the raft task; `O` is the state
 /// machine's output.
 #[derive(Debug)]
-pub enum NodeRequest<O> {
+pub(crate) enum NodeRequest<O> {
     Propose {
         data: Bytes,
         reply: ProposalWaiter<O>,
@@ -79,15 +80,23 @@ pub enum NodeRequest<O> {
 /// What the raft task publishes after each round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStatus {
+    /// This member.
     pub id: NodeId,
+    /// Follower, pre-candidate, candidate or leader.
     pub role: Role,
+    /// The current term (§5.1).
     pub term: u64,
+    /// The leader of the current term, if this member knows it.
     pub leader: Option<NodeId>,
+    /// The highest index known to be committed.
     pub commit: Index,
+    /// The highest index the state machine has applied.
     pub applied: Index,
+    /// The last index of the local log.
     pub last_index: Index,
     /// The index of the newest snapshot the core holds (0 before the first).
     pub snapshot_index: Index,
+    /// This member is a learner: it replicates the log but does not vote.
     pub is_learner: bool,
     /// This member was removed from the cluster; it is stopping.
     pub removed: bool,
@@ -102,16 +111,24 @@ pub struct NodeStatus {
 /// commit (the full status changes several times per write).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoleStatus {
+    /// As [`NodeStatus::role`].
     pub role: Role,
+    /// As [`NodeStatus::term`].
     pub term: u64,
+    /// As [`NodeStatus::leader`].
     pub leader: Option<NodeId>,
+    /// As [`NodeStatus::is_learner`].
     pub is_learner: bool,
+    /// As [`NodeStatus::removed`].
     pub removed: bool,
+    /// As [`NodeStatus::stopped`].
     pub stopped: bool,
+    /// As [`NodeStatus::fatal`].
     pub fatal: Option<String>,
 }
 
 impl RoleStatus {
+    /// The role part of `status`.
     pub fn of(status: &NodeStatus) -> RoleStatus {
         RoleStatus {
             role: status.role,
@@ -128,21 +145,28 @@ impl RoleStatus {
 /// Timing and bounds of the shell.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
+    /// The core's configuration: this member's id, election timeout and heartbeat in ticks,
+    /// pre-vote, check-quorum, flow control, snapshot policy, lease reads.
     pub raft: flotilla_raft::Config,
     /// One tick of the core.
     pub tick: Duration,
     /// Proposals are refused while more entries than this are committed and not applied
     /// (etcd's "too many requests").
     pub apply_backlog_entries_max: u64,
+    /// Proposals waiting for their entries to commit before new ones are refused.
     pub proposals_max: usize,
+    /// A proposal larger than this is refused ([`Refusal::TooLarge`]). The transport must
+    /// carry a message of this size and its envelope (the TCP transport carries
+    /// [`crate::transport::MESSAGE_BYTES_MAX`]).
+    pub proposal_bytes_max: usize,
     /// With lease reads (`raft.lease_reads`): how long a lease lasts in real time from the
-    /// tick its round was sent in (see [`crate::read_lease`]).
+    /// tick its round was sent in (thesis §6.4.1: [`crate::lease_duration`] computes it).
     pub lease_duration: Option<Duration>,
     /// A step of the write path (a WAL group commit, preparing a segment, an apply batch, a
     /// wait for the state's lock, a raft round) slower than this is logged as a warning with
     /// what it did, as etcd warns of slow applies: a put stall then has a named cause.
     pub slow_step: Duration,
-    /// Publish the Raft view (see [`view`]) after each round (`--experimental-raft-view`).
+    /// Publish the Raft view ([`view::RaftView`]) after each round, for [`NodeHandle::raft_view`].
     pub raft_view: bool,
 }
 
@@ -150,13 +174,14 @@ impl NodeOptions {
     /// The runtime's defaults around a core configuration: a tick of 100 ms (so the core's
     /// default election timeout of 10 ticks is 1 s, and heartbeats go every 100 ms), at most
     /// 5,000 committed entries waiting to apply and 65,536 waiting proposals before new ones
-    /// are refused, no lease reads, slow steps logged from 1 s, no Raft view.
+    /// are refused, proposals of up to 8 MiB, no lease reads, slow steps logged from 1 s, no Raft view.
     pub fn new(raft: flotilla_raft::Config) -> NodeOptions {
         NodeOptions {
             raft,
             tick: Duration::from_millis(100),
             apply_backlog_entries_max: 5_000,
             proposals_max: 65_536,
+            proposal_bytes_max: 8 << 20,
             lease_duration: None,
             slow_step: Duration::from_secs(1),
             raft_view: false,
@@ -173,7 +198,9 @@ pub struct NodeHandle<S: StateMachine, M> {
     /// The state machine as the apply thread leaves it: read it under the read lock (a
     /// serializable read; for a linearizable one, [`NodeHandle::read_index`] first).
     pub state: Arc<RwLock<S>>,
+    /// The node's storage, for what it reports (its size, its snapshot).
     pub storage: Arc<dyn DurableStorage>,
+    /// The metrics the node reports to.
     pub metrics: Arc<M>,
     lease: Arc<PublishedLease>,
     forwarded: Arc<ForwardedWrites<S::Output>>,
@@ -219,15 +246,18 @@ pub enum NodeError {
 }
 
 impl<S: StateMachine, M> NodeHandle<S, M> {
+    /// The status after the raft task's latest round.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()
     }
 
-    /// The Raft view, if the member publishes it (`--experimental-raft-view`).
+    /// The Raft view, if the node publishes it ([`NodeOptions::raft_view`]).
     pub fn raft_view(&self) -> Option<watch::Receiver<view::RaftView>> {
         self.view.clone()
     }
 
+    /// The status, to wait for changes of it (it changes several times per write: for the
+    /// role and the leader, [`NodeHandle::role_watch`] wakes less often).
     pub fn status_watch(&self) -> watch::Receiver<NodeStatus> {
         self.status.clone()
     }
@@ -237,6 +267,7 @@ impl<S: StateMachine, M> NodeHandle<S, M> {
         self.role.clone()
     }
 
+    /// This member's id.
     pub fn id(&self) -> NodeId {
         self.status.borrow().id
     }
@@ -268,7 +299,10 @@ impl<S: StateMachine, M> NodeHandle<S, M> {
         }
     }
 
-    /// Proposes a command and waits until it is applied here.
+    /// Proposes a command and waits until it is applied here, returning its output. A
+    /// follower refuses it with [`Refusal::NotLeader`] naming the leader it knows (send it
+    /// there). After [`NodeError::Timeout`] the command may still apply: send it again only if
+    /// it is idempotent or numbered by a session ([`crate::Sessions`]).
     pub async fn propose(&self, data: Bytes, deadline: Instant) -> Result<S::Output, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.call(NodeRequest::Propose { data, reply }, rx, deadline)
@@ -291,6 +325,9 @@ impl<S: StateMachine, M> NodeHandle<S, M> {
         }
     }
 
+    /// Proposes a membership change (joint consensus, §6) and waits until it is applied here. Refused while another change is
+    /// in progress ([`flotilla_raft::Error::MembershipChangeInProgress`]) or if it is invalid
+    /// (an unknown member, a member added twice, ...).
     pub async fn propose_membership(
         &self,
         change: ConfChange,
@@ -326,7 +363,8 @@ impl<S: StateMachine, M> NodeHandle<S, M> {
         self.call(request, rx, deadline).await
     }
 
-    /// Asks for a snapshot at the applied index now (see [`NodeRequest::SaveSnapshot`]).
+    /// Asks for a snapshot at the applied index now, whatever the snapshot policy says; the
+    /// status's [`NodeStatus::snapshot_index`] moves when it is saved.
     pub async fn save_snapshot(&self) -> Result<(), NodeError> {
         self.requests
             .send(NodeRequest::SaveSnapshot)
@@ -335,7 +373,9 @@ impl<S: StateMachine, M> NodeHandle<S, M> {
     }
 
     /// Tags a write about to be forwarded to the leader, so that its entry is recognised when
-    /// it is applied here (see [`ForwardedWrites`]).
+    /// it is applied here: put [`TrackedWrite::origin`] into the command, and have
+    /// [`StateMachine::origin`] find it. If the leader's answer is lost, this member's own
+    /// apply answers the write.
     pub fn track_forwarded(&self) -> TrackedWrite<S::Output> {
         self.forwarded.track()
     }
@@ -370,6 +410,7 @@ enum SnapshotRequest {
 /// The threads and task of a started node.
 #[derive(Debug)]
 pub struct RunningNode<S: StateMachine, M> {
+    /// The handle the application uses (clone it freely).
     pub handle: NodeHandle<S, M>,
     raft_task: tokio::task::JoinHandle<()>,
     wal_thread: std::thread::JoinHandle<Result<(), StorageFailure>>,
@@ -400,16 +441,40 @@ const REQUESTS_QUEUE: usize = 4096;
 const WAL_QUEUE: usize = 64;
 const APPLY_QUEUE: usize = 64;
 
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The core refused its configuration or could not read its storage.
+    #[error("the Raft core did not start: {0}")]
+    Core(#[from] flotilla_raft::Error),
+    /// The operating system refused a thread (the threads started before it stop).
+    #[error("cannot start the {thread} thread: {error}")]
+    Thread {
+        /// Which thread.
+        thread: &'static str,
+        /// The operating system's error.
+        error: std::io::Error,
+    },
+}
+
 /// Everything `start` needs.
 #[derive(Debug)]
 pub struct NodeParts<S, T, M> {
+    /// Timing and bounds.
     pub options: NodeOptions,
+    /// The log, the hard state and the snapshots: [`crate::open_wal`], [`crate::MemDurable`]
+    /// or your own (check it with [`crate::conformance::storage`]).
     pub storage: Arc<dyn DurableStorage>,
+    /// The state machine, holding what was applied before (at least what the newest snapshot
+    /// holds, or nothing: the node restores the snapshot first).
     pub state: Arc<RwLock<S>>,
+    /// Carries messages to the other members.
     pub transport: T,
     /// Messages the transport received for this member.
     pub inbox: mpsc::Receiver<Message>,
+    /// What the transport reports.
     pub transport_events: mpsc::Receiver<TransportEvent>,
+    /// Receives the node's measurements ([`crate::NoMetrics`] for none).
     pub metrics: Arc<M>,
     /// The node stops when this turns true.
     pub shutdown: watch::Receiver<bool>,
@@ -418,7 +483,7 @@ pub struct NodeParts<S, T, M> {
 /// Starts the node: the raft task on the current tokio runtime, the WAL and apply threads
 /// beside it. The state machine must hold what the core will not hand out again (its
 /// applied index is passed to the core).
-pub fn start<S, T, M>(parts: NodeParts<S, T, M>) -> Result<RunningNode<S, M>, flotilla_raft::Error>
+pub fn start<S, T, M>(parts: NodeParts<S, T, M>) -> Result<RunningNode<S, M>, StartError>
 where
     S: StateMachine,
     T: Transport,
@@ -450,7 +515,10 @@ where
         std::thread::Builder::new()
             .name("flotilla-wal".into())
             .spawn(move || wal_thread(&*storage, wal_rx, persisted_tx, fatal, &*metrics, slow_step))
-            .expect("spawn the WAL thread")
+            .map_err(|error| StartError::Thread {
+                thread: "WAL",
+                error,
+            })?
     };
     let apply_thread = {
         let context = ApplyContext {
@@ -466,7 +534,10 @@ where
         std::thread::Builder::new()
             .name("flotilla-apply".into())
             .spawn(move || context.run(apply_rx))
-            .expect("spawn the apply thread")
+            .map_err(|error| StartError::Thread {
+                thread: "apply",
+                error,
+            })?
     };
     let lease = Arc::new(PublishedLease::default());
     let clock = TickClock::new(driver.node().ticks(), Instant::now());

@@ -45,6 +45,7 @@ impl TickClock {
         self.ticks.push_back((tick, now));
     }
 
+    /// When the clock read `tick`, if it is remembered.
     pub fn instant_of(&self, tick: u64) -> Option<Instant> {
         self.ticks
             .iter()
@@ -78,6 +79,7 @@ pub struct PublishedLease {
 }
 
 impl PublishedLease {
+    /// Publishes the raft task's latest lease, or withdraws it.
     pub fn publish(&self, lease: Option<Lease>) {
         *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = lease;
     }

@@ -81,12 +81,21 @@ pub enum SessionReply<O> {
     /// Applied before: the output it had then (it was not applied again).
     Repeated(O),
     /// A new client registered with this id.
-    Registered { client_id: u64 },
+    Registered {
+        /// The new client's id: the index of its registration.
+        client_id: u64,
+    },
     /// Older than the latest command this client had applied, whose output was already
     /// given: a client sends its commands one after another.
-    Stale { latest: u64 },
+    Stale {
+        /// The client's latest command applied.
+        latest: u64,
+    },
     /// The client is unknown: never registered, or expired to make room.
-    Expired { client_id: u64 },
+    Expired {
+        /// The client the command named.
+        client_id: u64,
+    },
     /// The entry carries no session header.
     Malformed(String),
     /// A blank or membership entry, applied to the application's state machine.

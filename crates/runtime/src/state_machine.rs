@@ -22,7 +22,9 @@ use flotilla_raft::{Entry, EntryPayload, Index};
 /// [`StateMachine::origin`] and [`crate::NodeHandle::track_forwarded`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Origin {
+    /// The member that forwarded the command.
     pub member_id: flotilla_raft::NodeId,
+    /// The member's number for it, unique across its restarts.
     pub request: u64,
 }
 

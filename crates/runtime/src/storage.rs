@@ -63,6 +63,7 @@ pub struct SnapshotReader<'a, S: LogStorage + ?Sized> {
 const SNAPSHOT_READ_CHUNK_BYTES: u64 = 1 << 20;
 
 impl<'a, S: LogStorage + ?Sized> SnapshotReader<'a, S> {
+    /// Reads the snapshot `snapshot` of `storage` from its start.
     pub fn new(storage: &'a S, snapshot: EntryId) -> Self {
         SnapshotReader {
             storage,
@@ -102,6 +103,7 @@ struct MemInner {
 }
 
 impl MemDurable {
+    /// Durable-storage calls over `storage` (which starts with its bootstrap membership).
     pub fn new(storage: MemStorage) -> MemDurable {
         MemDurable {
             inner: Mutex::new(MemInner {

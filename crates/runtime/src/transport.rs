@@ -23,11 +23,14 @@ pub enum TransportEvent {
     /// streaming entries.
     Unreachable(NodeId),
     /// A peer refused this member because it was removed from the cluster: the node stops.
-    Removed { by: NodeId },
+    Removed {
+        /// The peer that said so.
+        by: NodeId,
+    },
 }
 
 mod local;
 mod tcp;
 
 pub use local::{LocalMember, LocalNetwork, LocalTransport};
-pub use tcp::{PeerAddresses, TcpMember, TcpTransport};
+pub use tcp::{MESSAGE_BYTES_MAX, PeerAddresses, TcpMember, TcpTransport};

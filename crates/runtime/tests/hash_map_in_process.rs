@@ -226,3 +226,84 @@ async fn an_isolated_leader_commits_nothing() {
         member.stop().await;
     }
 }
+
+/// Bad requests get typed errors that say what was wrong, and the cluster goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_with_what_was_wrong() {
+    use flotilla_runtime::raft::{ConfChange, ConfChangeStep, Error, MembershipError};
+
+    let change = |step| ConfChange {
+        steps: vec![step],
+        context: Default::default(),
+    };
+
+    let network = LocalNetwork::new();
+    let members: Vec<Member> = VOTERS
+        .iter()
+        .map(|&id| Member::start(&network, id))
+        .collect();
+    let all: Vec<&Member> = members.iter().collect();
+    let leader = member(&all, leader_among(&all, None).await).handle();
+    let deadline = || Instant::now() + DEADLINE;
+
+    let huge = Command::Put {
+        key: "huge".into(),
+        value: "x".repeat(9 << 20),
+    };
+    let refused = leader.propose(huge.encode(), deadline()).await;
+    assert!(
+        matches!(
+            refused,
+            Err(NodeError::Refused(Refusal::TooLarge { limit_bytes, .. })) if limit_bytes == 8 << 20
+        ),
+        "{refused:?}"
+    );
+
+    let unknown = leader
+        .transfer_leader(Some(9), Vec::new(), deadline())
+        .await;
+    assert!(
+        matches!(
+            unknown,
+            Err(NodeError::Refused(Refusal::Refused(Error::NotAVoter(9))))
+        ),
+        "{unknown:?}"
+    );
+    let remove_unknown = leader
+        .propose_membership(change(ConfChangeStep::Remove(9)), deadline())
+        .await;
+    assert!(
+        matches!(
+            remove_unknown,
+            Err(NodeError::Refused(Refusal::Refused(Error::Membership(
+                MembershipError::UnknownMember(9)
+            ))))
+        ),
+        "{remove_unknown:?}"
+    );
+
+    // A second change sent right behind the first finds it pending (uncommitted until a
+    // quorum has it on disk) and is refused as in progress; were the first committed already,
+    // the second would apply. Never anything else.
+    let first = leader.propose_membership(change(ConfChangeStep::AddLearner(4)), deadline());
+    let second = leader.propose_membership(change(ConfChangeStep::AddLearner(5)), deadline());
+    let (first, second) = tokio::join!(first, second);
+    assert!(first.is_ok(), "{first:?}");
+    assert!(
+        matches!(
+            second,
+            Ok(_)
+                | Err(NodeError::Refused(Refusal::Refused(
+                    Error::MembershipChangeInProgress { .. }
+                )))
+        ),
+        "{second:?}"
+    );
+
+    put(leader, "after", "ok")
+        .await
+        .expect("the cluster goes on");
+    for member in members {
+        member.stop().await;
+    }
+}

@@ -15,6 +15,8 @@ pub const REQUEST_TIMED_OUT: &str = "etcdserver: request timed out";
 pub const REQUEST_TIMED_OUT_LEADER_FAIL: &str =
     "etcdserver: request timed out, possibly due to previous leader failure";
 pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
+/// etcd's ErrRequestTooLarge.
+pub const REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 pub const SERVER_STOPPED: &str = "etcdserver: server stopped";
 pub const LEARNER_NOT_SUPPORTED: &str = "etcdserver: rpc not supported for learner";
 pub const AUTH_NOT_ENABLED: &str = "etcdserver: authentication is not enabled";
@@ -76,6 +78,7 @@ pub fn refusal_status(refusal: Refusal) -> Status {
             tracing::debug!("refusing a request: {detail}");
             Status::resource_exhausted(TOO_MANY_REQUESTS)
         }
+        Refusal::TooLarge { .. } => Status::invalid_argument(REQUEST_TOO_LARGE),
         Refusal::Stopped => Status::unavailable(SERVER_STOPPED),
         Refusal::TimedOut => Status::unavailable(REQUEST_TIMED_OUT),
         Refusal::Refused(err) => membership_status(&err),
@@ -120,6 +123,14 @@ mod tests {
                 TOO_MANY_REQUESTS,
             ),
             (Refusal::Stopped, Code::Unavailable, SERVER_STOPPED),
+            (
+                Refusal::TooLarge {
+                    bytes: 2,
+                    limit_bytes: 1,
+                },
+                Code::InvalidArgument,
+                REQUEST_TOO_LARGE,
+            ),
             (
                 Refusal::Refused(Error::Membership(MembershipError::UnknownMember(4))),
                 Code::NotFound,

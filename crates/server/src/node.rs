@@ -2,9 +2,7 @@
 //! member's [`StateMachine`], sending through the [`PeerRouter`] and reporting to the
 //! member's [`Metrics`]. The server uses the runtime through its public API only.
 
-pub use flotilla_runtime::node::{
-    ForwardedWrites, NodeError, NodeOptions, NodeRequest, NodeStatus, RoleStatus, paced, view,
-};
+pub use flotilla_runtime::node::{NodeError, NodeOptions, NodeStatus, RoleStatus, paced, view};
 
 use crate::metrics::Metrics;
 use crate::state_machine::{Applied, StateMachine};

@@ -50,7 +50,6 @@ use crate::watch::{QueueBounds, WatchContext, WatchHub};
 use flotilla_proto::v3electionpb::election_server::ElectionServer;
 use flotilla_proto::v3lockpb::lock_server::LockServer;
 use flotilla_runtime::DurableStorage;
-use flotilla_runtime::read_lease;
 
 /// What the apply thread tells: events to the watch hub, grants to the lessor.
 #[derive(Debug)]
@@ -243,7 +242,7 @@ fn node_options(config: &ServerConfig, id: u64) -> NodeOptions {
     raft.snapshot_trailing_entries = config.snapshot_catchup_entries;
     raft.lease_reads = config.lease_reads;
     let lease_duration = config.lease_reads.then(|| {
-        read_lease::lease_duration(
+        flotilla_runtime::lease_duration(
             config.heartbeat_interval,
             raft.election_timeout_ticks,
             config.lease_clock_drift,
@@ -255,6 +254,8 @@ fn node_options(config: &ServerConfig, id: u64) -> NodeOptions {
         tick: config.heartbeat_interval,
         apply_backlog_entries_max: 5_000,
         proposals_max: 65_536,
+        // Half of what a peer message may carry: room for the envelope and the batch.
+        proposal_bytes_max: crate::transport::PEER_MESSAGE_BYTES_MAX / 2,
         lease_duration,
         slow_step: config.slow_step,
         raft_view: config.raft_view,

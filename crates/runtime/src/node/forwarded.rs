@@ -22,7 +22,7 @@ use crate::state_machine::Origin;
 /// The forwarded writes of one member that wait for their entry; `O` is the state machine's
 /// output.
 #[derive(Debug)]
-pub struct ForwardedWrites<O> {
+pub(crate) struct ForwardedWrites<O> {
     member_id: NodeId,
     /// The next request number. Starts from the wall clock in nanoseconds, so that an entry
     /// tagged by a previous run of this member (replayed from the log, or committed late)
@@ -39,13 +39,14 @@ pub struct ForwardedWrites<O> {
 /// requests) bound these too.
 #[derive(Debug)]
 pub struct TrackedWrite<O> {
+    /// What to tag the command with.
     pub origin: Origin,
     applied: oneshot::Receiver<O>,
     writes: Arc<ForwardedWrites<O>>,
 }
 
 impl<O> ForwardedWrites<O> {
-    pub fn new(member_id: NodeId) -> ForwardedWrites<O> {
+    pub(crate) fn new(member_id: NodeId) -> ForwardedWrites<O> {
         let started_nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |since| since.as_nanos() as u64);
@@ -59,7 +60,7 @@ impl<O> ForwardedWrites<O> {
 
     /// A new origin for a write about to be forwarded; the entry that carries it, once applied
     /// here, is handed to the returned claim.
-    pub fn track(self: &Arc<ForwardedWrites<O>>) -> TrackedWrite<O> {
+    pub(crate) fn track(self: &Arc<ForwardedWrites<O>>) -> TrackedWrite<O> {
         let request = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (sender, applied) = oneshot::channel();
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());

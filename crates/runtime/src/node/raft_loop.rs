@@ -222,6 +222,15 @@ impl<O: Send + 'static, T: Transport, M: NodeMetrics> RaftLoop<O, T, M> {
     fn on_request(&mut self, request: NodeRequest<O>) {
         match request {
             NodeRequest::Propose { data, reply } => {
+                if data.len() > self.options.proposal_bytes_max {
+                    self.metrics.proposal_failed();
+                    let refusal = Refusal::TooLarge {
+                        bytes: data.len(),
+                        limit_bytes: self.options.proposal_bytes_max,
+                    };
+                    let _ = reply.send(Err(refusal));
+                    return;
+                }
                 if let Some(refusal) = self.backlog_refusal() {
                     let _ = reply.send(Err(refusal));
                     return;

@@ -19,33 +19,42 @@ pub const LOG_TAIL_ENTRIES: u64 = 16;
 /// One member's Raft state. Ids are hexadecimal, as etcd prints member ids.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RaftView {
+    /// This member.
     pub member: String,
     /// `follower`, `pre-candidate`, `candidate` or `leader`.
     pub role: String,
     /// A learner replicates the log but does not vote (§6 as etcd extends it).
     pub learner: bool,
+    /// The current term (§5.1).
     pub term: u64,
     /// Who this member voted for in `term`, if anyone (§5.2: one vote per term).
     pub vote: Option<String>,
+    /// The leader of the current term, if known.
     pub leader: Option<String>,
-    /// The highest index known committed (§5.3), applied to the state machine, and made
-    /// durable here.
+    /// The highest index known committed (§5.3).
     pub commit: u64,
+    /// The highest index applied to the state machine.
     pub applied: u64,
+    /// The highest index made durable here.
     pub persisted: u64,
     /// The last index the newest snapshot covers (§7); the log starts after it.
     pub snapshot_index: u64,
+    /// The last index of the log.
     pub last_index: u64,
-    /// How long a tick is, and the election timer in ticks: the timer fires when `elapsed`
-    /// reaches `timeout`, drawn at random from [T, 2T) at each reset (§5.2).
+    /// How long a tick is.
     pub tick_ms: u64,
+    /// Ticks since the election timer was last reset.
     pub election_elapsed_ticks: u64,
+    /// The timer fires when the elapsed ticks reach this, drawn at random from [T, 2T) at
+    /// each reset (§5.2).
     pub election_timeout_ticks: u64,
     /// The newest entries, oldest first (at most [`LOG_TAIL_ENTRIES`]).
     pub log_tail: Vec<LogEntryView>,
+    /// The voters (of the incoming configuration during a joint change).
     pub voters: Vec<String>,
     /// Voters of the outgoing configuration while a joint consensus change is under way (§6).
     pub voters_outgoing: Vec<String>,
+    /// Members that replicate the log without voting.
     pub learners: Vec<String>,
     /// Messages this member has sent since it started, by receiver and kind.
     pub messages_sent: Vec<MessageCount>,
@@ -53,28 +62,34 @@ pub struct RaftView {
     pub stopped: bool,
 }
 
+/// One entry of the log's tail.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LogEntryView {
+    /// Its index.
     pub index: u64,
+    /// The term of the leader that created it.
     pub term: u64,
 }
 
+/// Messages sent to one member, of one kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct MessageCount {
+    /// The receiver.
     pub to: String,
     /// The message's kind as the core names it (`Append`, `Heartbeat`, `PreVote`, ...).
     pub kind: &'static str,
+    /// How many.
     pub count: u64,
 }
 
 /// The raft task's count of the messages it sent, by receiver and kind.
 #[derive(Debug, Default)]
-pub struct SentMessages {
+pub(crate) struct SentMessages {
     counts: BTreeMap<(NodeId, &'static str), u64>,
 }
 
 impl SentMessages {
-    pub fn count(&mut self, msg: &Message) {
+    pub(crate) fn count(&mut self, msg: &Message) {
         *self.counts.entry((msg.to, msg.body.kind())).or_default() += 1;
     }
 }
@@ -84,7 +99,12 @@ fn hex(id: NodeId) -> String {
 }
 
 impl RaftView {
-    pub fn of<O>(driver: &NodeDriver<O>, tick_ms: u64, sent: &SentMessages, stopped: bool) -> Self {
+    pub(crate) fn of<O>(
+        driver: &NodeDriver<O>,
+        tick_ms: u64,
+        sent: &SentMessages,
+        stopped: bool,
+    ) -> Self {
         let node = driver.node();
         let membership = node.membership();
         let ids =
