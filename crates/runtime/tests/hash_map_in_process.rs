@@ -66,6 +66,19 @@ impl Member {
     }
 }
 
+fn start_cluster(network: &LocalNetwork) -> Vec<Member> {
+    VOTERS
+        .iter()
+        .map(|&id| Member::start(network, id))
+        .collect()
+}
+
+async fn stop_all(members: Vec<Member>) {
+    for member in members {
+        member.stop().await;
+    }
+}
+
 /// Waits until some member other than `former` leads and the others follow it.
 async fn leader_among(members: &[&Member], former: Option<NodeId>) -> NodeId {
     let deadline = Instant::now() + DEADLINE;
@@ -119,10 +132,7 @@ async fn read(handle: &Handle, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_agree_and_go_on_without_one() {
     let network = LocalNetwork::new();
-    let members: Vec<Member> = VOTERS
-        .iter()
-        .map(|&id| Member::start(&network, id))
-        .collect();
+    let members = start_cluster(&network);
     let all: Vec<&Member> = members.iter().collect();
     let leader = leader_among(&all, None).await;
 
@@ -171,9 +181,7 @@ async fn three_members_agree_and_go_on_without_one() {
         assert_eq!(read(member.handle(), "k0").await.as_deref(), Some("two"));
         assert_eq!(read(member.handle(), "k1").await.as_deref(), Some("one"));
     }
-    for member in members {
-        member.stop().await;
-    }
+    stop_all(members).await;
 }
 
 /// An isolated leader cannot commit: its proposal fails or times out, never succeeds, while
@@ -181,10 +189,7 @@ async fn three_members_agree_and_go_on_without_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_commits_nothing() {
     let network = LocalNetwork::new();
-    let members: Vec<Member> = VOTERS
-        .iter()
-        .map(|&id| Member::start(&network, id))
-        .collect();
+    let members = start_cluster(&network);
     let all: Vec<&Member> = members.iter().collect();
     let leader = leader_among(&all, None).await;
     network.isolate(leader);
@@ -222,9 +227,7 @@ async fn an_isolated_leader_commits_nothing() {
     );
     assert_eq!(read(isolated, "kept").await.as_deref(), Some("y"));
     assert_eq!(read(isolated, "lost").await, None);
-    for member in members {
-        member.stop().await;
-    }
+    stop_all(members).await;
 }
 
 /// Bad requests get typed errors that say what was wrong, and the cluster goes on.
@@ -238,10 +241,7 @@ async fn bad_requests_are_refused_with_what_was_wrong() {
     };
 
     let network = LocalNetwork::new();
-    let members: Vec<Member> = VOTERS
-        .iter()
-        .map(|&id| Member::start(&network, id))
-        .collect();
+    let members = start_cluster(&network);
     let all: Vec<&Member> = members.iter().collect();
     let leader = member(&all, leader_among(&all, None).await).handle();
     let deadline = || Instant::now() + DEADLINE;
@@ -303,7 +303,5 @@ async fn bad_requests_are_refused_with_what_was_wrong() {
     put(leader, "after", "ok")
         .await
         .expect("the cluster goes on");
-    for member in members {
-        member.stop().await;
-    }
+    stop_all(members).await;
 }

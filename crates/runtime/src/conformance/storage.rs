@@ -15,12 +15,10 @@
 //! membership) and returns an empty storage. A check that fails panics with what it expected.
 
 use bytes::Bytes;
-use flotilla_raft::{
-    Entry, EntryId, EntryPayload, HardState, Index, LogStorage, Membership, MembershipEntry,
-    PersistBatch, Prng, SnapshotChunk, SnapshotInfo, SnapshotInstall, SnapshotMeta, StorageError,
-    Term,
-};
+use flotilla_raft::{EntryId, HardState, Membership, PersistBatch, SnapshotMeta, StorageError};
 
+pub use self::fixtures::voters;
+use self::fixtures::*;
 use crate::storage::DurableStorage;
 
 /// Runs every check of the suite, each against a fresh storage from `make`. `reopen`
@@ -66,103 +64,124 @@ fn hard_state<S: DurableStorage>(s: &S) -> HardState {
     s.initial_state().expect("the initial state").hard_state
 }
 
-/// Reads `[low, high)` in pieces of at most 4 KiB, as the core does.
-fn read_all_entries(storage: &impl LogStorage, low: Index, high: Index) -> Vec<Entry> {
-    let mut entries = Vec::new();
-    let mut next = low;
-    while next < high {
-        let batch = storage
-            .entries(next, high, 4096)
-            .expect("entries inside the log");
-        assert!(!batch.is_empty(), "at least one entry per read");
-        next += batch.len() as u64;
-        entries.extend(batch);
-    }
-    entries
-}
+/// Log entries, snapshots and readers for storage tests (the suite's own, and the WAL's).
+pub mod fixtures {
+    use bytes::Bytes;
+    use flotilla_raft::{
+        Entry, EntryId, EntryPayload, Index, LogStorage, Membership, MembershipEntry, Prng,
+        SnapshotChunk, SnapshotInfo, SnapshotInstall, SnapshotMeta, Term,
+    };
 
-fn read_snapshot(storage: &impl LogStorage, info: &SnapshotInfo) -> Bytes {
-    let mut data = Vec::new();
-    loop {
-        let chunk = storage
-            .snapshot_chunk(info.meta.last, data.len() as u64, 1000)
-            .expect("snapshot chunk");
-        if chunk.is_empty() {
-            break;
+    /// Reads `[low, high)` in pieces of at most 4 KiB, as the core does.
+    pub fn read_all_entries(storage: &impl LogStorage, low: Index, high: Index) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        let mut next = low;
+        while next < high {
+            let batch = storage
+                .entries(next, high, 4096)
+                .expect("entries inside the log");
+            assert!(!batch.is_empty(), "at least one entry per read");
+            next += batch.len() as u64;
+            entries.extend(batch);
         }
-        data.extend_from_slice(&chunk);
+        entries
     }
-    assert_eq!(data.len() as u64, info.data_bytes);
-    Bytes::from(data)
-}
 
-fn command(term: Term, index: Index, bytes: usize) -> Entry {
-    let data: Vec<u8> = (0..bytes)
-        .map(|i| (index as usize * 31 + i * 7 + term as usize) as u8)
-        .collect();
-    Entry {
-        term,
-        index,
-        payload: EntryPayload::Command(Bytes::from(data)),
+    /// The whole data of the current snapshot, read in chunks of 1,000 bytes.
+    pub fn read_snapshot(storage: &impl LogStorage, info: &SnapshotInfo) -> Bytes {
+        let mut data = Vec::new();
+        loop {
+            let chunk = storage
+                .snapshot_chunk(info.meta.last, data.len() as u64, 1000)
+                .expect("snapshot chunk");
+            if chunk.is_empty() {
+                break;
+            }
+            data.extend_from_slice(&chunk);
+        }
+        assert_eq!(data.len() as u64, info.data_bytes);
+        Bytes::from(data)
     }
-}
 
-fn entries(term: Term, indexes: std::ops::RangeInclusive<Index>, bytes: usize) -> Vec<Entry> {
-    indexes.map(|index| command(term, index, bytes)).collect()
-}
-
-fn membership_entry(term: Term, index: Index) -> Entry {
-    Entry {
-        term,
-        index,
-        payload: EntryPayload::Membership(MembershipEntry {
-            membership: Membership::with_voters([1, 2, 3]),
-            context: Bytes::from_static(b"ctx"),
-        }),
+    /// A command entry of `bytes` bytes whose content depends on its term and index.
+    pub fn command(term: Term, index: Index, bytes: usize) -> Entry {
+        let data: Vec<u8> = (0..bytes)
+            .map(|i| (index as usize * 31 + i * 7 + term as usize) as u8)
+            .collect();
+        Entry {
+            term,
+            index,
+            payload: EntryPayload::Command(Bytes::from(data)),
+        }
     }
-}
 
-/// The bootstrap membership of every storage the suite makes.
-pub fn voters() -> Membership {
-    Membership::with_voters([1, 2, 3])
-}
-
-fn snapshot_meta(term: Term, index: Index) -> SnapshotMeta {
-    SnapshotMeta {
-        last: EntryId::new(term, index),
-        membership: voters(),
+    /// Command entries of one term at `indexes`, `bytes` bytes each.
+    pub fn entries(
+        term: Term,
+        indexes: std::ops::RangeInclusive<Index>,
+        bytes: usize,
+    ) -> Vec<Entry> {
+        indexes.map(|index| command(term, index, bytes)).collect()
     }
-}
 
-fn snapshot_bytes(seed: u64, len: usize) -> Bytes {
-    let mut prng = Prng::new(seed);
-    Bytes::from((0..len).map(|_| prng.next_u64() as u8).collect::<Vec<u8>>())
-}
+    /// A membership entry (voters 1, 2, 3) at `index`.
+    pub fn membership_entry(term: Term, index: Index) -> Entry {
+        Entry {
+            term,
+            index,
+            payload: EntryPayload::Membership(MembershipEntry {
+                membership: Membership::with_voters([1, 2, 3]),
+                context: Bytes::from_static(b"ctx"),
+            }),
+        }
+    }
 
-/// The chunks of a snapshot sent from the leader, `chunk_bytes` at a time.
-fn chunks(meta: &SnapshotMeta, data: &Bytes, chunk_bytes: usize) -> Vec<SnapshotChunk> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let end = (offset + chunk_bytes).min(data.len());
-        out.push(SnapshotChunk {
+    /// The bootstrap membership of every storage the suite makes: voters 1, 2 and 3.
+    pub fn voters() -> Membership {
+        Membership::with_voters([1, 2, 3])
+    }
+
+    /// A snapshot's metadata at (`term`, `index`) with voters 1, 2, 3.
+    pub fn snapshot_meta(term: Term, index: Index) -> SnapshotMeta {
+        SnapshotMeta {
+            last: EntryId::new(term, index),
+            membership: voters(),
+        }
+    }
+
+    /// `len` bytes of snapshot data drawn from `seed`.
+    pub fn snapshot_bytes(seed: u64, len: usize) -> Bytes {
+        let mut prng = Prng::new(seed);
+        Bytes::from((0..len).map(|_| prng.next_u64() as u8).collect::<Vec<u8>>())
+    }
+
+    /// The chunks of a snapshot sent from the leader, `chunk_bytes` at a time.
+    pub fn chunks(meta: &SnapshotMeta, data: &Bytes, chunk_bytes: usize) -> Vec<SnapshotChunk> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        loop {
+            let end = (offset + chunk_bytes).min(data.len());
+            out.push(SnapshotChunk {
+                meta: meta.clone(),
+                data_bytes: data.len() as u64,
+                offset: offset as u64,
+                data: data.slice(offset..end),
+            });
+            offset = end;
+            if offset >= data.len() {
+                return out;
+            }
+        }
+    }
+
+    /// The batch field that installs the staged snapshot `meta`, keeping the log through
+    /// `keep_through`.
+    pub fn install(meta: &SnapshotMeta, keep_through: Index) -> Option<SnapshotInstall> {
+        Some(SnapshotInstall {
             meta: meta.clone(),
-            data_bytes: data.len() as u64,
-            offset: offset as u64,
-            data: data.slice(offset..end),
-        });
-        offset = end;
-        if offset >= data.len() {
-            return out;
-        }
+            keep_through,
+        })
     }
-}
-
-fn install(meta: &SnapshotMeta, keep_through: Index) -> Option<SnapshotInstall> {
-    Some(SnapshotInstall {
-        meta: meta.clone(),
-        keep_through,
-    })
 }
 
 fn batch(id: u64) -> PersistBatch {

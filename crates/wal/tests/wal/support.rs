@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use flotilla_raft::{
     Entry, EntryId, EntryPayload, HardState, Index, LogStorage, MemStorage, Membership,
-    MembershipEntry, PersistBatch, Prng, SnapshotChunk, SnapshotInfo, SnapshotInstall,
-    SnapshotMeta, StorageError, Term,
+    PersistBatch, Prng, SnapshotChunk, SnapshotInfo, SnapshotMeta, StorageError, Term,
 };
 use flotilla_wal::{Fs, SimFs, Wal, WalError, WalOptions};
+
+// Entries, snapshots and readers shared with the storage conformance suite.
+pub use flotilla_runtime::conformance::storage::fixtures::*;
 
 pub const CLUSTER_ID: u64 = 0xf107_111a;
 pub const NODE_ID: u64 = 1;
@@ -226,105 +228,7 @@ pub fn observe(storage: &impl LogStorage) -> Observed {
     }
 }
 
-/// Reads `[low, high)` in pieces of at most 4 KiB, as the core does.
-pub fn read_all_entries(storage: &impl LogStorage, low: Index, high: Index) -> Vec<Entry> {
-    let mut entries = Vec::new();
-    let mut next = low;
-    while next < high {
-        let batch = storage
-            .entries(next, high, 4096)
-            .expect("entries inside the log");
-        assert!(!batch.is_empty(), "at least one entry per read");
-        next += batch.len() as u64;
-        entries.extend(batch);
-    }
-    entries
-}
-
-pub fn read_snapshot(storage: &impl LogStorage, info: &SnapshotInfo) -> Bytes {
-    let mut data = Vec::new();
-    loop {
-        let chunk = storage
-            .snapshot_chunk(info.meta.last, data.len() as u64, 1000)
-            .expect("snapshot chunk");
-        if chunk.is_empty() {
-            break;
-        }
-        data.extend_from_slice(&chunk);
-    }
-    assert_eq!(data.len() as u64, info.data_bytes);
-    Bytes::from(data)
-}
-
 // ----- Entries and batches ---------------------------------------------------------------
-
-pub fn command(term: Term, index: Index, bytes: usize) -> Entry {
-    let data: Vec<u8> = (0..bytes)
-        .map(|i| (index as usize * 31 + i * 7 + term as usize) as u8)
-        .collect();
-    Entry {
-        term,
-        index,
-        payload: EntryPayload::Command(Bytes::from(data)),
-    }
-}
-
-pub fn entries(term: Term, indexes: std::ops::RangeInclusive<Index>, bytes: usize) -> Vec<Entry> {
-    indexes.map(|index| command(term, index, bytes)).collect()
-}
-
-pub fn membership_entry(term: Term, index: Index) -> Entry {
-    Entry {
-        term,
-        index,
-        payload: EntryPayload::Membership(MembershipEntry {
-            membership: Membership::with_voters([1, 2, 3]),
-            context: Bytes::from_static(b"ctx"),
-        }),
-    }
-}
-
-pub fn voters() -> Membership {
-    Membership::with_voters([1, 2, 3])
-}
-
-pub fn snapshot_meta(term: Term, index: Index) -> SnapshotMeta {
-    SnapshotMeta {
-        last: EntryId::new(term, index),
-        membership: voters(),
-    }
-}
-
-pub fn snapshot_bytes(seed: u64, len: usize) -> Bytes {
-    let mut prng = Prng::new(seed);
-    Bytes::from((0..len).map(|_| prng.next_u64() as u8).collect::<Vec<u8>>())
-}
-
-/// The chunks of a snapshot sent from the leader, `chunk_bytes` at a time.
-pub fn chunks(meta: &SnapshotMeta, data: &Bytes, chunk_bytes: usize) -> Vec<SnapshotChunk> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let end = (offset + chunk_bytes).min(data.len());
-        out.push(SnapshotChunk {
-            meta: meta.clone(),
-            data_bytes: data.len() as u64,
-            offset: offset as u64,
-            data: data.slice(offset..end),
-        });
-        offset = end;
-        if offset >= data.len() {
-            return out;
-        }
-    }
-}
-
-pub fn install(meta: &SnapshotMeta, keep_through: Index) -> Option<SnapshotInstall> {
-    Some(SnapshotInstall {
-        meta: meta.clone(),
-        keep_through,
-    })
-}
 
 // ----- A generator of valid operations -----------------------------------------------------
 
