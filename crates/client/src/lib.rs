@@ -47,7 +47,7 @@
 //! ## Extension points
 //!
 //! Unary calls go through one retry loop (`Client::execute`, crate-internal) given a
-//! [`CallKind`](client) and a closure that sends one attempt; new typed methods (leases in
+//! `CallKind` and a closure that sends one attempt; new typed methods (leases in
 //! issue 8) are a few lines each. Streams (watch, lease keep-alive) can start from
 //! [`Client::channel`].
 //!

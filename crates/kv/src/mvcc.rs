@@ -21,11 +21,11 @@ use crate::key_range::KeyRange;
 /// The first revision any write gets: the store starts at revision 1 (etcd-api.md §1.3).
 const FIRST_WRITE_REVISION: i64 = 2;
 
-/// What one stored version costs beyond its key and value bytes, for [`Keyspace::size_bytes`]:
+/// What one stored version costs beyond its key and value bytes, for `Keyspace::size_bytes`:
 /// the version's fixed fields, its place in the key's history and in the change log.
 pub const VERSION_OVERHEAD_BYTES: u64 = 64;
 
-/// The bytes one version of `key` with `value` counts for in [`Keyspace::size_bytes`].
+/// The bytes one version of `key` with `value` counts for in `Keyspace::size_bytes`.
 pub fn version_cost_bytes(key_bytes: usize, value_bytes: usize) -> u64 {
     key_bytes as u64 + value_bytes as u64 + VERSION_OVERHEAD_BYTES
 }
@@ -146,7 +146,7 @@ impl KeyHistory {
         &self.versions[self.retained_start(compacted_revision)..]
     }
 
-    /// What this key's versions count for in [`Keyspace::size_bytes`].
+    /// What this key's versions count for in `Keyspace::size_bytes`.
     fn cost_bytes(&self, key: &[u8]) -> u64 {
         self.versions
             .iter()
@@ -156,7 +156,7 @@ impl KeyHistory {
 
     /// Drops versions not needed to read at `revision` or later. Returns false when nothing is
     /// left (the key was deleted at or before `revision`), and the bytes dropped (as
-    /// [`Keyspace::size_bytes`] counts them).
+    /// `Keyspace::size_bytes` counts them).
     fn compact(&mut self, key: &[u8], revision: i64) -> (bool, u64) {
         let keep_from = self.retained_start(revision);
         let dropped_bytes = self
@@ -300,7 +300,7 @@ impl Keyspace {
         self.compacted_revision
     }
 
-    /// The bytes the stored versions count for (see [`Keyspace::size_bytes`] on the field).
+    /// The bytes the stored versions count for (see `Keyspace::size_bytes` on the field).
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes
     }

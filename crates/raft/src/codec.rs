@@ -15,26 +15,44 @@ use crate::types::{Entry, EntryId, EntryPayload, HardState, NodeId};
 /// Why bytes could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The input ends in the middle of a field.
     #[error("input ends early: {what} needs {needed} more bytes at offset {offset}")]
     Truncated {
+        /// What was being read.
         what: &'static str,
+        /// The bytes missing.
         needed: usize,
+        /// Where.
         offset: usize,
     },
+    /// A tag byte names no known variant.
     #[error("unknown {what} tag {tag} at offset {offset}")]
     UnknownTag {
+        /// What was being read.
         what: &'static str,
+        /// The tag found.
         tag: u8,
+        /// Where.
         offset: usize,
     },
+    /// A field's value is not allowed.
     #[error("{what} is invalid at offset {offset}: {reason}")]
     Invalid {
+        /// What was being read.
         what: &'static str,
+        /// Where.
         offset: usize,
+        /// What is wrong with it.
         reason: String,
     },
+    /// Bytes are left after a complete value.
     #[error("{count} trailing bytes after the {what}")]
-    TrailingBytes { what: &'static str, count: usize },
+    TrailingBytes {
+        /// What was read.
+        what: &'static str,
+        /// The bytes left over.
+        count: usize,
+    },
 }
 
 /// Reads from a [`Bytes`] buffer, tracking the offset for error messages. Slices share the
@@ -46,11 +64,13 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// Reads `buf` from its start.
     pub fn new(buf: Bytes) -> Self {
         let start_len = buf.len();
         Self { buf, start_len }
     }
 
+    /// Bytes read so far (for error messages).
     pub fn offset(&self) -> usize {
         self.start_len - self.buf.len()
     }
@@ -66,21 +86,25 @@ impl Reader {
         Ok(())
     }
 
+    /// One byte; `what` names it in an error.
     pub fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         self.need(what, 1)?;
         Ok(self.buf.get_u8())
     }
 
+    /// A little-endian u32.
     pub fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         self.need(what, 4)?;
         Ok(self.buf.get_u32_le())
     }
 
+    /// A little-endian u64.
     pub fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
         self.need(what, 8)?;
         Ok(self.buf.get_u64_le())
     }
 
+    /// A byte that must be 0 or 1.
     pub fn bool(&mut self, what: &'static str) -> Result<bool, DecodeError> {
         let offset = self.offset();
         match self.u8(what)? {
@@ -116,6 +140,7 @@ impl Reader {
         Ok(count)
     }
 
+    /// Fails if bytes are left after `what`.
     pub fn finish(self, what: &'static str) -> Result<(), DecodeError> {
         if self.buf.has_remaining() {
             return Err(DecodeError::TrailingBytes {
@@ -157,12 +182,14 @@ fn get_id_set(r: &mut Reader, what: &'static str) -> Result<BTreeSet<NodeId>, De
     Ok(ids)
 }
 
+/// Appends the encoding of a configuration to `out`.
 pub fn encode_membership(out: &mut Vec<u8>, m: &Membership) {
     put_id_set(out, &m.voters);
     put_id_set(out, &m.voters_outgoing);
     put_id_set(out, &m.learners);
 }
 
+/// A configuration `encode_membership` wrote.
 pub fn decode_membership(r: &mut Reader) -> Result<Membership, DecodeError> {
     let offset = r.offset();
     let membership = Membership {
@@ -204,6 +231,7 @@ pub fn encode_entry(out: &mut Vec<u8>, entry: &Entry) {
     }
 }
 
+/// An entry `encode_entry` wrote.
 pub fn decode_entry(r: &mut Reader) -> Result<Entry, DecodeError> {
     let term = r.u64("entry term")?;
     let index = r.u64("entry index")?;
@@ -238,12 +266,14 @@ pub fn decode_entry_exact(buf: Bytes) -> Result<Entry, DecodeError> {
     Ok(entry)
 }
 
+/// Appends the encoding of a hard state to `out`.
 pub fn encode_hard_state(out: &mut Vec<u8>, hs: &HardState) {
     out.put_u64_le(hs.term);
     out.put_u64_le(hs.vote);
     out.put_u64_le(hs.commit);
 }
 
+/// A hard state `encode_hard_state` wrote.
 pub fn decode_hard_state(r: &mut Reader) -> Result<HardState, DecodeError> {
     Ok(HardState {
         term: r.u64("hard state term")?,
@@ -264,11 +294,13 @@ fn decode_entry_id(r: &mut Reader, what: &'static str) -> Result<EntryId, Decode
     })
 }
 
+/// Appends the encoding of a snapshot's metadata to `out`.
 pub fn encode_snapshot_meta(out: &mut Vec<u8>, meta: &SnapshotMeta) {
     encode_entry_id(out, meta.last);
     encode_membership(out, &meta.membership);
 }
 
+/// Snapshot metadata `encode_snapshot_meta` wrote.
 pub fn decode_snapshot_meta(r: &mut Reader) -> Result<SnapshotMeta, DecodeError> {
     Ok(SnapshotMeta {
         last: decode_entry_id(r, "snapshot last entry")?,
@@ -367,6 +399,7 @@ pub fn encode_message(out: &mut Vec<u8>, msg: &Message) {
     }
 }
 
+/// A message `encode_message` wrote.
 pub fn decode_message(r: &mut Reader) -> Result<Message, DecodeError> {
     let from = r.u64("message sender")?;
     let to = r.u64("message receiver")?;

@@ -6,7 +6,9 @@ use crate::types::{NODE_NONE, NodeId};
 /// have been applied since the last snapshot, whichever comes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotPolicy {
+    /// Entries applied since the last snapshot.
     pub entries_max: u64,
+    /// Bytes of entries applied since the last snapshot.
     pub bytes_max: u64,
 }
 
@@ -39,6 +41,7 @@ pub struct Config {
     pub snapshot_chunk_bytes: u64,
     /// The most snapshot chunks in flight to one follower.
     pub snapshot_chunks_inflight_max: usize,
+    /// When to ask the caller for a snapshot.
     pub snapshot_policy: SnapshotPolicy,
     /// Entries kept before a new snapshot when compacting, so that a follower slightly behind
     /// catches up from the log instead of needing the snapshot.
@@ -94,6 +97,7 @@ impl Config {
         }
     }
 
+    /// Checks the bounds and their relations; the error says which is wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |reason: &str| Err(ConfigError(reason.to_string()));
         if self.id == NODE_NONE {

@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! # flotilla-raft: the pure Raft consensus core
 //!
 //! A sans-I/O implementation of Raft (Ongaro & Ousterhout, "In Search of an Understandable

@@ -13,6 +13,7 @@ use crate::storage::{InitialState, LogStorage, SnapshotInfo, SnapshotMeta, Stora
 use crate::types::{Entry, EntryId, HardState, Index, Term};
 
 #[derive(Clone, Debug, Default)]
+/// The log, hard state and snapshot in memory.
 pub struct MemStorage {
     hard_state: HardState,
     bootstrap_membership: Membership,
@@ -40,6 +41,7 @@ impl MemStorage {
         Self::default()
     }
 
+    /// The hard state last persisted.
     pub fn hard_state(&self) -> HardState {
         self.hard_state
     }
@@ -194,6 +196,7 @@ impl MemStorage {
         Ok(())
     }
 
+    /// Sets the hard state (as a persisted batch would).
     pub fn set_hard_state(&mut self, hard_state: HardState) {
         self.hard_state = hard_state;
     }

@@ -31,11 +31,14 @@ pub struct Membership {
 /// (for example the name and addresses of an added member).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MembershipEntry {
+    /// The configuration.
     pub membership: Membership,
+    /// The application's data for it.
     pub context: Bytes,
 }
 
 impl MembershipEntry {
+    /// The bytes it counts for in flow control.
     pub fn size_bytes(&self) -> u64 {
         let m = &self.membership;
         let ids = m.voters.len() + m.voters_outgoing.len() + m.learners.len();
@@ -57,6 +60,7 @@ pub enum ConfChangeStep {
 }
 
 impl ConfChangeStep {
+    /// The node the step is about.
     pub fn node(self) -> NodeId {
         match self {
             Self::AddVoter(id) | Self::AddLearner(id) | Self::Promote(id) | Self::Remove(id) => id,
@@ -68,6 +72,7 @@ impl ConfChangeStep {
 /// joint-consensus round. Adding or removing one server is a one-step change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfChange {
+    /// What changes: several steps make one joint change.
     pub steps: Vec<ConfChangeStep>,
     /// Opaque application data carried in the log with the joint configuration.
     pub context: Bytes,
@@ -77,22 +82,31 @@ pub struct ConfChange {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {
     #[error("the membership change has no steps")]
+    /// A change with nothing in it.
     EmptyChange,
     #[error("node id 0 is reserved and cannot be a member")]
+    /// Id 0 means "nobody".
     ReservedNodeId,
     #[error("node {0} appears more than once in the membership change")]
+    /// One node named by two steps.
     DuplicateNode(NodeId),
     #[error("node {0} is already a member")]
+    /// Adding a member twice.
     AlreadyMember(NodeId),
     #[error("node {0} is not a member")]
+    /// Removing, promoting or handing over to a node that is not a member.
     UnknownMember(NodeId),
     #[error("node {0} is not a learner, so it cannot be promoted")]
+    /// Promoting a voter.
     NotALearner(NodeId),
     #[error("the change would leave the cluster without voters")]
+    /// Removing the last voter.
     NoVotersLeft,
     #[error("node {0} is both a voter and a learner")]
+    /// A node in both roles.
     VoterAndLearner(NodeId),
     #[error("the configuration is joint; a change can only start from a simple configuration")]
+    /// A change started during another.
     AlreadyJoint,
 }
 
@@ -105,6 +119,7 @@ impl Membership {
         }
     }
 
+    /// True during a joint consensus change (§6): decisions need majorities of both halves.
     pub fn is_joint(&self) -> bool {
         !self.voters_outgoing.is_empty()
     }
@@ -114,6 +129,7 @@ impl Membership {
         self.voters.contains(&id) || self.voters_outgoing.contains(&id)
     }
 
+    /// True if `id` replicates the log without voting.
     pub fn is_learner(&self, id: NodeId) -> bool {
         self.learners.contains(&id)
     }

@@ -11,34 +11,45 @@ use crate::types::{Entry, EntryId, Index, NodeId, Term};
 /// the leader lease documented in `RaftNode::step`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
+    /// The sender.
     pub from: NodeId,
+    /// The receiver.
     pub to: NodeId,
+    /// The sender's term (for a pre-vote, the term it would campaign in).
     pub term: Term,
+    /// What the message says.
     pub body: MessageBody,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// The RPC a message carries.
 pub enum MessageBody {
     /// RequestVote (§5.2), or its pre-vote probe (thesis §9.6).
     Vote(VoteRequest),
+    /// The answer to a vote or pre-vote.
     VoteResponse(VoteResponse),
     /// AppendEntries with at least one entry, or a probe with none (§5.3).
     Append(AppendRequest),
+    /// The answer to an append.
     AppendResponse(AppendResponse),
     /// The leader's heartbeat; also confirms leadership for ReadIndex (thesis §6.4).
     Heartbeat(Heartbeat),
+    /// The answer to a heartbeat.
     HeartbeatResponse(HeartbeatResponse),
     /// One chunk of InstallSnapshot (§7, Figure 13).
     Snapshot(SnapshotChunkMessage),
+    /// The answer to a snapshot chunk.
     SnapshotResponse(SnapshotResponse),
     /// A follower asks the leader for a read index on behalf of a client (thesis §6.4).
     ReadIndex(ReadIndexRequest),
+    /// The leader's answer to a follower's read index request.
     ReadIndexResponse(ReadIndexResponse),
     /// The leader tells a caught-up transfer target to start an election now (thesis §3.10).
     TimeoutNow,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A vote or pre-vote request (§5.2, thesis §9.6).
 pub struct VoteRequest {
     /// A pre-vote asks "would you vote for me?" without anyone changing term. For a pre-vote
     /// the message term is the term the candidate would campaign in.
@@ -51,32 +62,47 @@ pub struct VoteRequest {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A vote or pre-vote answer.
 pub struct VoteResponse {
+    /// Answers a pre-vote.
     pub pre_vote: bool,
+    /// True if the vote is given (for a pre-vote: would be).
     pub granted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// AppendEntries (§5.3).
 pub struct AppendRequest {
     /// The entry immediately before `entries`, which the follower must hold (consistency check).
     pub prev: EntryId,
+    /// The entries to append after `prev` (none for a probe).
     pub entries: Vec<Entry>,
     /// The leader's commit index.
     pub commit: Index,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The answer to an append.
 pub enum AppendResponse {
     /// The follower's log now matches the leader's up to `match_index`, durably.
-    Accepted { match_index: Index },
+    Accepted {
+        /// The last index the follower's log matches.
+        match_index: Index,
+    },
     /// The consistency check failed at `rejected_prev`. `hint` is the follower's last entry at
     /// or below that index whose term is at most the rejected term: the leader can skip every
     /// index between the hint and the rejected one, which takes one round trip per term rather
     /// than per entry.
-    Rejected { rejected_prev: Index, hint: EntryId },
+    Rejected {
+        /// The `prev` index the check failed at.
+        rejected_prev: Index,
+        /// Where the leader may try next.
+        hint: EntryId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The leader's heartbeat (§5.2).
 pub struct Heartbeat {
     /// The leader's commit index capped at what the follower is known to hold, so a follower
     /// never learns a commit index beyond its own matching log.
@@ -86,16 +112,22 @@ pub struct Heartbeat {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The answer to a heartbeat.
 pub struct HeartbeatResponse {
+    /// The heartbeat's read round, echoed.
     pub read_round: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// One chunk of InstallSnapshot (§7, Figure 13).
 pub struct SnapshotChunkMessage {
+    /// The snapshot's metadata.
     pub meta: SnapshotMeta,
     /// The size of the whole snapshot.
     pub data_bytes: u64,
+    /// Where this chunk starts in the snapshot.
     pub offset: u64,
+    /// The chunk's bytes.
     pub data: Bytes,
 }
 
@@ -107,15 +139,18 @@ impl SnapshotChunkMessage {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The answer to a snapshot chunk.
 pub struct SnapshotResponse {
     /// The snapshot the response is about.
     pub snapshot: EntryId,
     /// Every byte before this offset is durably received.
     pub next_offset: u64,
+    /// What the follower did with the chunk.
     pub status: SnapshotStatus,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a follower did with a snapshot chunk.
 pub enum SnapshotStatus {
     /// The chunk was stored; the leader may send more.
     Received,
@@ -127,13 +162,16 @@ pub enum SnapshotStatus {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A follower's request for a read index (thesis §6.4).
 pub struct ReadIndexRequest {
     /// Chosen by the follower's caller, echoed back.
     pub context: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The leader's read index for a follower.
 pub struct ReadIndexResponse {
+    /// The request's context, echoed.
     pub context: u64,
     /// The read index, or `None` if the leader could not serve the read (it is no longer leader,
     /// or its read queue is full).

@@ -43,6 +43,7 @@ pub type PersistId = u64;
 /// Writes for stable storage, to be applied in field order and acknowledged once durable.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PersistBatch {
+    /// Acknowledge with this id once the batch is durable.
     pub id: PersistId,
     /// Step 1: chunks of a snapshot being received from the leader, to be stored at their
     /// offsets in a staging area. A chunk at offset 0 starts a new staging area, discarding any
@@ -63,6 +64,7 @@ pub struct PersistBatch {
 }
 
 impl PersistBatch {
+    /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.snapshot_chunks.is_empty()
             && self.snapshot_install.is_none()
@@ -75,15 +77,20 @@ impl PersistBatch {
 /// A piece of a snapshot received from the leader.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotChunk {
+    /// The snapshot's metadata.
     pub meta: SnapshotMeta,
+    /// The size of the whole snapshot.
     pub data_bytes: u64,
+    /// Where this chunk starts.
     pub offset: u64,
+    /// The chunk's bytes.
     pub data: Bytes,
 }
 
 /// Make the staged snapshot current.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInstall {
+    /// The snapshot to make current.
     pub meta: SnapshotMeta,
     /// The log keeps only the stored entries in `(meta.last.index, keep_through]`; everything
     /// else is discarded. When the follower's log agrees with the snapshot's last entry, the
@@ -117,7 +124,9 @@ impl Apply {
 /// A linearizable read that may now be served from the local state machine (thesis §6.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadState {
+    /// The context the read was asked with.
     pub context: u64,
+    /// Serve the read once the state machine has applied this index.
     pub index: Index,
 }
 
@@ -134,9 +143,13 @@ pub enum ReadFailure {
 /// The node's role, for transcripts, metrics and routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
+    /// Follows a leader, or waits for one.
     Follower,
+    /// Asks whether it could win before starting an election (pre-vote, thesis §9.6).
     PreCandidate,
+    /// Campaigns for votes in a new term (§5.2).
     Candidate,
+    /// Leads its term: appends, replicates, commits.
     Leader,
 }
 
@@ -155,7 +168,9 @@ impl std::fmt::Display for Role {
 /// The role, term and known leader, reported whenever one of them changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RoleState {
+    /// The role.
     pub role: Role,
+    /// The current term.
     pub term: Term,
     /// The leader of `term` as far as this node knows, or `NODE_NONE`.
     pub leader: NodeId,
@@ -164,9 +179,13 @@ pub struct RoleState {
 /// Everything the caller must do, per the contract in the module documentation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Output {
+    /// 1. Write, make durable, acknowledge with `on_persisted`.
     pub persist: Option<PersistBatch>,
+    /// 2. Send, at once.
     pub messages: Vec<Message>,
+    /// 3. Apply in order, report with `on_applied`.
     pub apply: Vec<Apply>,
+    /// 4. Serve these reads once applied this far.
     pub reads: Vec<ReadState>,
     /// Reads this node accepted but can no longer serve, by context.
     pub reads_failed: Vec<(u64, ReadFailure)>,
@@ -182,6 +201,7 @@ pub struct Output {
 }
 
 impl Output {
+    /// Nothing to do.
     pub fn is_empty(&self) -> bool {
         self.persist.is_none()
             && self.messages.is_empty()

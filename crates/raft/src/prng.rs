@@ -2,15 +2,18 @@
 //! it is seeded through the config so that a run is reproducible bit for bit.
 
 #[derive(Clone, Debug)]
+/// SplitMix64: small, fast, and the same sequence on every platform.
 pub struct Prng {
     state: u64,
 }
 
 impl Prng {
+    /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
     }
 
+    /// The next number.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;

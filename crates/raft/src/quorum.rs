@@ -9,8 +9,11 @@ use crate::types::{Index, NodeId};
 /// The outcome of an election so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VoteResult {
+    /// A majority (of both halves, when joint) granted.
     Won,
+    /// A majority (of either half) refused: no win is possible.
     Lost,
+    /// Neither yet.
     Pending,
 }
 

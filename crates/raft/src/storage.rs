@@ -24,13 +24,16 @@ pub struct SnapshotMeta {
 /// A snapshot as storage holds it: its metadata and the size of its data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
+    /// Its metadata.
     pub meta: SnapshotMeta,
+    /// The size of its data.
     pub data_bytes: u64,
 }
 
 /// Everything a node reads at start-up to resume where it stopped.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InitialState {
+    /// The term, vote and commit index last persisted.
     pub hard_state: HardState,
     /// The newest snapshot, if the log was ever compacted or a snapshot was installed.
     pub snapshot: Option<SnapshotInfo>,
@@ -45,13 +48,28 @@ pub struct InitialState {
 pub enum StorageError {
     /// The entry was discarded by compaction; the reader should use the snapshot.
     #[error("index {index} is compacted (the log starts at {first_index})")]
-    Compacted { index: Index, first_index: Index },
+    Compacted {
+        /// The index asked for.
+        index: Index,
+        /// The first index the log still holds.
+        first_index: Index,
+    },
     /// The entry is past the end of the log.
     #[error("index {index} is past the last index {last_index}")]
-    Unavailable { index: Index, last_index: Index },
+    Unavailable {
+        /// The index asked for.
+        index: Index,
+        /// The last index the log holds.
+        last_index: Index,
+    },
     /// The snapshot asked for was replaced by a newer one.
     #[error("snapshot {asked} is gone (the current snapshot is {current})")]
-    SnapshotGone { asked: EntryId, current: EntryId },
+    SnapshotGone {
+        /// The snapshot asked for.
+        asked: EntryId,
+        /// The snapshot storage holds now.
+        current: EntryId,
+    },
     /// The storage itself failed. Fatal for the node: it stops rather than act on a guess.
     #[error("storage failure: {0}")]
     Io(String),

@@ -23,11 +23,14 @@ pub type Index = u64;
 /// which is exactly the "at least as up to date" order of the election restriction (§5.4.1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId {
+    /// The term of the leader that created the entry.
     pub term: Term,
+    /// The entry's position in the log.
     pub index: Index,
 }
 
 impl EntryId {
+    /// The entry at `index` created in `term`.
     pub const fn new(term: Term, index: Index) -> Self {
         Self { term, index }
     }
@@ -42,8 +45,11 @@ impl std::fmt::Display for EntryId {
 /// One entry of the replicated log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// The term of the leader that created it.
     pub term: Term,
+    /// Its position in the log.
     pub index: Index,
+    /// What it carries.
     pub payload: EntryPayload,
 }
 
@@ -60,6 +66,7 @@ pub enum EntryPayload {
 }
 
 impl Entry {
+    /// Its (term, index).
     pub fn id(&self) -> EntryId {
         EntryId::new(self.term, self.index)
     }

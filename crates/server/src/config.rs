@@ -5,6 +5,8 @@
 //! Precedence, lowest first: built-in defaults < the config file < environment variables <
 //! command-line flags. (etcd differs: with `--config-file` it ignores flags and environment
 //! entirely.)
+// The flags' doc comments are their --help texts, where `<name>` is plain text.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

@@ -45,7 +45,7 @@ pub fn participant_key(prefix: &[u8], lease: i64) -> Bytes {
     key.freeze()
 }
 
-/// A key queued (or found queued) by [`ClientServices::queue_key`].
+/// A key queued (or found queued) by `ClientServices::queue_key`.
 #[derive(Debug)]
 pub struct Queued {
     /// The key's create revision: its place in the queue.
@@ -94,7 +94,7 @@ impl ClientServices {
             .ok_or_else(|| Status::internal("the queued key vanished within its own transaction"))
     }
 
-    /// [`ClientServices::queue_key`] for a caller that is about to wait for its turn: the key
+    /// `ClientServices::queue_key` for a caller that is about to wait for its turn: the key
     /// comes with its [`Withdrawal`]. If the caller gives up while the queuing transaction is
     /// still under way, the transaction completes on its own task and the key is withdrawn
     /// then, so a cancelled caller never leaves a key that blocks the queue until its lease
@@ -291,7 +291,7 @@ fn first_created_request(prefix: &Bytes) -> RangeRequest {
     }
 }
 
-/// What a [`ClientServices::queue_key`] transaction created or found.
+/// What a `ClientServices::queue_key` transaction created or found.
 fn queued(response: TxnResponse) -> Option<Queued> {
     if response.succeeded {
         return Some(Queued {

@@ -3,9 +3,8 @@
 //! Turns the pure Raft core (`flotilla-raft`), the durable log and the MVCC state machine
 //! (`flotilla-kv`) into a networked member that speaks the etcd v3 gRPC API.
 //!
-//! - [`driver`]: the sans-I/O decisions (what to do with the core's output, which waiting
-//!   client gets which answer); [`node`]: the tokio shell around it (raft task, WAL thread
-//!   with group commit, apply thread).
+//! - [`node`]: the member's node, `flotilla-runtime`'s (the driver and its tokio shell: raft
+//!   task, WAL thread with group commit, apply thread) over the member's state machine.
 //! - [`transport`] and [`peer_service`]: the peer protocol (batched Raft streams, a separate
 //!   snapshot stream, forwarding, cluster info).
 //! - [`services`] and [`frontend`]: the etcd client API; any member serves any request.

@@ -258,10 +258,12 @@ impl<S: LogStorage> RaftNode<S> {
 
     // ----- Accessors -------------------------------------------------------------------------
 
+    /// This node's id.
     pub fn id(&self) -> NodeId {
         self.config.id
     }
 
+    /// The configuration it was created with.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -271,6 +273,7 @@ impl<S: LogStorage> RaftNode<S> {
         self.ticks
     }
 
+    /// The current term (§5.1).
     pub fn term(&self) -> Term {
         self.term
     }
@@ -286,14 +289,17 @@ impl<S: LogStorage> RaftNode<S> {
         self.election_timeout_randomized_ticks
     }
 
+    /// Whom this node voted for in the current term, or `NODE_NONE`.
     pub fn vote(&self) -> NodeId {
         self.vote
     }
 
+    /// Follower, pre-candidate, candidate or leader.
     pub fn role(&self) -> Role {
         self.role.role()
     }
 
+    /// True if this node is the leader of its term.
     pub fn is_leader(&self) -> bool {
         matches!(self.role, RoleData::Leader(_))
     }
@@ -303,10 +309,12 @@ impl<S: LogStorage> RaftNode<S> {
         (self.leader != NODE_NONE).then_some(self.leader)
     }
 
+    /// The highest index known to be committed (§5.3).
     pub fn committed(&self) -> Index {
         self.log.committed()
     }
 
+    /// The highest index the caller reported applied.
     pub fn applied(&self) -> Index {
         self.log.applied()
     }
@@ -316,10 +324,12 @@ impl<S: LogStorage> RaftNode<S> {
         self.log.persisted()
     }
 
+    /// The last entry of the log (memory and storage).
     pub fn last_id(&self) -> EntryId {
         self.log.last_id()
     }
 
+    /// The first index the log holds (after the compaction point).
     pub fn first_index(&self) -> Index {
         self.log.first_index()
     }
@@ -348,6 +358,7 @@ impl<S: LogStorage> RaftNode<S> {
         Ok(self.log.entries(low, high, bytes_max)?)
     }
 
+    /// The storage the node reads.
     pub fn storage(&self) -> &S {
         &self.log.storage
     }

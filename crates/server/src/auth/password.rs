@@ -1,4 +1,4 @@
-//! Passwords are stored as etcd stores them: bcrypt hashes ("$2a$<cost>$..."), so a store
+//! Passwords are stored as etcd stores them: bcrypt hashes (`$2a$<cost>$...`), so a store
 //! moved between etcd and Flotilla keeps working logins. Hashing and checking are slow by
 //! design (about 50 ms at the default cost): callers run them off the async runtime.
 
