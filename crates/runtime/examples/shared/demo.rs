@@ -30,6 +30,24 @@ impl Drop for Members {
 }
 
 impl Members {
+    fn start(
+        &mut self,
+        exe: &std::path::Path,
+        id: u64,
+        peers: &[SocketAddr],
+        clients: &[SocketAddr],
+    ) -> Result<(), String> {
+        let child = Command::new(exe)
+            .args(["member", "--id", &id.to_string()])
+            .args(["--peers", &list(peers), "--clients", &list(clients)])
+            .arg("--data-dir")
+            .arg(self.data_dir.join(id.to_string()))
+            .spawn()
+            .map_err(|e| format!("cannot start member {id}: {e}"))?;
+        self.children.push((id, child));
+        Ok(())
+    }
+
     fn kill(&mut self, id: u64) {
         let position = self.children.iter().position(|(i, _)| *i == id);
         let (_, mut child) = self.children.remove(position.expect("a running member"));
@@ -115,14 +133,7 @@ pub fn run() -> Result<(), String> {
         data_dir: data_dir.clone(),
     };
     for id in 1..=MEMBERS {
-        let child = Command::new(&exe)
-            .args(["member", "--id", &id.to_string()])
-            .args(["--peers", &list(&peers), "--clients", &list(&clients)])
-            .arg("--data-dir")
-            .arg(data_dir.join(id.to_string()))
-            .spawn()
-            .map_err(|e| format!("cannot start member {id}: {e}"))?;
-        members.children.push((id, child));
+        members.start(&exe, id, &peers, &clients)?;
         println!(
             "started member {id}: raft {}, clients {}",
             peers[id as usize - 1],
@@ -176,5 +187,30 @@ pub fn run() -> Result<(), String> {
         "both survivors read all {} writes, linearizably: nothing was lost",
         2 * KEYS_PER_PHASE
     );
+
+    // The killed member comes back from its own write-ahead log and catches up on what it
+    // missed; a linearizable read on it waits until it has.
+    members.start(&exe, leader, &peers, &clients)?;
+    let restarted = clients[leader as usize - 1];
+    let deadline = Instant::now() + WRITE_DEADLINE;
+    let last = format!("get key{}", 2 * KEYS_PER_PHASE - 1);
+    loop {
+        match request(restarted, &last) {
+            Ok(answer) if answer == format!("value value{}", 2 * KEYS_PER_PHASE - 1) => break,
+            answer if Instant::now() > deadline => {
+                return Err(format!("the restarted member answered {answer:?}"));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)), // still starting
+        }
+    }
+    for i in 0..2 * KEYS_PER_PHASE {
+        let answer = request(restarted, &format!("get key{i}"))?;
+        if answer != format!("value value{i}") {
+            return Err(format!(
+                "the restarted member answered {answer:?} for key{i}"
+            ));
+        }
+    }
+    println!("member {leader}, restarted from its log, caught up and reads all of them too");
     Ok(())
 }
