@@ -60,7 +60,7 @@ mutants() {
         'self.next_revision = self.next_revision.max(revision);' \
         'self.next_revision = self.next_revision.max(revision + 1);' \
         --seeds 300
-    mutant driver-acknowledges-another-entry crates/server/src/driver.rs \
+    mutant driver-acknowledges-another-entry crates/runtime/src/driver.rs \
         'Apply::Entry(applied) if proposed_index == index && applied.term == term => {' \
         'Apply::Entry(_) if proposed_index == index => {' \
         --seeds 300
