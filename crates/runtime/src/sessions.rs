@@ -282,6 +282,15 @@ where
         self.inner.applied_index()
     }
 
+    fn origin(output: &Self::Output) -> Option<crate::state_machine::Origin> {
+        match output {
+            SessionReply::Applied(inner)
+            | SessionReply::Repeated(inner)
+            | SessionReply::NotACommand(inner) => S::origin(inner),
+            _ => None,
+        }
+    }
+
     fn apply(&mut self, entry: &Entry) -> Self::Output {
         let EntryPayload::Command(data) = &entry.payload else {
             return SessionReply::NotACommand(self.inner.apply(entry));
