@@ -1,6 +1,8 @@
 mod common;
 
+use bytes::Bytes;
 use common::*;
+use flotilla_raft::{ConfChange, ConfChangeStep, MemStorage, Membership};
 
 #[test]
 fn three_nodes_elect_replicate_and_commit() {
@@ -47,4 +49,33 @@ fn a_forwarded_read_whose_request_is_lost_times_out() {
         net.reads[&2].iter().map(|r| r.context).collect::<Vec<_>>(),
         vec![8]
     );
+}
+
+/// A member added while it cannot be reached (its process not started yet, its address not
+/// known) loses the leader's first probe. Once it can be reached it must catch up at the next
+/// heartbeat response, even if nothing new is written: the leader does not know where its
+/// log ends, and that is reason enough to probe again.
+#[test]
+fn a_member_added_before_it_is_reachable_catches_up_on_an_idle_cluster() {
+    let mut net = Network::new(&[1, 2, 3], config);
+    net.campaign(1);
+    net.propose(1, "a");
+    net.propose(1, "b");
+    let change = ConfChange {
+        steps: vec![ConfChangeStep::AddLearner(4)],
+        context: Bytes::new(),
+    };
+    net.node(1).propose_membership(change).unwrap();
+    // Node 4 is not in the network yet: everything sent to it is lost, and the transport
+    // says so, as a real one does when it cannot connect.
+    net.tick_all(3);
+    net.node(1).report_unreachable(4);
+    net.tick_all(1);
+    net.node(1).report_unreachable(4);
+    let storage = MemStorage::new_with_membership(Membership::default());
+    net.nodes.insert(4, new_node(config(4), storage));
+    net.tick_all(3);
+    let leader_last = net.node(1).last_id();
+    assert_eq!(net.node(4).last_id(), leader_last, "the learner caught up");
+    assert_eq!(net.node(4).committed(), net.node(1).committed());
 }

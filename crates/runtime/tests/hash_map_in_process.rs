@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_runtime::{
     Config, DurableStorage, LocalNetwork, MemDurable, Membership, NoMetrics, NodeError, NodeHandle,
-    NodeId, NodeOptions, NodeParts, Refusal, RunningNode, raft::MemStorage,
+    NodeId, NodeOptions, NodeParts, Refusal, Role, RunningNode, raft::MemStorage,
 };
 use hash_map::{Command, HashMap, Outcome};
 use tokio::sync::watch;
@@ -31,16 +31,29 @@ struct Member {
 
 impl Member {
     fn start(network: &LocalNetwork, id: NodeId) -> Member {
-        let storage: Arc<dyn DurableStorage> = Arc::new(MemDurable::new(
-            MemStorage::new_with_membership(Membership::with_voters(VOTERS)),
-        ));
+        let mut raft = Config::new(id);
+        // Keep few entries behind a snapshot, so that a member far behind needs the snapshot.
+        raft.snapshot_trailing_entries = 10;
+        Member::start_with(network, id, Membership::with_voters(VOTERS), raft)
+    }
+
+    /// A member whose storage starts with `membership`: the cluster's voters for a founding
+    /// member, none for one the cluster will add (it waits to hear from the leader).
+    fn start_with(
+        network: &LocalNetwork,
+        id: NodeId,
+        membership: Membership,
+        raft: Config,
+    ) -> Member {
+        let storage: Arc<dyn DurableStorage> =
+            Arc::new(MemDurable::new(MemStorage::new_with_membership(membership)));
         let joined = network.join(id);
         let (stop, shutdown) = watch::channel(false);
         let options = NodeOptions {
             // Elections in 100-200 ms: the test is quick, and still far from the scheduler's
             // granularity.
             tick: Duration::from_millis(10),
-            ..NodeOptions::new(Config::new(id))
+            ..NodeOptions::new(raft)
         };
         let running = flotilla_runtime::start(NodeParts {
             options,
@@ -303,5 +316,99 @@ async fn bad_requests_are_refused_with_what_was_wrong() {
     put(leader, "after", "ok")
         .await
         .expect("the cluster goes on");
+    stop_all(members).await;
+}
+
+/// Membership and leadership through the handle: a fourth member joins as a learner, catches
+/// up from a snapshot (the log before it was compacted), is promoted, and takes leadership by
+/// a transfer; then a founding member is removed, and the majority is counted without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_by_snapshot_is_promoted_and_takes_over() {
+    use flotilla_runtime::raft::{ConfChange, ConfChangeStep, SnapshotPolicy};
+
+    let change = |step| ConfChange {
+        steps: vec![step],
+        context: Default::default(),
+    };
+    let deadline = || Instant::now() + DEADLINE;
+    let network = LocalNetwork::new();
+    let mut members = start_cluster(&network);
+    let all: Vec<&Member> = members.iter().collect();
+    let leader = member(&all, leader_among(&all, None).await)
+        .handle()
+        .clone();
+    for i in 0..100 {
+        put(&leader, &format!("k{i}"), "before").await.unwrap();
+    }
+    // A snapshot now, and the log compacted behind it: the new member can only catch up from
+    // the snapshot.
+    leader.save_snapshot().await.unwrap();
+    let saved = leader.wait_for(deadline(), |s| s.snapshot_index > 0).await;
+    assert!(saved.is_some(), "the leader saved no snapshot");
+
+    // Added before it runs: the leader's first messages to it are lost, as when a member is
+    // added before its process starts.
+    leader
+        .propose_membership(change(ConfChangeStep::AddLearner(4)), deadline())
+        .await
+        .expect("add a learner");
+    let mut raft = Config::new(4);
+    raft.snapshot_policy = SnapshotPolicy {
+        entries_max: 1_000,
+        bytes_max: 1 << 20,
+    };
+    members.push(Member::start_with(&network, 4, Membership::default(), raft));
+    let joined = members[3].handle().clone();
+    let learner = joined
+        .wait_for(deadline(), |s| s.is_learner && s.applied >= 100)
+        .await;
+    assert!(
+        learner.is_some(),
+        "the learner never caught up: {:?}",
+        joined.status()
+    );
+    assert!(
+        joined.status().snapshot_index > 0,
+        "it caught up from a snapshot"
+    );
+
+    leader
+        .propose_membership(change(ConfChangeStep::Promote(4)), deadline())
+        .await
+        .expect("promote the learner");
+    let target = leader
+        .transfer_leader(Some(4), Vec::new(), deadline())
+        .await
+        .expect("hand leadership to member 4");
+    assert_eq!(target, 4);
+    let led = joined
+        .wait_for(deadline(), |s| s.role == Role::Leader)
+        .await;
+    assert!(led.is_some(), "member 4 never took over");
+    assert_eq!(
+        put(&joined, "k0", "after").await.unwrap(),
+        Outcome::Done {
+            previous: Some("before".into())
+        }
+    );
+
+    // A founding member is removed. Then it and another founding member stop: the two left
+    // are a majority of the three voters after the removal (they would not be of the four
+    // before it), so writes go on.
+    let removed = leader.id();
+    joined
+        .propose_membership(change(ConfChangeStep::Remove(removed)), deadline())
+        .await
+        .expect("remove a member");
+    let other = VOTERS.into_iter().find(|&id| id != removed).unwrap();
+    for id in [removed, other] {
+        let position = members.iter().position(|m| m.handle().id() == id).unwrap();
+        members.remove(position).stop().await;
+    }
+    let outcome = put(&joined, "k1", "after").await;
+    assert!(
+        outcome.is_ok(),
+        "no majority after the removal: {outcome:?}"
+    );
     stop_all(members).await;
 }

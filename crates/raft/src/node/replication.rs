@@ -230,7 +230,13 @@ impl<S: LogStorage> RaftNode<S> {
             }
             let committed = self.log.committed();
             let next_index = pr.next_index;
-            let has_news = next_index <= self.log.last_index() || pr.commit_sent < committed;
+            // A probing leader does not know where the follower's log ends until a probe is
+            // answered: that alone is news. Without it, a probe lost to a member not yet
+            // reachable (just added, or its address unknown) was never sent again on an idle
+            // cluster, and the member never caught up.
+            let unconfirmed = pr.state == ProgressState::Probe && pr.match_index + 1 < next_index;
+            let has_news =
+                next_index <= self.log.last_index() || pr.commit_sent < committed || unconfirmed;
             if !has_news {
                 return Ok(());
             }
