@@ -349,6 +349,23 @@ fn bad(why: impl Into<String>) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, why.into())
 }
 
+/// Runs a control for the page: checks the header only the page sends, runs `action`, and
+/// tells the pages what it did if it succeeded.
+async fn control(
+    ui: &Ui,
+    headers: &HeaderMap,
+    action: impl std::future::Future<Output = Control>,
+) -> Response {
+    let result = match check_origin(headers) {
+        Ok(()) => action.await,
+        Err(refused) => Err(refused),
+    };
+    if let Ok(text) = &result {
+        ui.note(text);
+    }
+    answer(result)
+}
+
 /// Acts on a member's process with `act`, then tells the pages.
 fn process_control(
     ui: &Ui,
@@ -402,8 +419,7 @@ async fn resume(
 
 /// Puts a key through the first member that takes it (any member forwards to the leader).
 async fn put(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(q): Query<PutQuery>) -> Response {
-    let result = async {
-        check_origin(&headers)?;
+    control(&ui, &headers, async {
         if q.key.is_empty() {
             return Err(bad("the key is empty"));
         }
@@ -421,15 +437,14 @@ async fn put(State(ui): State<Arc<Ui>>, headers: HeaderMap, Query(q): Query<PutQ
                 Ok(response) => {
                     let revision = response.into_inner().header.map_or(0, |h| h.revision);
                     let text = format!("put {} through {name}: revision {revision}", q.key);
-                    ui.note(&text);
                     return Ok(text);
                 }
                 Err(status) => last_error = format!("{name}: {}", status.message()),
             }
         }
         Err((StatusCode::SERVICE_UNAVAILABLE, last_error))
-    };
-    answer(result.await)
+    })
+    .await
 }
 
 /// Asks the leader (as the views say) to hand leadership to `to`.
@@ -438,8 +453,7 @@ async fn transfer(
     headers: HeaderMap,
     Query(q): Query<TransferQuery>,
 ) -> Response {
-    let result = async {
-        check_origin(&headers)?;
+    control(&ui, &headers, async {
         let target = member_id(&ui, &q.to)?;
         let leader = ui
             .latest()
@@ -459,10 +473,9 @@ async fn transfer(
             .await
             .map_err(unavailable)?;
         let text = format!("leadership handed from {leader} to {}", q.to);
-        ui.note(&text);
         Ok(text)
-    };
-    answer(result.await)
+    })
+    .await
 }
 
 /// Cuts a member off from all the others (every member drops the messages between them).
@@ -550,8 +563,7 @@ fn member_id(ui: &Ui, name: &str) -> Result<u64, (StatusCode, String)> {
 /// Adds the next member as a learner (MemberAdd), then starts it to join (§6; a learner
 /// receives the log without voting until it is promoted).
 async fn add_learner(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response {
-    let result = async {
-        check_origin(&headers)?;
+    control(&ui, &headers, async {
         let mut members = cluster_client(&ui, "")?;
         let added = ui
             .cluster
@@ -574,10 +586,9 @@ async fn add_learner(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response 
         tokio::spawn(follow_member(ui.clone(), added.clone()));
         ui.publish_process(&added);
         let text = format!("{added} added as a learner, and started");
-        ui.note(&text);
         Ok(text)
-    };
-    answer(result.await)
+    })
+    .await
 }
 
 /// Promotes a learner to a voter (etcd refuses it until the learner has caught up).
@@ -586,18 +597,16 @@ async fn promote(
     headers: HeaderMap,
     Query(q): Query<MemberQuery>,
 ) -> Response {
-    let result = async {
-        check_origin(&headers)?;
+    control(&ui, &headers, async {
         let id = member_id(&ui, &q.member)?;
         cluster_client(&ui, "")?
             .member_promote(member_call(MemberPromoteRequest { id }))
             .await
             .map_err(unavailable)?;
         let text = format!("{} promoted to a voter", q.member);
-        ui.note(&text);
         Ok(text)
-    };
-    answer(result.await)
+    })
+    .await
 }
 
 /// Removes a member from the cluster (MemberRemove through another member); it stops itself.
@@ -606,8 +615,7 @@ async fn remove(
     headers: HeaderMap,
     Query(q): Query<MemberQuery>,
 ) -> Response {
-    let result = async {
-        check_origin(&headers)?;
+    control(&ui, &headers, async {
         let id = member_id(&ui, &q.member)?;
         cluster_client(&ui, &q.member)?
             .member_remove(member_call(MemberRemoveRequest { id }))
@@ -616,8 +624,7 @@ async fn remove(
         ui.cluster.mark_removed(&q.member);
         ui.publish_process(&q.member);
         let text = format!("{} removed from the cluster", q.member);
-        ui.note(&text);
         Ok(text)
-    };
-    answer(result.await)
+    })
+    .await
 }

@@ -10,6 +10,7 @@ mod hash_map;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use flotilla_runtime::raft::{ConfChange, ConfChangeStep};
 use flotilla_runtime::{
     Config, DurableStorage, LocalNetwork, MemDurable, Membership, NoMetrics, NodeError, NodeHandle,
     NodeId, NodeOptions, NodeParts, Refusal, Role, RunningNode, raft::MemStorage,
@@ -20,6 +21,18 @@ use tokio::sync::watch;
 /// Long enough for any election here; a test that needs it has failed.
 const DEADLINE: Duration = Duration::from_secs(20);
 const VOTERS: [NodeId; 3] = [1, 2, 3];
+
+fn deadline() -> Instant {
+    Instant::now() + DEADLINE
+}
+
+/// A membership change of one step.
+fn change(step: ConfChangeStep) -> ConfChange {
+    ConfChange {
+        steps: vec![step],
+        context: Default::default(),
+    }
+}
 
 type Handle = NodeHandle<HashMap, NoMetrics>;
 
@@ -94,7 +107,7 @@ async fn stop_all(members: Vec<Member>) {
 
 /// Waits until some member other than `former` leads and the others follow it.
 async fn leader_among(members: &[&Member], former: Option<NodeId>) -> NodeId {
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = deadline();
     let first = members[0]
         .handle()
         .wait_for(deadline, |s| s.leader.is_some() && s.leader != former)
@@ -127,18 +140,13 @@ async fn put(handle: &Handle, key: &str, value: &str) -> Result<Outcome, NodeErr
         key: key.into(),
         value: value.into(),
     };
-    handle
-        .propose(command.encode(), Instant::now() + DEADLINE)
-        .await
+    handle.propose(command.encode(), deadline()).await
 }
 
 /// A linearizable read: the member confirms with a quorum that it may serve the read
 /// (ReadIndex), waits until it has applied that far, then reads its own table.
 async fn read(handle: &Handle, key: &str) -> Option<String> {
-    handle
-        .read_index(Instant::now() + DEADLINE)
-        .await
-        .expect("a read barrier");
+    handle.read_index(deadline()).await.expect("a read barrier");
     handle.state.read().unwrap().get(key).map(String::from)
 }
 
@@ -163,7 +171,7 @@ async fn three_members_agree_and_go_on_without_one() {
     // A malformed command is committed like any other and refused alike everywhere.
     let malformed = member(&all, leader)
         .handle()
-        .propose("get k0".into(), Instant::now() + DEADLINE)
+        .propose("get k0".into(), deadline())
         .await
         .unwrap();
     assert!(matches!(malformed, Outcome::Malformed(_)), "{malformed:?}");
@@ -232,7 +240,7 @@ async fn an_isolated_leader_commits_nothing() {
 
     network.heal();
     let rejoined = isolated
-        .wait_for(Instant::now() + DEADLINE, |s| s.leader == Some(new_leader))
+        .wait_for(deadline(), |s| s.leader == Some(new_leader))
         .await;
     assert!(
         rejoined.is_some(),
@@ -246,18 +254,12 @@ async fn an_isolated_leader_commits_nothing() {
 /// Bad requests get typed errors that say what was wrong, and the cluster goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_with_what_was_wrong() {
-    use flotilla_runtime::raft::{ConfChange, ConfChangeStep, Error, MembershipError};
-
-    let change = |step| ConfChange {
-        steps: vec![step],
-        context: Default::default(),
-    };
+    use flotilla_runtime::raft::{Error, MembershipError};
 
     let network = LocalNetwork::new();
     let members = start_cluster(&network);
     let all: Vec<&Member> = members.iter().collect();
     let leader = member(&all, leader_among(&all, None).await).handle();
-    let deadline = || Instant::now() + DEADLINE;
 
     let huge = Command::Put {
         key: "huge".into(),
@@ -324,13 +326,8 @@ async fn bad_requests_are_refused_with_what_was_wrong() {
 /// a transfer; then a founding member is removed, and the majority is counted without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_by_snapshot_is_promoted_and_takes_over() {
-    use flotilla_runtime::raft::{ConfChange, ConfChangeStep, SnapshotPolicy};
+    use flotilla_runtime::raft::SnapshotPolicy;
 
-    let change = |step| ConfChange {
-        steps: vec![step],
-        context: Default::default(),
-    };
-    let deadline = || Instant::now() + DEADLINE;
     let network = LocalNetwork::new();
     let mut members = start_cluster(&network);
     let all: Vec<&Member> = members.iter().collect();

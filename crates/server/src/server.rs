@@ -249,16 +249,16 @@ fn node_options(config: &ServerConfig, id: u64) -> NodeOptions {
         )
         .expect("the configuration checked that the lease outlasts the drift margin")
     });
+    // The runtime's bounds on the apply backlog and waiting proposals (etcd's order of
+    // magnitude); the rest from the configuration.
     NodeOptions {
-        raft,
         tick: config.heartbeat_interval,
-        apply_backlog_entries_max: 5_000,
-        proposals_max: 65_536,
         // Half of what a peer message may carry: room for the envelope and the batch.
         proposal_bytes_max: crate::transport::PEER_MESSAGE_BYTES_MAX / 2,
         lease_duration,
         slow_step: config.slow_step,
         raft_view: config.raft_view,
+        ..NodeOptions::new(raft)
     }
 }
 
