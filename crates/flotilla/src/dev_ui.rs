@@ -472,8 +472,7 @@ async fn transfer(
             .move_leader(member_call(MoveLeaderRequest { target_id: target }))
             .await
             .map_err(unavailable)?;
-        let text = format!("leadership handed from {leader} to {}", q.to);
-        Ok(text)
+        Ok(format!("leadership handed from {leader} to {}", q.to))
     })
     .await
 }
@@ -585,8 +584,7 @@ async fn add_learner(State(ui): State<Arc<Ui>>, headers: HeaderMap) -> Response 
             .send(("cluster".to_string(), cluster_event(&ui.cluster)));
         tokio::spawn(follow_member(ui.clone(), added.clone()));
         ui.publish_process(&added);
-        let text = format!("{added} added as a learner, and started");
-        Ok(text)
+        Ok(format!("{added} added as a learner, and started"))
     })
     .await
 }
@@ -603,8 +601,7 @@ async fn promote(
             .member_promote(member_call(MemberPromoteRequest { id }))
             .await
             .map_err(unavailable)?;
-        let text = format!("{} promoted to a voter", q.member);
-        Ok(text)
+        Ok(format!("{} promoted to a voter", q.member))
     })
     .await
 }
@@ -623,8 +620,7 @@ async fn remove(
             .map_err(unavailable)?;
         ui.cluster.mark_removed(&q.member);
         ui.publish_process(&q.member);
-        let text = format!("{} removed from the cluster", q.member);
-        Ok(text)
+        Ok(format!("{} removed from the cluster", q.member))
     })
     .await
 }
