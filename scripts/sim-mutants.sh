@@ -83,6 +83,16 @@ mutants() {
         'clear_checkpoint: self.checkpointed.get(&id).copied(),' \
         'clear_checkpoint: None,' \
         --seeds 300
+    mutant sessions-apply-a-repeat-again crates/runtime/src/sessions.rs \
+        'if sequence == session.sequence
+            && let Some(output) = &session.output' \
+        'if sequence == u64::MAX
+            && let Some(output) = &session.output' \
+        --seeds 300 --app hash-map
+    mutant sessions-snapshot-forgets-outputs crates/runtime/src/sessions.rs \
+        'if let Some(remembered) = &session.output {' \
+        'if let Some(remembered) = &None::<S::Output> {' \
+        --seeds 300 --app hash-map
     mutant watch-shared-read-from-its-start crates/server/src/watch/watcher.rs \
         'let events = self.spec.select(&batch.events[first..]);' \
         'let events = self.spec.select(&batch.events[first - first..]);' \

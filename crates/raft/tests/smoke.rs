@@ -79,3 +79,42 @@ fn a_member_added_before_it_is_reachable_catches_up_on_an_idle_cluster() {
     assert_eq!(net.node(4).last_id(), leader_last, "the learner caught up");
     assert_eq!(net.node(4).committed(), net.node(1).committed());
 }
+
+/// A member added later catches up from the leader's log, which does not hold the founders'
+/// configuration (it is in their storage). A snapshot it took of an index before the first
+/// configuration entry would carry a configuration without voters, and a founder installing it
+/// would conclude it had been removed (found by the simulator: a joiner became leader and sent
+/// such a snapshot). The core refuses that snapshot, and takes one once the index is past a
+/// configuration entry.
+#[test]
+fn a_joiner_takes_no_snapshot_of_a_configuration_it_never_saw() {
+    let mut net = Network::new(&[1, 2, 3], config);
+    net.campaign(1);
+    let before_change = net.propose(1, "a");
+    let change = ConfChange {
+        steps: vec![ConfChangeStep::AddLearner(4)],
+        context: Bytes::new(),
+    };
+    net.node(1).propose_membership(change).unwrap();
+    let storage = MemStorage::new_with_membership(Membership::default());
+    net.nodes.insert(4, new_node(config(4), storage));
+    net.tick_all(3);
+    let caught_up = net.node(1).committed();
+    assert_eq!(
+        net.node(4).applied(),
+        caught_up,
+        "the learner caught up and applied"
+    );
+    assert!(
+        matches!(
+            net.node(4).snapshot_meta(before_change.index),
+            Err(flotilla_raft::Error::InvalidSnapshot { .. })
+        ),
+        "a snapshot of an index whose configuration the joiner never saw"
+    );
+    let meta = net.node(4).snapshot_meta(caught_up).unwrap();
+    assert_eq!(meta.membership, net.node(1).membership().clone());
+    // A founder knows the configuration at every index.
+    let founder = net.node(2).snapshot_meta(before_change.index).unwrap();
+    assert_eq!(founder.membership.voters.len(), 3);
+}

@@ -52,6 +52,16 @@ pub enum Refusal {
     Refused(Error),
 }
 
+impl Refusal {
+    /// The leader to send the request to instead, if this refusal names one.
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        match self {
+            Refusal::NotLeader(leader) => *leader,
+            _ => None,
+        }
+    }
+}
+
 fn leader_name(leader: Option<NodeId>) -> String {
     leader.map_or_else(|| "not known".into(), |id| format!("{id:x}"))
 }

@@ -15,8 +15,8 @@ use bytes::Bytes;
 use flotilla_runtime::conformance::{state_machine, storage};
 use flotilla_runtime::raft::MemStorage;
 use flotilla_runtime::{
-    Entry, EntryPayload, Index, MemDurable, Membership, RememberedOutput, SessionClient, Sessions,
-    SmallStateMachine, StateMachine,
+    Entry, EntryPayload, Index, MemDurable, Membership, SessionClient, Sessions, SmallStateMachine,
+    StateMachine,
 };
 use flotilla_wal::{Fs, RealFs, SimFs, Wal, WalOptions};
 
@@ -101,22 +101,6 @@ fn hash_map_commands() -> Vec<Bytes> {
 #[test]
 fn the_hash_map_example_passes_the_state_machine_suite() {
     state_machine::run_suite(hash_map::HashMap::default, &hash_map_commands());
-}
-
-impl RememberedOutput for hash_map::Outcome {
-    fn encode(&self, out: &mut Vec<u8>) {
-        if let hash_map::Outcome::Done {
-            previous: Some(previous),
-        } = self
-        {
-            out.extend_from_slice(previous.as_bytes());
-        }
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let previous = (!bytes.is_empty()).then(|| String::from_utf8_lossy(bytes).into_owned());
-        Ok(hash_map::Outcome::Done { previous })
-    }
 }
 
 /// Sessions in front of the hash map, with registrations, repeats, stale and unknown

@@ -6,9 +6,10 @@
 //!   identical up to it. Checked by induction: every (index, term) is registered with the term
 //!   of the entry before it, and no log may disagree with the registry.
 //! - **Leader completeness**: a leader holds every entry committed before its term.
-//! - **State machine safety**: no two nodes apply different entries at one index (checked in
-//!   the simulation when entries are applied, with a digest of each result and of the whole
-//!   store; see `kv_checker`).
+//! - **State machine safety**: no two nodes apply different entries at one index, with
+//!   different effects, or hold different states at one index (checked in the simulation when
+//!   entries are applied, with a digest of each entry's effect, and of the whole state at
+//!   intervals and at every snapshot; see [`Checker::check_state`]).
 //! - Commit indexes never decrease (within one run of a node), and every entry a leader commits
 //!   is durable on a quorum of its configuration.
 
@@ -41,6 +42,8 @@ pub struct Checker {
     commit_terms: BTreeMap<Index, Term>,
     /// What was applied at each index.
     pub applied: BTreeMap<Index, AppliedRecord>,
+    /// The digest of the whole state at some indexes, as the first member there had it.
+    state_digests: BTreeMap<Index, u64>,
 }
 
 /// What the checker needs to see of one node.
@@ -52,6 +55,18 @@ pub struct NodeView<'a, S: LogStorage> {
 }
 
 impl Checker {
+    /// Compares a member's whole state at `index` with the first member's at that index.
+    pub fn check_state(&mut self, id: NodeId, index: Index, digest: u64) -> Result<(), Violation> {
+        let known = *self.state_digests.entry(index).or_insert(digest);
+        if known != digest {
+            return Err(format!(
+                "state machine safety: node {id}'s state at index {index} differs from another \
+                 member's at that index (digest {digest:016x}, expected {known:016x})"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn committed_max(&self) -> Option<EntryId> {
         self.committed
             .iter()

@@ -2,8 +2,8 @@
 //!
 //! - **Identical state**: every member's state machine answers and changes alike at every
 //!   index (a digest of each entry's effect), and its whole store is identical at every
-//!   sixteenth index and at every snapshot (the full store digest; every index would cost a
-//!   store encoding per entry per member).
+//!   sixteenth index and at every snapshot (the full store digest, compared by the
+//!   simulation's `Checker`; every index would cost a store encoding per entry per member).
 //! - **Exactly once**: every value a client writes is unique, so a value that appears in two
 //!   revisions was applied twice (a retry that the session should have answered from memory).
 //! - **Acknowledged means applied, at the revision reported**: a write a client was told
@@ -20,7 +20,7 @@ use flotilla_chaos::linearizability::check_register;
 use flotilla_kv::ApplyResult;
 use flotilla_proto::mvccpb::Event;
 use flotilla_proto::mvccpb::event::EventType;
-use flotilla_raft::{Index, NodeId};
+use flotilla_raft::Index;
 
 use crate::checker::Violation;
 use crate::simulation::is_watched;
@@ -34,8 +34,6 @@ const CONFIGURATIONS_MAX: usize = 2_000_000;
 
 #[derive(Debug, Default)]
 pub struct KvChecker {
-    /// The whole store's digest at some indexes (see [`FULL_DIGEST_EVERY`]).
-    store_digests: BTreeMap<Index, u64>,
     /// Every value put, with the revision that put it.
     written: BTreeMap<Vec<u8>, i64>,
     /// Every event on the watched keys, in revision order (without `prev_kv`, which the
@@ -46,18 +44,6 @@ pub struct KvChecker {
 }
 
 impl KvChecker {
-    /// Compares a member's whole store at `index` with the first member's at that index.
-    pub fn check_store(&mut self, id: NodeId, index: Index, digest: u64) -> Result<(), Violation> {
-        let known = *self.store_digests.entry(index).or_insert(digest);
-        if known != digest {
-            return Err(format!(
-                "state machine safety: node {id}'s store at index {index} differs from another \
-                 member's at that index (digest {digest:016x}, expected {known:016x})"
-            ));
-        }
-        Ok(())
-    }
-
     /// Learns the values a newly applied entry put (once per index, from the first member
     /// that applies it: every other member's effect digest is compared with it).
     pub fn record_writes(&mut self, index: Index, result: &ApplyResult) -> Result<(), Violation> {

@@ -1,15 +1,22 @@
 //! # flotilla-sim: the deterministic simulator
 //!
 //! Runs clusters of members as the server runs them (the real driver over the real Raft core,
-//! the real state machine and key-value store, the real WAL) on a simulated network and disk,
-//! with etcd-shaped client requests sent as Flotilla's client sends them, driven by one seed,
-//! with faults (message loss, duplication, delay and reordering; partitions of several shapes;
-//! crashes that lose unsynced writes; leadership transfers; membership churn) and checks the
-//! Raft safety properties after every step, then liveness once everything is healed. The same
-//! seed always produces the same run, down to the trace digest.
+//! an application's real state machine, the real WAL) on a simulated network and disk, with the
+//! application's client requests, driven by one seed, with faults (message loss, duplication,
+//! delay and reordering; partitions of several shapes; crashes that lose unsynced writes;
+//! leadership transfers; membership churn) and checks the Raft safety properties after every
+//! step, then liveness once everything is healed. The same seed always produces the same run,
+//! down to the trace digest.
+//!
+//! Two applications run on it: the etcd key-value store as `flotilla-server` runs it (the
+//! default), and the runtime's replicated hash map behind its client sessions (`--app
+//! hash-map`), which embedders of `flotilla-runtime` build on.
 
 pub mod checker;
 pub mod digest;
+/// The runtime's hash-map example, the very file its examples and tests build.
+#[path = "../../runtime/examples/shared/hash_map.rs"]
+pub mod hash_map_example;
 pub mod kv_checker;
 pub mod lease_checker;
 pub mod options;
@@ -18,16 +25,22 @@ pub mod storage;
 pub mod trace;
 pub mod workload;
 
-pub use options::{SimOptions, StorageKind};
-pub use simulation::{RunFailure, RunReport, Simulation};
+pub use options::{AppKind, SimOptions, StorageKind};
+pub use simulation::{Application, EtcdApp, HashMapApp, RunFailure, RunReport, Simulation};
 pub use storage::{MemDisk, SimStorage, WalDisk};
 
 /// Runs one seed, turning a panic inside the core (a failed assertion) into a failure too.
 pub fn run_seed(options: SimOptions) -> Result<RunReport, String> {
     let seed = options.seed;
-    let result = std::panic::catch_unwind(|| match options.storage {
-        StorageKind::Mem => Simulation::<MemDisk>::new(options).run(),
-        StorageKind::Wal => Simulation::<WalDisk>::new(options).run(),
+    let result = std::panic::catch_unwind(|| match (options.app, options.storage) {
+        (AppKind::Etcd, StorageKind::Mem) => Simulation::<MemDisk, EtcdApp>::new(options).run(),
+        (AppKind::Etcd, StorageKind::Wal) => Simulation::<WalDisk, EtcdApp>::new(options).run(),
+        (AppKind::HashMap, StorageKind::Mem) => {
+            Simulation::<MemDisk, HashMapApp>::new(options).run()
+        }
+        (AppKind::HashMap, StorageKind::Wal) => {
+            Simulation::<WalDisk, HashMapApp>::new(options).run()
+        }
     });
     match result {
         Ok(Ok(report)) => Ok(report),

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p flotilla-sim -- --seeds 500 [--seed-start S] [--nodes K] [--membership]
+//!     [--app etcd|hash-map] [--storage mem|wal] [--lease-reads]
 //! cargo run --release -p flotilla-sim -- --seed S [--nodes K] [--membership] --digest
 //! ```
 
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use clap::Parser;
-use flotilla_sim::{SimOptions, StorageKind, nodes_for_seed, run_seed};
+use flotilla_sim::{AppKind, SimOptions, StorageKind, nodes_for_seed, run_seed};
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of a Flotilla Raft cluster under faults")]
@@ -36,8 +37,13 @@ struct Args {
     /// What the nodes store their log on: memory, or the WAL over a faulty simulated disk.
     #[arg(long, value_enum, default_value_t = StorageKind::Mem)]
     storage: StorageKind,
+    /// What the members run: the etcd key-value store as the server runs it, or the runtime's
+    /// replicated hash-map example behind the runtime's client sessions.
+    #[arg(long, value_enum, default_value_t = AppKind::Etcd)]
+    app: AppKind,
     /// Leaders answer reads from their lease (thesis §6.4.1) when they hold one; every
-    /// read is still checked to see every write acknowledged before it began.
+    /// read is still checked to see every write acknowledged before it began. The etcd
+    /// application's reads only (the hash map's clients read through ReadIndex).
     #[arg(long)]
     lease_reads: bool,
     /// Print every event of a replayed seed.
@@ -59,6 +65,12 @@ fn main() -> ExitCode {
         eprintln!("--nodes must be between 1 and 9, got {nodes}");
         return ExitCode::from(2);
     }
+    if args.lease_reads && args.app != AppKind::Etcd {
+        eprintln!(
+            "--lease-reads is for the etcd application: the hash map's clients read through ReadIndex"
+        );
+        return ExitCode::from(2);
+    }
     match (args.seed, args.seeds) {
         (Some(seed), _) => replay(&args, seed),
         (None, Some(count)) => sweep(&args, count),
@@ -75,6 +87,7 @@ fn options(args: &Args, seed: u64) -> SimOptions {
     options.verbose = args.verbose;
     options.storage = args.storage;
     options.lease_reads = args.lease_reads;
+    options.app = args.app;
     options
 }
 
@@ -91,8 +104,13 @@ fn replay_command(args: &Args, seed: u64) -> String {
     } else {
         ""
     };
+    let app = if args.app == AppKind::HashMap {
+        " --app hash-map"
+    } else {
+        ""
+    };
     format!(
-        "cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{membership}{storage}{lease}"
+        "cargo run --release -p flotilla-sim -- --seed {seed} --nodes {nodes}{app}{membership}{storage}{lease}"
     )
 }
 
@@ -103,7 +121,8 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
             println!(
                 "seed {seed}: ok: {} nodes, {} events, {} writes ok / {} failed / {} unknown, \
                  {} reads ({} from a lease), {} history events checked, {} watch events checked ({} watchers restarted \
-                 after a compaction), {} keep-alives acknowledged, {} lease expiries checked, {} leaders elected, {} snapshots installed, {} membership changes, \
+                 after a compaction), {} keep-alives acknowledged, {} lease expiries checked, {} retries answered from a \
+                 session's memory, {} sessions expired, {} leaders elected, {} snapshots installed, {} membership changes, \
                  ended at time {}",
                 report.nodes,
                 report.events,
@@ -117,6 +136,8 @@ fn replay(args: &Args, seed: u64) -> ExitCode {
                 report.watchers_restarted,
                 report.keep_alives_acked,
                 report.lease_expiries_checked,
+                report.session_repeats,
+                report.sessions_expired,
                 report.elections,
                 report.snapshots_installed,
                 report.membership_changes,

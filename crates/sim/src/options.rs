@@ -5,6 +5,15 @@ use flotilla_raft::Prng;
 /// Simulated time is counted in microticks; a node ticks every `TICK_TIME` of them.
 pub const TICK_TIME: u64 = 10;
 
+/// The application the simulated members run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AppKind {
+    /// The etcd key-value store as `flotilla-server` runs it, with watchers and leases.
+    Etcd,
+    /// The runtime's replicated hash-map example behind the runtime's client sessions.
+    HashMap,
+}
+
 /// The storage the simulated nodes run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StorageKind {
@@ -52,6 +61,7 @@ pub struct SimOptions {
     /// Print every event (for replaying a failing seed).
     pub verbose: bool,
     pub storage: StorageKind,
+    pub app: AppKind,
     /// With the WAL: one write or fsync in this many fails (0: never), which stops the node.
     pub disk_error_one_in: u64,
     /// Leaders answer reads from their lease when they hold one (forces check-quorum on).
@@ -59,6 +69,9 @@ pub struct SimOptions {
     /// How many revisions a watcher's queue holds before it falls back to history (small, so
     /// that path runs).
     pub watch_queue_revisions_max: usize,
+    /// How many clients a member's session table holds in the hash-map application (few, so
+    /// that clients expire one another).
+    pub hash_map_sessions_max: usize,
 }
 
 impl SimOptions {
@@ -94,10 +107,12 @@ impl SimOptions {
             snapshot_trailing_entries: [0, 5, 50][prng.range(0, 3) as usize],
             verbose: false,
             storage: StorageKind::Mem,
+            app: AppKind::Etcd,
             disk_error_one_in: [0, 0, 500, 3000][prng.range(0, 4) as usize],
             lease_reads: false,
             // Drawn last, so the fields above are what they were for every seed.
             watch_queue_revisions_max: [1, 4, 1024][prng.range(0, 3) as usize],
+            hash_map_sessions_max: prng.range(2, 9) as usize,
         }
     }
 }

@@ -1,7 +1,13 @@
-//! One simulated run: members as the server runs them (the real driver over the real core, the
-//! real state machine with its key-value store, the WAL on a simulated disk) on a simulated
-//! network, etcd-shaped client requests sent as Flotilla's client sends them, a nemesis
-//! injecting faults, and the checkers after every step.
+//! One simulated run: members as the server runs them (the real driver over the real core, an
+//! application's real state machine, the WAL on a simulated disk) on a simulated network,
+//! client requests sent as the application's clients send them, a nemesis injecting faults,
+//! and the checkers after every step.
+//!
+//! The Raft side (ticks, the network, the disk, crashes and recovery, the nemesis, the safety
+//! and liveness checks) is here and is the same for every application; what a member applies
+//! and what its clients ask is the [`Application`]'s: the etcd key-value store the server runs
+//! ([`EtcdApp`]), or the runtime's hash-map example behind its client sessions
+//! ([`HashMapApp`]).
 //!
 //! Time is discrete and single-threaded. Every random choice comes from one PRNG seeded by
 //! the run's seed, and every collection that is iterated is ordered, so a seed replays bit for
@@ -11,38 +17,33 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
-use flotilla_kv::Limits;
 use flotilla_raft::{
     Apply, ConfChange, ConfChangeStep, Config, EntryId, Error, Index, Membership, Message,
     MessageBody, NodeId, PersistBatch, PersistId, Prng, RaftNode, Role, SnapshotPolicy,
 };
-use flotilla_runtime::driver::{Actions, Driver};
-use flotilla_server::members::MemberTable;
-use flotilla_server::state_machine::{Applied, EventSink, StateMachine};
-use flotilla_server::watch::hub::{QueueBounds, WatchHub};
+use flotilla_runtime::driver::{Actions, Driver, Refusal};
 
 use crate::checker::{Checker, NodeView, Violation, believed_durable};
 use crate::digest::{AppliedRecord, payload_digest, text_digest};
-use crate::kv_checker::{FULL_DIGEST_EVERY, KvChecker};
-use crate::lease_checker::LeaseChecker;
 use crate::options::{SimOptions, TICK_TIME};
 use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
-use crate::workload::History;
 
+mod application;
 mod clients;
 mod episodes;
+mod etcd;
+mod hash_map;
 mod leases;
 mod watchers;
 
-use clients::{Client, Waiter};
+pub use application::{Application, Waiter};
 use episodes::Figure8;
-use leases::MemberLeases;
+pub use etcd::EtcdApp;
+pub use hash_map::HashMapApp;
 pub(crate) use watchers::is_watched;
-use watchers::{RESUME_BEHIND_REVISIONS, SimWatcher};
 
 /// The driver as the simulator runs it: the same code as the server's, with client ids for
 /// waiters where the server has reply channels.
@@ -55,9 +56,14 @@ const ELECTION_TIMEOUT_TICKS: u64 = 10;
 /// above what the simulated clients send).
 const PROPOSALS_MAX: usize = 256;
 
+/// A client gives up on a request during the fault phase (its outcome stays unknown) once it
+/// has tried this many times and this many client timeouts have passed since it began.
+const ATTEMPTS_MIN: u32 = 2;
+const DEADLINE_TIMEOUTS: u64 = 3;
+
 /// The snapshot is encoded in steps of about this many bytes, as the server's encoder does in
 /// larger ones, so that the stepwise path runs.
-const SNAPSHOT_STEP_BYTES: usize = 512;
+pub(crate) const SNAPSHOT_STEP_BYTES: usize = 512;
 
 /// How a run ended.
 #[derive(Clone, Debug)]
@@ -82,6 +88,10 @@ pub struct RunReport {
     pub keep_alives_acked: u64,
     /// Leases revoked by expiry, each checked against what clients were promised.
     pub lease_expiries_checked: u64,
+    /// Hash map: commands applied again that their session answered from memory.
+    pub session_repeats: u64,
+    /// Hash map: clients told their session had expired to make room for another.
+    pub sessions_expired: u64,
     pub elections: u64,
     pub snapshots_installed: u64,
     pub membership_changes: u64,
@@ -164,28 +174,15 @@ impl Ord for MessageKey {
     }
 }
 
-/// One member as the server runs it: the driver over the core, the state machine (behind the
-/// lock the server's readers and watchers take), and the watch hub apply feeds.
-struct Member<S: SimStorage> {
+/// One member as the server runs it: the driver over the core, and the application's side
+/// (its state machine and what feeds on it).
+struct Member<S: SimStorage, A: Application<S>> {
     driver: SimDriver<S>,
-    state: RwLock<StateMachine>,
-    hub: WatchHub,
-    watchers: Vec<SimWatcher>,
-    leases: MemberLeases,
+    app: A::Member,
 }
 
-impl<S: SimStorage> Member<S> {
-    fn state(&self) -> RwLockReadGuard<'_, StateMachine> {
-        self.state.read().expect("one thread: never poisoned")
-    }
-
-    fn state_mut(&mut self) -> &mut StateMachine {
-        self.state.get_mut().expect("one thread: never poisoned")
-    }
-}
-
-enum NodeState<S: SimStorage> {
-    Running(Box<Member<S>>),
+enum NodeState<S: SimStorage, A: Application<S>> {
+    Running(Box<Member<S, A>>),
     /// Crashed: only stable storage survives.
     Crashed {
         disk: Box<S::Disk>,
@@ -260,10 +257,10 @@ impl Believed {
     }
 }
 
-struct SimNode<S: SimStorage> {
+struct SimNode<S: SimStorage, A: Application<S>> {
     id: NodeId,
     incarnation: u64,
-    state: NodeState<S>,
+    state: NodeState<S, A>,
     /// The highest batch acknowledged to the core in this incarnation.
     persist_acked: PersistId,
     /// What the node was told is durable, as of its last acknowledgement (kept only when disk
@@ -279,20 +276,20 @@ struct SimNode<S: SimStorage> {
     removed: bool,
 }
 
-impl<S: SimStorage> SimNode<S> {
+impl<S: SimStorage, A: Application<S>> SimNode<S, A> {
     /// The core of a running node (to look at; everything it is asked goes through the driver).
     fn running(&self) -> Option<&RaftNode<S>> {
         self.member().map(|member| member.driver.node())
     }
 
-    fn member(&self) -> Option<&Member<S>> {
+    fn member(&self) -> Option<&Member<S, A>> {
         match &self.state {
             NodeState::Running(member) => Some(member),
             _ => None,
         }
     }
 
-    fn member_mut(&mut self) -> Option<&mut Member<S>> {
+    fn member_mut(&mut self) -> Option<&mut Member<S, A>> {
         match &mut self.state {
             NodeState::Running(member) => Some(member),
             _ => None,
@@ -320,34 +317,22 @@ enum Phase {
 }
 
 #[allow(missing_debug_implementations)]
-pub struct Simulation<S: SimStorage> {
+pub struct Simulation<S: SimStorage, A: Application<S>> {
     options: SimOptions,
     prng: Prng,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
-    nodes: BTreeMap<NodeId, SimNode<S>>,
+    nodes: BTreeMap<NodeId, SimNode<S, A>>,
     next_node_id: NodeId,
     /// Directed links that drop messages.
     cut: BTreeSet<(NodeId, NodeId)>,
     partition_generation: u64,
     loss_per_mille: u64,
     duplicate_per_mille: u64,
-    clients: Vec<Client>,
-    /// The highest index of a write acknowledged so far: a read invoked later must see it.
-    acked_write_index_max: Index,
-    /// Reads a leader answered from its lease, waiting for its state machine to reach their
-    /// index: (node, client, attempt, index). At most one per client.
-    lease_reads_waiting: Vec<(NodeId, usize, u64, Index)>,
     checker: Checker,
-    kv: KvChecker,
-    leases: LeaseChecker,
-    /// When a member's lease clock was last promoted.
-    last_lease_promotion: u64,
-    /// Writes the simulator itself proposed (each puts a unique value).
-    internal_writes: u64,
-    /// The register operations of every client, for the linearizability check.
-    history: History,
+    /// The application's side of the run: its clients and its checks.
+    app: A,
     /// Nodes that were ever in a configuration some leader committed or proposed.
     ever_members: BTreeSet<NodeId>,
     /// The index of the newest configuration entry known to be committed.
@@ -361,7 +346,7 @@ pub struct Simulation<S: SimStorage> {
     figure8_generation: u64,
 }
 
-impl<S: SimStorage> Simulation<S> {
+impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
     pub fn new(options: SimOptions) -> Self {
         let prng = Prng::new(options.seed);
         let report = RunReport {
@@ -379,6 +364,8 @@ impl<S: SimStorage> Simulation<S> {
             watchers_restarted: 0,
             keep_alives_acked: 0,
             lease_expiries_checked: 0,
+            session_repeats: 0,
+            sessions_expired: 0,
             elections: 0,
             snapshots_installed: 0,
             membership_changes: 0,
@@ -395,15 +382,8 @@ impl<S: SimStorage> Simulation<S> {
             partition_generation: 0,
             loss_per_mille: options.loss_per_mille,
             duplicate_per_mille: options.duplicate_per_mille,
-            clients: (0..options.clients).map(|_| Client::default()).collect(),
-            acked_write_index_max: 0,
-            lease_reads_waiting: Vec::new(),
             checker: Checker::default(),
-            kv: KvChecker::default(),
-            leases: LeaseChecker::default(),
-            last_lease_promotion: 0,
-            internal_writes: 0,
-            history: History::default(),
+            app: A::new(&options),
             ever_members: BTreeSet::new(),
             newest_committed_membership: 0,
             trace: TraceDigest::default(),
@@ -422,7 +402,7 @@ impl<S: SimStorage> Simulation<S> {
                 .expect("creating storage on a fresh disk");
             sim.start_node(id, storage);
         }
-        for client in 0..sim.clients.len() {
+        for client in 0..sim.options.clients {
             let delay = sim.prng.range(1, 50);
             sim.schedule(delay, Event::ClientWake { client });
         }
@@ -458,7 +438,7 @@ impl<S: SimStorage> Simulation<S> {
             }
             if self.phase == Phase::Liveness && self.converged() {
                 // Every client's last request is answered: the history is complete.
-                return match KvChecker::check_history(&self.history) {
+                return match self.app.check_history() {
                     Ok(()) => Ok(self.finish()),
                     Err(violation) => Err(self.fail(violation)),
                 };
@@ -493,9 +473,7 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     fn finish(mut self) -> RunReport {
-        self.report.history_operations = self.history.events.len() as u64;
-        self.report.keep_alives_acked = self.leases.keep_alives_acked;
-        self.report.lease_expiries_checked = self.leases.expiries_checked;
+        self.app.finish(&mut self.report);
         self.report.digest = self.trace.value();
         self.report.events = self.trace.events();
         self.report.end_time = self.now;
@@ -544,42 +522,23 @@ impl<S: SimStorage> Simulation<S> {
     /// any, and the core told how far that state has applied.
     fn start_node(&mut self, id: NodeId, storage: S) {
         storage.inject_disk_errors(self.disk_error_one_in());
-        let state = match storage.snapshot_data() {
-            Ok(Some((meta, data))) => {
-                let state = StateMachine::restore(&mut &data[..], Limits::default())
-                    .unwrap_or_else(|err| panic!("node {id}: bad stored snapshot: {err}"));
-                assert_eq!(
-                    state.applied_index(),
-                    meta.last.index,
-                    "node {id}: the stored snapshot's state is not at its index"
-                );
-                state
-            }
-            Ok(None) => StateMachine::new(Limits::default(), MemberTable::default()),
-            Err(err) => panic!("node {id}: reading the stored snapshot failed: {err}"),
-        };
-        let config = self.node_config(id);
-        let node = RaftNode::new(config, storage, state.applied_index())
-            .expect("node starts from valid storage");
-        let bounds = QueueBounds {
-            revisions_max: self.options.watch_queue_revisions_max,
-            ..QueueBounds::default()
-        };
-        let mut member = Member {
-            driver: Driver::new(node, PROPOSALS_MAX),
-            state: RwLock::new(state),
-            hub: WatchHub::new(bounds),
-            watchers: Vec::new(),
-            leases: MemberLeases::new(),
-        };
-        member.start_watcher(1);
-        // A client resuming a few revisions back: with the one from revision 1, two watchers
-        // catch up on one range from different revisions, sharing their reads of history.
-        let current = member.current_revision();
-        if current > RESUME_BEHIND_REVISIONS + 1 {
-            member.start_watcher(current - RESUME_BEHIND_REVISIONS);
+        let stored = storage
+            .snapshot_data()
+            .unwrap_or_else(|err| panic!("node {id}: reading the stored snapshot failed: {err}"));
+        let app = A::start_member(self, id, stored.as_ref().map(|(_, data)| &data[..]));
+        let applied = A::applied_index(&app);
+        if let Some((meta, _)) = &stored {
+            assert_eq!(
+                applied, meta.last.index,
+                "node {id}: the stored snapshot's state is not at its index"
+            );
         }
-        member.start_watcher(0);
+        let config = self.node_config(id);
+        let node = RaftNode::new(config, storage, applied).expect("node starts from valid storage");
+        let member = Member {
+            driver: Driver::new(node, PROPOSALS_MAX),
+            app,
+        };
         let incarnation = self.nodes.get(&id).map(|n| n.incarnation + 1).unwrap_or(1);
         // A member removed before it crashed is still removed when it restarts (the server's
         // peers refuse it and say why): it stops again after a while.
@@ -638,7 +597,7 @@ impl<S: SimStorage> Simulation<S> {
             believed,
         };
         self.trace.record(&[2, id, self.now]);
-        self.attempts_lost(id);
+        A::member_stopped(self, id);
     }
 
     /// The core returned an error. Only a fatal storage error is expected (the WAL failed
@@ -693,8 +652,7 @@ impl<S: SimStorage> Simulation<S> {
                 Err(err) => return self.core_failed(id, err),
             };
             if actions.is_empty() {
-                // As the lessor task wakes on each status change.
-                self.follow_leases(id);
+                A::idle(self, id);
                 return;
             }
             self.carry_out(id, actions);
@@ -738,19 +696,16 @@ impl<S: SimStorage> Simulation<S> {
             if self.nodes[&id].running().is_none() {
                 return;
             }
-            self.step_watchers(id);
-            if !self.lease_reads_waiting.is_empty() {
-                self.resolve_lease_reads(id);
-            }
+            A::after_apply(self, id);
         }
         for (waiter, refusal) in actions.proposals_failed {
-            self.attempt_refused(id, waiter, &refusal);
+            A::refused(self, id, waiter, &refusal);
         }
         for waiter in actions.reads_ready {
-            self.read_ready(id, waiter);
+            A::read_ready(self, id, waiter);
         }
         for (waiter, refusal) in actions.reads_failed {
-            self.attempt_refused(id, waiter, &refusal);
+            A::refused(self, id, waiter, &refusal);
         }
         if actions.snapshot_due {
             self.take_snapshot(id);
@@ -899,17 +854,14 @@ impl<S: SimStorage> Simulation<S> {
             .map(|(item, _)| item.index())
             .expect("non-empty");
         for (item, waiter) in items {
-            let applied = match item {
-                Apply::Entry(entry) => self.apply_entry(id, &entry),
-                Apply::Snapshot(meta) => {
-                    self.load_snapshot(id, &meta);
-                    None
+            match item {
+                Apply::Entry(entry) => {
+                    let output = self.apply_entry(id, &entry);
+                    if let (Some(waiter), Some(output)) = (waiter, output) {
+                        A::answer(self, id, waiter, entry.index, &output);
+                    }
                 }
-            };
-            match (waiter, applied) {
-                (Some(Waiter::Lessor(waiter)), Some(_)) => self.lessor_answered(id, waiter, true),
-                (Some(waiter), Some(applied)) => self.attempt_applied(id, waiter, &applied),
-                _ => {}
+                Apply::Snapshot(meta) => self.load_snapshot(id, &meta),
             }
         }
         let sim_node = self.nodes.get_mut(&id).expect("exists");
@@ -922,49 +874,38 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     /// Applies one entry and checks that it did exactly what it did on every other member.
-    fn apply_entry(&mut self, id: NodeId, entry: &flotilla_raft::Entry) -> Option<Applied> {
-        let member = self.nodes.get_mut(&id)?.member_mut()?;
-        let applied = member.state_mut().apply_entry(entry);
-        if let Applied::Kv(result) = &applied
-            && !result.events.is_empty()
-        {
-            member.hub.publish(result.revision, &result.events);
-        }
-        let store_digest = entry
-            .index
-            .is_multiple_of(FULL_DIGEST_EVERY)
-            .then(|| member.state().kv.digest());
+    fn apply_entry(&mut self, id: NodeId, entry: &flotilla_raft::Entry) -> Option<A::Output> {
+        self.nodes.get(&id)?.member()?;
+        let first_anywhere = !self.checker.applied.contains_key(&entry.index);
+        let output = A::apply_entry(self, id, entry, first_anywhere);
         let record = AppliedRecord {
             term: entry.term,
             payload_digest: payload_digest(entry),
-            effect_digest: text_digest(&format!("{applied:?}")),
+            effect_digest: text_digest(&format!("{output:?}")),
         };
-        let first_anywhere = !self.checker.applied.contains_key(&entry.index);
         let known = *self.checker.applied.entry(entry.index).or_insert(record);
         assert_eq!(
             known, record,
             "state machine safety: node {id} applied {} differently from another node",
             entry.index
         );
-        if let Some(digest) = store_digest
-            && let Err(violation) = self.kv.check_store(id, entry.index, digest)
-        {
-            panic!("{violation}");
-        }
-        if let Applied::Kv(result) = &applied
-            && let Err(violation) = self.kv.record_writes(entry.index, result)
-        {
-            panic!("{violation}");
-        }
-        if let Err(violation) = self.lease_entry_applied(id, entry, &applied, first_anywhere) {
-            panic!("{violation}");
+        if entry.index.is_multiple_of(A::STATE_DIGEST_EVERY) {
+            self.check_state(id, entry.index);
         }
         if let flotilla_raft::EntryPayload::Membership(change) = &entry.payload {
             self.trace
                 .record_str(&format!("applied membership {}", change.membership));
             self.configuration_committed(entry.index, &change.membership);
         }
-        Some(applied)
+        Some(output)
+    }
+
+    /// Compares member `id`'s whole state, at `index`, with every other member's there.
+    fn check_state(&mut self, id: NodeId, index: Index) {
+        let digest = A::state_digest(&mut self.member_mut(id).app);
+        if let Err(violation) = self.checker.check_state(id, index, digest) {
+            panic!("{violation}");
+        }
     }
 
     /// Replaces the state machine with the snapshot the core installed, as the server does.
@@ -984,21 +925,15 @@ impl<S: SimStorage> Simulation<S> {
             &stored, meta,
             "node {id}: the snapshot to load is not the stored one"
         );
-        let state = StateMachine::restore(&mut &data[..], Limits::default())
+        A::restore(&mut member.app, &data)
             .unwrap_or_else(|err| panic!("node {id}: bad snapshot: {err}"));
         assert_eq!(
-            state.applied_index(),
+            A::applied_index(&member.app),
             meta.last.index,
             "node {id}: snapshot {} holds a state at another index",
             meta.last
         );
-        let digest = state.kv.digest();
-        let previous_revision = member.state().kv.current_revision();
-        *member.state_mut() = state;
-        member.hub.state_replaced(previous_revision);
-        if let Err(violation) = self.kv.check_store(id, meta.last.index, digest) {
-            panic!("{violation}");
-        }
+        self.check_state(id, meta.last.index);
         self.report.snapshots_installed += 1;
         self.trace.record(&[6, id, meta.last.index, meta.last.term]);
     }
@@ -1009,7 +944,7 @@ impl<S: SimStorage> Simulation<S> {
         let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
             return;
         };
-        let index = member.state().applied_index();
+        let index = A::applied_index(&member.app);
         if index <= member.driver.node().snapshot_id().index {
             return;
         }
@@ -1020,32 +955,15 @@ impl<S: SimStorage> Simulation<S> {
             Err(flotilla_raft::Error::InvalidSnapshot { .. }) => return,
             Err(err) => return self.core_failed(id, err),
         };
-        let digest = member.state().kv.digest();
-        let mut cursor = member.state_mut().begin_snapshot();
-        let mut data = Vec::new();
-        loop {
-            let done = member
-                .state()
-                .continue_snapshot(&mut cursor, &mut data, SNAPSHOT_STEP_BYTES)
-                .unwrap_or_else(|err| panic!("node {id}: encoding a snapshot failed: {err}"));
-            if done {
-                break;
-            }
-        }
-        member.state_mut().end_snapshot(cursor);
-        if let Err(err) = member
-            .driver
-            .storage_mut()
-            .save_snapshot(&meta, Bytes::from(data))
-        {
+        let data = A::encode_snapshot(&mut member.app)
+            .unwrap_or_else(|err| panic!("node {id}: encoding a snapshot failed: {err}"));
+        if let Err(err) = member.driver.storage_mut().save_snapshot(&meta, data) {
             return self.storage_failed(id, &err);
         }
         if let Err(err) = member.driver.snapshot_saved(&meta) {
             return self.core_failed(id, err);
         }
-        if let Err(violation) = self.kv.check_store(id, index, digest) {
-            panic!("{violation}");
-        }
+        self.check_state(id, index);
         self.trace.record(&[7, id, index]);
     }
 
@@ -1113,7 +1031,7 @@ impl<S: SimStorage> Simulation<S> {
                     return Ok(());
                 }
                 self.process(node);
-                self.lease_round(node);
+                A::ticked(self, node);
             }
             Event::Deliver(key) => self.deliver(key.msg),
             Event::FsyncDone {
@@ -1129,8 +1047,8 @@ impl<S: SimStorage> Simulation<S> {
                     self.fsync_done(node, batch);
                 }
             }
-            Event::ClientWake { client } => self.client_wake(client),
-            Event::ClientTimeout { client, attempt } => self.client_timeout(client, attempt),
+            Event::ClientWake { client } => A::client_wake(self, client),
+            Event::ClientTimeout { client, attempt } => A::client_timeout(self, client, attempt),
             Event::Nemesis => {
                 if self.phase == Phase::Faults {
                     self.nemesis();
@@ -1167,7 +1085,7 @@ impl<S: SimStorage> Simulation<S> {
         }
         sim_node.state = NodeState::Stopped;
         self.trace.record(&[11, id]);
-        self.attempts_lost(id);
+        A::member_stopped(self, id);
     }
 
     fn begin_liveness(&mut self) {
@@ -1232,16 +1150,13 @@ impl<S: SimStorage> Simulation<S> {
     }
 
     fn converged(&self) -> bool {
-        if self.clients.iter().any(|c| !c.is_done()) {
-            return false;
-        }
         let nodes = self.members_running();
         let Some(leader) = nodes.iter().find(|n| n.is_leader()) else {
             return false;
         };
         if leader.membership().is_joint()
             || leader.committed() < leader.last_id().index
-            || (self.leases_must_expire() && !self.leases_gone(leader.id()))
+            || !A::converged(self, leader.id())
         {
             return false;
         }
@@ -1263,8 +1178,7 @@ impl<S: SimStorage> Simulation<S> {
                 Some(member) => {
                     let node = member.driver.node();
                     format!(
-                        "n{}:{}@{} commit={} applied={} last={} members={} leases={} \
-                         lease-clock={}",
+                        "n{}:{}@{} commit={} applied={} last={} members={} {}",
                         n.id,
                         node.role(),
                         node.term(),
@@ -1272,18 +1186,16 @@ impl<S: SimStorage> Simulation<S> {
                         node.applied(),
                         node.last_id(),
                         node.membership(),
-                        member.state().kv.leases().len(),
-                        member.leases.describe()
+                        A::describe_member(&member.app)
                     )
                 }
                 None => format!("n{}:down", n.id),
             })
             .collect();
-        let clients: Vec<String> = self.clients.iter().map(Client::describe).collect();
         format!(
             "nodes [{}] clients [{}]",
             nodes.join("; "),
-            clients.join("; ")
+            self.app.describe_clients()
         )
     }
 
@@ -1543,7 +1455,7 @@ impl<S: SimStorage> Simulation<S> {
     /// that index. The filler proposes blank commands on the leader until the commit index
     /// passes every pending write, so each one becomes definitively committed or failed.
     fn fill_log(&mut self) {
-        let Some(pending_max) = self.clients.iter().filter_map(Client::proposed_index).max() else {
+        let Some(pending_max) = self.app.proposed_index_max() else {
             return;
         };
         let Some(leader) = self.leader_id() else {
@@ -1558,7 +1470,7 @@ impl<S: SimStorage> Simulation<S> {
         {
             return;
         }
-        let command = self.filler_command();
+        let command = self.app.internal_command(0);
         let driver = self
             .nodes
             .get_mut(&leader)
@@ -1567,6 +1479,49 @@ impl<S: SimStorage> Simulation<S> {
         let _ = driver.propose(command, Waiter::Internal);
         self.trace.record(&[20, leader]);
         self.process(leader);
+    }
+
+    /// The member a client sends to: the leader it was told of, else any running member.
+    fn pick_node(&mut self, hint: Option<NodeId>) -> Option<NodeId> {
+        if let Some(id) = hint
+            && self.nodes.get(&id).is_some_and(|n| n.running().is_some())
+        {
+            return Some(id);
+        }
+        let running: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.running().is_some() && !n.removed)
+            .map(|n| n.id)
+            .collect();
+        if running.is_empty() {
+            return None;
+        }
+        Some(running[self.prng.range(0, running.len() as u64) as usize])
+    }
+
+    /// Running member `id`.
+    fn member_mut(&mut self, id: NodeId) -> &mut Member<S, A> {
+        self.nodes
+            .get_mut(&id)
+            .and_then(SimNode::member_mut)
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+    }
+
+    /// How long a client waits before it sends a request again after an attempt without an
+    /// answer that decides it, or `None` if it gives up (its outcome stays unknown): during
+    /// the fault phase, once it has tried `ATTEMPTS_MIN` times and `DEADLINE_TIMEOUTS`
+    /// client timeouts have passed since it began, as Flotilla's client retries until its
+    /// deadline.
+    fn retry_delay(&self, invoked_at: u64, attempts: u32, refusal: &Refusal) -> Option<u64> {
+        let deadline = invoked_at + DEADLINE_TIMEOUTS * self.options.client_timeout_time;
+        if self.phase == Phase::Faults && attempts >= ATTEMPTS_MIN && self.now >= deadline {
+            return None;
+        }
+        Some(match refusal {
+            Refusal::NotLeader(Some(_)) => TICK_TIME,
+            _ => TICK_TIME * 3,
+        })
     }
 
     fn allocate_node(&mut self) -> NodeId {

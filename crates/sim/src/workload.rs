@@ -245,7 +245,42 @@ pub struct History {
     next_process: u64,
 }
 
+/// How a client's request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A write took effect.
+    Done,
+    /// A read returned this value.
+    Read(Option<String>),
+    /// It certainly took no effect.
+    Fail,
+    /// It may or may not take effect.
+    Unknown,
+}
+
 impl History {
+    /// Records how `process`'s operation ended. After an `info` its operation may still take
+    /// effect, so the process is replaced: `process` becomes a new one.
+    pub fn complete(
+        &mut self,
+        process: &mut u64,
+        f: Function,
+        key: &str,
+        outcome: Outcome,
+        time: u64,
+    ) {
+        let (kind, value) = match outcome {
+            Outcome::Done => (EventType::Ok, Value::Null),
+            Outcome::Read(value) => (EventType::Ok, value.map_or(Value::Null, Value::from)),
+            Outcome::Fail => (EventType::Fail, Value::Null),
+            Outcome::Unknown => (EventType::Info, Value::Null),
+        };
+        self.record(*process, kind, f, key, value, time);
+        if kind == EventType::Info {
+            *process = self.new_process();
+        }
+    }
+
     pub fn new_process(&mut self) -> u64 {
         self.next_process += 1;
         self.next_process

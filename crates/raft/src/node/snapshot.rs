@@ -48,6 +48,16 @@ impl<S: LogStorage> RaftNode<S> {
         }
         let term = self.log.term(index)?;
         let membership = self.log.membership_at(index).clone();
+        if membership.voters.is_empty() {
+            // A member that joined later and caught up from the leader's log never saw the
+            // founders' configuration (it is in their storage, not in the log) until the first
+            // configuration entry. A snapshot saying "no voters" would tell whoever installs
+            // it that it was removed; wait for an index whose configuration is known.
+            return invalid(format!(
+                "the configuration at {index} is not known here (this member joined after it; \
+                 the first configuration entry it holds is later)"
+            ));
+        }
         Ok(SnapshotMeta {
             last: crate::types::EntryId::new(term, index),
             membership,

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use flotilla_runtime::{Index, SmallStateMachine};
+use flotilla_runtime::{Index, RememberedOutput, SmallStateMachine};
 
 /// A command of the table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +55,42 @@ pub enum Outcome {
     Malformed(String),
     /// Not a command: a blank or membership entry.
     Other,
+}
+
+/// An outcome as client sessions remember it (`flotilla_runtime::Sessions`): a tag byte, then
+/// the previous value or the reason.
+impl RememberedOutput for Outcome {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Outcome::Done { previous: None } => out.push(0),
+            Outcome::Done {
+                previous: Some(previous),
+            } => {
+                out.push(1);
+                out.extend_from_slice(previous.as_bytes());
+            }
+            Outcome::Malformed(reason) => {
+                out.push(2);
+                out.extend_from_slice(reason.as_bytes());
+            }
+            Outcome::Other => out.push(3),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (&tag, rest) = bytes.split_first().ok_or("an empty remembered outcome")?;
+        let text =
+            || String::from_utf8(rest.to_vec()).map_err(|_| "a remembered outcome is not UTF-8");
+        match tag {
+            0 => Ok(Outcome::Done { previous: None }),
+            1 => Ok(Outcome::Done {
+                previous: Some(text()?),
+            }),
+            2 => Ok(Outcome::Malformed(text()?)),
+            3 => Ok(Outcome::Other),
+            _ => Err(format!("unknown remembered outcome tag {tag}")),
+        }
+    }
 }
 
 /// The replicated table.

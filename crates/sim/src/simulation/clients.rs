@@ -11,44 +11,20 @@ use flotilla_chaos::history::EventType;
 use flotilla_kv::{Command, ErrorKind, Response};
 use flotilla_proto::etcdserverpb::PutRequest;
 use flotilla_raft::{EntryId, Index, NodeId};
-use serde_json::Value;
 
+use super::application::Waiter;
+use super::etcd::EtcdApp;
 use super::leases::lease_time;
 use super::{Event, Phase, SimNode, Simulation};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
-use crate::workload::{ClientMemory, REGISTER_KEYS, Request, next_request};
+use crate::workload::{ClientMemory, Outcome, REGISTER_KEYS, Request, next_request};
 use flotilla_runtime::driver::Refusal;
 use flotilla_server::lease::RenewDecision;
 use flotilla_server::state_machine::Applied;
 
-/// Who waits for a proposal or a read: an attempt of a client's request, a member's lease
-/// clock, or the simulator itself (fault bursts, log fillers, membership changes), which waits
-/// for nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Waiter {
-    Client { client: usize, attempt: u64 },
-    Lessor(LessorWaiter),
-    Internal,
-}
-
-/// A proposal of a member's lease clock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum LessorWaiter {
-    /// The revoke of an expired lease.
-    Revoke(i64),
-    /// A checkpoint, by its round.
-    Checkpoint(u64),
-}
-
 /// History times are nanoseconds; a unit of simulated time reads as a millisecond.
-const NS_PER_TIME_UNIT: u64 = 1_000_000;
-
-/// During the fault phase a client gives up on a request (its outcome stays unknown) once it
-/// has tried this many times and this many client timeouts have passed since it began, as
-/// Flotilla's client retries until its deadline.
-const ATTEMPTS_MIN: u32 = 2;
-const DEADLINE_TIMEOUTS: u64 = 3;
+pub(super) const NS_PER_TIME_UNIT: u64 = 1_000_000;
 
 #[derive(Debug)]
 struct ClientOp {
@@ -119,7 +95,7 @@ impl Client {
 }
 
 /// A write the simulator itself proposes: a unique value under `internal/`.
-fn internal_put(unique: u64, value_bytes: usize) -> Bytes {
+pub(super) fn internal_put(unique: u64, value_bytes: usize) -> Bytes {
     let mut value = format!("internal-{unique}-").into_bytes();
     value.resize(value_bytes.max(value.len()), b'.');
     Command::put(PutRequest {
@@ -130,21 +106,9 @@ fn internal_put(unique: u64, value_bytes: usize) -> Bytes {
     .encode()
 }
 
-impl<S: SimStorage> Simulation<S> {
-    /// A command for the log filler of the liveness phase.
-    pub(super) fn filler_command(&mut self) -> Bytes {
-        self.internal_writes += 1;
-        internal_put(self.internal_writes, 0)
-    }
-
-    /// One write of a Figure 8 burst, `value_bytes` long.
-    pub(super) fn burst_command(&mut self, value_bytes: usize) -> Bytes {
-        self.internal_writes += 1;
-        internal_put(self.internal_writes, value_bytes)
-    }
-
+impl<S: SimStorage> Simulation<S, EtcdApp> {
     pub(super) fn client_wake(&mut self, client: usize) {
-        let c = &self.clients[client];
+        let c = &self.app.clients[client];
         if c.attempt.is_some() || (self.phase == Phase::Liveness && c.final_write_ok) {
             return;
         }
@@ -154,28 +118,9 @@ impl<S: SimStorage> Simulation<S> {
         self.send_attempt(client);
     }
 
-    /// The member a client sends to: the leader it was told of, else any running member.
-    fn pick_node(&mut self, hint: Option<NodeId>) -> Option<NodeId> {
-        if let Some(id) = hint
-            && self.nodes.get(&id).is_some_and(|n| n.running().is_some())
-        {
-            return Some(id);
-        }
-        let running: Vec<NodeId> = self
-            .nodes
-            .values()
-            .filter(|n| n.running().is_some() && !n.removed)
-            .map(|n| n.id)
-            .collect();
-        if running.is_empty() {
-            return None;
-        }
-        Some(running[self.prng.range(0, running.len() as u64) as usize])
-    }
-
     fn start_request(&mut self, client: usize) {
         let liveness = self.phase == Phase::Liveness;
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         c.requests_started += 1;
         let unique = format!("c{client}-{}", c.requests_started);
         let request = if c.session.is_none() {
@@ -191,18 +136,18 @@ impl<S: SimStorage> Simulation<S> {
             next_request(&mut self.prng, &c.memory, unique)
         };
         if let Request::LeaseRevoke { id } = request {
-            self.leases.revoke_requested(id);
+            self.app.leases.revoke_requested(id);
         }
         let sequence = (request.is_write() && request != Request::RegisterSession).then(|| {
             c.next_sequence += 1;
             c.next_sequence
         });
         if c.process == 0 {
-            c.process = self.history.new_process();
+            c.process = self.app.history.new_process();
         }
         let in_history = match request.register_op() {
             Some((f, key, value)) => {
-                self.history.record(
+                self.app.history.record(
                     c.process,
                     EventType::Invoke,
                     f,
@@ -220,7 +165,7 @@ impl<S: SimStorage> Simulation<S> {
             sequence,
             attempts: 0,
             invoked_at: self.now,
-            floor_index: self.acked_write_index_max,
+            floor_index: self.app.acked_write_index_max,
             in_history,
         });
     }
@@ -229,19 +174,19 @@ impl<S: SimStorage> Simulation<S> {
         // Reads go to any member half the time, as etcd's clients balance them across their
         // endpoints (a follower asks the leader for the read index).
         let is_read = matches!(
-            self.clients[client].op.as_ref().map(|op| &op.request),
+            self.app.clients[client].op.as_ref().map(|op| &op.request),
             Some(Request::Read { .. })
         );
         let hint = if is_read && self.prng.chance(1, 2) {
             None
         } else {
-            self.clients[client].leader_hint
+            self.app.clients[client].leader_hint
         };
         let Some(node) = self.pick_node(hint) else {
             self.schedule(TICK_TIME * 5, Event::ClientWake { client });
             return;
         };
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         let op = c.op.as_ref().expect("a request to send");
         let request = op.request.clone();
         let tag = c.session.zip(op.sequence);
@@ -262,7 +207,7 @@ impl<S: SimStorage> Simulation<S> {
         } = request
         {
             // Served by the member's own state, without Raft.
-            self.clients[client].attempt = Some(attempt);
+            self.app.clients[client].attempt = Some(attempt);
             return self.answer_read(node, client, id, false);
         }
         let member = self
@@ -272,18 +217,20 @@ impl<S: SimStorage> Simulation<S> {
             .expect("picked a running node");
         let sent = match &request {
             Request::KeepAlive { id: lease } => {
-                let state = member.state.read().expect("one thread: never poisoned");
-                let decision = member
-                    .leases
-                    .clock
-                    .renew(lease_time(self.now), &state.kv, *lease);
+                let state = member.app.state.read().expect("one thread: never poisoned");
+                let decision =
+                    member
+                        .app
+                        .leases
+                        .clock
+                        .renew(lease_time(self.now), &state.kv, *lease);
                 drop(state);
                 match decision {
                     RenewDecision::NotPrimary => {
                         Err(Refusal::NotLeader(member.driver.node().leader()))
                     }
                     RenewDecision::Answer { ttl_seconds } => {
-                        self.clients[client].attempt = Some(attempt);
+                        self.app.clients[client].attempt = Some(attempt);
                         return self.answer_keep_alive(node, client, ttl_seconds, self.now);
                     }
                     RenewDecision::ClearFirst {
@@ -306,9 +253,11 @@ impl<S: SimStorage> Simulation<S> {
             }
             Request::Read { .. } => match member.driver.node().lease_read_index() {
                 Some(lease) => {
-                    self.lease_reads_waiting
+                    self.app
+                        .lease_reads_waiting
                         .retain(|&(_, waiting, _, _)| waiting != client);
-                    self.lease_reads_waiting
+                    self.app
+                        .lease_reads_waiting
                         .push((node, client, id, lease.index));
                     Ok(())
                 }
@@ -330,7 +279,7 @@ impl<S: SimStorage> Simulation<S> {
         };
         match sent {
             Ok(()) => {
-                self.clients[client].attempt = Some(attempt);
+                self.app.clients[client].attempt = Some(attempt);
                 self.trace.record(&[21, client as u64, id, node]);
                 let timeout = self.options.client_timeout_time;
                 self.schedule(
@@ -349,7 +298,8 @@ impl<S: SimStorage> Simulation<S> {
 
     /// The attempt `id` of `client`, if it is still the one waited for.
     fn current(&self, client: usize, id: u64) -> bool {
-        self.clients
+        self.app
+            .clients
             .get(client)
             .and_then(|c| c.attempt)
             .is_some_and(|attempt| attempt.id == id)
@@ -358,23 +308,16 @@ impl<S: SimStorage> Simulation<S> {
     /// The attempt ended without an answer that decides the request: try again, or, after
     /// too many attempts in the fault phase, give up (its outcome stays unknown).
     fn retry(&mut self, client: usize, refusal: &Refusal) {
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         c.attempt = None;
-        c.leader_hint = match refusal {
-            Refusal::NotLeader(hint) => *hint,
-            _ => None,
-        };
+        c.leader_hint = refusal.leader_hint();
         let op = c.op.as_mut().expect("a request in progress");
         op.attempts += 1;
-        let deadline = op.invoked_at + DEADLINE_TIMEOUTS * self.options.client_timeout_time;
-        if self.phase == Phase::Faults && op.attempts >= ATTEMPTS_MIN && self.now >= deadline {
-            return self.finish_request(client, Outcome::Unknown);
+        let (invoked_at, attempts) = (op.invoked_at, op.attempts);
+        match self.retry_delay(invoked_at, attempts, refusal) {
+            Some(delay) => self.schedule(delay, Event::ClientWake { client }),
+            None => self.finish_request(client, Outcome::Unknown),
         }
-        let delay = match refusal {
-            Refusal::NotLeader(Some(_)) => TICK_TIME,
-            _ => TICK_TIME * 3,
-        };
-        self.schedule(delay, Event::ClientWake { client });
     }
 
     pub(super) fn client_timeout(&mut self, client: usize, attempt: u64) {
@@ -386,15 +329,17 @@ impl<S: SimStorage> Simulation<S> {
 
     /// A member stopped: the attempts waiting on it will never be answered.
     pub(super) fn attempts_lost(&mut self, id: NodeId) {
-        for client in 0..self.clients.len() {
-            if self.clients[client]
+        for client in 0..self.app.clients.len() {
+            if self.app.clients[client]
                 .attempt
                 .is_some_and(|attempt| attempt.node == id)
             {
                 self.retry(client, &Refusal::Stopped);
             }
         }
-        self.lease_reads_waiting.retain(|&(node, ..)| node != id);
+        self.app
+            .lease_reads_waiting
+            .retain(|&(node, ..)| node != id);
     }
 
     /// A proposal or read of member `id` was refused.
@@ -419,10 +364,10 @@ impl<S: SimStorage> Simulation<S> {
         let Applied::Kv(result) = applied else {
             panic!("node {id}: a key-value command applied as {applied:?}");
         };
-        if let Some(renewal) = self.clients[client].attempt.and_then(|a| a.renewal) {
+        if let Some(renewal) = self.app.clients[client].attempt.and_then(|a| a.renewal) {
             return self.renewal_cleared(id, client, renewal, result);
         }
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         c.leader_hint = Some(id);
         let request =
             c.op.as_ref()
@@ -451,7 +396,7 @@ impl<S: SimStorage> Simulation<S> {
             Ok(response) => self.take_response(client, &request, response),
         };
         if !matches!(outcome, Outcome::Fail | Outcome::Unknown) && request.is_write() {
-            self.acked_write_index_max = self.acked_write_index_max.max(result.index);
+            self.app.acked_write_index_max = self.app.acked_write_index_max.max(result.index);
             self.report.writes_ok += 1;
         }
         self.finish_request(client, outcome);
@@ -460,11 +405,11 @@ impl<S: SimStorage> Simulation<S> {
     /// What a successful answer means for the request, after checking what it claims.
     fn take_response(&mut self, client: usize, request: &Request, response: &Response) -> Outcome {
         let revision = response_revision(response);
-        let memory = &mut self.clients[client].memory;
+        let memory = &mut self.app.clients[client].memory;
         memory.revision_seen = memory.revision_seen.max(revision);
         let acknowledged = match (request, response) {
             (Request::RegisterSession, Response::SessionRegistered { session_id, .. }) => {
-                let c = &mut self.clients[client];
+                let c = &mut self.app.clients[client];
                 c.session = Some(*session_id);
                 c.next_sequence = 0;
                 return Outcome::Done;
@@ -487,7 +432,7 @@ impl<S: SimStorage> Simulation<S> {
             }
         };
         if let Some(value) = &acknowledged
-            && let Err(violation) = self.kv.check_acknowledged(value, revision)
+            && let Err(violation) = self.app.kv.check_acknowledged(value, revision)
         {
             panic!("{violation}");
         }
@@ -502,7 +447,7 @@ impl<S: SimStorage> Simulation<S> {
             _ => return,
         };
         if let Some(index) = register_index(key) {
-            let seen = &mut self.clients[client].memory.seen;
+            let seen = &mut self.app.clients[client].memory.seen;
             seen.resize(REGISTER_KEYS as usize, None);
             seen[index] = value.map(str::to_string);
         }
@@ -523,6 +468,7 @@ impl<S: SimStorage> Simulation<S> {
         }
         if let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) {
             member
+                .app
                 .leases
                 .clock
                 .checkpoint_cleared(lease, renewal.generation);
@@ -532,7 +478,7 @@ impl<S: SimStorage> Simulation<S> {
 
     /// The lease of the keep-alive `client` has in progress.
     fn keep_alive_in_progress(&self, client: usize) -> i64 {
-        match self.clients[client].op.as_ref().map(|op| &op.request) {
+        match self.app.clients[client].op.as_ref().map(|op| &op.request) {
             Some(Request::KeepAlive { id }) => *id,
             other => panic!("client {client}: a keep-alive answer for {other:?}"),
         }
@@ -542,10 +488,12 @@ impl<S: SimStorage> Simulation<S> {
     /// `decided_at` (0: the lease is gone, and the client forgets it).
     fn answer_keep_alive(&mut self, id: NodeId, client: usize, ttl_seconds: i64, decided_at: u64) {
         let lease = self.keep_alive_in_progress(client);
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         c.leader_hint = Some(id);
         if ttl_seconds > 0 {
-            self.leases.keep_alive_acked(lease, ttl_seconds, decided_at);
+            self.app
+                .leases
+                .keep_alive_acked(lease, ttl_seconds, decided_at);
         } else if c.memory.lease == Some(lease) {
             c.memory.lease = None;
         }
@@ -568,12 +516,13 @@ impl<S: SimStorage> Simulation<S> {
         let Some(applied) = self.nodes.get(&id).and_then(SimNode::member) else {
             return;
         };
-        let applied = applied.state().applied_index();
+        let applied = applied.app.state().applied_index();
         let (ready, waiting): (Vec<_>, Vec<_>) = self
+            .app
             .lease_reads_waiting
             .drain(..)
             .partition(|&(node, _, _, index)| node == id && index <= applied);
-        self.lease_reads_waiting = waiting;
+        self.app.lease_reads_waiting = waiting;
         for (node, client, attempt, _) in ready {
             if self.current(client, attempt) {
                 self.answer_read(node, client, attempt, true);
@@ -586,9 +535,9 @@ impl<S: SimStorage> Simulation<S> {
     fn answer_read(&mut self, id: NodeId, client: usize, attempt: u64, linearizable: bool) {
         debug_assert!(self.current(client, attempt));
         let member = self.nodes[&id].member().expect("running");
-        let c = &self.clients[client];
+        let c = &self.app.clients[client];
         let op = c.op.as_ref().expect("a read in progress");
-        let state = member.state();
+        let state = member.app.state();
         let applied = state.applied_index();
         if linearizable {
             // A read sees every write acknowledged before it began.
@@ -611,20 +560,20 @@ impl<S: SimStorage> Simulation<S> {
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
         let key = String::from_utf8_lossy(&range.key).into_owned();
         if let Some(index) = register_index(&key) {
-            let seen = &mut self.clients[client].memory.seen;
+            let seen = &mut self.app.clients[client].memory.seen;
             seen.resize(REGISTER_KEYS as usize, None);
             seen[index] = value.clone();
         }
         self.report.reads_ok += 1;
         self.trace.record(&[17, client as u64, applied]);
-        self.clients[client].leader_hint = Some(id);
+        self.app.clients[client].leader_hint = Some(id);
         self.finish_request(client, Outcome::Read(value));
     }
 
     /// Ends the request in progress and schedules the next.
     fn finish_request(&mut self, client: usize, outcome: Outcome) {
         let liveness = self.phase == Phase::Liveness;
-        let c = &mut self.clients[client];
+        let c = &mut self.app.clients[client];
         c.attempt = None;
         let op = c.op.take().expect("a request in progress");
         if liveness && op.request.is_write() && matches!(outcome, Outcome::Done) {
@@ -637,36 +586,15 @@ impl<S: SimStorage> Simulation<S> {
         }
         if op.in_history {
             let (f, key, _) = op.request.register_op().expect("a register operation");
-            let (kind, value) = match outcome {
-                Outcome::Done => (EventType::Ok, Value::Null),
-                Outcome::Read(value) => (EventType::Ok, value.map_or(Value::Null, Value::from)),
-                Outcome::Fail => (EventType::Fail, Value::Null),
-                Outcome::Unknown => (EventType::Info, Value::Null),
-            };
-            self.history
-                .record(c.process, kind, f, key, value, self.now * NS_PER_TIME_UNIT);
-            if kind == EventType::Info {
-                // The operation may still take effect: the next one is another process's.
-                c.process = self.history.new_process();
-            }
+            let time = self.now * NS_PER_TIME_UNIT;
+            self.app
+                .history
+                .complete(&mut c.process, f, key, outcome, time);
         }
         self.trace.record(&[15, client as u64, c.requests_started]);
         let delay = self.prng.range(1, 30);
         self.schedule(delay, Event::ClientWake { client });
     }
-}
-
-/// How a request ended.
-#[derive(Debug)]
-enum Outcome {
-    /// A write took effect.
-    Done,
-    /// A read returned this value.
-    Read(Option<String>),
-    /// It certainly took no effect.
-    Fail,
-    /// It may or may not take effect.
-    Unknown,
 }
 
 /// The revision a response's header carries.

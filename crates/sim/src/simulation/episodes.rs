@@ -20,7 +20,7 @@
 
 use flotilla_raft::{Index, Message, MessageBody, NodeId, Role, Term, VoteResponse};
 
-use super::{Event, NodeState, Phase, SimNode, Simulation, Waiter};
+use super::{Application, Event, NodeState, Phase, SimNode, Simulation, Waiter};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
 
@@ -47,7 +47,7 @@ pub(super) enum Figure8 {
 /// The longest a step waits for an election before the episode is abandoned.
 const STEP_TIMEOUT_TIME: u64 = 150 * TICK_TIME;
 
-impl<S: SimStorage> Simulation<S> {
+impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
     /// The current leader and the voters of its configuration.
     fn leader_and_voters(&self) -> Option<(NodeId, Vec<NodeId>)> {
         let leader = self.leader_id()?;
@@ -80,7 +80,7 @@ impl<S: SimStorage> Simulation<S> {
         let writes = self.prng.range(4, 24);
         for _ in 0..writes {
             let size = self.prng.range(64, 512) as usize;
-            let command = self.burst_command(size);
+            let command = self.app.internal_command(size);
             let driver = self
                 .nodes
                 .get_mut(&old)

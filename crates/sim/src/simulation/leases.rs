@@ -17,7 +17,8 @@ use flotilla_server::lease::{
 };
 use flotilla_server::state_machine::Applied;
 
-use super::clients::{LessorWaiter, Waiter};
+use super::application::{LessorWaiter, Waiter};
+use super::etcd::EtcdApp;
 use super::{ELECTION_TIMEOUT_TICKS, Phase, SimNode, Simulation};
 use crate::options::TICK_TIME;
 use crate::storage::SimStorage;
@@ -104,7 +105,7 @@ pub(super) fn lease_time(now: u64) -> Duration {
     Duration::from_millis(now)
 }
 
-impl<S: SimStorage> Simulation<S> {
+impl<S: SimStorage> Simulation<S, EtcdApp> {
     /// Follows the member's role, as the lessor task does on each status change.
     pub(super) fn follow_leases(&mut self, id: NodeId) {
         let now = self.now;
@@ -112,17 +113,21 @@ impl<S: SimStorage> Simulation<S> {
             return;
         };
         let node = member.driver.node();
-        let state = member.state.read().expect("one thread: never poisoned");
+        let state = member.app.state.read().expect("one thread: never poisoned");
         let role = RoleView {
             leading: node.role() == Role::Leader,
             term: node.term(),
             applied: state.applied_index(),
             last_index: node.last_id().index,
         };
-        let change = member.leases.clock.follow(lease_time(now), role, &state.kv);
+        let change = member
+            .app
+            .leases
+            .clock
+            .follow(lease_time(now), role, &state.kv);
         drop(state);
         if change.promote {
-            self.last_lease_promotion = now;
+            self.app.last_lease_promotion = now;
             self.trace.record(&[30, id, now]);
         }
         if self.options.verbose && (change.promote || change.demote) {
@@ -140,11 +145,17 @@ impl<S: SimStorage> Simulation<S> {
         let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
             return;
         };
-        if member.leases.clock.next_wakeup().is_none_or(|at| at > now) {
+        if member
+            .app
+            .leases
+            .clock
+            .next_wakeup()
+            .is_none_or(|at| at > now)
+        {
             return;
         }
-        let leases = &mut member.leases;
-        let state = member.state.read().expect("one thread: never poisoned");
+        let leases = &mut member.app.leases;
+        let state = member.app.state.read().expect("one thread: never poisoned");
         let room = (REVOKES_IN_FLIGHT_MAX - leases.revokes_in_flight).min(REVOKES_PER_ROUND);
         for lease in leases.clock.take_expired(now, &state.kv, room) {
             let command = LeaseClock::revoke_command(lease).encode();
@@ -197,15 +208,19 @@ impl<S: SimStorage> Simulation<S> {
             .get_mut(&id)
             .and_then(SimNode::member_mut)
             .expect("running");
-        if !member.leases.clock.is_primary() {
+        if !member.app.leases.clock.is_primary() {
             return;
         }
-        let state = member.state.read().expect("one thread: never poisoned");
+        let state = member.app.state.read().expect("one thread: never poisoned");
         let ids: Vec<i64> = state.kv.leases().map(|lease| lease.id()).collect();
         let mut acked = Vec::new();
         for lease in ids {
             if let RenewDecision::Answer { ttl_seconds } =
-                member.leases.clock.renew(lease_time(now), &state.kv, lease)
+                member
+                    .app
+                    .leases
+                    .clock
+                    .renew(lease_time(now), &state.kv, lease)
                 && ttl_seconds > 0
             {
                 acked.push((lease, ttl_seconds));
@@ -213,7 +228,7 @@ impl<S: SimStorage> Simulation<S> {
         }
         drop(state);
         for (lease, ttl_seconds) in acked {
-            self.leases.keep_alive_acked(lease, ttl_seconds, now);
+            self.app.leases.keep_alive_acked(lease, ttl_seconds, now);
             self.trace.record(&[32, id, lease as u64]);
         }
     }
@@ -222,7 +237,7 @@ impl<S: SimStorage> Simulation<S> {
     pub(super) fn lessor_answered(&mut self, id: NodeId, waiter: LessorWaiter, applied: bool) {
         let now = lease_time(self.now);
         if let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) {
-            member.leases.answered(waiter, applied, now);
+            member.app.leases.answered(waiter, applied, now);
         }
     }
 
@@ -245,12 +260,13 @@ impl<S: SimStorage> Simulation<S> {
             Response::LeaseGrant(grant) if !result.duplicate => {
                 if let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) {
                     member
+                        .app
                         .leases
                         .clock
                         .granted(lease_time(self.now), grant.id, grant.ttl);
                 }
                 if first_anywhere {
-                    self.leases.granted(grant.id, grant.ttl, self.now);
+                    self.app.leases.granted(grant.id, grant.ttl, self.now);
                 }
                 Ok(())
             }
@@ -275,7 +291,8 @@ impl<S: SimStorage> Simulation<S> {
                 let upper_bound = (self.phase == Phase::Liveness && self.lease_clock_running())
                     .then(|| self.revoke_bound(revoke.id))
                     .flatten();
-                self.leases
+                self.app
+                    .leases
                     .revoked(revoke.id, self.now, renewals_promised, upper_bound)
             }
             _ => Ok(()),
@@ -287,16 +304,16 @@ impl<S: SimStorage> Simulation<S> {
         self.nodes
             .values()
             .filter_map(SimNode::member)
-            .any(|member| member.leases.clock.is_primary())
+            .any(|member| member.app.leases.clock.is_primary())
     }
 
     /// The latest a lease may be revoked in the liveness phase: the latest of its last
     /// promise, the last promotion's deadline for it (TTL plus the extension) and the healed
     /// cluster's settling, plus the allowance for revoking it.
     fn revoke_bound(&self, lease: i64) -> Option<u64> {
-        let (promised_until, ttl_ms) = self.leases.latest_promise(lease)?;
+        let (promised_until, ttl_ms) = self.app.leases.latest_promise(lease)?;
         let extend = ELECTION_TIMEOUT_TICKS * TICK_TIME;
-        let promoted_until = self.last_lease_promotion + extend + ttl_ms;
+        let promoted_until = self.app.last_lease_promotion + extend + ttl_ms;
         let settled = self.options.fault_phase_time + LIVENESS_SETTLE_TIME;
         Some(promised_until.max(promoted_until).max(settled) + REVOKE_ALLOWANCE_TIME)
     }
@@ -317,6 +334,6 @@ impl<S: SimStorage> Simulation<S> {
         self.nodes
             .get(&leader)
             .and_then(SimNode::member)
-            .is_some_and(|member| member.state().kv.leases().len() == 0)
+            .is_some_and(|member| member.app.state().kv.leases().len() == 0)
     }
 }

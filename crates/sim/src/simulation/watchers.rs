@@ -19,7 +19,8 @@ use flotilla_server::watch::hub::WatchedRange;
 use flotilla_server::watch::watcher::{Sources, Step, WatchSpec, Watcher, step_all};
 use tokio::sync::Notify;
 
-use super::{Member, SimNode, Simulation};
+use super::etcd::{EtcdApp, EtcdMember};
+use super::{SimNode, Simulation};
 use crate::storage::SimStorage;
 
 /// The range every simulated watcher watches: the register keys.
@@ -64,7 +65,7 @@ fn spec() -> WatchSpec {
 /// How far back a restarted member's resuming watcher starts (see `start_node`).
 pub(super) const RESUME_BEHIND_REVISIONS: i64 = 5;
 
-impl<S: SimStorage> Member<S> {
+impl EtcdMember {
     /// The store's revision.
     pub(super) fn current_revision(&self) -> i64 {
         let state = self.state.read().expect("one thread: never poisoned");
@@ -92,15 +93,16 @@ impl<S: SimStorage> Member<S> {
     }
 }
 
-impl<S: SimStorage> Simulation<S> {
+impl<S: SimStorage> Simulation<S, EtcdApp> {
     /// Lets member `id`'s watchers deliver what they can, and checks every event they deliver
     /// and, once a watcher is in sync, that it missed nothing.
     pub(super) fn step_watchers(&mut self, id: NodeId) {
         let Some(member) = self.nodes.get_mut(&id).and_then(SimNode::member_mut) else {
             return;
         };
-        let expected = self.kv.watched_events();
+        let expected = self.app.kv.watched_events();
         let starts: Vec<usize> = member
+            .app
             .watchers
             .iter()
             .map(|w| expected.partition_point(|(revision, _)| *revision < w.from_revision))
@@ -111,10 +113,10 @@ impl<S: SimStorage> Simulation<S> {
         let mut rounds = 0;
         loop {
             let sources = Sources {
-                state: &member.state,
-                hub: &member.hub,
+                state: &member.app.state,
+                hub: &member.app.hub,
             };
-            let watchers = member.watchers.iter_mut().enumerate();
+            let watchers = member.app.watchers.iter_mut().enumerate();
             let active = watchers.filter(|(slot, _)| !restart.contains(slot));
             let steps = step_all(active.map(|(slot, w)| (slot, &mut w.watcher)), sources);
             if steps.is_empty() {
@@ -123,7 +125,7 @@ impl<S: SimStorage> Simulation<S> {
             rounds += 1;
             assert!(rounds <= STEPS_MAX, "node {id}: a watcher never caught up");
             for (slot, step) in steps {
-                let sim_watcher = &mut member.watchers[slot];
+                let sim_watcher = &mut member.app.watchers[slot];
                 match step {
                     Step::Compacted(_) => restart.push(slot),
                     Step::Batches(batches) => {
@@ -145,8 +147,8 @@ impl<S: SimStorage> Simulation<S> {
                 }
             }
         }
-        let current = member.current_revision();
-        for (slot, sim_watcher) in member.watchers.iter().enumerate() {
+        let current = member.app.current_revision();
+        for (slot, sim_watcher) in member.app.watchers.iter().enumerate() {
             if sim_watcher.watcher.is_synced() {
                 let due = expected[starts[slot]..]
                     .iter()
@@ -163,9 +165,9 @@ impl<S: SimStorage> Simulation<S> {
         restart.sort_unstable();
         // Cancelled by a compaction: a client watches again from the present.
         for slot in restart.into_iter().rev() {
-            let mut cancelled = member.watchers.remove(slot);
-            cancelled.watcher.close(&member.hub);
-            member.start_watcher(0);
+            let mut cancelled = member.app.watchers.remove(slot);
+            cancelled.watcher.close(&member.app.hub);
+            member.app.start_watcher(0);
             self.report.watchers_restarted += 1;
         }
     }
