@@ -26,11 +26,13 @@ use flotilla_kv::Response;
 use flotilla_proto::etcdserverpb::AlarmResponse;
 use flotilla_raft::{ConfChange, NodeId};
 use prost::Message as _;
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::frontend::Frontend;
 use crate::lease::LeaseError;
 use crate::node::{NodeError, NodeStatus, TrackedWrite};
+use crate::peer_proto::peer_client::PeerClient;
 use crate::peer_proto::{
     ForwardRequest, ForwardResponse, MemberInfo, Members, forward_request, forward_response,
 };
@@ -485,14 +487,14 @@ impl Frontend {
         if self.identity.is_cut_off_from(leader) {
             return Err(RouteError::Undelivered); // the (dev) partition
         }
-        let mut client = self.peer(leader)?;
+        let client = self.peer(leader)?;
         let mut call = Request::new(ForwardRequest {
             request: Some(request.clone()),
             session_id,
         });
         self.identity.stamp(call.metadata_mut(), leader);
         call.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match client.forward(call).await {
+        match send_forward(client, call).await {
             Ok(response) => Answer::from_wire(response.into_inner()),
             Err(status) if never_sent(&status) => {
                 tracing::debug!(leader, "forwarding failed, nothing sent: {status}");
@@ -513,6 +515,25 @@ impl Frontend {
             Err(status) => Err(RouteError::Failed(status)),
         }
     }
+}
+
+/// Sends a forwarded request on a task of its own, so that the call runs to its end even when
+/// the caller stops waiting for it (the write was applied here first, see
+/// `Frontend::at_leader`). Dropped instead, the call would reset its HTTP/2 stream; the
+/// leader's answer, arriving once the stream is forgotten (h2 remembers 50 reset streams),
+/// counts as a protocol error on the connection, and h2 closes a connection after 1,024 of
+/// them (GOAWAY, ENHANCE_YOUR_CALM), failing every forward in flight on it. Under `etcdctl
+/// check perf --load=m` that happened every 10 to 15 s on each follower.
+async fn send_forward(
+    mut client: PeerClient<Channel>,
+    call: Request<ForwardRequest>,
+) -> Result<tonic::Response<ForwardResponse>, Status> {
+    let call = tokio::spawn(async move { client.forward(call).await });
+    call.await.unwrap_or_else(|join_error| {
+        Err(Status::internal(format!(
+            "flotilla: the forwarding task failed: {join_error}"
+        )))
+    })
 }
 
 /// A tracked write's outcome as this member applied it (`None`: the apply thread stopped).
@@ -555,9 +576,15 @@ fn is_transport_failure(status: &Status) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
+    use tonic::Streaming;
     use tonic::transport::Endpoint;
 
     use super::*;
+    use crate::peer_proto::peer_server::{Peer, PeerServer};
+    use crate::peer_proto::{ClusterInfoRequest, ClusterInfoResponse, RaftBatch, StreamClosed};
     use crate::transport::peer_client;
 
     /// A forward over a connection that cannot be opened, and one over a connection the
@@ -583,6 +610,136 @@ mod tests {
 
         // The negative space: a status with no transport cause is not known to be unsent.
         assert!(!never_sent(&Status::unavailable("transport error")));
+    }
+
+    /// A peer that answers each forward only when told to, and says when a forward was
+    /// cancelled (its stream reset by the caller) before it answered.
+    struct SlowPeer {
+        entered: tokio::sync::mpsc::UnboundedSender<()>,
+        release: Arc<tokio::sync::Semaphore>,
+        cancelled: tokio::sync::mpsc::UnboundedSender<()>,
+    }
+
+    /// Says so if dropped before `answered` is set.
+    struct CancelSignal {
+        cancelled: tokio::sync::mpsc::UnboundedSender<()>,
+        answered: bool,
+    }
+
+    impl Drop for CancelSignal {
+        fn drop(&mut self) {
+            if !self.answered {
+                let _ = self.cancelled.send(());
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Peer for SlowPeer {
+        async fn raft(
+            &self,
+            _: Request<Streaming<RaftBatch>>,
+        ) -> Result<tonic::Response<StreamClosed>, Status> {
+            Err(Status::unimplemented("raft"))
+        }
+
+        async fn snapshot(
+            &self,
+            _: Request<Streaming<RaftBatch>>,
+        ) -> Result<tonic::Response<StreamClosed>, Status> {
+            Err(Status::unimplemented("snapshot"))
+        }
+
+        /// Dropped by the server if the caller resets the stream while it waits.
+        async fn forward(
+            &self,
+            _: Request<ForwardRequest>,
+        ) -> Result<tonic::Response<ForwardResponse>, Status> {
+            let mut signal = CancelSignal {
+                cancelled: self.cancelled.clone(),
+                answered: false,
+            };
+            self.entered.send(()).expect("the test listens");
+            self.release.acquire().await.expect("never closed").forget();
+            signal.answered = true;
+            Ok(tonic::Response::new(ForwardResponse::default()))
+        }
+
+        async fn cluster_info(
+            &self,
+            _: Request<ClusterInfoRequest>,
+        ) -> Result<tonic::Response<ClusterInfoResponse>, Status> {
+            Err(Status::unimplemented("cluster_info"))
+        }
+
+        async fn hash_kv(
+            &self,
+            _: Request<HashKvRequest>,
+        ) -> Result<tonic::Response<HashKvResponse>, Status> {
+            Err(Status::unimplemented("hash_kv"))
+        }
+    }
+
+    /// A forward whose caller stops waiting (the write was applied at the follower first)
+    /// runs to its end: its stream is not reset, and the leader answers it. (Before, the
+    /// dropped call reset its stream; when the leader's answer was already on its way, h2
+    /// counted it as a protocol error, and closed the connection after 1,024, failing every
+    /// forward in flight on it: under `etcdctl check perf --load=m`, every 10 to 15 s.)
+    #[tokio::test]
+    async fn a_forward_runs_to_its_end_when_its_caller_stops_waiting() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+        let (cancelled_tx, mut cancelled) = tokio::sync::mpsc::unbounded_channel();
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let peer = SlowPeer {
+            entered: entered_tx,
+            release: release.clone(),
+            cancelled: cancelled_tx,
+        };
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(peer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let endpoint = Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+        let client = peer_client(endpoint.connect_lazy());
+        let forward = || {
+            tokio::spawn(send_forward(
+                client.clone(),
+                Request::new(ForwardRequest::default()),
+            ))
+        };
+        const CALLS: usize = 20;
+        let callers: Vec<_> = (0..CALLS).map(|_| forward()).collect();
+        for _ in 0..CALLS {
+            entered.recv().await.expect("the peer runs");
+        }
+        // Every call reached the peer, and its caller gives up.
+        for caller in &callers {
+            caller.abort();
+        }
+        for caller in callers {
+            assert!(caller.await.unwrap_err().is_cancelled());
+        }
+        // One more call on the same connection: the peer reads it after any reset of the
+        // earlier streams (frames arrive in order), and this single-threaded runtime runs the
+        // earlier streams' tasks, woken by those resets, before the new one's.
+        let last = forward();
+        entered.recv().await.expect("the peer runs");
+        let mut reset = 0;
+        while cancelled.try_recv().is_ok() {
+            reset += 1;
+        }
+        assert_eq!(
+            reset, 0,
+            "forwards whose callers left were reset at the peer"
+        );
+        release.add_permits(CALLS + 1);
+        last.await
+            .expect("not aborted")
+            .expect("the connection still carries forwards");
+        server.abort();
     }
 
     async fn forward_to(port: u16) -> Status {
