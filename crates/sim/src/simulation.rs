@@ -30,6 +30,7 @@ use crate::digest::{AppliedRecord, payload_digest, text_digest};
 use crate::options::{SimOptions, TICK_TIME};
 use crate::storage::SimStorage;
 use crate::trace::TraceDigest;
+use crate::workload;
 
 mod application;
 mod clients;
@@ -910,11 +911,7 @@ impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
 
     /// Replaces the state machine with the snapshot the core installed, as the server does.
     fn load_snapshot(&mut self, id: NodeId, meta: &flotilla_raft::SnapshotMeta) {
-        let member = self
-            .nodes
-            .get_mut(&id)
-            .and_then(SimNode::member_mut)
-            .expect("running");
+        let member = self.member_mut(id);
         let (stored, data) = member
             .driver
             .storage()
@@ -1354,11 +1351,7 @@ impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
             node.membership().voters.iter().copied().collect()
         };
         let target = voters[self.prng.range(0, voters.len() as u64) as usize];
-        let driver = self
-            .nodes
-            .get_mut(&leader)
-            .and_then(SimNode::driver_mut)
-            .expect("running");
+        let driver = &mut self.member_mut(leader).driver;
         let _ = driver.transfer_leader(target);
         self.trace.record(&[19, leader, target]);
         self.process(leader);
@@ -1420,11 +1413,7 @@ impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
             steps: step.clone(),
             context: Bytes::new(),
         };
-        let driver = self
-            .nodes
-            .get_mut(&leader)
-            .and_then(SimNode::driver_mut)
-            .expect("running");
+        let driver = &mut self.member_mut(leader).driver;
         let result = driver
             .propose_membership(change, Waiter::Internal)
             .map_err(|(_, refusal)| refusal);
@@ -1471,11 +1460,7 @@ impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
             return;
         }
         let command = self.app.internal_command(0);
-        let driver = self
-            .nodes
-            .get_mut(&leader)
-            .and_then(SimNode::driver_mut)
-            .expect("running");
+        let driver = &mut self.member_mut(leader).driver;
         let _ = driver.propose(command, Waiter::Internal);
         self.trace.record(&[20, leader]);
         self.process(leader);
@@ -1498,6 +1483,46 @@ impl<S: SimStorage, A: Application<S>> Simulation<S, A> {
             return None;
         }
         Some(running[self.prng.range(0, running.len() as u64) as usize])
+    }
+
+    /// A read of `client`'s answered by member `id` from its state at `applied`. A
+    /// linearizable one (`floor_index` given: the highest write acknowledged before it began)
+    /// must see every write acknowledged before it began.
+    fn read_answered(
+        &mut self,
+        id: NodeId,
+        client: usize,
+        applied: Index,
+        floor_index: Option<Index>,
+    ) {
+        if let Some(floor_index) = floor_index {
+            assert!(
+                applied >= floor_index,
+                "stale read on node {id}: it applied {applied} but write {floor_index} was \
+                 acknowledged before the read began"
+            );
+        }
+        self.report.reads_ok += 1;
+        self.trace.record(&[17, client as u64, applied]);
+    }
+
+    /// Counts how `client`'s request (its `requests_started`th, a `write` or not) ended, and
+    /// schedules its next one.
+    fn request_ended(
+        &mut self,
+        client: usize,
+        requests_started: u64,
+        write: bool,
+        outcome: &workload::Outcome,
+    ) {
+        match outcome {
+            workload::Outcome::Fail => self.report.writes_failed += 1,
+            workload::Outcome::Unknown if write => self.report.writes_unknown += 1,
+            _ => {}
+        }
+        self.trace.record(&[15, client as u64, requests_started]);
+        let delay = self.prng.range(1, 30);
+        self.schedule(delay, Event::ClientWake { client });
     }
 
     /// Running member `id`.

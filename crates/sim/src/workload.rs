@@ -266,12 +266,15 @@ impl History {
         process: &mut u64,
         f: Function,
         key: &str,
-        outcome: Outcome,
+        outcome: &Outcome,
         time: u64,
     ) {
         let (kind, value) = match outcome {
             Outcome::Done => (EventType::Ok, Value::Null),
-            Outcome::Read(value) => (EventType::Ok, value.map_or(Value::Null, Value::from)),
+            Outcome::Read(value) => (
+                EventType::Ok,
+                value.as_deref().map_or(Value::Null, Value::from),
+            ),
             Outcome::Fail => (EventType::Fail, Value::Null),
             Outcome::Unknown => (EventType::Info, Value::Null),
         };

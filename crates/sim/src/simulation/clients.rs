@@ -210,6 +210,7 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
             self.app.clients[client].attempt = Some(attempt);
             return self.answer_read(node, client, id, false);
         }
+        // Borrowed field by field: the requests below also touch the clients and the trace.
         let member = self
             .nodes
             .get_mut(&node)
@@ -539,15 +540,7 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
         let op = c.op.as_ref().expect("a read in progress");
         let state = member.app.state();
         let applied = state.applied_index();
-        if linearizable {
-            // A read sees every write acknowledged before it began.
-            assert!(
-                applied >= op.floor_index,
-                "stale read on node {id}: it applied {applied} but write {} was acknowledged \
-                 before the read began",
-                op.floor_index
-            );
-        }
+        let floor_index = linearizable.then_some(op.floor_index);
         let range = op.request.range().expect("a read");
         let response = state
             .kv
@@ -564,8 +557,7 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
             seen.resize(REGISTER_KEYS as usize, None);
             seen[index] = value.clone();
         }
-        self.report.reads_ok += 1;
-        self.trace.record(&[17, client as u64, applied]);
+        self.read_answered(id, client, applied, floor_index);
         self.app.clients[client].leader_hint = Some(id);
         self.finish_request(client, Outcome::Read(value));
     }
@@ -579,21 +571,15 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
         if liveness && op.request.is_write() && matches!(outcome, Outcome::Done) {
             c.final_write_ok = !matches!(op.request, Request::RegisterSession);
         }
-        match outcome {
-            Outcome::Fail => self.report.writes_failed += 1,
-            Outcome::Unknown if op.request.is_write() => self.report.writes_unknown += 1,
-            _ => {}
-        }
         if op.in_history {
             let (f, key, _) = op.request.register_op().expect("a register operation");
             let time = self.now * NS_PER_TIME_UNIT;
             self.app
                 .history
-                .complete(&mut c.process, f, key, outcome, time);
+                .complete(&mut c.process, f, key, &outcome, time);
         }
-        self.trace.record(&[15, client as u64, c.requests_started]);
-        let delay = self.prng.range(1, 30);
-        self.schedule(delay, Event::ClientWake { client });
+        let started = c.requests_started;
+        self.request_ended(client, started, op.request.is_write(), &outcome);
     }
 }
 

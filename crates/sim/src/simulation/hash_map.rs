@@ -64,12 +64,6 @@ pub struct HashMapApp {
     /// The simulator's own commands so far.
     internal_commands: u64,
     history: History,
-    writes_ok: u64,
-    writes_failed: u64,
-    writes_unknown: u64,
-    reads_ok: u64,
-    session_repeats: u64,
-    sessions_expired: u64,
 }
 
 /// One client request.
@@ -169,12 +163,6 @@ impl<S: SimStorage> Application<S> for HashMapApp {
             written: BTreeMap::new(),
             internal_commands: 0,
             history: History::default(),
-            writes_ok: 0,
-            writes_failed: 0,
-            writes_unknown: 0,
-            reads_ok: 0,
-            session_repeats: 0,
-            sessions_expired: 0,
         }
     }
 
@@ -205,8 +193,13 @@ impl<S: SimStorage> Application<S> for HashMapApp {
         first_anywhere: bool,
     ) -> SessionReply<Outcome> {
         let output = StateMachine::apply(&mut sim.member_mut(id).app, entry);
-        if first_anywhere && let Err(violation) = sim.app.record_put(entry, &output) {
-            panic!("{violation}");
+        if first_anywhere {
+            if let SessionReply::Repeated(_) = output {
+                sim.report.session_repeats += 1;
+            }
+            if let Err(violation) = sim.app.record_put(entry, &output) {
+                panic!("{violation}");
+            }
         }
         output
     }
@@ -333,12 +326,6 @@ impl<S: SimStorage> Application<S> for HashMapApp {
 
     fn finish(&self, report: &mut RunReport) {
         report.history_operations = self.history.events.len() as u64;
-        report.writes_ok = self.writes_ok;
-        report.writes_failed = self.writes_failed;
-        report.writes_unknown = self.writes_unknown;
-        report.reads_ok = self.reads_ok;
-        report.session_repeats = self.session_repeats;
-        report.sessions_expired = self.sessions_expired;
     }
 }
 
@@ -382,9 +369,6 @@ impl HashMapApp {
         entry: &Entry,
         output: &SessionReply<Outcome>,
     ) -> Result<(), Violation> {
-        if let SessionReply::Repeated(_) = output {
-            self.session_repeats += 1;
-        }
         let SessionReply::Applied(Outcome::Done { .. }) = output else {
             return Ok(());
         };
@@ -542,7 +526,7 @@ impl<S: SimStorage> Simulation<S, HashMapApp> {
             // an earlier attempt may have been. Register again.
             (_, SessionReply::Expired { .. }) => {
                 c.session = None;
-                self.app.sessions_expired += 1;
+                self.report.sessions_expired += 1;
                 Ending::Unknown
             }
             (request, output) => {
@@ -559,7 +543,7 @@ impl<S: SimStorage> Simulation<S, HashMapApp> {
         }
         if matches!(ending, Ending::Done) && request != Request::Register {
             self.app.acked_write_index_max = self.app.acked_write_index_max.max(index);
-            self.app.writes_ok += 1;
+            self.report.writes_ok += 1;
         }
         self.finish_map_request(client, ending);
     }
@@ -575,16 +559,9 @@ impl<S: SimStorage> Simulation<S, HashMapApp> {
             panic!("client {client}: a read answered for {:?}", op.request);
         };
         let applied = machine.applied_index();
-        // A read sees every write acknowledged before it began.
-        assert!(
-            applied >= op.floor_index,
-            "stale read on node {id}: it applied {applied} but write {} was acknowledged \
-             before the read began",
-            op.floor_index
-        );
         let value = machine.inner().get(key).map(str::to_string);
-        self.app.reads_ok += 1;
-        self.trace.record(&[17, client as u64, applied]);
+        let floor_index = op.floor_index;
+        self.read_answered(id, client, applied, Some(floor_index));
         self.app.clients[client].leader_hint = Some(id);
         self.finish_map_request(client, Ending::Read(value));
     }
@@ -599,19 +576,13 @@ impl<S: SimStorage> Simulation<S, HashMapApp> {
         if liveness && write && matches!(ending, Ending::Done) {
             c.final_write_ok = true;
         }
-        match ending {
-            Ending::Fail => self.app.writes_failed += 1,
-            Ending::Unknown if write => self.app.writes_unknown += 1,
-            _ => {}
-        }
         if let Some((f, key, _)) = op.request.history_op() {
             let time = self.now * NS_PER_TIME_UNIT;
             self.app
                 .history
-                .complete(&mut c.process, f, key, ending, time);
+                .complete(&mut c.process, f, key, &ending, time);
         }
-        self.trace.record(&[15, client as u64, c.requests_started]);
-        let delay = self.prng.range(1, 30);
-        self.schedule(delay, Event::ClientWake { client });
+        let started = c.requests_started;
+        self.request_ended(client, started, write, &ending);
     }
 }

@@ -203,11 +203,7 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
             return;
         }
         let now = self.now;
-        let member = self
-            .nodes
-            .get_mut(&id)
-            .and_then(SimNode::member_mut)
-            .expect("running");
+        let member = self.member_mut(id);
         if !member.app.leases.clock.is_primary() {
             return;
         }
