@@ -93,6 +93,10 @@ mutants() {
         'if let Some(remembered) = &session.output {' \
         'if let Some(remembered) = &None::<S::Output> {' \
         --seeds 300 --app hash-map
+    mutant snapshot-of-an-unknown-configuration crates/raft/src/node/snapshot.rs \
+        'if membership.voters.is_empty() {' \
+        'if false {' \
+        --seeds 300 --seed-start 600000 --app hash-map --storage wal --membership
     mutant watch-shared-read-from-its-start crates/server/src/watch/watcher.rs \
         'let events = self.spec.select(&batch.events[first..]);' \
         'let events = self.spec.select(&batch.events[first - first..]);' \
