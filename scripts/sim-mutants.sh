@@ -98,8 +98,8 @@ mutants() {
         'if false {' \
         --seeds 300 --seed-start 600000 --app hash-map --storage wal --membership
     mutant watch-shared-read-from-its-start crates/server/src/watch/watcher.rs \
-        'let events = self.spec.select(&batch.events[first..]);' \
-        'let events = self.spec.select(&batch.events[first - first..]);' \
+        'let events = self.spec.select(&events[first..]);' \
+        'let events = self.spec.select(&events[first - first..]);' \
         --seeds 300
 }
 

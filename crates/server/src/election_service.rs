@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status};
 
 use crate::key_queue::{participant_key, queue_prefix};
 use crate::services::ClientServices;
+use crate::watch::event::WatchEvent;
 use crate::watch::hub::WatchedRange;
 use crate::watch::watcher::{Batch, Sources, Step, WatchSpec, Watcher};
 
@@ -231,7 +232,7 @@ async fn follow_leaders(
                 return Ok(());
             };
             for Batch { revision, events } in batches {
-                for event in events {
+                for event in events.iter().map(WatchEvent::to_event) {
                     if event.r#type == EventType::Delete as i32 {
                         break 'leader;
                     }
@@ -317,6 +318,7 @@ impl<'a> Events<'a> {
             let put = batches
                 .into_iter()
                 .flat_map(|batch| batch.events)
+                .map(|event| event.to_event())
                 .find(|event| event.r#type == EventType::Put as i32);
             if let Some(kv) = put.and_then(|event| event.kv) {
                 return Ok(Some(kv));

@@ -25,7 +25,7 @@ use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::kv_server::Kv;
 use flotilla_proto::etcdserverpb::lease_server::Lease;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
-use flotilla_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest};
+use flotilla_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest, WatchResponse};
 use flotilla_proto::v3electionpb::election_server::Election;
 use flotilla_proto::v3lockpb::lock_server::Lock;
 use serde::Serialize;
@@ -37,6 +37,7 @@ use tonic::{Code, Status};
 use crate::election_service::ElectionService;
 use crate::lock_service::LockService;
 use crate::services::ClientServices;
+use crate::watch::event::WatchOut;
 
 /// What the gateway's handlers call.
 #[derive(Clone, Debug)]
@@ -376,11 +377,19 @@ fn requests_then_wait<T: Send + 'static>(
 
 async fn watch(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     match parse_all::<WatchRequest>(&body) {
-        Ok(requests) => answer_stream(gateway.services.open_watch(
-            requests_then_wait(requests),
-            false,
-            token_credentials(&headers),
-        )),
+        Ok(requests) => answer_stream(
+            gateway
+                .services
+                .open_watch(
+                    requests_then_wait(requests),
+                    false,
+                    token_credentials(&headers),
+                )
+                .map(|responses| {
+                    Box::pin(responses.map(|out| out.map(WatchOut::into_response)))
+                        as BoxStream<WatchResponse>
+                }),
+        ),
         Err(status) => error_response(&status),
     }
 }

@@ -22,7 +22,6 @@ use flotilla_proto::etcdserverpb::cluster_server::ClusterServer;
 use flotilla_proto::etcdserverpb::kv_server::KvServer;
 use flotilla_proto::etcdserverpb::lease_server::LeaseServer;
 use flotilla_proto::etcdserverpb::maintenance_server::MaintenanceServer;
-use flotilla_proto::etcdserverpb::watch_server::WatchServer;
 use flotilla_proto::flotilla::session::v1::session_server::SessionServer;
 use flotilla_proto::mvccpb::Event;
 use flotilla_raft::{Role, SnapshotPolicy};
@@ -377,7 +376,6 @@ impl Servers {
                     .max_decoding_message_size(receive_bytes_max)
                     .max_encoding_message_size(usize::MAX),
             )
-            .add_service(WatchServer::new(services.clone()))
             .add_service(LeaseServer::new(services.clone()))
             .add_service(ClusterServer::new(services.clone()))
             .add_service(MaintenanceServer::new(services.clone()))
@@ -406,10 +404,13 @@ impl Servers {
                 services: services.clone(),
                 receive_bytes_max,
             });
+            // Watch with its own codec: each event's encoding is shared by its watchers.
+            let watch = crate::watch::service::router(services.clone());
             let routes = tonic::service::Routes::from(
                 grpc.routes()
                     .into_axum_router()
                     .merge(range)
+                    .merge(watch)
                     .merge(gateway)
                     .fallback(crate::gateway::not_found),
             );

@@ -6,13 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::watch::event::WatchOut;
 use bytes::Bytes;
 use flotilla_kv::{Command, KvStore, validate_command, validate_range};
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
 use flotilla_proto::etcdserverpb::kv_server::Kv;
 use flotilla_proto::etcdserverpb::lease_server::Lease;
 use flotilla_proto::etcdserverpb::maintenance_server::Maintenance;
-use flotilla_proto::etcdserverpb::watch_server::Watch;
 use flotilla_proto::etcdserverpb::*;
 use flotilla_proto::flotilla::session::v1 as session;
 use flotilla_proto::flotilla::session::v1::session_server::Session;
@@ -190,12 +190,13 @@ fn requires_leader<T>(request: &Request<T>) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-#[tonic::async_trait]
-impl Watch for ClientServices {
-    async fn watch(
+impl ClientServices {
+    /// The Watch method (served by `watch::service`, whose codec writes events' shared
+    /// encodings).
+    pub(crate) async fn watch(
         &self,
         request: Request<Streaming<WatchRequest>>,
-    ) -> Reply<BoxStream<WatchResponse>> {
+    ) -> Reply<BoxStream<WatchOut>> {
         self.observe(WATCH, "Watch", async {
             self.frontend.check_require_leader(&request)?;
             let require_leader = requires_leader(&request);
@@ -204,21 +205,19 @@ impl Watch for ClientServices {
         })
         .await
     }
-}
 
-impl ClientServices {
     /// Serves one Watch stream of requests (from gRPC or the JSON gateway).
     pub(crate) fn open_watch(
         &self,
         inbound: crate::watch::stream::Inbound,
         require_leader: bool,
         credentials: crate::frontend::Credentials,
-    ) -> Result<BoxStream<WatchResponse>, Status> {
+    ) -> Result<BoxStream<WatchOut>, Status> {
         // Learners refuse every stream (etcd-api.md §3.3).
         self.frontend.refuse_learner()?;
         let responses =
             crate::watch::stream::serve(self.watch.clone(), inbound, require_leader, credentials);
-        Ok(Box::pin(responses) as BoxStream<WatchResponse>)
+        Ok(Box::pin(responses) as BoxStream<WatchOut>)
     }
 
     /// Serves one LeaseKeepAlive stream of requests (from gRPC or the JSON gateway).

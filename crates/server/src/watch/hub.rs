@@ -21,6 +21,7 @@ use flotilla_kv::KeyRange;
 use flotilla_proto::mvccpb::Event;
 use tokio::sync::Notify;
 
+use super::event::SharedEvent;
 use crate::metrics::Metrics;
 use crate::state_machine::EventSink;
 
@@ -28,7 +29,7 @@ use crate::state_machine::EventSink;
 #[derive(Debug)]
 pub struct RevisionEvents {
     pub revision: i64,
-    pub events: Vec<Event>,
+    pub events: Vec<Arc<SharedEvent>>,
     /// About how much memory the events hold (keys and values), for queue bounds.
     pub bytes: usize,
 }
@@ -38,7 +39,7 @@ impl RevisionEvents {
         let bytes = events.iter().map(event_bytes).sum();
         RevisionEvents {
             revision,
-            events,
+            events: SharedEvent::shared(events),
             bytes,
         }
     }
@@ -189,8 +190,10 @@ struct HubState {
     subscriptions: HashMap<SubscriptionId, Subscription>,
     /// Watchers of one key, by key: found with one lookup per event.
     by_key: HashMap<Bytes, Vec<SubscriptionId>>,
-    /// Watchers of ranges: each checked against the revision's sorted keys.
-    ranges: BTreeMap<SubscriptionId, ()>,
+    /// Watchers of ranges, by range: each distinct range is checked once against the
+    /// revision's sorted keys, however many watch it (10,000 watchers of one prefix cost one
+    /// check, then one queue offer each, with no lookup).
+    ranges: BTreeMap<WatchedRange, BTreeMap<SubscriptionId, Arc<WatcherQueue>>>,
 }
 
 /// Fans applied events out to subscribed watchers (see the module documentation).
@@ -228,7 +231,8 @@ impl WatchHub {
         if range.is_single_key() {
             state.by_key.entry(range.key.clone()).or_default().push(id);
         } else {
-            state.ranges.insert(id, ());
+            let watchers = state.ranges.entry(range.clone()).or_default();
+            watchers.insert(id, queue.clone());
         }
         state
             .subscriptions
@@ -244,29 +248,44 @@ impl WatchHub {
         self.lock().subscriptions.len()
     }
 
-    fn matching(state: &HubState, events: &[Event]) -> Vec<SubscriptionId> {
+    /// Offers `events` (of `revision`) to the queue of every watcher they concern, each
+    /// once: single-key watchers by lookup, then every watcher of each distinct range that
+    /// holds one of the keys. Returns the watchers whose queues were full.
+    fn offer_matching(
+        &self,
+        state: &HubState,
+        revision: i64,
+        events: &[Event],
+    ) -> Vec<SubscriptionId> {
         let mut keys: Vec<&[u8]> = events
             .iter()
             .filter_map(|event| event.kv.as_ref().map(|kv| &kv.key[..]))
             .collect();
-        let mut matched = Vec::new();
+        let mut single: Vec<SubscriptionId> = Vec::new();
         for key in &keys {
             if let Some(ids) = state.by_key.get(*key) {
-                matched.extend_from_slice(ids);
+                single.extend_from_slice(ids);
             }
         }
-        if !state.ranges.is_empty() {
-            keys.sort_unstable();
-            for &id in state.ranges.keys() {
-                let range = state.subscriptions[&id].range.as_key_range();
-                if range_holds_any(&range, &keys) {
-                    matched.push(id);
-                }
-            }
+        // A key may appear in several events of a revision (a transaction).
+        single.sort_unstable();
+        single.dedup();
+        keys.sort_unstable();
+        let ranges: Vec<_> = (state.ranges.iter())
+            .filter(|(range, _)| range_holds_any(&range.as_key_range(), &keys))
+            .map(|(_, watchers)| watchers)
+            .collect();
+        if single.is_empty() && ranges.is_empty() {
+            return Vec::new();
         }
-        matched.sort_unstable();
-        matched.dedup();
-        matched
+        let shared = Arc::new(RevisionEvents::new(revision, events.to_vec()));
+        let single = (single.iter()).map(|id| (id, &state.subscriptions[id].queue));
+        let ranged = ranges.into_iter().flatten();
+        single
+            .chain(ranged)
+            .filter(|(_, queue)| !queue.offer(&shared, self.bounds))
+            .map(|(&id, _)| id)
+            .collect()
     }
 }
 
@@ -296,8 +315,11 @@ fn remove_subscription(state: &mut HubState, id: SubscriptionId) {
                 state.by_key.remove(&subscription.range.key);
             }
         }
-    } else {
-        state.ranges.remove(&id);
+    } else if let Some(watchers) = state.ranges.get_mut(&subscription.range) {
+        watchers.remove(&id);
+        if watchers.is_empty() {
+            state.ranges.remove(&subscription.range);
+        }
     }
 }
 
@@ -307,18 +329,11 @@ impl EventSink for WatchHub {
         if state.subscriptions.is_empty() {
             return;
         }
-        let matched = WatchHub::matching(&state, events);
-        if matched.is_empty() {
-            return;
-        }
-        let shared = Arc::new(RevisionEvents::new(revision, events.to_vec()));
-        for id in matched {
-            if !state.subscriptions[&id].queue.offer(&shared, self.bounds) {
-                remove_subscription(&mut state, id);
-                self.metrics
-                    .watchers_fell_behind
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        for id in self.offer_matching(&state, revision, events) {
+            remove_subscription(&mut state, id);
+            self.metrics
+                .watchers_fell_behind
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -384,6 +399,33 @@ mod tests {
         assert_eq!(revisions(single.drain(10)), vec![2, 3]);
         assert_eq!(revisions(prefix.drain(10)), vec![3]);
         assert_eq!(revisions(from.drain(10)), vec![4]);
+    }
+
+    #[test]
+    fn every_watcher_of_a_shared_range_gets_its_events_until_it_leaves() {
+        let hub = WatchHub::default();
+        let wake = Arc::new(Notify::new());
+        let queues: Vec<_> = (0..3).map(|_| WatcherQueue::new(wake.clone())).collect();
+        let ids: Vec<_> = (queues.iter())
+            .map(|queue| hub.subscribe(range("p/", "p0"), queue.clone()))
+            .collect();
+        let other = WatcherQueue::new(wake.clone());
+        hub.subscribe(range("q", "\0"), other.clone());
+        hub.publish(2, &[put_event("p/a", 2)]);
+        hub.unsubscribe(ids[1]);
+        hub.publish(3, &[put_event("p/b", 3), put_event("q", 3)]);
+        assert_eq!(revisions(queues[0].drain(10)), vec![2, 3]);
+        assert_eq!(revisions(queues[1].drain(10)), vec![2]);
+        assert_eq!(revisions(queues[2].drain(10)), vec![2, 3]);
+        assert_eq!(revisions(other.drain(10)), vec![3]);
+        for id in [ids[0], ids[2]] {
+            hub.unsubscribe(id);
+        }
+        assert_eq!(hub.subscription_count(), 1);
+        assert!(
+            hub.lock().ranges.keys().all(|r| r.key == "q"),
+            "no empty group left"
+        );
     }
 
     #[test]

@@ -11,12 +11,12 @@ use crate::frontend::Credentials;
 use flotilla_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse, watch_request::RequestUnion,
 };
-use prost::Message as _;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
+use super::event::WatchOut;
 use super::hub::WatchHub;
 use super::watcher::{Batch, Sources, Step, WatchSpec, Watcher, step_all};
 use crate::errors::{NO_LEADER, SERVER_STOPPED};
@@ -47,7 +47,7 @@ pub struct WatchContext {
     pub stopping: watch::Receiver<bool>,
 }
 
-pub type ResponseStream = ReceiverStream<Result<WatchResponse, Status>>;
+pub type ResponseStream = ReceiverStream<Result<WatchOut, Status>>;
 
 /// The client's side of a Watch stream: the gRPC stream, or the JSON gateway's requests.
 pub type Inbound = std::pin::Pin<Box<dyn Stream<Item = Result<WatchRequest, Status>> + Send>>;
@@ -87,7 +87,7 @@ struct Session {
     next_watch_id: i64,
     /// Every watcher's queue wakes the task through this.
     wake: Arc<Notify>,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: mpsc::Sender<Result<WatchOut, Status>>,
 }
 
 impl Session {
@@ -142,7 +142,11 @@ impl Session {
     }
 
     async fn send(&self, response: WatchResponse) -> Result<(), Gone> {
-        self.out.send(Ok(response)).await.map_err(|_| Gone)
+        self.send_out(WatchOut::new(response)).await
+    }
+
+    async fn send_out(&self, out: WatchOut) -> Result<(), Gone> {
+        self.out.send(Ok(out)).await.map_err(|_| Gone)
     }
 
     fn response(&self, watch_id: i64, revision: i64) -> WatchResponse {
@@ -347,13 +351,15 @@ impl Session {
     }
 
     async fn send_batch(&self, watch_id: i64, fragment: bool, batch: Batch) -> Result<(), Gone> {
-        let mut response = self.response(watch_id, batch.revision);
-        response.events = batch.events;
+        let out = WatchOut {
+            response: self.response(watch_id, batch.revision),
+            events: batch.events,
+        };
         if !fragment {
-            return self.send(response).await;
+            return self.send_out(out).await;
         }
-        for piece in fragments(response, self.context.fragment_bytes_max) {
-            self.send(piece).await?;
+        for piece in fragments(out, self.context.fragment_bytes_max) {
+            self.send_out(piece).await?;
         }
         Ok(())
     }
@@ -374,22 +380,19 @@ impl Drop for Session {
 
 /// Splits a response whose encoding exceeds `bytes_max` into pieces of at least one event
 /// each; every piece but the last is marked `fragment`.
-pub fn fragments(response: WatchResponse, bytes_max: usize) -> Vec<WatchResponse> {
-    if response.encoded_len() <= bytes_max || response.events.len() <= 1 {
-        return vec![response];
+pub fn fragments(out: WatchOut, bytes_max: usize) -> Vec<WatchOut> {
+    if out.encoded_len() <= bytes_max || out.events.len() <= 1 {
+        return vec![out];
     }
-    let empty = WatchResponse {
-        events: Vec::new(),
-        ..response.clone()
-    };
+    let empty = WatchOut::new(out.response);
     let base_bytes = empty.encoded_len();
     let mut pieces = Vec::new();
     let mut piece = empty.clone();
     let mut piece_bytes = base_bytes;
-    for event in response.events {
-        let event_bytes = prost::encoding::message::encoded_len(11, &event);
+    for event in out.events {
+        let event_bytes = event.encoded().len();
         if !piece.events.is_empty() && piece_bytes + event_bytes > bytes_max {
-            piece.fragment = true;
+            piece.response.fragment = true;
             pieces.push(std::mem::replace(&mut piece, empty.clone()));
             piece_bytes = base_bytes;
         }
@@ -434,6 +437,7 @@ mod tests {
     use flotilla_proto::mvccpb::{Event, KeyValue};
 
     use super::*;
+    use crate::watch::event::{SharedEvent, WatchEvent};
 
     fn event(size: usize) -> Event {
         Event {
@@ -448,27 +452,44 @@ mod tests {
         }
     }
 
+    fn out(events: Vec<Event>) -> WatchOut {
+        WatchOut {
+            response: WatchResponse {
+                watch_id: 3,
+                ..Default::default()
+            },
+            events: SharedEvent::shared(events)
+                .into_iter()
+                .map(|shared| WatchEvent::new(shared, false))
+                .collect(),
+        }
+    }
+
     #[test]
     fn large_responses_are_split_into_fragments() {
-        let response = WatchResponse {
-            watch_id: 3,
-            events: (0..10).map(|_| event(100)).collect(),
-            ..Default::default()
-        };
-        let pieces = fragments(response.clone(), 350);
+        let whole = out((0..10).map(|_| event(100)).collect());
+        let pieces = fragments(whole.clone(), 350);
         assert!(pieces.len() > 1);
         assert!(pieces.iter().all(|p| p.encoded_len() <= 350));
-        assert!(pieces[..pieces.len() - 1].iter().all(|p| p.fragment));
-        assert!(!pieces.last().unwrap().fragment);
-        let events: Vec<Event> = pieces.into_iter().flat_map(|p| p.events).collect();
-        assert_eq!(events, response.events);
+        assert!(
+            pieces[..pieces.len() - 1]
+                .iter()
+                .all(|p| p.response.fragment)
+        );
+        assert!(!pieces.last().unwrap().response.fragment);
+        let events: Vec<Event> = pieces
+            .into_iter()
+            .flat_map(|p| p.into_response().events)
+            .collect();
+        assert_eq!(events, whole.clone().into_response().events);
         // Small enough: one piece, not a fragment.
-        assert_eq!(fragments(response.clone(), usize::MAX), vec![response]);
+        let unsplit = fragments(whole.clone(), usize::MAX);
+        assert_eq!(unsplit.len(), 1);
+        assert_eq!(
+            unsplit[0].clone().into_response(),
+            whole.clone().into_response()
+        );
         // An event larger than the limit still goes, alone.
-        let big = WatchResponse {
-            events: vec![event(1000), event(1000)],
-            ..Default::default()
-        };
-        assert_eq!(fragments(big, 10).len(), 2);
+        assert_eq!(fragments(out(vec![event(1000), event(1000)]), 10).len(), 2);
     }
 }

@@ -20,10 +20,10 @@ use std::sync::{Arc, RwLock};
 use flotilla_kv::ErrorKind;
 use flotilla_proto::etcdserverpb::WatchCreateRequest;
 use flotilla_proto::etcdserverpb::watch_create_request::FilterType;
-use flotilla_proto::mvccpb::Event;
 use flotilla_proto::mvccpb::event::EventType;
 use tokio::sync::Notify;
 
+use super::event::{SharedEvent, WatchEvent};
 use super::hub::{Drained, SubscriptionId, WatchHub, WatchedRange, WatcherQueue};
 use crate::state_machine::StateMachine;
 
@@ -94,22 +94,17 @@ impl WatchSpec {
     }
 
     /// The events this watcher wants, as it wants them.
-    fn select(&self, events: &[Event]) -> Vec<Event> {
+    fn select(&self, events: &[Arc<SharedEvent>]) -> Vec<WatchEvent> {
         let range = self.range.as_key_range();
         events
             .iter()
-            .filter(|event| {
+            .filter(|shared| {
+                let event = shared.event();
                 event.kv.as_ref().is_some_and(|kv| range.contains(&kv.key))
                     && !(self.no_put && event.r#type == EventType::Put as i32)
                     && !(self.no_delete && event.r#type == EventType::Delete as i32)
             })
-            .map(|event| {
-                let mut event = event.clone();
-                if !self.prev_kv {
-                    event.prev_kv = None;
-                }
-                event
-            })
+            .map(|shared| WatchEvent::new(shared.clone(), self.prev_kv))
             .collect()
     }
 }
@@ -118,7 +113,7 @@ impl WatchSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub revision: i64,
-    pub events: Vec<Event>,
+    pub events: Vec<WatchEvent>,
 }
 
 /// One step of every watcher given that has work, as a stream's task takes them: catching-up
@@ -265,7 +260,7 @@ impl Watcher {
                         continue;
                     }
                     let bytes: usize = if gathering {
-                        events.iter().map(prost::Message::encoded_len).sum()
+                        events.iter().map(|event| event.encoded().len()).sum()
                     } else {
                         0
                     };
@@ -368,8 +363,9 @@ impl Watcher {
                 }
             }
             drop(state);
+            let events = SharedEvent::shared(batch.events);
             for &i in served {
-                steps[i] = Some(group[i].take_history(&batch));
+                steps[i] = Some(group[i].take_history(&events, batch.next_revision));
             }
             next = served_end;
         }
@@ -380,18 +376,15 @@ impl Watcher {
     }
 
     /// This watcher's part of a history read that starts at or before its next revision.
-    fn take_history(&mut self, batch: &flotilla_kv::EventBatch) -> Step {
+    fn take_history(&mut self, events: &[Arc<SharedEvent>], next_revision: i64) -> Step {
         let from = self.next_revision;
-        let first = batch
-            .events
-            .partition_point(|event| event.kv.as_ref().is_some_and(|kv| kv.mod_revision < from));
-        self.next_revision = self.next_revision.max(batch.next_revision);
-        let events = self.spec.select(&batch.events[first..]);
-        match events.last().and_then(|event| event.kv.as_ref()) {
-            Some(kv) => {
-                let revision = kv.mod_revision;
-                Step::Batches(vec![Batch { revision, events }])
-            }
+        let first = events.partition_point(|shared| {
+            (shared.event().kv.as_ref()).is_some_and(|kv| kv.mod_revision < from)
+        });
+        self.next_revision = self.next_revision.max(next_revision);
+        let events = self.spec.select(&events[first..]);
+        match events.last().and_then(WatchEvent::revision) {
+            Some(revision) => Step::Batches(vec![Batch { revision, events }]),
             None => Step::Batches(Vec::new()),
         }
     }
@@ -501,7 +494,7 @@ mod tests {
                     Step::Batches(batches) => {
                         for batch in batches {
                             for event in batch.events {
-                                let kv = event.kv.unwrap();
+                                let kv = event.to_event().kv.unwrap();
                                 assert!(kv.mod_revision <= batch.revision);
                                 seen.push((
                                     kv.mod_revision,
@@ -553,7 +546,7 @@ mod tests {
             if let Step::Batches(batches) = watcher.step(store.sources()) {
                 for batch in batches {
                     for event in batch.events {
-                        let kv = event.kv.unwrap();
+                        let kv = event.to_event().kv.unwrap();
                         seen.push((
                             kv.mod_revision,
                             String::from_utf8_lossy(&kv.key).into_owned(),
@@ -595,15 +588,19 @@ mod tests {
             panic!()
         };
         assert_eq!(deletes.len(), 1);
-        let delete = &deletes[0].events[0];
+        let delete = deletes[0].events[0].to_event();
         assert_eq!(delete.r#type, EventType::Delete as i32);
         assert_eq!(delete.prev_kv.as_ref().unwrap().value, "2");
         let Step::Batches(puts) = puts_only.step(store.sources()) else {
             panic!()
         };
         assert_eq!(puts.len(), 1);
-        assert_eq!(puts[0].events[0].kv.as_ref().unwrap().value, "2");
-        assert_eq!(puts[0].events[0].prev_kv, None, "prev_kv not asked for");
+        assert_eq!(puts[0].events[0].to_event().kv.as_ref().unwrap().value, "2");
+        assert_eq!(
+            puts[0].events[0].to_event().prev_kv,
+            None,
+            "prev_kv not asked for"
+        );
     }
 
     /// Watchers catching up on one range from one revision share each read of history and get,
@@ -638,7 +635,7 @@ mod tests {
             assert!(matches!(&shared[1], Step::Batches(b) if b.iter().all(|b| b
                 .events
                 .iter()
-                .all(|e| e.r#type == EventType::Put as i32))));
+                .all(|e| e.to_event().r#type == EventType::Put as i32))));
             // A write between steps, the seam included.
             store.put(&format!("p/late{steps:02}"), "v");
             steps += 1;
@@ -680,7 +677,7 @@ mod tests {
                     panic!("{step:?}")
                 };
                 for event in batches.into_iter().flat_map(|b| b.events) {
-                    let kv = event.kv.unwrap();
+                    let kv = event.to_event().kv.unwrap();
                     seen[i].push((kv.mod_revision, String::from_utf8_lossy(&kv.key).into()));
                 }
             }
@@ -707,7 +704,7 @@ mod tests {
         let firsts: Vec<i64> = steps
             .iter()
             .map(|step| match step {
-                Step::Batches(batches) => batches[0].events[0].kv.as_ref().unwrap().mod_revision,
+                Step::Batches(batches) => batches[0].events[0].revision().unwrap(),
                 Step::Compacted(_) => panic!("{step:?}"),
             })
             .collect();
@@ -724,10 +721,7 @@ mod tests {
         let Step::Batches(batches) = &steps[1] else {
             panic!()
         };
-        assert_eq!(
-            batches[0].events[0].kv.as_ref().unwrap().mod_revision,
-            expected[200].0
-        );
+        assert_eq!(batches[0].events[0].revision().unwrap(), expected[200].0);
     }
 
     #[test]
@@ -762,7 +756,7 @@ mod tests {
         let got: Vec<i64> = batches[0]
             .events
             .iter()
-            .map(|event| event.kv.as_ref().unwrap().mod_revision)
+            .map(|event| event.revision().unwrap())
             .collect();
         assert_eq!(got, revisions);
 
@@ -781,7 +775,7 @@ mod tests {
             .collect();
         assert_eq!(shape, vec![(big[2], 3), (big[5], 3), (big[6], 1)]);
         for batch in &batches {
-            let bytes: usize = batch.events.iter().map(prost::Message::encoded_len).sum();
+            let bytes: usize = batch.events.iter().map(|e| e.encoded().len()).sum();
             assert!(bytes <= LIVE_BATCH_BYTES_MAX);
         }
     }

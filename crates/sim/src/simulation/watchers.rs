@@ -13,10 +13,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use flotilla_proto::etcdserverpb::WatchResponse;
 use flotilla_proto::mvccpb::Event;
 use flotilla_raft::NodeId;
 use flotilla_server::watch::hub::WatchedRange;
 use flotilla_server::watch::watcher::{Sources, Step, WatchSpec, Watcher, step_all};
+use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::etcd::{EtcdApp, EtcdMember};
@@ -132,8 +134,18 @@ impl<S: SimStorage> Simulation<S, EtcdApp> {
                         for event in batches.into_iter().flat_map(|batch| batch.events) {
                             let position = starts[slot] + sim_watcher.delivered;
                             let want = expected.get(position).map(|(_, event)| event);
+                            // As the client decodes it: an event's encoded entry is a whole
+                            // WatchResponse holding that one event.
+                            let wire = WatchResponse::decode(event.encoded().clone())
+                                .expect("an event's encoding decodes")
+                                .events;
                             assert_eq!(
-                                Some(&event),
+                                wire,
+                                [event.to_event()],
+                                "watch: node {id} encodes an event otherwise than it holds it"
+                            );
+                            assert_eq!(
+                                wire.first(),
                                 want,
                                 "watch: a watcher on node {id} from revision {} delivered, as \
                                  its event number {}, not the store's next event",
