@@ -37,6 +37,7 @@ Every process started is stopped by PID at the end. Results also go to --out as 
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -128,12 +129,16 @@ class Cluster:
         return [p.pid for p in self.procs if p and p.poll() is None]
 
     def cpu_seconds(self):
-        total = 0
+        return sum(self.cpu_user_and_kernel_seconds())
+
+    def cpu_user_and_kernel_seconds(self):
+        user = kernel = 0
         for pid in self.pids():
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        return total / CLK_TCK
+            user += int(fields[11])  # utime (field 14)
+            kernel += int(fields[12])  # stime (field 15)
+        return user / CLK_TCK, kernel / CLK_TCK
 
     def rss_mib(self):
         return [rss_mib_of(pid) for pid in self.pids()[:MEMBERS]]
@@ -163,19 +168,29 @@ class Bench:
     def go_point(self, cluster, op, clients, run, extra=()):
         leader = self.leader(cluster)
         conns = min(clients, 8)
-        cpu_before = cluster.cpu_seconds()
+        user_before, kernel_before = cluster.cpu_user_and_kernel_seconds()
+        # The driver is the only child that ends during the run: its CPU is the difference.
+        driver_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([self.args.go_driver, "--endpoints", leader, "--op", op,
                               "--clients", str(clients), "--conns", str(conns),
                               "--duration", f"{self.args.duration}s", *extra],
                              capture_output=True, text=True, check=True)
-        cpu = cluster.cpu_seconds() - cpu_before
+        driver_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        user_after, kernel_after = cluster.cpu_user_and_kernel_seconds()
+        user, kernel = user_after - user_before, kernel_after - kernel_before
+        driver = (driver_after.ru_utime + driver_after.ru_stime
+                  - driver_before.ru_utime - driver_before.ru_stime)
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        ops = max(r["ops"], 1)
         r.update(kind="go", system=cluster.system, run=run,
-                 cpu_us_per_op=cpu / max(r["ops"], 1) * 1e6)
+                 cpu_us_per_op=(user + kernel) / ops * 1e6,
+                 kernel_cpu_us_per_op=kernel / ops * 1e6,
+                 driver_cpu_us_per_op=driver / ops * 1e6)
         log(f"  go {cluster.system:8} {op:16} {clients:>3} clients: {r['throughput_per_second']:>8.0f}/s"
             f" p50 {r['latency_ms']['p50']:.2f} p99 {r['latency_ms']['p99']:.2f}"
-            f" p99.9 {r['latency_ms']['p99.9']:.2f} ms, {r['cpu_us_per_op']:.0f} µs CPU/op,"
-            f" {r['errors']} errors")
+            f" p99.9 {r['latency_ms']['p99.9']:.2f} ms, {r['cpu_us_per_op']:.0f} µs CPU/op"
+            f" ({r['kernel_cpu_us_per_op']:.0f} in the kernel), the driver"
+            f" {r['driver_cpu_us_per_op']:.0f} µs/op, {r['errors']} errors")
         self.record(r)
 
     def go(self):
@@ -526,11 +541,13 @@ def go_rows(go):
             m = by[system] = median_run(runs)
             yield [op, clients, system, f"{m['throughput_per_second']:,.0f}",
                    *latencies(m, ("p50", "p90", "p99", "p99.9")), f"{m['cpu_us_per_op']:.0f}",
-                   m["errors"]]
+                   f"{m.get('kernel_cpu_us_per_op', float('nan')):.0f}",
+                   f"{m.get('driver_cpu_us_per_op', float('nan')):.0f}", m["errors"]]
         for system in SYSTEMS[1:]:
             if "etcd" in by and system in by:
                 ratio = by[system]["throughput_per_second"] / by["etcd"]["throughput_per_second"]
-                yield [op, clients, f"**{system} / etcd**", f"**{ratio:.2f}x**", "", "", "", "", "", ""]
+                yield [op, clients, f"**{system} / etcd**", f"**{ratio:.2f}x**", "", "", "", "", "", "",
+                       "", ""]
 
 
 def report(results):
@@ -538,7 +555,7 @@ def report(results):
     if go := [r for r in of("go") if r["op"] not in ("kubernetes", "fanout", "lists")]:
         table(f"etcd's Go client (clientv3), to the leader, median of {len({r['run'] for r in go})} runs",
               ["op", "clients", "system", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms",
-               "CPU µs/op", "errors"], go_rows(go))
+               "CPU µs/op", "of which kernel", "Go driver µs/op", "errors"], go_rows(go))
     if k8s := [r for r in of("go") if r["op"] == "kubernetes"]:
         rows = []
         for clients in sorted({r["clients"] for r in k8s}):
