@@ -578,13 +578,10 @@ fn is_transport_failure(status: &Status) -> bool {
 mod tests {
     use std::sync::Arc;
 
-    use flotilla_proto::etcdserverpb::{HashKvRequest, HashKvResponse};
-    use tonic::Streaming;
     use tonic::transport::Endpoint;
 
     use super::*;
     use crate::peer_proto::peer_server::{Peer, PeerServer};
-    use crate::peer_proto::{ClusterInfoRequest, ClusterInfoResponse, RaftBatch, StreamClosed};
     use crate::transport::peer_client;
 
     /// A forward over a connection that cannot be opened, and one over a connection the
@@ -634,22 +631,9 @@ mod tests {
         }
     }
 
+    /// Only `forward` is served; the generated defaults answer the rest UNIMPLEMENTED.
     #[tonic::async_trait]
     impl Peer for SlowPeer {
-        async fn raft(
-            &self,
-            _: Request<Streaming<RaftBatch>>,
-        ) -> Result<tonic::Response<StreamClosed>, Status> {
-            Err(Status::unimplemented("raft"))
-        }
-
-        async fn snapshot(
-            &self,
-            _: Request<Streaming<RaftBatch>>,
-        ) -> Result<tonic::Response<StreamClosed>, Status> {
-            Err(Status::unimplemented("snapshot"))
-        }
-
         /// Dropped by the server if the caller resets the stream while it waits.
         async fn forward(
             &self,
@@ -663,20 +647,6 @@ mod tests {
             self.release.acquire().await.expect("never closed").forget();
             signal.answered = true;
             Ok(tonic::Response::new(ForwardResponse::default()))
-        }
-
-        async fn cluster_info(
-            &self,
-            _: Request<ClusterInfoRequest>,
-        ) -> Result<tonic::Response<ClusterInfoResponse>, Status> {
-            Err(Status::unimplemented("cluster_info"))
-        }
-
-        async fn hash_kv(
-            &self,
-            _: Request<HashKvRequest>,
-        ) -> Result<tonic::Response<HashKvResponse>, Status> {
-            Err(Status::unimplemented("hash_kv"))
         }
     }
 

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::watch::event::WatchOut;
 use bytes::Bytes;
 use flotilla_kv::{Command, KvStore, validate_command, validate_range};
 use flotilla_proto::etcdserverpb::cluster_server::Cluster;
@@ -28,6 +27,7 @@ use crate::members::encode_server_command;
 use crate::peer_proto::{MemberChange, MemberInfo, ServerCommand, member_change, server_command};
 use crate::routing::{Answer, AnswerResult};
 use crate::watch::WatchContext;
+use crate::watch::event::WatchOut;
 
 /// The version Status reports: etcd clients expect 3.4 or later (etcd-api.md §1.8).
 pub const REPORTED_VERSION: &str = "3.5.0";
