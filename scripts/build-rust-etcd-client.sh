@@ -2,6 +2,7 @@
 # Builds interop/rust-etcd-client, the checks run through the Rust `etcd-client` crate. That
 # crate compiles etcd's protos with protoc when it builds (apt-get install protobuf-compiler),
 # which is why it is not part of Flotilla's workspace: a plain `cargo build` needs no protoc.
+# A debug build: the checks measure nothing, and it builds in about half the time of release.
 #
 #   scripts/build-rust-etcd-client.sh target/rust-etcd-client-interop
 set -euo pipefail
@@ -13,5 +14,5 @@ command -v protoc >/dev/null || {
     exit 1
 }
 export CARGO_TARGET_DIR=$root/target/interop-rust
-cargo build --release --locked --manifest-path "$root/interop/rust-etcd-client/Cargo.toml"
-cp "$CARGO_TARGET_DIR/release/rust-etcd-client-interop" "$out"
+cargo build --locked --manifest-path "$root/interop/rust-etcd-client/Cargo.toml"
+cp "$CARGO_TARGET_DIR/debug/rust-etcd-client-interop" "$out"

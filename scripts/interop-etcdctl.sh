@@ -177,7 +177,8 @@ start_member 3 existing "$INITIAL,n3=$(peer 3)"
 wait_for "n3 to start" 30 bash -c "etcdctl --endpoints=$ENDPOINTS member list | grep -q 'started, n3'"
 expect "the new member serves reads" "newer" etcdctl --endpoints="$(client 3)" get foo
 N3=$(ctl member list | awk -F', ' '$3 == "n3" {print $1}')
-expect "member remove" "Member $N3 removed" ctl member remove "$N3"
+# etcdctl prints the ID with %16x: space-padded when it has fewer than 16 digits.
+expect "member remove" "Member $(printf '%16s' "$N3") removed" ctl member remove "$N3"
 wait_for "the removed member to stop" 20 bash -c "! kill -0 $PID_3"
 [ "$(ctl member list | wc -l)" -eq 3 ] || fail "member list: 3 members after the removal"
 pass "the removed member stopped by itself"
