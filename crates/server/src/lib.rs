@@ -46,6 +46,7 @@ pub mod storage;
 pub mod tls;
 pub mod transport;
 pub mod watch;
+pub mod write_coalescing;
 
 /// The peer protocol (`flotilla-proto`'s `flotilla/peer/v1/peer.proto`).
 pub use flotilla_proto::flotilla::peer::v1 as peer_proto;

@@ -16,6 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt as _};
 
+use crate::write_coalescing::CoalescingWriter;
+
 /// TCP keepalive idle time on accepted connections: a client or peer that vanished without a
 /// FIN (power loss, a cut cable) is noticed and its connection's resources freed. etcd's
 /// peer listener uses the same period.
@@ -57,14 +59,24 @@ fn listen_backlog() -> i32 {
 }
 
 /// A gRPC listener's stream of accepted connections, each configured by
-/// [`configure_accepted`].
-pub fn grpc_incoming(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+/// [`configure_accepted`], their writes coalesced (see [`crate::write_coalescing`]).
+pub fn grpc_incoming(
+    listener: TcpListener,
+) -> impl Stream<Item = std::io::Result<CoalescingWriter<TcpStream>>> {
     TcpListenerStream::new(listener).map(|accepted| {
         accepted.map(|mut stream| {
             configure_accepted(&mut stream);
-            stream
+            CoalescingWriter::new(stream)
         })
     })
+}
+
+impl tonic::transport::server::Connected for CoalescingWriter<TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.get_ref().connect_info()
+    }
 }
 
 /// How long a client gets to finish its TLS handshake.
@@ -211,8 +223,9 @@ mod tests {
         for _ in 0..2 {
             let _client = TcpStream::connect(addr).await.unwrap();
             let accepted = incoming.next().await.unwrap().unwrap();
+            let accepted = accepted.get_ref();
             assert!(accepted.nodelay().unwrap());
-            let socket = socket2::SockRef::from(&accepted);
+            let socket = socket2::SockRef::from(accepted);
             assert!(socket.keepalive().unwrap());
             assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
         }
