@@ -16,8 +16,8 @@
 //! the meantime stay held, however often h2 calls them; the first one after the wake writes
 //! everything gathered by then in one system call. Reporting no vectored writes makes h2 copy
 //! data frames under 1 KiB into its own buffer, trailers included, instead of flushing before
-//! them. A flush of [`HELD_BYTES_MAX`] or more is never held. Outside a tokio runtime the wake comes at once, and a flush is merely postponed to
-//! the next call.
+//! them. A flush of [`HELD_BYTES_MAX`] or more is never held. Outside a tokio runtime the wake
+//! comes at once, and a flush is merely postponed to the next call.
 
 use std::future::Future as _;
 use std::io;
@@ -205,15 +205,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingWriter<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
-    use std::task::{Wake, Waker};
+    use std::sync::atomic::AtomicUsize;
+
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
 
     /// A writer that records each write it is given, takes at most `accept_max` bytes of
     /// each, and answers `Pending` while `blocked`.
     #[derive(Debug, Default)]
     struct Recorder {
-        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+        writes: Writes,
         accept_max: Option<usize>,
         blocked: bool,
         shut_down: bool,
@@ -252,8 +252,6 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
-
-    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
 
     /// A writer over `recorder`, the waker its tests poll with (and its count of wakes), and
     /// the writes the recorder saw.
